@@ -1,0 +1,404 @@
+"""The data contract (DESIGN §2): one loader for every stage.
+
+Sources: local JSONL / JSON / CSV / Parquet (plain or .gz) or ``hub:org/name`` (users online).
+Every record keeps its location (``file:line``) so that a bad record is reported as
+``path:line: what is wrong``. A stage stops on the first bad record unless its ``max_bad_fraction``
+allows skipping, and then it reports how many it skipped.
+
+Normalised shapes (a conversation is a list of ``{"role", "content"}`` dicts):
+- SFT:  ``SFTExample(messages)``; the last message is the assistant's.
+- RM:   ``PreferencePair(prompt, chosen, rejected, margin, group)``; chosen/rejected are the assistant
+        turns only; ``group`` ties the pairs expanded from one K-wise ranking.
+- PPO:  ``PromptExample(prompt)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A record or file does not fit the data contract; the message starts with ``file:line:``."""
+
+
+@dataclass
+class Record:
+    where: str  # "path:line" (1-based line for JSONL/CSV, record index for JSON/Parquet/hub)
+    data: dict[str, Any]
+
+
+@dataclass
+class SFTExample:
+    messages: list[dict[str, str]]
+    where: str = ""
+
+
+@dataclass
+class PreferencePair:
+    prompt: list[dict[str, str]]
+    chosen: list[dict[str, str]]
+    rejected: list[dict[str, str]]
+    margin: float | None = None
+    group: int = 0
+    where: str = ""
+
+
+@dataclass
+class PromptExample:
+    prompt: list[dict[str, str]]
+    where: str = ""
+    reference: Any = None  # e.g. a gsm8k answer for a rule-based reward
+
+
+@dataclass
+class LoadReport:
+    source: str
+    records: int = 0
+    kept: int = 0
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "records": self.records, "kept": self.kept, "skipped": self.skipped,
+                "first_skipped": self.skipped_examples[:5]}
+
+
+# ------------------------------------------------------------------------------------------- reading
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _base_suffix(path: Path) -> str:
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    return suffixes[-1] if suffixes else ""
+
+
+def iter_records(path_or_hub: str, split: str = "train", display: str | None = None) -> Iterator[Record]:
+    """Yield records with their location. Invalid JSON lines raise DataError('file:line: ...')."""
+    if path_or_hub.startswith("hub:"):
+        from datasets import load_dataset  # users online; tests use local files
+
+        name = path_or_hub[4:]
+        for i, row in enumerate(load_dataset(name, split=split)):
+            yield Record(f"{path_or_hub}[{split}]#{i}", dict(row))
+        return
+    from pipeline.config import resolve_path
+
+    path = resolve_path(path_or_hub)
+    shown = display or path_or_hub
+    if not path.exists():
+        raise DataError(f"{shown}: file not found")
+    kind = _base_suffix(path)
+    if kind == ".jsonl":
+        with _open_text(path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield Record(f"{shown}:{lineno}", {"__error__": f"invalid JSON ({exc.msg} at column {exc.colno})"})
+                    continue
+                if not isinstance(obj, dict):
+                    yield Record(f"{shown}:{lineno}", {"__error__": f"expected a JSON object, got {type(obj).__name__}"})
+                    continue
+                yield Record(f"{shown}:{lineno}", obj)
+    elif kind == ".json":
+        with _open_text(path) as fh:
+            try:
+                obj = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{shown}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        rows = obj.get("data", obj) if isinstance(obj, dict) else obj
+        if not isinstance(rows, list):
+            raise DataError(f"{shown}: expected a JSON list of records (or {{'data': [...]}})")
+        for i, row in enumerate(rows):
+            yield Record(f"{shown}:record {i}", row if isinstance(row, dict) else {"__error__": "not an object"})
+    elif kind == ".csv":
+        with _open_text(path) as fh:
+            reader = csv.DictReader(fh)
+            for row in reader:
+                yield Record(f"{shown}:{reader.line_num}", dict(row))
+    elif kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for i, row in enumerate(table.to_pylist()):
+            yield Record(f"{shown}:row {i}", row)
+    else:
+        raise DataError(f"{shown}: unsupported file type {kind!r}; use .jsonl, .json, .csv or .parquet (optionally .gz)")
+
+
+# ----------------------------------------------------------------------------------- column mapping
+_FIELD = re.compile(r"\{([^{}]+)\}")
+
+
+def _get_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if isinstance(obj, list):
+            try:
+                obj = obj[int(part)]
+            except (ValueError, IndexError):
+                raise KeyError(dotted) from None
+        elif isinstance(obj, dict):
+            if part not in obj:
+                raise KeyError(dotted)
+            obj = obj[part]
+        else:
+            raise KeyError(dotted)
+    return obj
+
+
+def map_columns(data: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """Apply a ``columns`` mapping (column path or ``{path}`` format string) to one record."""
+    if not columns:
+        return data
+    out = dict(data)
+    for ours, theirs in columns.items():
+        if "{" in theirs:
+            names = [f[1] for f in string.Formatter().parse(theirs) if f[1]]
+            values = {n: _get_path(data, n) for n in names}
+            text = theirs
+            for n, v in values.items():
+                text = text.replace("{" + n + "}", "" if v is None else str(v))
+            out[ours] = text.strip()
+        else:
+            out[ours] = _get_path(data, theirs)
+    return out
+
+
+# ------------------------------------------------------------------------------------ normalisation
+def _as_messages(value: Any, what: str, default_role: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, list):
+        out = []
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"{what}[{i}] must be an object with 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise ValueError(f"{what}[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)}")
+            if not isinstance(m["content"], str):
+                raise ValueError(f"{what}[{i}].content must be a string")
+            out.append({"role": m["role"], "content": m["content"]})
+        return out
+    raise ValueError(f"'{what}' must be a string or a list of messages, got {type(value).__name__}")
+
+
+def check_conversation(messages: list[dict[str, str]], need_final_assistant: bool = True) -> None:
+    """Roles: optional system first, then user/assistant alternating, starting with user."""
+    if not messages:
+        raise ValueError("empty conversation")
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    if not body:
+        raise ValueError("conversation has only a system message")
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            offset = len(messages) - len(body)
+            raise ValueError(f"wrong role order: message {i + offset} is '{m['role']}', expected '{expected}'")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise ValueError(f"empty assistant turn (message {i + len(messages) - len(body)})")
+    if need_final_assistant and body[-1]["role"] != "assistant":
+        raise ValueError("the conversation must end with an assistant turn")
+    if not need_final_assistant and body[-1]["role"] != "user":
+        raise ValueError("a prompt must end with a user turn")
+
+
+def _missing(data: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    return [k for k in keys if k not in data or data[k] is None]
+
+
+def _record_keys(data: dict[str, Any]) -> str:
+    return ", ".join(sorted(k for k in data if not k.startswith("__"))) or "none"
+
+
+def to_sft(data: dict[str, Any]) -> SFTExample:
+    if "messages" in data and data["messages"] is not None:
+        messages = _as_messages(data["messages"], "messages", "user")
+    elif not _missing(data, ("prompt", "completion")):
+        prompt = _as_messages(data["prompt"], "prompt", "user")
+        completion = _as_messages(data["completion"], "completion", "assistant")
+        if not isinstance(data["prompt"], list) and not str(data["prompt"]).strip():
+            raise ValueError("empty prompt")
+        messages = prompt + completion
+    else:
+        raise ValueError(
+            f"missing column: need 'messages' or 'prompt' + 'completion' (record has: {_record_keys(data)}); "
+            "map other layouts with the data source's 'columns'"
+        )
+    check_conversation(messages)
+    return SFTExample(messages)
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh_transcript(text: str) -> list[dict[str, str]]:
+    """Anthropic-HH ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` -> messages."""
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise ValueError("not an HH transcript (expected it to start with '\\n\\nHuman: ')")
+    messages = []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
+    return messages
+
+
+def _split_hh(chosen: str, rejected: str) -> tuple[list, list, list]:
+    c, r = parse_hh_transcript(chosen), parse_hh_transcript(rejected)
+    if c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+        raise ValueError("HH transcript must end with an Assistant turn")
+    if c[:-1] != r[:-1]:
+        raise ValueError("chosen and rejected transcripts do not share the same prompt before the last Assistant turn")
+    return c[:-1], [c[-1]], [r[-1]]
+
+
+def to_preferences(data: dict[str, Any], group: int) -> list[PreferencePair]:
+    """One record -> one pair (or all K(K-1)/2 pairs of a K-wise ranking, sharing ``group``)."""
+    margin = data.get("margin")
+    if margin is not None:
+        try:
+            margin = float(margin)
+        except (TypeError, ValueError):
+            raise ValueError(f"'margin' must be a number, got {margin!r}") from None
+    if "responses" in data or "ranking" in data:
+        missing = _missing(data, ("prompt", "responses", "ranking"))
+        if missing:
+            raise ValueError(f"missing column(s) {', '.join(missing)} for a K-wise ranking record")
+        prompt = _as_messages(data["prompt"], "prompt", "user")
+        responses, ranking = data["responses"], data["ranking"]
+        if not isinstance(responses, list) or len(responses) < 2:
+            raise ValueError("'responses' must be a list of at least 2 responses")
+        if sorted(ranking) != list(range(len(responses))):
+            raise ValueError(
+                f"'ranking' must be a permutation of 0..{len(responses) - 1} (best first), got {ranking!r}"
+            )
+        resp = [_as_messages(x, f"responses[{i}]", "assistant") for i, x in enumerate(responses)]
+        for i, x in enumerate(resp):
+            if not "".join(m["content"] for m in x).strip():
+                raise ValueError(f"empty response responses[{i}]")
+        pairs = []
+        for a in range(len(ranking)):
+            for b in range(a + 1, len(ranking)):
+                better, worse = resp[ranking[a]], resp[ranking[b]]
+                if better == worse:
+                    raise ValueError(f"responses {ranking[a]} and {ranking[b]} are identical")
+                pairs.append(PreferencePair(prompt, better, worse, margin, group))
+        check_conversation(prompt, need_final_assistant=False)
+        return pairs
+    missing = _missing(data, ("chosen", "rejected"))
+    if missing:
+        raise ValueError(
+            f"missing column(s) {', '.join(repr(m) for m in missing)}: a preference record needs 'chosen' and "
+            f"'rejected' (+ 'prompt'), or 'prompt' + 'responses' + 'ranking' (record has: {_record_keys(data)})"
+        )
+    chosen_raw, rejected_raw = data["chosen"], data["rejected"]
+    for name, value in (("chosen", chosen_raw), ("rejected", rejected_raw)):
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"'{name}' is an empty string")
+    if chosen_raw == rejected_raw:
+        raise ValueError("'chosen' and 'rejected' are identical")
+    if data.get("prompt") in (None, "") and isinstance(chosen_raw, str) and chosen_raw.startswith("\n\nHuman:"):
+        prompt, chosen, rejected = _split_hh(chosen_raw, rejected_raw)
+    elif data.get("prompt") in (None, "") and isinstance(chosen_raw, list):
+        # full conversations: the prompt is everything before the last assistant turn
+        c = _as_messages(chosen_raw, "chosen", "assistant")
+        r = _as_messages(rejected_raw, "rejected", "assistant")
+        if c[:-1] != r[:-1]:
+            raise ValueError("chosen and rejected conversations differ before their last turn")
+        prompt, chosen, rejected = c[:-1], c[-1:], r[-1:]
+    else:
+        if "prompt" not in data or data["prompt"] is None:
+            raise ValueError("missing column 'prompt'")
+        prompt = _as_messages(data["prompt"], "prompt", "user")
+        chosen = _as_messages(chosen_raw, "chosen", "assistant")
+        rejected = _as_messages(rejected_raw, "rejected", "assistant")
+    if not prompt or not "".join(m["content"] for m in prompt).strip():
+        raise ValueError("empty prompt")
+    for name, conv in (("chosen", chosen), ("rejected", rejected)):
+        if not "".join(m["content"] for m in conv).strip():
+            raise ValueError(f"'{name}' response is empty")
+    if chosen == rejected:
+        raise ValueError("'chosen' and 'rejected' responses are identical")
+    check_conversation(prompt + chosen)
+    check_conversation(prompt + rejected)
+    return [PreferencePair(prompt, chosen, rejected, margin, group)]
+
+
+def to_prompt(data: dict[str, Any]) -> PromptExample:
+    if "prompt" in data and data["prompt"] is not None:
+        prompt = _as_messages(data["prompt"], "prompt", "user")
+    elif "messages" in data and data["messages"] is not None:
+        prompt = _as_messages(data["messages"], "messages", "user")
+        if prompt and prompt[-1]["role"] == "assistant":
+            prompt = prompt[:-1]
+    else:
+        raise ValueError(f"missing column 'prompt' (record has: {_record_keys(data)})")
+    if not "".join(m["content"] for m in prompt).strip():
+        raise ValueError("empty prompt")
+    check_conversation(prompt, need_final_assistant=False)
+    return PromptExample(prompt, reference=data.get("reference", data.get("answer")))
+
+
+# --------------------------------------------------------------------------------------------- loading
+def load_examples(source: Any, kind: str) -> tuple[list[Any], LoadReport]:
+    """Load a ``DataSource`` as ``kind`` in {"sft", "preference", "prompt"}.
+
+    Raises DataError('file:line: ...') on the first bad record when skipping is not allowed, or when
+    more than ``max_bad_fraction`` of the records are bad.
+    """
+    convert: Callable[[dict[str, Any], int], list[Any]] = {
+        "sft": lambda d, i: [to_sft(d)],
+        "preference": to_preferences,
+        "prompt": lambda d, i: [to_prompt(d)],
+    }[kind]
+    report = LoadReport(source.path)
+    examples: list[Any] = []
+    for index, record in enumerate(iter_records(source.path, source.split)):
+        if source.max_records is not None and report.records >= source.max_records:
+            break
+        report.records += 1
+        try:
+            if "__error__" in record.data:
+                raise ValueError(record.data["__error__"])
+            data = map_columns(record.data, source.columns)
+            items = convert(data, index)
+        except KeyError as exc:
+            problem = f"missing column {exc.args[0]!r} named in the data source's columns mapping"
+            items = None
+        except ValueError as exc:
+            problem = str(exc)
+            items = None
+        if items is None:
+            message = f"{record.where}: {problem}"
+            if source.max_bad_fraction <= 0:
+                raise DataError(message + " (set max_bad_fraction on the data source to skip bad records)")
+            report.skipped += 1
+            report.skipped_examples.append(message)
+            continue
+        for item in items:
+            item.where = record.where
+        examples.extend(items)
+        report.kept += 1
+    if report.records == 0:
+        raise DataError(f"{source.path}: no records")
+    if report.skipped / report.records > source.max_bad_fraction:
+        raise DataError(
+            f"{source.path}: {report.skipped} of {report.records} records are bad "
+            f"({report.skipped / report.records:.1%} > max_bad_fraction {source.max_bad_fraction:.1%}); "
+            f"first: {report.skipped_examples[0]}"
+        )
+    return examples, report

@@ -1,0 +1,128 @@
+"""Write the project's own small demo data set (deterministic): ``python -m data.make_demo``.
+
+Tasks are simple and checkable so that every stage has a real signal on a small model:
+arithmetic, word reversal, upper-casing, counting letters, antonyms and capital cities.
+
+Files (all JSONL, under data/demo/):
+- ``sft.jsonl``          ``messages`` conversations (some with a system turn, some multi-turn).
+- ``preferences.jsonl``  ``prompt`` + ``chosen`` + ``rejected``: chosen is correct, short and ends
+                         cleanly; rejected is wrong, rambling or curt (a learnable preference).
+- ``rankings.jsonl``     K-wise ``prompt`` + ``responses`` + ``ranking`` (best first).
+- ``prompts.jsonl``      ``prompt`` (+ ``reference`` answer) for PPO and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "demo"
+
+CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+    ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Greece", "Athens"), ("Portugal", "Lisbon"),
+    ("Ireland", "Dublin"), ("Austria", "Vienna"), ("Chile", "Santiago"), ("Cuba", "Havana"),
+    ("India", "New Delhi"), ("China", "Beijing"), ("Russia", "Moscow"), ("Turkey", "Ankara"),
+    ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Belgium", "Brussels"), ("Hungary", "Budapest"),
+]
+ANTONYMS = [
+    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"), ("up", "down"),
+    ("open", "closed"), ("early", "late"), ("strong", "weak"), ("full", "empty"), ("rich", "poor"),
+    ("young", "old"), ("wet", "dry"), ("loud", "quiet"), ("near", "far"), ("hard", "soft"),
+]
+WORDS = [
+    "apple", "river", "garden", "window", "planet", "silver", "pencil", "rocket", "forest", "candle",
+    "bridge", "letter", "castle", "dragon", "mirror", "orange", "pepper", "summer", "winter", "yellow",
+    "market", "anchor", "butter", "copper", "violet", "tunnel", "harbor", "island", "meadow", "thunder",
+]
+
+
+def make_task(rng: random.Random) -> tuple[str, str, str]:
+    """Return (prompt, correct short answer, a plausible wrong answer)."""
+    kind = rng.choice(["add", "sub", "mul", "reverse", "upper", "count", "antonym", "capital"])
+    if kind == "add":
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {a + b + rng.choice([-3, -1, 1, 2, 10])}."
+    if kind == "sub":
+        a, b = rng.randint(20, 90), rng.randint(1, 19)
+        return f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}.", f"{a} minus {b} is {a - b + rng.choice([-2, 1, 3])}."
+    if kind == "mul":
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        return f"What is {a} times {b}?", f"{a} times {b} is {a * b}.", f"{a} times {b} is {a * b + rng.choice([-1, 2, a])}."
+    if kind == "reverse":
+        w = rng.choice(WORDS)
+        wrong = w[1:] + w[0]
+        return f"Reverse the word '{w}'.", f"The reversed word is '{w[::-1]}'.", f"The reversed word is '{wrong}'."
+    if kind == "upper":
+        w = rng.choice(WORDS)
+        return f"Write '{w}' in capital letters.", f"{w.upper()}", f"{w.capitalize()}"
+    if kind == "count":
+        w = rng.choice(WORDS)
+        return f"How many letters are in the word '{w}'?", f"'{w}' has {len(w)} letters.", f"'{w}' has {len(w) + rng.choice([-1, 1, 2])} letters."
+    if kind == "antonym":
+        a, b = rng.choice(ANTONYMS)
+        wrong = rng.choice([x for x, _ in ANTONYMS if x != a])
+        return f"What is the opposite of '{a}'?", f"The opposite of '{a}' is '{b}'.", f"The opposite of '{a}' is '{wrong}'."
+    country, city = rng.choice(CAPITALS)
+    wrong = rng.choice([c for _, c in CAPITALS if c != city])
+    return f"What is the capital of {country}?", f"The capital of {country} is {city}.", f"The capital of {country} is {wrong}."
+
+
+RAMBLE = [
+    " Let me think about this for a while, there are many things to consider and I am not sure.",
+    " Well, this is a hard question and people often disagree about it, so maybe.",
+    " I guess so, but you should check it yourself somewhere else later on.",
+]
+CURT = ["No.", "Figure it out yourself.", "I do not want to answer that.", "Whatever."]
+
+
+def main(seed: int = 1234) -> None:
+    rng = random.Random(seed)
+    OUT.mkdir(parents=True, exist_ok=True)
+    sft, prefs, ranks, prompts = [], [], [], []
+    systems = [None, None, None, "You are a concise and helpful assistant."]
+    for i in range(400):
+        prompt, good, bad = make_task(rng)
+        system = rng.choice(systems)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": good},
+        ]
+        if i % 10 == 0:  # a few two-turn conversations
+            p2, g2, _ = make_task(rng)
+            messages += [{"role": "user", "content": p2}, {"role": "assistant", "content": g2}]
+        sft.append({"messages": messages})
+    for _ in range(400):
+        prompt, good, bad = make_task(rng)
+        style = rng.random()
+        if style < 0.5:
+            rejected = bad
+        elif style < 0.75:
+            rejected = bad + rng.choice(RAMBLE)
+        else:
+            rejected = rng.choice(CURT)
+        prefs.append({"prompt": prompt, "chosen": good, "rejected": rejected})
+    for _ in range(60):
+        prompt, good, bad = make_task(rng)
+        responses = [good, bad + rng.choice(RAMBLE), rng.choice(CURT), bad]
+        order = list(range(4))
+        rng.shuffle(order)
+        shuffled = [responses[j] for j in order]
+        # ranking: indices into the shuffled list, best first (good, bad, bad+ramble, curt)
+        quality = {0: 0, 3: 1, 1: 2, 2: 3}
+        ranking = sorted(range(4), key=lambda k: quality[order[k]])
+        ranks.append({"prompt": prompt, "responses": shuffled, "ranking": ranking})
+    for _ in range(200):
+        prompt, good, _ = make_task(rng)
+        prompts.append({"prompt": prompt, "reference": good})
+    for name, rows in (("sft", sft), ("preferences", prefs), ("rankings", ranks), ("prompts", prompts)):
+        with open(OUT / f"{name}.jsonl", "w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+        print(f"wrote {len(rows):4d} records to {OUT / (name + '.jsonl')}")
+
+
+if __name__ == "__main__":
+    main()

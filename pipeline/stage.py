@@ -1,0 +1,221 @@
+"""What every stage process shares: its folder, its manifest lifecycle, its metrics log, its parents.
+
+A stage module (``stages/sft.py`` ...) exposes ``run(cfg: RunConfig) -> dict`` and does its work inside
+``with StageRun(cfg, "sft") as run:``. On entry the manifest says ``running`` (with this pid); on a clean
+exit it says ``complete`` with final metrics and wall time; on an exception, ``failed`` with the error.
+
+``stage_identity`` gives the (config_hash, input_hash) pair that the orchestrator compares to decide
+whether a complete stage can be skipped: the stage's own config section plus the model/chat sections,
+the hashes of the parent manifests it consumes, and the hashes of its data files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, resolve_path
+from .manifest import (
+    ManifestError,
+    atomic_write_json,
+    check_fingerprints,
+    hash_file,
+    hash_json,
+    new_manifest,
+    read_manifest,
+    require_complete_parent,
+    write_manifest,
+)
+
+# Which stage folders a stage reads, by config (the InstructGPT order of DESIGN §1).
+STAGE_ORDER = ("sft", "rlaif_label", "rm", "ppo")
+
+
+def parents_of(cfg: RunConfig, stage: str) -> list[str]:
+    if stage == "sft":
+        return []
+    if stage == "rlaif_label":
+        return ["sft"] if "sft" in cfg.stages else []
+    if stage == "rm":
+        parents = ["sft"] if cfg.rm.init_from == "sft" else []
+        if "rlaif_label" in cfg.stages:
+            parents.append("rlaif_label")
+        return parents
+    if stage == "ppo":
+        parents = ["sft"] if cfg.ppo.policy_from == "sft" else []
+        if any(r.kind == "rm" for r in cfg.ppo.rewards):
+            parents.append("rm")
+        return parents
+    raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGE_ORDER)}")
+
+
+def stage_section(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    data = cfg.to_dict()
+    section = {"model": data["model"], "chat": data["chat"], stage: data[stage], "seed": data["seed"]}
+    if stage in ("rlaif_label", "ppo"):
+        section["rlaif"] = data["rlaif"]
+    return section
+
+
+def data_sources(cfg: RunConfig, stage: str) -> list[str]:
+    section = getattr(cfg, stage)
+    out = []
+    for name in ("data", "eval_data"):
+        source = getattr(section, name, None)
+        if source is not None and not source.path.startswith("hub:"):
+            out.append(source.path)
+    return out
+
+
+def data_hashes(cfg: RunConfig, stage: str) -> dict[str, str]:
+    return {p: hash_file(resolve_path(p)) for p in data_sources(cfg, stage)}
+
+
+def parent_hashes(cfg: RunConfig, stage: str) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for parent in parents_of(cfg, stage):
+        path = cfg.stage_dir(parent) / "manifest.json"
+        out[parent] = hash_file(path) if path.exists() else None
+    return out
+
+
+def stage_identity(cfg: RunConfig, stage: str) -> tuple[str, str]:
+    config_hash = hash_json(stage_section(cfg, stage))
+    input_hash = hash_json({"parents": parent_hashes(cfg, stage), "data": data_hashes(cfg, stage)})
+    return config_hash, input_hash
+
+
+def hint_command(stage: str) -> str:
+    return f"make {stage} CONFIG=<your config>  (or: python -m pipeline run CONFIG --stages {stage})"
+
+
+class StageRun:
+    """Context manager for one stage run: manifest, metrics.jsonl, parents, optional wandb/TensorBoard."""
+
+    def __init__(self, cfg: RunConfig, stage: str, is_main: bool = True):
+        self.cfg = cfg
+        self.stage = stage
+        self.dir = cfg.stage_dir(stage)
+        self.checkpoints = self.dir / "checkpoints"
+        self.is_main = is_main
+        self.started = time.time()
+        self.manifest: dict[str, Any] = {}
+        self.parents: dict[str, dict[str, Any]] = {}
+        self._wandb = None
+        self._tb = None
+
+    # -------------------------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "StageRun":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for parent in parents_of(self.cfg, self.stage):
+            self.parents[parent] = require_complete_parent(
+                self.cfg.stage_dir(parent), parent, self.stage, hint_command(parent)
+            )
+        check_fingerprints(self.stage, {p: m.get("chat_fingerprint") for p, m in self.parents.items()})
+        config_hash, input_hash = stage_identity(self.cfg, self.stage)
+        previous = read_manifest(self.dir)
+        self.resuming = bool(previous and previous.get("status") in ("running", "failed")
+                             and previous.get("config_hash") == config_hash and self.checkpoints.exists())
+        if not self.resuming and self.is_main and self.checkpoints.exists():
+            # a different config or a finished stage: stale training state must not leak into this run
+            import shutil
+
+            shutil.rmtree(self.checkpoints)
+        if not self.resuming and self.is_main and (self.dir / "metrics.jsonl").exists():
+            (self.dir / "metrics.jsonl").unlink()
+        self.manifest = new_manifest(self.stage, stage_section(self.cfg, self.stage), config_hash, input_hash)
+        self.manifest["run_name"] = self.cfg.run_name
+        self.manifest["parents"] = {
+            p: {"path": str(self.cfg.stage_dir(p) / "manifest.json"), "hash": h}
+            for p, h in parent_hashes(self.cfg, self.stage).items()
+        }
+        self.manifest["data_files"] = data_hashes(self.cfg, self.stage)
+        self.manifest["resumed"] = self.resuming
+        if self.is_main:
+            write_manifest(self.dir, self.manifest)
+            self._open_loggers()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.manifest["wall_time_s"] = round(time.time() - self.started, 3)
+        if exc is None:
+            self.manifest["status"] = "complete"
+        else:
+            self.manifest["status"] = "failed"
+            self.manifest["error"] = "".join(traceback.format_exception_only(exc_type, exc)).strip()
+        if self.is_main:
+            write_manifest(self.dir, self.manifest)
+            self._close_loggers()
+        return False
+
+    # ---------------------------------------------------------------------------------- helpers
+    def parent_dir(self, parent: str) -> Path:
+        return self.cfg.stage_dir(parent)
+
+    def set_chat_format(self, fmt: dict[str, Any], fingerprint: str) -> None:
+        for parent, manifest in self.parents.items():
+            theirs = manifest.get("chat_fingerprint")
+            if theirs is not None and theirs != fingerprint:
+                raise ManifestError(
+                    f"stage '{self.stage}': the chat format in force differs from the '{parent}' stage's "
+                    f"(fingerprint {fingerprint[:12]} vs {theirs[:12]}). Re-run '{parent}' with --force or "
+                    "use the same tokenizer/template."
+                )
+        self.manifest["chat_format"] = fmt
+        self.manifest["chat_fingerprint"] = fingerprint
+
+    def update(self, **fields: Any) -> None:
+        """Merge fields into the manifest (written at exit; call ``flush`` to write now)."""
+        self.manifest.update(fields)
+
+    def flush(self) -> None:
+        if self.is_main:
+            write_manifest(self.dir, self.manifest)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        row = {"step": step, "time": round(time.time() - self.started, 3), **metrics}
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row, default=float) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self._wandb is not None:
+            self._wandb.log({f"{self.stage}/{k}": v for k, v in scalars.items()}, step=step)
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"{self.stage}/{k}", v, step)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.is_main:
+            atomic_write_json(self.dir / name, obj)
+
+    def _open_loggers(self) -> None:
+        log_cfg = self.cfg.logging
+        if log_cfg.wandb:
+            try:
+                import wandb
+
+                os.environ.setdefault("WANDB_MODE", log_cfg.wandb_mode)
+                self._wandb = wandb.init(
+                    project=log_cfg.wandb_project, name=f"{self.cfg.run_name}-{self.stage}",
+                    dir=str(self.dir), config=stage_section(self.cfg, self.stage), reinit=True,
+                )
+            except ImportError:
+                print("[alignpipe] logging.wandb is on but wandb is not installed: pip install wandb")
+        if log_cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+            except ImportError:
+                print("[alignpipe] logging.tensorboard is on but tensorboard is not installed: pip install tensorboard")
+
+    def _close_loggers(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
