@@ -1,0 +1,41 @@
+"""Entry point of one stage process: ``python -m stages STAGE --config FILE [key=value ...]``.
+
+FILE is a run config (YAML) or the resolved JSON the orchestrator writes next to the run. This is what
+launchers (in-process, torchrun, deepspeed, srun) start, once per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, config_from_dict, load_config
+from stages import STAGE_MODULES, run_stage
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages", description=__doc__)
+    parser.add_argument("stage", choices=sorted(STAGE_MODULES))
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+    args = parser.parse_args(argv)
+    try:
+        if args.config.endswith(".json"):
+            cfg = config_from_dict(json.loads(Path(args.config).read_text()), args.config)
+            if args.overrides:
+                from pipeline.config import apply_overrides
+
+                cfg = config_from_dict(apply_overrides(cfg.to_dict(), args.overrides), args.config)
+        else:
+            cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_stage(args.stage, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
