@@ -144,6 +144,11 @@ class StageRun:
         self.manifest["wall_time_s"] = round(time.time() - self.started, 3)
         if exc is None:
             self.manifest["status"] = "complete"
+            if self.is_main and self.checkpoints.exists():
+                # training state is kept only until the stage completes (DESIGN §1)
+                import shutil
+
+                shutil.rmtree(self.checkpoints, ignore_errors=True)
         else:
             self.manifest["status"] = "failed"
             self.manifest["error"] = "".join(traceback.format_exception_only(exc_type, exc)).strip()

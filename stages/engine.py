@@ -1,0 +1,455 @@
+"""The training engine shared by the SFT and RM stages: a lean loop we own.
+
+Why our own loop and not HF Trainer/TRL SFTTrainer: on small models the Trainer's per-step overhead
+dominates (measured in ../shared/notes: ~1.7x more tokens/s for a plain loop), HF Trainer under torchrun
+on CPU is silently unsynchronised without ``use_cpu=True``, and RM needs pair-aware batching and
+truncation that TRL's RewardTrainer does not do (it silently drops long pairs). One loop also gives one
+checkpoint format and one resume path for every stage. ``bench/sft.py`` measures it against TRL.
+
+What it does:
+- one process, torch DDP over N ranks, or DeepSpeed ZeRO-1/2/3 (``train.deepspeed`` JSON) under
+  torchrun/deepspeed; identical per-rank work (the data order is padded so every rank sees the same
+  number of micro-batches, nothing is dropped);
+- AdamW over the trainable parameters, warm-up + cosine/linear/constant schedule, gradient
+  accumulation, gradient clipping, bf16 autocast where the hardware supports it (fp32 otherwise);
+- full-state checkpoints every ``save_steps`` (trainable weights, optimizer, scheduler, RNG, data
+  position, unfreezer), written to a temporary folder and renamed into place; resume continues exactly
+  where the interrupted run stopped;
+- metrics to ``metrics.jsonl`` (through ``StageRun.log``) and a progress bar with loss, tokens/s, ETA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.config import TrainConfig, resolve_path
+from pipeline.manifest import atomic_write_text
+
+LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+
+
+# ------------------------------------------------------------------------------------- distributed
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Read torchrun/deepspeed env vars; start a process group (gloo on CPU, nccl on GPU) when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        import datetime
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank, world, local, device)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "bf16":
+        return True
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return False
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------ data order
+def epoch_order(n_items: int, epoch: int, seed: int, rank: int, world: int, micro: int) -> list[list[int]]:
+    """This rank's micro-batches (lists of item indices) for one epoch.
+
+    The permutation depends only on (seed, epoch), so every rank agrees on it; it is padded by wrapping
+    around so that all ranks get the same number of full micro-batches (identical per-rank work).
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_items, generator=g).tolist()
+    per_step = micro * world
+    steps = max(1, math.ceil(n_items / per_step))
+    needed = steps * per_step
+    perm = (perm * math.ceil(needed / n_items))[:needed]
+    mine = perm[rank::world]
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+def group_batches(groups: Sequence[int], epoch: int, seed: int, rank: int, world: int, micro: int) -> list[list[int]]:
+    """Like ``epoch_order`` but items sharing a group id stay in one micro-batch (K-wise RM rankings).
+
+    Groups are packed greedily into micro-batches of at most ``micro`` items (a larger group gets a
+    micro-batch of its own); batches are then shuffled and dealt to ranks, padded by wrap-around.
+    """
+    by_group: dict[int, list[int]] = {}
+    for i, gid in enumerate(groups):
+        by_group.setdefault(gid, []).append(i)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = [list(by_group)[j] for j in torch.randperm(len(by_group), generator=g).tolist()]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for gid in order:
+        members = by_group[gid]
+        if current and len(current) + len(members) > micro:
+            batches.append(current)
+            current = []
+        current = current + members
+    if current:
+        batches.append(current)
+    steps = max(1, math.ceil(len(batches) / world))
+    batches = (batches * math.ceil(steps * world / len(batches)))[: steps * world]
+    return batches[rank::world]
+
+
+# ------------------------------------------------------------------------------------ schedules
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+# ------------------------------------------------------------------------------------------ engine
+@dataclass
+class TrainResult:
+    global_step: int
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+
+
+class Engine:
+    """Train ``model`` on ``items`` with ``loss_fn``; see the module docstring.
+
+    ``collate(list_of_items) -> batch dict of tensors``; ``loss_fn(model, batch) -> (loss, metrics)``;
+    ``count_tokens(batch) -> int`` for tokens/s. ``groups`` (optional, one id per item) keeps items of a
+    group in one micro-batch.
+    """
+
+    def __init__(self, model: Any, train: TrainConfig, run: Any, dist: DistInfo, items: Sequence[Any],
+                 collate: Callable[[list[Any]], dict[str, torch.Tensor]], loss_fn: LossFn,
+                 count_tokens: Callable[[dict[str, torch.Tensor]], int] | None = None,
+                 groups: Sequence[int] | None = None, unfreezer: Any = None,
+                 eval_fn: Callable[[Any], dict[str, float]] | None = None, desc: str = "train"):
+        self.train, self.run, self.dist = train, run, dist
+        self.items, self.collate, self.loss_fn = items, collate, loss_fn
+        self.count_tokens = count_tokens or (lambda b: int(b["attention_mask"].sum()))
+        self.groups, self.unfreezer, self.eval_fn, self.desc = groups, unfreezer, eval_fn, desc
+        self.bf16 = use_bf16(train.precision, dist.device)
+        self.micro_per_epoch = len(self._epoch_batches(0))
+        self.accum = train.gradient_accumulation_steps
+        steps_per_epoch = max(1, self.micro_per_epoch // self.accum)
+        self.total_steps = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
+        self.warmup = int(round(train.warmup_ratio * self.total_steps))
+        if train.global_batch_size is not None:
+            actual = train.per_device_batch_size * self.accum * dist.world_size
+            if actual != train.global_batch_size:
+                raise ValueError(
+                    f"train.global_batch_size={train.global_batch_size} but per_device_batch_size "
+                    f"({train.per_device_batch_size}) x gradient_accumulation_steps ({self.accum}) x world size "
+                    f"({dist.world_size}) = {actual}; change one so they agree"
+                )
+        self.model = model.to(dist.device)
+        if train.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        # Parameters an unfreezer may turn on later must be in the optimizer from the start.
+        params = [p for p in model.parameters() if p.requires_grad or unfreezer is not None]
+        if not params:
+            raise ValueError("no trainable parameters: check the tuning method and trainable_layers")
+        self.optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(train.lr_scheduler, self.warmup, self.total_steps))
+        self.ds_engine = None
+        self.ddp = None
+        if train.deepspeed:
+            self._init_deepspeed()
+        elif dist.world_size > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+        self.global_step = 0
+        self.epoch = 0
+        self.micro_in_epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------------------- deepspeed
+    def _init_deepspeed(self) -> None:
+        import deepspeed
+
+        from pipeline.deepspeed_check import fill_auto
+
+        raw = json.loads(resolve_path(self.train.deepspeed).read_text())
+        ds_config = fill_auto(
+            raw, micro_batch=self.train.per_device_batch_size, grad_accum=self.accum,
+            world_size=self.dist.world_size, lr=self.train.learning_rate,
+            max_grad_norm=self.train.max_grad_norm, bf16=self.bf16,
+        )
+        self.ds_engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_config,
+        )
+        self.ds_config = ds_config
+
+    @property
+    def forward_model(self) -> Any:
+        return self.ds_engine or self.ddp or self.model
+
+    @property
+    def zero_stage(self) -> int:
+        if self.ds_engine is None:
+            return 0
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    # ---------------------------------------------------------------------------------- data
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        t, d = self.train, self.dist
+        if self.groups is not None:
+            return group_batches(self.groups, epoch, t.seed, d.rank, d.world_size, t.per_device_batch_size)
+        return epoch_order(len(self.items), epoch, t.seed, d.rank, d.world_size, t.per_device_batch_size)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.dist.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def _rng_state(self) -> dict[str, Any]:
+        return {
+            "python": random.getstate(),
+            "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def _set_rng_state(self, state: dict[str, Any]) -> None:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        np_state = state["numpy"]
+        np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def _client_state(self) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
+            "rng": self._rng_state(), "unfreezer": self.unfreezer.state_dict() if self.unfreezer else None,
+            "history_len": len(self.history),
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step-N atomically (tmp folder + rename), then point ``latest`` at it."""
+        root = self.run.checkpoints
+        root.mkdir(parents=True, exist_ok=True)
+        tag = f"step-{self.global_step}"
+        final = root / tag
+        if self.ds_engine is not None:
+            # DeepSpeed writes its own sharded files (collective); the tag is only published afterwards.
+            tmp_tag = f".tmp-{tag}"
+            self.ds_engine.save_checkpoint(str(root), tag=tmp_tag, client_state=self._client_state(),
+                                           save_latest=False)
+            if self.dist.world_size > 1:
+                torch.distributed.barrier()
+            if self.dist.is_main:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(root / tmp_tag, final)
+        elif self.dist.is_main:
+            tmp = root / f".tmp-{tag}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+            if self.unfreezer is not None:  # everything that may train must come back on resume
+                trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters()}
+            torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "client": self._client_state()},
+                       tmp / "state.pt")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        if self.dist.is_main:
+            atomic_write_text(root / "latest", tag)
+            for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+        return final
+
+    def maybe_resume(self) -> bool:
+        root = self.run.checkpoints
+        latest = root / "latest"
+        if not latest.exists():
+            return False
+        tag = latest.read_text().strip()
+        if self.ds_engine is not None:
+            _, client = self.ds_engine.load_checkpoint(str(root), tag=tag)
+        else:
+            state = torch.load(root / tag / "state.pt", map_location="cpu", weights_only=False)
+            named = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in state["model"].items():
+                    named[name].copy_(value)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            client = state["client"]
+        self.global_step, self.epoch = client["global_step"], client["epoch"]
+        self.micro_in_epoch = client["micro_in_epoch"]
+        self._set_rng_state(client["rng"])
+        if self.unfreezer is not None and client.get("unfreezer"):
+            self.unfreezer.load_state_dict(client["unfreezer"])
+        if self.dist.is_main:
+            print(f"[alignpipe] resumed {self.desc} from {root / tag} (step {self.global_step})", flush=True)
+        return True
+
+    # ---------------------------------------------------------------------------------- loop
+    def fit(self) -> TrainResult:
+        t = self.train
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        resumed = self.maybe_resume()
+        if not resumed:
+            set_seed(t.seed + self.dist.rank)
+        bar = None
+        if self.dist.is_main and self.run.cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.desc, dynamic_ncols=True)
+        model = self.forward_model
+        model.train()
+        window_tokens, window_start = 0, time.time()
+        loss_sum, metric_sums, micro_count = 0.0, {}, 0
+        last_metrics: dict[str, float] = {}
+        while self.global_step < self.total_steps:
+            batches = self._epoch_batches(self.epoch)
+            while self.micro_in_epoch < len(batches) and self.global_step < self.total_steps:
+                indices = batches[self.micro_in_epoch]
+                batch = self._to_device(self.collate([self.items[i] for i in indices]))
+                with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss, metrics = self.loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"{self.desc}: non-finite loss {loss.item()} at step {self.global_step} "
+                        f"(epoch {self.epoch}, micro-batch {self.micro_in_epoch}); lower the learning rate")
+                if self.ds_engine is not None:
+                    self.ds_engine.backward(loss)
+                else:
+                    (loss / self.accum).backward()
+                loss_sum += float(loss.detach())
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+                micro_count += 1
+                window_tokens += self.count_tokens(batch)
+                self.micro_in_epoch += 1
+                boundary = micro_count == self.accum
+                if self.ds_engine is not None:
+                    self.ds_engine.step()  # DeepSpeed counts accumulation itself
+                if not boundary:
+                    continue
+                grad_norm = None
+                if self.ds_engine is None:
+                    if t.max_grad_norm:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                            [p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm))
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                else:
+                    grad_norm = self.ds_engine.get_global_grad_norm()
+                    grad_norm = float(grad_norm) if grad_norm is not None else None
+                self.global_step += 1
+                if self.unfreezer is not None:
+                    self.unfreezer.step(self.global_step)
+                elapsed = max(time.time() - window_start, 1e-9)
+                tokens_per_s = window_tokens * self.dist.world_size / elapsed
+                row = {"loss": loss_sum / micro_count, "lr": self.scheduler.get_last_lr()[0],
+                       "epoch": self.epoch + self.micro_in_epoch / max(1, len(batches)),
+                       "tokens_per_s": tokens_per_s}
+                row.update({k: v / micro_count for k, v in metric_sums.items()})
+                if grad_norm is not None:
+                    row["grad_norm"] = grad_norm
+                if self.world_mean_needed():
+                    row["loss"] = self._mean_across_ranks(row["loss"])
+                last_metrics = row
+                if self.global_step % t.logging_steps == 0 or self.global_step == self.total_steps:
+                    self.run.log(self.global_step, row)
+                    self.history.append({"step": self.global_step, **row})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                if self.eval_fn is not None and t.eval_steps and self.global_step % t.eval_steps == 0:
+                    self._evaluate()
+                if self.global_step % t.save_steps == 0 and self.global_step < self.total_steps:
+                    self.save_checkpoint()
+                loss_sum, metric_sums, micro_count = 0.0, {}, 0
+                window_tokens, window_start = 0, time.time()
+            if self.micro_in_epoch >= len(batches):
+                self.epoch += 1
+                self.micro_in_epoch = 0
+        if bar is not None:
+            bar.close()
+        final = dict(last_metrics)
+        if self.eval_fn is not None:
+            final.update(self._evaluate())
+        return TrainResult(self.global_step, final, self.history)
+
+    def world_mean_needed(self) -> bool:
+        return self.dist.world_size > 1
+
+    def _mean_across_ranks(self, value: float) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.dist.device)
+        torch.distributed.all_reduce(tensor)
+        return float(tensor.item() / self.dist.world_size)
+
+    def _evaluate(self) -> dict[str, float]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            metrics = self.eval_fn(self.forward_model)
+        if was_training:
+            model.train()
+        if metrics:
+            self.run.log(self.global_step, metrics)
+            self.history.append({"step": self.global_step, **metrics})
+        return metrics
+
+    # ---------------------------------------------------------------------------------- save
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The model's full weights for saving; gathers ZeRO-3 shards (collective: call on every rank)."""
+        if self.zero_stage == 3:
+            return self.ds_engine._zero3_consolidated_16bit_state_dict()
+        return None
+
+    def unwrap(self) -> Any:
+        return self.model

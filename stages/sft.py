@@ -1,0 +1,263 @@
+"""Supervised fine-tuning stage: base model -> policy.
+
+Loss on assistant tokens only; every assistant turn's closing eos is a trained target, the newline the
+template puts after it is not (DESIGN §3). Masks are computed from character spans of the rendered chat
+template (prefix renders of the conversation), so they are exact whatever the tokenizer merges at the
+boundaries. Optional packing puts several conversations in one row with position ids restarting at
+each conversation and no attention mask, so transformers builds a block-diagonal mask (each
+conversation attends only to itself; verified in tests).
+
+Metrics (metrics.jsonl, one row per logged optimizer step): ``loss`` (mean token cross-entropy over the
+micro-batches of the step), ``lr``, ``grad_norm``, ``tokens_per_s`` (non-pad input tokens per second,
+all ranks), ``target_tokens`` (trained tokens per micro-batch), ``epoch``; eval rows: ``eval_loss``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.formats import DataError, load_examples
+from pipeline.config import RunConfig
+from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base, save_tokenizer
+from pipeline.stage import StageRun
+from stages.engine import Engine, init_distributed
+from stages.tuning import apply_tuning, quantization_kwargs, save_trained, trainable_summary
+
+IGNORE = -100
+
+
+def render_with_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation with the chat template; return (text, character spans of assistant targets).
+
+    Each span covers one assistant turn's content and its closing eos token text.
+    """
+    eos = tokenizer.eos_token
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (upto.startswith(prefix) and full.startswith(upto)):
+            raise ValueError(
+                "the chat template is not prefix-stable (rendering the first turns is not a prefix of the "
+                "whole conversation), so assistant tokens cannot be located; use a ChatML-like template"
+            )
+        end = upto.rfind(eos, len(prefix))
+        if end < 0:
+            raise ValueError(f"the chat template does not close assistant turns with eos {eos!r}")
+        spans.append((len(prefix), end + len(eos)))
+    return full, spans
+
+
+def tokenize_sft(tokenizer: Any, messages: list[dict[str, str]], max_length: int,
+                 system_prompt: str | None = None) -> dict[str, Any]:
+    """-> {"input_ids": list[int], "labels": list[int], "truncated": bool}; labels IGNORE off-target."""
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    text, spans = render_with_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = []
+    for tok, (start, _end) in zip(ids, offsets):
+        inside = any(s <= start < e for s, e in spans)
+        labels.append(tok if inside else IGNORE)
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels, "truncated": truncated}
+
+
+def pad_collate(pad_id: int):
+    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+def pack_rows(rows: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """First-fit-decreasing packing into rows of at most ``max_length`` tokens with per-example positions."""
+    bins: list[dict[str, Any]] = []
+    for r in sorted(rows, key=lambda r: -len(r["input_ids"])):
+        n = len(r["input_ids"])
+        for b in bins:
+            if len(b["input_ids"]) + n <= max_length:
+                break
+        else:
+            b = {"input_ids": [], "labels": [], "position_ids": []}
+            bins.append(b)
+        labels = list(r["labels"])
+        labels[0] = IGNORE  # never predict a conversation's first token from the previous one
+        b["input_ids"] += r["input_ids"]
+        b["labels"] += labels
+        b["position_ids"] += list(range(n))
+    return bins
+
+
+def packed_collate(pad_id: int):
+    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
+        pos = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            pos[i, :n] = torch.tensor(r["position_ids"])
+            # padding continues the last position run; its labels are ignored
+            pos[i, n:] = torch.arange(longest - n)
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+    return collate
+
+
+def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean cross-entropy over target tokens (fp32 logits), computed by the model from ``labels``."""
+    kwargs = dict(batch)
+    if "position_ids" in kwargs:
+        kwargs["use_cache"] = False  # packed rows stay separate only without a cache
+    out = model(**kwargs)
+    return out.loss.float(), {"target_tokens": float((batch["labels"] != IGNORE).sum())}
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+def split_eval(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(items), generator=g).tolist()
+    n_eval = max(1, int(round(len(items) * fraction)))
+    return [items[i] for i in perm[n_eval:]], [items[i] for i in perm[:n_eval]]
+
+
+def make_eval_fn(rows: list[dict[str, Any]], collate, batch_size: int, device: torch.device):
+    def evaluate(model: Any) -> dict[str, float]:
+        if not rows:
+            return {}
+        total, count = 0.0, 0
+        for i in range(0, len(rows), batch_size):
+            batch = collate(rows[i:i + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, metrics = sft_loss(model, batch)
+            total += float(loss) * metrics["target_tokens"]
+            count += metrics["target_tokens"]
+        return {"eval_loss": total / max(count, 1)}
+
+    return evaluate
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    sft = cfg.sft
+    if sft.data is None:
+        raise DataError("sft.data is not set: point it at a JSONL/JSON/CSV/Parquet file or hub:name")
+    dist = init_distributed()
+    with StageRun(cfg, "sft", is_main=dist.is_main) as run:
+        if sft.train.num_threads:
+            torch.set_num_threads(sft.train.num_threads)
+        base = prepare_base(cfg.model) if dist.is_main else None
+        if dist.world_size > 1:  # rank 0 builds/converts the base once; the others wait for it
+            holder = [base]
+            torch.distributed.broadcast_object_list(holder, src=0)
+            base = holder[0]
+        tokenizer = load_tokenizer(base, cfg.model, cfg.chat)
+        fmt = chat_format(tokenizer, cfg.chat)
+        run.set_chat_format(fmt, chat_fingerprint(fmt))
+
+        examples, report = load_examples(sft.data, "sft")
+        if sft.eval_data is not None:
+            eval_examples, _ = load_examples(sft.eval_data, "sft")
+            train_examples = examples
+        else:
+            train_examples, eval_examples = split_eval(examples, sft.eval_fraction, cfg.seed)
+        encode = lambda ex: tokenize_sft(tokenizer, ex.messages, sft.max_length, cfg.chat.system_prompt)
+        train_rows = [encode(ex) for ex in train_examples]
+        eval_rows = [encode(ex) for ex in eval_examples]
+        no_target = [ex.where for ex, r in zip(train_examples, train_rows) if all(l == IGNORE for l in r["labels"])]
+        if no_target:
+            raise DataError(f"{no_target[0]}: no assistant tokens left within sft.max_length={sft.max_length} "
+                            f"({len(no_target)} such records); raise max_length")
+        truncated = sum(r["truncated"] for r in train_rows)
+        if sft.packing:
+            train_rows = pack_rows(train_rows, sft.max_length)
+            collate = packed_collate(tokenizer.pad_token_id)
+        else:
+            collate = pad_collate(tokenizer.pad_token_id)
+        eval_collate = pad_collate(tokenizer.pad_token_id)
+
+        steps_guess = sft.train.max_steps or max(1, math.ceil(
+            sft.train.epochs * len(train_rows) / (sft.train.per_device_batch_size * dist.world_size
+                                                  * sft.train.gradient_accumulation_steps)))
+        model = load_model(base, cfg.model, tokenizer, **quantization_kwargs(sft.tuning))
+        model.config.use_cache = False
+        model, unfreezer = apply_tuning(model, sft.tuning, "causal_lm", steps_guess)
+        params = trainable_summary(model)
+        if dist.is_main:
+            print(f"[alignpipe] sft: {len(train_rows)} train rows, {len(eval_rows)} eval, method "
+                  f"{sft.tuning.method}, trainable {params['params_trainable']:,} / {params['params_total']:,}",
+                  flush=True)
+        engine = Engine(
+            model, sft.train, run, dist, train_rows, collate, sft_loss, count_tokens=count_tokens,
+            unfreezer=unfreezer, desc="sft",
+            eval_fn=make_eval_fn(eval_rows, eval_collate, sft.train.per_device_batch_size, dist.device),
+        )
+        result = engine.fit()
+        save_stage_model(engine, tokenizer, run, sft.tuning, base, cfg, "causal_lm")
+        run.update(data=report.as_dict(), params=params)
+        run.manifest["metrics"] = {
+            **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+            "steps": result.global_step, "train_rows": len(train_rows), "eval_rows": len(eval_rows),
+            "truncated": truncated, "skipped_records": report.skipped, "packing": sft.packing,
+            "world_size": dist.world_size,
+        }
+        return run.manifest["metrics"]
+
+
+def save_stage_model(engine: Engine, tokenizer: Any, run: StageRun, tuning: Any, base: str, cfg: RunConfig,
+                     kind: str) -> None:
+    """Save model/ (+ adapter/) and the tokenizer on rank 0; gathers ZeRO-3 shards first (DESIGN §5.6)."""
+    model = engine.unwrap()
+    if engine.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if run.is_main:
+                _save(model, tokenizer, run, tuning, base, cfg, kind)
+        torch.distributed.barrier()
+    elif run.is_main:
+        _save(model, tokenizer, run, tuning, base, cfg, kind)
+    if engine.dist.world_size > 1:
+        torch.distributed.barrier()
+
+
+def _save(model: Any, tokenizer: Any, run: StageRun, tuning: Any, base: str, cfg: RunConfig, kind: str) -> None:
+    out: Path = run.dir
+    for sub in ("model", "adapter"):
+        if (out / sub).exists():
+            import shutil
+
+            shutil.rmtree(out / sub)
+    model.config.use_cache = True
+    info = save_trained(model, tokenizer, out, tuning, base, cfg.model, kind=kind)
+    save_tokenizer(tokenizer, out)
+    if (out / "model").exists():
+        save_tokenizer(tokenizer, out / "model")  # model/ loads on its own (serving, other tools)
+    run.update(**info)
