@@ -398,6 +398,22 @@ class RunConfig(_Section):
             raise ValueError(f"run_name must be a plain folder name, got {value!r}")
         return value
 
+    @model_validator(mode="after")
+    def _global_batches(self) -> "RunConfig":
+        world = self.launch.nnodes * self.launch.nproc_per_node
+        for name in ("sft", "rm"):
+            train = getattr(self, name).train
+            if train.global_batch_size is None:
+                continue
+            actual = train.per_device_batch_size * train.gradient_accumulation_steps * world
+            if actual != train.global_batch_size:
+                raise ValueError(
+                    f"{name}.train.global_batch_size={train.global_batch_size} but per_device_batch_size "
+                    f"({train.per_device_batch_size}) x gradient_accumulation_steps "
+                    f"({train.gradient_accumulation_steps}) x world size ({world}, from launch) = {actual}"
+                )
+        return self
+
     def run_dir(self) -> Path:
         return resolve_path(self.output_root) / self.run_name
 

@@ -1,0 +1,156 @@
+"""The data contract and config validation: formats, column mapping, bad records, bad configs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from data.formats import DataError, load_examples, parse_hh_transcript
+from pipeline.config import ConfigError, DataSource, load_config
+
+from conftest import REPO, shared_data
+
+
+def _source(path: Path, **kw) -> DataSource:
+    return DataSource(path=str(path), **kw)
+
+
+def _write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ('{"messages": [', "invalid JSON"),
+        ({"text": "no conversation here"}, "missing column: need 'messages' or 'prompt' + 'completion'"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+         "empty assistant turn"),
+        ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},
+         "wrong role order: message 0 is 'assistant', expected 'user'"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]},
+         "messages[1].role is 'robot'"),
+    ],
+)
+def test_bad_sft_record_is_reported_with_file_and_line(tmp_path, bad, message):
+    path = _write_jsonl(tmp_path / "train.jsonl", [GOOD, GOOD, bad, GOOD])
+    with pytest.raises(DataError) as err:
+        load_examples(_source(path), "sft")
+    assert f"{path}:3: " in str(err.value)
+    assert message in str(err.value)
+
+
+def test_skipping_bad_records_within_the_allowed_fraction_is_counted(tmp_path):
+    rows = [GOOD] * 9 + ['{"broken']
+    path = _write_jsonl(tmp_path / "train.jsonl", rows)
+    examples, report = load_examples(_source(path, max_bad_fraction=0.2), "sft")
+    assert len(examples) == 9 and report.skipped == 1 and report.records == 10
+    assert report.skipped_examples[0].startswith(f"{path}:10: invalid JSON")
+    with pytest.raises(DataError, match=r"2 of 10 records are bad .* > max_bad_fraction 10.0%"):
+        load_examples(_source(_write_jsonl(tmp_path / "b.jsonl", [GOOD] * 8 + ["{", "{"]),
+                              max_bad_fraction=0.1), "sft")
+
+
+def test_prompt_completion_csv_parquet_json_and_gzip(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "d.csv").write_text("prompt,completion\n" + "".join(f"q{i},a{i}\n" for i in range(3)))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("d.json", "d.csv", "d.parquet", "d.jsonl.gz"):
+        examples, _ = load_examples(_source(tmp_path / name), "sft")
+        assert [e.messages[-1]["content"] for e in examples] == ["a0", "a1", "a2"], name
+        assert examples[0].messages[0] == {"role": "user", "content": "q0"}
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+        load_examples(_source(tmp_path / "d.txt"), "sft")
+    (tmp_path / "e.csv").write_text("prompt,completion\nq,a\nq2,\n")
+    with pytest.raises(DataError, match=r"e.csv:3: .*empty assistant turn"):
+        load_examples(_source(tmp_path / "e.csv"), "sft")
+
+
+def test_column_mapping_on_gsm8k():
+    path = shared_data("gsm8k", "train.jsonl")
+    src = _source(path, columns={"prompt": "question", "completion": "answer"}, max_records=50)
+    examples, report = load_examples(src, "sft")
+    assert report.kept == 50 and len(examples) == 50
+    assert examples[0].messages[0]["role"] == "user" and "####" in examples[0].messages[1]["content"]
+
+
+def test_column_mapping_on_self_instruct_with_nested_paths():
+    path = shared_data("self-instruct", "seed_tasks.jsonl")
+    src = _source(path, columns={"prompt": "{instruction}\n\n{instances.0.input}",
+                                 "completion": "instances.0.output"}, max_bad_fraction=0.2)
+    examples, report = load_examples(src, "sft")
+    assert report.records == 175 and report.kept >= 150
+    assert all(e.messages[1]["content"].strip() for e in examples)
+
+
+def test_hh_transcripts_split_at_the_last_assistant_turn():
+    path = shared_data("hh-rlhf", "harmless-base", "test.jsonl.gz")
+    pairs, report = load_examples(_source(path, max_records=100, max_bad_fraction=0.1), "preference")
+    assert report.kept >= 90
+    for pair in pairs:
+        assert pair.prompt[-1]["role"] == "user"
+        assert pair.chosen[0]["role"] == pair.rejected[0]["role"] == "assistant"
+        assert pair.chosen != pair.rejected
+    msgs = parse_hh_transcript("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d")
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+
+
+def test_unknown_config_key_names_the_closest_valid_one():
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "tiny.yaml", ["sft.train.lerning_rate=1e-4"])
+    assert "unknown key 'sft.train.lerning_rate'; did you mean 'sft.train.learning_rate'?" in str(err.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("run_name: x\nsft:\n  pakcing: true\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'sft.pakcing'; did you mean 'sft.packing'\?"):
+        load_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sft.train.learning_rate=0", "sft.train.learning_rate: Input should be greater than 0"),
+        ("sft.train.per_device_batch_size=two", "sft.train.per_device_batch_size: Input should be a valid integer"),
+        ("sft.data.path=missing.jsonl", "sft.data.path: data file not found: missing.jsonl"),
+        ("ppo.rollout_batch_size=10", "must be divisible by ppo.mini_batch_size"),
+        ("sft.train.global_batch_size=100", "sft.train.global_batch_size=100"),
+        ("model.source=local", "model.source='local' needs model.path"),
+        ("sft.train.deepspeed=configs/deepspeed/nope.json", "DeepSpeed config not found"),
+        ("sft.tuning.method=lorra", "sft.tuning.method: Input should be"),
+        ("run_name=a/b", "run_name must be a plain folder name"),
+    ],
+)
+def test_impossible_values_fail_before_any_model_is_loaded(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "tiny.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(REPO / "configs" / "tiny.yaml", ["sft.train.max_steps"])
+    with pytest.raises(ConfigError, match="'run_name' is a value, not a section"):
+        load_config(REPO / "configs" / "tiny.yaml", ["run_name.x=1"])
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("run_name: x\nsft:\n  data: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:\d+: invalid YAML"):
+        load_config(cfg)
