@@ -1,0 +1,205 @@
+"""``python -m pipeline`` / ``alignpipe``: run, status, report, slurm, serve, validate.
+
+    python -m pipeline run CONFIG [--stages sft rm ...] [--force] [key=value ...]
+    python -m pipeline status CONFIG [--json] [key=value ...]
+    python -m pipeline report CONFIG [--no-samples] [key=value ...]
+    python -m pipeline slurm CONFIG [--submit] [--force] [--stages ...] [key=value ...]
+    python -m pipeline serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [--api-key-env VAR]
+    python -m pipeline validate CONFIG [--stages ...] [key=value ...]
+
+Config, manifest and data errors print ``error: <message>`` and exit 2; a failed stage exits 1 with the
+path of its log; Ctrl-C exits 130 (re-run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError
+from .manifest import ManifestError
+from .stage import STAGE_ORDER
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's to fix: printed as one message, no traceback."""
+    errors: list[type[BaseException]] = [ConfigError, ManifestError]
+    try:
+        from data.formats import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from .memory import MemoryPlanError
+
+        errors.append(MemoryPlanError)
+    except ImportError:
+        pass
+    from .slurm import SlurmError
+
+    errors.append(SlurmError)
+    return tuple(errors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="alignpipe: SFT -> RM -> PPO pipeline",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_command(name: str, help_text: str, stages: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", help="run config (YAML), e.g. configs/tiny.yaml")
+        if stages:
+            p.add_argument("--stages", nargs="+", metavar="STAGE",
+                           help=f"stages to run, of {', '.join(STAGE_ORDER)} (default: the config's stages)")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted overrides, e.g. sft.train.max_steps=10 run_name=try2")
+        return p
+
+    run = config_command("run", "run the stages of a config, each as its own process", stages=True)
+    run.add_argument("--force", action="store_true",
+                     help="re-run the requested stages from scratch even when complete and unchanged")
+    run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    run.add_argument("--quiet", action="store_true", help="do not echo stage output (it still goes to stage.log)")
+
+    status = config_command("status", "each stage's state, metrics and folder, and Slurm job states")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    report = config_command("report", "write outputs/<run>/report.md with plots and sample generations")
+    report.add_argument("--no-samples", action="store_true", help="do not generate sample generations")
+
+    slurm = config_command("slurm", "write one sbatch script per stage (and submit them with --submit)",
+                           stages=True)
+    slurm.add_argument("--submit", action="store_true", help="submit the chain with sbatch (afterok dependencies)")
+    slurm.add_argument("--force", action="store_true", help="submit stages even when complete and unchanged")
+
+    config_command("validate", "load the config and print the memory plan of each stage", stages=True)
+
+    serve = sub.add_parser("serve", help="serve a stage's model with an OpenAI-compatible HTTP API",
+                           description="serve a stage's model with an OpenAI-compatible HTTP API")
+    serve.add_argument("checkpoint_pos", nargs="?", metavar="CHECKPOINT",
+                       help="a stage folder (outputs/<run>/<stage>) or a Hugging Face folder")
+    serve.add_argument("--checkpoint", dest="checkpoint_opt", metavar="DIR", help="same as CHECKPOINT")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key-env", default=None, metavar="VAR",
+                       help="name of the environment variable holding the bearer token clients must send")
+    serve.add_argument("--model-name", default=None, help="the model id to serve under")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .orchestrator import run_pipeline
+
+    run_pipeline(args.config, args.overrides, stages=args.stages, force=args.force, echo=not args.quiet,
+                 report=not args.no_report)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .orchestrator import format_status, status_json
+
+    cfg = load_config(args.config, args.overrides)
+    print(status_json(cfg) if args.json else format_status(cfg))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import report_for
+
+    path = report_for(args.config, args.overrides, generate_samples=not args.no_samples)
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_slurm(args: argparse.Namespace) -> int:
+    from .slurm import slurm_pipeline
+
+    slurm_pipeline(args.config, args.overrides, stages=args.stages, do_submit=args.submit, force=args.force)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .orchestrator import memory_plans, select_stages
+
+    cfg = load_config(args.config, args.overrides)
+    stages = select_stages(cfg, args.stages)
+    print(f"{args.config}: valid. run '{cfg.run_name}' -> {cfg.run_dir()}; stages {' -> '.join(stages)}; "
+          f"launcher {cfg.launch.launcher}")
+    memory_plans(cfg, stages, print)
+    _validate_deepspeed(cfg, stages)
+    print("ok")
+    return 0
+
+
+def _validate_deepspeed(cfg, stages: Sequence[str]) -> None:
+    """Offline-validate the DeepSpeed JSONs the stages name, when pipeline/deepspeed_check.py offers it."""
+    import importlib.util
+
+    if importlib.util.find_spec("pipeline.deepspeed_check") is None:
+        return
+    from . import deepspeed_check
+
+    check = getattr(deepspeed_check, "validate_for_run", None)
+    if check is None:
+        return
+    for stage in stages:
+        check(cfg, stage)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    checkpoint = args.checkpoint_opt or args.checkpoint_pos
+    if not checkpoint:
+        raise ConfigError("serve needs a checkpoint: python -m pipeline serve outputs/<run>/<stage> (or --checkpoint DIR)")
+    if args.checkpoint_opt and args.checkpoint_pos and args.checkpoint_opt != args.checkpoint_pos:
+        raise ConfigError(f"serve got two checkpoints ({args.checkpoint_pos} and --checkpoint {args.checkpoint_opt})")
+    from . import serve
+
+    namespace = argparse.Namespace(checkpoint=checkpoint, host=args.host, port=args.port,
+                                   api_key_env=args.api_key_env, model_name=args.model_name, dtype=args.dtype)
+    return int(serve.main(namespace) or 0)
+
+
+COMMANDS = {"run": _cmd_run, "status": _cmd_status, "report": _cmd_report, "slurm": _cmd_slurm,
+            "validate": _cmd_validate, "serve": _cmd_serve}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default sys.argv[1:]) and run the command; returns the exit code.
+
+    Called with no argument (console script, ``python -m pipeline``) it exits the process with that code.
+    """
+    exit_on_return = argv is None
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come anywhere: after options, or after the --stages list
+    overrides = list(getattr(args, "overrides", None) or [])
+    if getattr(args, "stages", None):
+        overrides += [s for s in args.stages if "=" in s]
+        args.stages = [s for s in args.stages if "=" not in s] or None
+    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if hasattr(args, "overrides"):
+        args.overrides = overrides + [a for a in extra if "=" in a]
+    from .orchestrator import StageFailed
+
+    try:
+        code = COMMANDS[args.command](args)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except StageFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: re-run the same command to resume (completed stages are skipped)", file=sys.stderr)
+        code = 130
+    if exit_on_return:
+        sys.exit(code)
+    return code

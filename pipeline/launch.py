@@ -1,0 +1,192 @@
+"""Launchers: the command line (argv) and environment that start one stage process.
+
+Every function here is pure: it takes the run config, the stage, the resolved config file and (where
+relevant) an environment mapping, and returns an argv list or an environment dict. The orchestrator
+(``pipeline/orchestrator.py``) runs them on this machine; ``pipeline/slurm.py`` writes them into batch
+scripts, where the rendezvous values are shell variables set inside the allocation.
+
+Launchers (``launch.launcher`` in the config):
+
+- ``local``: one process, ``python -m stages STAGE --config FILE``.
+- ``torchrun``: ``python -m torch.distributed.run`` with ``nproc_per_node`` processes per node. One node
+  uses ``--standalone`` (a free local port) unless a master address is given; several nodes use the
+  ``c10d`` (or ``static``) rendezvous at ``master_addr:master_port``.
+- ``deepspeed``: ``python -m deepspeed.launcher.runner --module`` (``--no_local_rank``: ranks read
+  ``LOCAL_RANK`` from the environment). Several nodes run one launcher per node (``--no_ssh``) with
+  ``--node_rank``, which is how it runs under ``srun``.
+
+Rendezvous values come from the config when set there explicitly, otherwise from the environment
+(``MASTER_ADDR``, ``MASTER_PORT``, ``NNODES``/``SLURM_JOB_NUM_NODES``, ``NODE_RANK``/``SLURM_NODEID``),
+otherwise from the config defaults.
+
+The module that is started is ``stages`` by default. ``ALIGNPIPE_STAGE_ENTRY`` (environment) or the
+``entry`` argument names another module with the same command line (``MODULE STAGE --config FILE``);
+the tests use it to run quick fake stages through the real launchers and Slurm.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import REPO_ROOT, ConfigError, RunConfig
+
+ENTRY_ENV = "ALIGNPIPE_STAGE_ENTRY"
+DEFAULT_ENTRY = "stages"
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the ranks of a multi-process stage meet. ``node_rank`` is this node's index."""
+
+    master_addr: str
+    master_port: int | str
+    nnodes: int | str
+    node_rank: int | str
+    explicit_addr: bool  # a master address was given (config or environment), not defaulted
+
+
+def entry_module(entry: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The Python module a stage process runs: ``entry``, else $ALIGNPIPE_STAGE_ENTRY, else ``stages``."""
+    env = os.environ if env is None else env
+    module = entry or env.get(ENTRY_ENV) or DEFAULT_ENTRY
+    if not all(part.isidentifier() for part in module.split(".")):
+        raise ConfigError(f"stage entry module {module!r} (from {ENTRY_ENV} or entry=) is not a Python module name")
+    return module
+
+
+def stage_args(stage: str, config_file: str | os.PathLike, entry: str | None = None,
+               env: Mapping[str, str] | None = None) -> list[str]:
+    """The part after the interpreter: ``-m stages STAGE --config FILE``."""
+    return ["-m", entry_module(entry, env), stage, "--config", str(config_file)]
+
+
+def rendezvous(cfg: RunConfig, env: Mapping[str, str] | None = None) -> Rendezvous:
+    """Resolve master address/port, node count and node rank: explicit config > environment > defaults."""
+    env = os.environ if env is None else env
+    launch = cfg.launch
+    given = launch.model_fields_set
+    if "master_addr" in given and launch.master_addr:
+        addr, explicit = launch.master_addr, True
+    elif env.get("MASTER_ADDR"):
+        addr, explicit = env["MASTER_ADDR"], True
+    else:
+        addr, explicit = "127.0.0.1", False
+    if "master_port" in given:
+        port: int | str = launch.master_port
+    else:
+        port = _int_env(env, "MASTER_PORT") or launch.master_port
+    if "nnodes" in given:
+        nnodes: int | str = launch.nnodes
+    else:
+        nnodes = _int_env(env, "NNODES") or _int_env(env, "SLURM_JOB_NUM_NODES") or launch.nnodes
+    node_rank: int | str = _int_env(env, "NODE_RANK")
+    if node_rank is None:
+        node_rank = _int_env(env, "SLURM_NODEID") or 0
+    return Rendezvous(addr, port, nnodes, node_rank, explicit)
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def local_command(stage: str, config_file: str | os.PathLike, python: str | None = None,
+                  entry: str | None = None, env: Mapping[str, str] | None = None) -> list[str]:
+    """One process: ``python -m stages STAGE --config FILE``."""
+    return [python or sys.executable, *stage_args(stage, config_file, entry, env)]
+
+
+def torchrun_command(cfg: RunConfig, stage: str, config_file: str | os.PathLike, python: str | None = None,
+                     entry: str | None = None, env: Mapping[str, str] | None = None,
+                     rdzv: Rendezvous | None = None) -> list[str]:
+    """``python -m torch.distributed.run`` with ``launch.nproc_per_node`` ranks per node."""
+    rdzv = rdzv or rendezvous(cfg, env)
+    launch = cfg.launch
+    cmd = [python or sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launch.nproc_per_node)]
+    single_node = str(rdzv.nnodes) == "1"
+    if single_node and not rdzv.explicit_addr:
+        cmd += ["--standalone"]
+    elif launch.rdzv_backend == "static":
+        cmd += ["--nnodes", str(rdzv.nnodes), "--node_rank", str(rdzv.node_rank),
+                "--master_addr", str(rdzv.master_addr), "--master_port", str(rdzv.master_port)]
+    else:
+        cmd += ["--nnodes", str(rdzv.nnodes), "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", f"{rdzv.master_addr}:{rdzv.master_port}",
+                "--rdzv_id", f"{cfg.run_name}-{stage}"]
+    return cmd + stage_args(stage, config_file, entry, env)
+
+
+def deepspeed_command(cfg: RunConfig, stage: str, config_file: str | os.PathLike, python: str | None = None,
+                      entry: str | None = None, env: Mapping[str, str] | None = None,
+                      rdzv: Rendezvous | None = None) -> list[str]:
+    """``python -m deepspeed.launcher.runner --module`` with ``launch.nproc_per_node`` ranks per node."""
+    rdzv = rdzv or rendezvous(cfg, env)
+    cmd = [python or sys.executable, "-m", "deepspeed.launcher.runner",
+           "--num_gpus", str(cfg.launch.nproc_per_node),
+           "--master_addr", str(rdzv.master_addr), "--master_port", str(rdzv.master_port)]
+    if str(rdzv.nnodes) != "1":
+        # one launcher per node (started by srun), no ssh/pdsh fan-out
+        cmd += ["--num_nodes", str(rdzv.nnodes), "--node_rank", str(rdzv.node_rank), "--no_ssh"]
+    cmd += ["--no_local_rank", "--module", entry_module(entry, env), stage, "--config", str(config_file)]
+    return cmd
+
+
+def stage_command(cfg: RunConfig, stage: str, config_file: str | os.PathLike, python: str | None = None,
+                  entry: str | None = None, env: Mapping[str, str] | None = None,
+                  rdzv: Rendezvous | None = None) -> list[str]:
+    """The argv that starts ``stage`` with the launcher the config names (``launch.launcher``)."""
+    launch = cfg.launch
+    if launch.launcher == "local":
+        if launch.nproc_per_node != 1 or launch.nnodes != 1:
+            raise ConfigError(
+                f"launch.launcher='local' starts one process, but launch.nproc_per_node={launch.nproc_per_node} "
+                f"and launch.nnodes={launch.nnodes}; set launch.launcher=torchrun or launch.launcher=deepspeed"
+            )
+        return local_command(stage, config_file, python, entry, env)
+    if launch.launcher == "torchrun":
+        return torchrun_command(cfg, stage, config_file, python, entry, env, rdzv)
+    if launch.launcher == "deepspeed":
+        return deepspeed_command(cfg, stage, config_file, python, entry, env, rdzv)
+    raise ConfigError(f"launch.launcher={launch.launcher!r} is not one of local, torchrun, deepspeed")
+
+
+def stage_env(cfg: RunConfig, base: Mapping[str, str] | None = None, cpu: bool = True) -> dict[str, str]:
+    """Environment of a stage process: ``base`` plus the repo on PYTHONPATH and, on CPU, DS_ACCELERATOR=cpu."""
+    env = dict(os.environ if base is None else base)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(REPO_ROOT) not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
+    if cpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def has_cuda() -> bool:
+    """Whether this machine has a CUDA device torch can use (imports torch; False if it is missing)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def describe(cmd: list[str]) -> str:
+    """A copy-pasteable shell rendering of an argv list."""
+    import shlex
+
+    return " ".join(shlex.quote(str(part)) for part in cmd)
+
+
+def config_file_for(cfg: RunConfig) -> Path:
+    """Where the orchestrator writes the resolved config of a run."""
+    return cfg.run_dir() / "config.resolved.json"

@@ -1,0 +1,519 @@
+"""The run report: ``outputs/<run>/report.md`` with PNG plots (matplotlib, Agg), DESIGN §6.
+
+Sections, each from the stage's ``metrics.jsonl`` and ``manifest.json`` (a stage that has not run says
+"not run"):
+
+- overview: each stage's status, wall time and folder;
+- SFT: training ``loss`` and ``eval_loss`` curves;
+- RLAIF labels: the labelling stage's final metrics;
+- RM: accuracy curves (``accuracy``/``eval_accuracy``), held-out accuracy and mean margin, accuracy by
+  margin bucket, and the score histogram the RM stage saves (``score_histogram.png``);
+- PPO: ``score``, ``kl``, ``response_length``, ``entropy``, ``eos_rate``, ``kl_coef`` curves;
+- sample generations from the SFT and PPO policies on the same held-out prompts, with the RM win rate of
+  PPO over SFT. They come from ``ppo/samples.jsonl`` (rows ``{prompt, sft, ppo}``) when the PPO stage
+  wrote it, else ``sample_generations`` computes them (greedy decoding; prompts from ``ppo.eval_data``
+  or the tail of ``ppo.data``) and caches them in ``report/samples.jsonl``.
+
+Plots and copied images live in ``outputs/<run>/report/``; links in the Markdown are relative.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, load_config
+from .manifest import MANIFEST, atomic_write_json, atomic_write_text, hash_file, hash_json, read_manifest
+
+Printer = Callable[[str], None]
+PPO_KEYS = ("score", "kl", "response_length", "entropy", "eos_rate", "kl_coef")
+STAGE_TITLES = {"sft": "SFT", "rlaif_label": "RLAIF labels", "rm": "Reward model", "ppo": "PPO"}
+SAMPLES_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------- data
+def read_metrics(stage_dir: Path) -> list[dict[str, Any]]:
+    """Rows of ``metrics.jsonl`` (unparseable lines, e.g. a line cut by a crash, are skipped)."""
+    path = Path(stage_dir) / "metrics.jsonl"
+    rows: list[dict[str, Any]] = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows that carry a finite number under ``key`` (row index if no step)."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for i, row in enumerate(rows):
+        y = _number(row.get(key))
+        if y is None:
+            continue
+        x = _number(row.get("step"))
+        xs.append(x if x is not None else float(i))
+        ys.append(y)
+    return xs, ys
+
+
+# -------------------------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(path: Path, title: str, curves: dict[str, tuple[list[float], list[float]]],
+                ylabel: str = "", xlabel: str = "step") -> Path | None:
+    """One axes with a line per non-empty curve; None (no file) when every curve is empty."""
+    curves = {label: xy for label, xy in curves.items() if xy[0]}
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    try:
+        for label, (xs, ys) in curves.items():
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            ax.legend()
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_grid(path: Path, title: str, panels: dict[str, tuple[list[float], list[float]]]) -> Path | None:
+    """Small multiples: one axes per non-empty panel, three per row."""
+    panels = {k: v for k, v in panels.items() if v[0]}
+    if not panels:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), dpi=100, squeeze=False)
+    try:
+        flat = [ax for row in axes for ax in row]
+        for ax, (name, (xs, ys)) in zip(flat, panels.items()):
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
+            ax.set_title(name)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        for ax in flat[len(panels):]:
+            ax.axis("off")
+        fig.suptitle(title)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------- markdown
+def md_cell(value: Any, limit: int = 400) -> str:
+    """A value as one Markdown table cell (pipes escaped, newlines as <br>, long text cut)."""
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, (dict, list)):
+        text = json.dumps(value, default=str)
+    else:
+        text = "" if value is None else str(value)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _metrics_table(metrics: dict[str, Any], skip: Sequence[str] = ()) -> list[str]:
+    rows = [(k, v) for k, v in metrics.items() if k not in skip and not isinstance(v, (dict, list))]
+    return md_table(["metric", "value"], rows) if rows else []
+
+
+def _prompt_text(prompt: Any) -> str:
+    if isinstance(prompt, list):
+        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt if isinstance(m, dict))
+    return "" if prompt is None else str(prompt)
+
+
+# ----------------------------------------------------------------------------------------- sections
+def _stage_manifest(cfg: RunConfig, stage: str) -> dict[str, Any] | None:
+    try:
+        return read_manifest(cfg.stage_dir(stage))
+    except Exception as exc:  # a corrupt manifest is reported, not fatal for the report
+        return {"status": "corrupt", "error": str(exc)}
+
+
+def _not_run(stage: str, manifest: dict[str, Any] | None) -> list[str] | None:
+    if manifest is None:
+        return ["not run", ""]
+    status = manifest.get("status")
+    if status != "complete":
+        note = f"status: **{status}**"
+        if manifest.get("error"):
+            note += f" — {manifest['error']}"
+        return [note, ""]
+    return None
+
+
+def _overview(cfg: RunConfig, stages: Sequence[str]) -> list[str]:
+    rows = []
+    for stage in stages:
+        manifest = _stage_manifest(cfg, stage)
+        if manifest is None:
+            rows.append((stage, "not run", "", ""))
+            continue
+        wall = manifest.get("wall_time_s")
+        rows.append((stage, manifest.get("status"), f"{wall:.1f}" if isinstance(wall, (int, float)) else "",
+                     os.path.relpath(cfg.stage_dir(stage), cfg.run_dir())))
+    return md_table(["stage", "status", "wall time (s)", "folder"], rows)
+
+
+def _sft_section(cfg: RunConfig, plots: Path) -> list[str]:
+    manifest = _stage_manifest(cfg, "sft")
+    lines = ["## SFT", ""]
+    if (missing := _not_run("sft", manifest)) is not None:
+        return lines + missing
+    rows = read_metrics(cfg.stage_dir("sft"))
+    png = plot_curves(plots / "sft_loss.png", "SFT loss",
+                      {"train loss": series(rows, "loss"), "eval loss": series(rows, "eval_loss")}, "loss")
+    lines += [f"![SFT loss]({png.relative_to(cfg.run_dir())})", ""] if png else ["no loss logged", ""]
+    lines += _metrics_table(manifest.get("metrics") or {}) + [""]
+    return lines
+
+
+def _rlaif_section(cfg: RunConfig) -> list[str]:
+    manifest = _stage_manifest(cfg, "rlaif_label")
+    lines = ["## RLAIF labels", ""]
+    if (missing := _not_run("rlaif_label", manifest)) is not None:
+        return lines + missing
+    return lines + _metrics_table(manifest.get("metrics") or {}) + [""]
+
+
+def _find_histogram(cfg: RunConfig) -> Path | None:
+    stage_dir = cfg.stage_dir("rm")
+    for candidate in (stage_dir / "score_histogram.png", stage_dir / "model" / "score_histogram.png"):
+        if candidate.exists():
+            return candidate
+    found = sorted(stage_dir.rglob("score_histogram.png")) if stage_dir.exists() else []
+    return found[0] if found else None
+
+
+def _rm_section(cfg: RunConfig, plots: Path) -> list[str]:
+    manifest = _stage_manifest(cfg, "rm")
+    lines = ["## Reward model", ""]
+    if (missing := _not_run("rm", manifest)) is not None:
+        return lines + missing
+    rows = read_metrics(cfg.stage_dir("rm"))
+    metrics = manifest.get("metrics") or {}
+    acc = metrics.get("eval_accuracy")
+    margin = metrics.get("eval_mean_margin")
+    if acc is not None or margin is not None:
+        lines += [f"Held-out accuracy: **{md_cell(acc)}**, mean margin (chosen − rejected): **{md_cell(margin)}**", ""]
+    png = plot_curves(plots / "rm_accuracy.png", "RM accuracy",
+                      {"train accuracy": series(rows, "accuracy"), "eval accuracy": series(rows, "eval_accuracy")},
+                      "accuracy")
+    if png:
+        lines += [f"![RM accuracy]({png.relative_to(cfg.run_dir())})", ""]
+    loss_png = plot_curves(plots / "rm_loss.png", "RM loss",
+                           {"train loss": series(rows, "loss"), "eval loss": series(rows, "eval_loss")}, "loss")
+    if loss_png:
+        lines += [f"![RM loss]({loss_png.relative_to(cfg.run_dir())})", ""]
+    histogram = _find_histogram(cfg)
+    if histogram is not None:
+        target = plots / "rm_score_histogram.png"
+        shutil.copyfile(histogram, target)
+        lines += ["Scores of chosen and rejected responses on held-out pairs:", "",
+                  f"![RM score histogram]({target.relative_to(cfg.run_dir())})", ""]
+    buckets = metrics.get("accuracy_by_margin_bucket")
+    if isinstance(buckets, dict) and buckets:
+        lines += ["Accuracy by margin bucket:", ""]
+        lines += md_table(["bucket", "accuracy"], [(k, v) for k, v in buckets.items()]) + [""]
+    elif isinstance(buckets, list) and buckets and all(isinstance(b, dict) for b in buckets):
+        header = list(dict.fromkeys(k for b in buckets for k in b))
+        lines += ["Accuracy by margin bucket:", ""]
+        lines += md_table(header, [[b.get(h) for h in header] for b in buckets]) + [""]
+    lines += _metrics_table(metrics, skip=("accuracy_by_margin_bucket",)) + [""]
+    return lines
+
+
+def _ppo_section(cfg: RunConfig, plots: Path) -> list[str]:
+    manifest = _stage_manifest(cfg, "ppo")
+    lines = ["## PPO", ""]
+    if (missing := _not_run("ppo", manifest)) is not None:
+        return lines + missing
+    rows = read_metrics(cfg.stage_dir("ppo"))
+    png = plot_grid(plots / "ppo_curves.png", "PPO", {k: series(rows, k) for k in PPO_KEYS})
+    lines += [f"![PPO curves]({png.relative_to(cfg.run_dir())})", ""] if png else ["no PPO metrics logged", ""]
+    lines += _metrics_table(manifest.get("metrics") or {}) + [""]
+    return lines
+
+
+# ----------------------------------------------------------------------------------- sample generations
+def held_out_prompts(cfg: RunConfig, n: int) -> list[list[dict[str, str]]]:
+    """``n`` prompts (message lists): the head of ``ppo.eval_data``, else the tail of ``ppo.data``."""
+    from data.formats import load_examples
+
+    source = cfg.ppo.eval_data or cfg.ppo.data
+    if source is None:
+        raise ValueError("neither ppo.eval_data nor ppo.data is set, so there are no prompts to sample")
+    examples, _ = load_examples(source, "prompt")
+    chosen = examples[:n] if cfg.ppo.eval_data is not None else examples[-n:]
+    return [ex.prompt for ex in chosen]
+
+
+def _with_system(cfg: RunConfig, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    if cfg.chat.system_prompt and (not messages or messages[0].get("role") != "system"):
+        return [{"role": "system", "content": cfg.chat.system_prompt}] + list(messages)
+    return list(messages)
+
+
+def _stage_tokenizer(cfg: RunConfig, stage: str):
+    from .models import load_tokenizer
+
+    model_dir = cfg.stage_dir(stage) / "model"
+    source = model_dir if (model_dir / "tokenizer_config.json").exists() else cfg.stage_dir(stage)
+    return load_tokenizer(str(source), cfg.model, cfg.chat)
+
+
+def _generate(cfg: RunConfig, stage: str, prompts: list[list[dict[str, str]]], batch_size: int = 8):
+    """Greedy responses of ``stage``'s policy: (texts, token id lists up to and including eos)."""
+    import torch
+
+    from .models import load_model
+
+    tokenizer = _stage_tokenizer(cfg, stage)
+    tokenizer.padding_side = "left"
+    model = load_model(str(cfg.stage_dir(stage) / "model"), cfg.model, tokenizer)
+    model.eval()
+    texts: list[str] = []
+    ids: list[list[int]] = []
+    eos = tokenizer.eos_token_id
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        rendered = [tokenizer.apply_chat_template(_with_system(cfg, p), tokenize=False, add_generation_prompt=True)
+                    for p in batch]
+        enc = [tokenizer(r, add_special_tokens=False)["input_ids"][-cfg.ppo.max_prompt_length:] for r in rendered]
+        width = max(len(e) for e in enc)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in enc])
+        attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
+                                 max_new_tokens=cfg.ppo.max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, width:].tolist():
+            if eos in row:
+                row = row[: row.index(eos) + 1]
+            else:
+                row = [t for t in row if t != tokenizer.pad_token_id]
+            ids.append(row)
+            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    del model
+    return texts, ids
+
+
+def score_responses(cfg: RunConfig, prompts: list[list[dict[str, str]]], responses: list[list[int]],
+                    batch_size: int = 8) -> list[float]:
+    """RM scores (``rm/model``) of prompt + response token ids, read at the last real token (the eos).
+
+    The layout is the PPO one: the rendered prompt with the generation prompt, then the response tokens as
+    generated; right padding, pad != eos, so the last real token is ``attention_mask.sum() - 1``.
+    """
+    import torch
+
+    from .models import load_model
+
+    tokenizer = _stage_tokenizer(cfg, "rm")
+    model = load_model(str(cfg.stage_dir("rm") / "model"), cfg.model, tokenizer, kind="seq_cls")
+    model.eval()
+    scores: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        seqs = []
+        for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
+            rendered = tokenizer.apply_chat_template(_with_system(cfg, prompt), tokenize=False,
+                                                     add_generation_prompt=True)
+            prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"][-cfg.ppo.max_prompt_length:]
+            seqs.append(prompt_ids + list(response))
+        width = max(len(s) for s in seqs)
+        input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
+        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        with torch.no_grad():
+            # the sequence-classification head pools at the last non-pad token: the eos (pad != eos)
+            values = model(input_ids=input_ids, attention_mask=attention).logits.reshape(len(seqs))
+        scores.extend(float(v) for v in values.float())
+    del model
+    return scores
+
+
+def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
+    """Fraction of pairs where ``a`` beats ``b`` (ties count half)."""
+    if not a:
+        return float("nan")
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+
+
+def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | None = None,
+                       n: int = 8) -> dict[str, Any]:
+    """Greedy generations of the SFT and PPO policies on the same held-out prompts, scored by the RM.
+
+    ``prompts``: message lists (or plain strings, taken as one user turn); None picks ``n`` held-out
+    prompts (``held_out_prompts``). Returns ``{"rows": [{prompt, sft, ppo, rm_sft, rm_ppo}],
+    "rm_win_rate": ..., "rm_mean_sft": ..., "rm_mean_ppo": ...}``; the RM fields are absent when the RM
+    stage has no model.
+    """
+    import torch
+
+    if prompts is None:
+        prompts = held_out_prompts(cfg, n)
+    prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts][:n]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.ppo.num_threads or threads)
+    try:
+        sft_texts, sft_ids = _generate(cfg, "sft", prompts)
+        ppo_texts, ppo_ids = _generate(cfg, "ppo", prompts)
+        rows: list[dict[str, Any]] = [
+            {"prompt": p, "sft": s, "ppo": q} for p, s, q in zip(prompts, sft_texts, ppo_texts)
+        ]
+        result: dict[str, Any] = {"rows": rows}
+        if (cfg.stage_dir("rm") / "model" / "config.json").exists():
+            rm_sft = score_responses(cfg, prompts, sft_ids)
+            rm_ppo = score_responses(cfg, prompts, ppo_ids)
+            for row, a, b in zip(rows, rm_sft, rm_ppo):
+                row["rm_sft"], row["rm_ppo"] = a, b
+            result.update(rm_win_rate=win_rate(rm_ppo, rm_sft), rm_mean_sft=sum(rm_sft) / len(rm_sft),
+                          rm_mean_ppo=sum(rm_ppo) / len(rm_ppo))
+        return result
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _samples_key(cfg: RunConfig, n: int) -> str:
+    hashes = {s: hash_file(cfg.stage_dir(s) / MANIFEST) if (cfg.stage_dir(s) / MANIFEST).exists() else None
+              for s in ("sft", "rm", "ppo")}
+    return hash_json({"v": SAMPLES_VERSION, "n": n, "manifests": hashes, "ppo": cfg.ppo.model_dump(mode="json"),
+                      "chat": cfg.chat.model_dump(mode="json")})
+
+
+def _load_samples(cfg: RunConfig, plots: Path, generate: bool, n: int, out: Printer) -> tuple[dict[str, Any] | None, str]:
+    """Sample rows and where they came from, or (None, why not)."""
+    ppo_file = cfg.stage_dir("ppo") / "samples.jsonl"
+    if ppo_file.exists():
+        rows = [json.loads(line) for line in ppo_file.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if isinstance(r, dict) and "sft" in r and "ppo" in r]
+        if rows:
+            result: dict[str, Any] = {"rows": rows}
+            if all("rm_ppo" in r and "rm_sft" in r for r in rows):
+                result["rm_win_rate"] = win_rate([r["rm_ppo"] for r in rows], [r["rm_sft"] for r in rows])
+            return result, f"from {ppo_file.relative_to(cfg.run_dir())}"
+    needed = [cfg.stage_dir(s) / "model" / "config.json" for s in ("sft", "ppo")]
+    if not all(p.exists() for p in needed):
+        return None, "the SFT or PPO stage has no model to sample from"
+    cache = plots / "samples.json"
+    key = _samples_key(cfg, n)
+    if cache.exists():
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("key") == key:
+                return cached["result"], "greedy decoding (cached)"
+        except (json.JSONDecodeError, KeyError):
+            pass
+    if not generate:
+        return None, "not generated (run `python -m pipeline report CONFIG` to generate them)"
+    out(f"report: generating {n} samples from the SFT and PPO policies ...")
+    try:
+        result = sample_generations(cfg, None, n)
+    except Exception as exc:  # the report must still be written; the reason is shown in it
+        return None, f"sample generation failed: {type(exc).__name__}: {exc}"
+    atomic_write_json(cache, {"key": key, "result": result})
+    with open(plots / "samples.jsonl", "w") as fh:
+        for row in result["rows"]:
+            fh.write(json.dumps(row) + "\n")
+    return result, "greedy decoding"
+
+
+def _samples_section(cfg: RunConfig, plots: Path, generate: bool, n: int, out: Printer) -> list[str]:
+    lines = ["## Sample generations: SFT vs PPO", ""]
+    ppo = _stage_manifest(cfg, "ppo")
+    if ppo is None or ppo.get("status") != "complete":
+        return lines + ["not run (needs a complete PPO stage)", ""]
+    result, source = _load_samples(cfg, plots, generate, n, out)
+    if result is None:
+        return lines + [source, ""]
+    rows = result["rows"]
+    lines += [f"Held-out prompts, {source}.", ""]
+    if "rm_win_rate" in result:
+        lines += [f"**RM win rate of PPO over SFT: {result['rm_win_rate']:.1%}** on {len(rows)} prompts (ties count half)"
+                  + (f"; mean RM score SFT {result['rm_mean_sft']:.3f}, PPO {result['rm_mean_ppo']:.3f}"
+                     if "rm_mean_sft" in result else "") + ".", ""]
+    judge = {k: v for k, v in ((ppo.get("metrics") or {}).items()) if "win_rate" in k}
+    if judge:
+        lines += ["Win rates recorded by the PPO stage: " + ", ".join(f"{k} = {md_cell(v)}" for k, v in judge.items()), ""]
+    has_scores = all("rm_sft" in r and "rm_ppo" in r for r in rows)
+    header = ["prompt", "SFT", "PPO"] + (["RM SFT", "RM PPO"] if has_scores else [])
+    table = [[_prompt_text(r.get("prompt")), r.get("sft"), r.get("ppo")]
+             + ([r["rm_sft"], r["rm_ppo"]] if has_scores else []) for r in rows]
+    return lines + md_table(header, table) + [""]
+
+
+# -------------------------------------------------------------------------------------------- write
+def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = True, n_samples: int = 8) -> Path:
+    """Write ``outputs/<run>/report.md`` (+ ``report/*.png``) from whatever stages exist; return its path."""
+    run_dir = cfg.run_dir()
+    plots = run_dir / "report"
+    plots.mkdir(parents=True, exist_ok=True)
+    stages = list(cfg.stages) + [s for s in STAGE_TITLES if s not in cfg.stages and cfg.stage_dir(s).exists()]
+    lines = [f"# alignpipe run report: {cfg.run_name}", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from `{run_dir}`.", "",
+             "## Stages", ""]
+    lines += _overview(cfg, stages) + [""]
+    if "sft" in stages:
+        lines += _sft_section(cfg, plots)
+    if "rlaif_label" in stages:
+        lines += _rlaif_section(cfg)
+    if "rm" in stages:
+        lines += _rm_section(cfg, plots)
+    if "ppo" in stages:
+        lines += _ppo_section(cfg, plots)
+        lines += _samples_section(cfg, plots, generate_samples, n_samples, out)
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def report_for(config: str | os.PathLike, overrides: Sequence[str] = (), out: Printer = print,
+               generate_samples: bool = True) -> Path:
+    """``python -m pipeline report CONFIG``: load the config and write the report."""
+    return write_report(load_config(config, list(overrides)), out=out, generate_samples=generate_samples)

@@ -1,0 +1,309 @@
+"""Slurm batch jobs: one sbatch script per stage, chained with ``--dependency=afterok``.
+
+``python -m pipeline slurm CONFIG [--submit] [--stages ...]`` writes ``outputs/<run>/slurm/<stage>.sbatch``
+for each stage to run, with the resources of the ``slurm:`` section (nodes, GPUs per node as
+``--gres=gpu:N``, CPUs per task, memory, time, partition, account, extra ``#SBATCH`` lines, setup lines).
+Inside the allocation, ``srun`` starts the configured launcher once per node (local, torchrun or
+deepspeed; see ``pipeline/launch.py``); for several nodes the rendezvous address is the first host of
+the allocation (``scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1``). Each job's output goes to
+``outputs/<run>/slurm/<stage>-<jobid>.log`` and is appended to the stage's ``stage.log``.
+
+``--submit`` submits them in order with ``sbatch --parsable``, each later job with
+``--dependency=afterok:<previous job>`` and ``--kill-on-invalid-dep=yes`` (so a failed stage cancels
+the ones after it instead of leaving them pending for ever), and records the job ids in
+``outputs/<run>/slurm/jobs.json``; ``pipeline status`` shows their states from ``scontrol show job``.
+
+Leading stages that are already complete with an unchanged config and inputs are not submitted (unless
+``--force``); once one stage is submitted, every later requested stage is too, since its inputs change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import REPO_ROOT, ConfigError, RunConfig, load_config
+from .launch import Rendezvous, stage_command
+from .manifest import ManifestError, atomic_write_json, atomic_write_text, read_manifest, require_complete_parent
+from .stage import hint_command, parents_of
+
+Printer = Callable[[str], None]
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                   "BOOT_FAIL", "DEADLINE"}
+
+
+class SlurmError(RuntimeError):
+    """sbatch/scontrol failed or is missing; the message says which command and its output."""
+
+
+@dataclass
+class StageScript:
+    stage: str
+    path: Path
+    log_pattern: Path  # with %j for the job id
+
+
+def slurm_dir(cfg: RunConfig) -> Path:
+    return cfg.run_dir() / "slurm"
+
+
+def _shell_word(arg: str) -> str:
+    """Quote one argv element; ``$VAR`` references stay expandable (double quotes)."""
+    if "$" in arg:
+        return '"' + arg.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`") + '"'
+    return shlex.quote(arg)
+
+
+def shell_join(argv: Sequence[str]) -> str:
+    return " ".join(_shell_word(str(a)) for a in argv)
+
+
+def _check_resources(cfg: RunConfig) -> None:
+    s, launch = cfg.slurm, cfg.launch
+    if launch.launcher == "local" and s.nodes > 1:
+        raise ConfigError(
+            f"slurm.nodes={s.nodes} but launch.launcher='local' runs one process; set launch.launcher=torchrun "
+            "or deepspeed for a multi-node job"
+        )
+    if "nnodes" in launch.model_fields_set and launch.nnodes != s.nodes:
+        raise ConfigError(f"launch.nnodes={launch.nnodes} differs from slurm.nodes={s.nodes}; set them equal")
+    if s.gpus_per_node and launch.nproc_per_node > s.gpus_per_node:
+        raise ConfigError(
+            f"launch.nproc_per_node={launch.nproc_per_node} processes per node but slurm.gpus_per_node="
+            f"{s.gpus_per_node}; one process per GPU: make them equal"
+        )
+
+
+def sbatch_script(cfg: RunConfig, stage: str, config_file: Path, entry: str | None = None,
+                  python: str | None = None, env: Mapping[str, str] | None = None) -> tuple[str, Path]:
+    """The sbatch script text for ``stage`` and its output log pattern (``%j`` = job id)."""
+    _check_resources(cfg)
+    s = cfg.slurm
+    out_dir = slurm_dir(cfg)
+    log_pattern = out_dir / f"{stage}-%j.log"
+    multi = s.nodes > 1
+    rdzv = Rendezvous(master_addr="$MASTER_ADDR", master_port="$MASTER_PORT", nnodes=s.nodes,
+                      node_rank="$SLURM_NODEID", explicit_addr=multi)
+    cmd = stage_command(cfg, stage, config_file, python=python, entry=entry, env=env, rdzv=rdzv)
+    lines = [
+        "#!/bin/bash",
+        f"# alignpipe: stage '{stage}' of run '{cfg.run_name}'. Written by `python -m pipeline slurm`;",
+        "# submit the chain with `python -m pipeline slurm CONFIG --submit`.",
+        f"#SBATCH --job-name=alignpipe-{cfg.run_name}-{stage}",
+        f"#SBATCH --nodes={s.nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --cpus-per-task={s.cpus_per_task}",
+        f"#SBATCH --time={s.time}",
+        f"#SBATCH --output={log_pattern}",
+        f"#SBATCH --chdir={REPO_ROOT}",
+        "#SBATCH --kill-on-invalid-dep=yes",
+    ]
+    if s.gpus_per_node:
+        lines.append(f"#SBATCH --gres=gpu:{s.gpus_per_node}")
+    if s.mem:
+        lines.append(f"#SBATCH --mem={s.mem}")
+    if s.partition:
+        lines.append(f"#SBATCH --partition={s.partition}")
+    if s.account:
+        lines.append(f"#SBATCH --account={s.account}")
+    for extra in s.extra_sbatch:
+        extra = extra.strip()
+        lines.append(extra if extra.startswith("#SBATCH") else f"#SBATCH {extra}")
+    lines += ["", "set -eo pipefail", f"cd {shlex.quote(str(REPO_ROOT))}"]
+    if s.setup:
+        lines += ["# setup (slurm.setup)", *s.setup]
+    stage_log = cfg.stage_dir(stage) / "stage.log"
+    lines += [
+        f'export PYTHONPATH={shlex.quote(str(REPO_ROOT))}"${{PYTHONPATH:+:$PYTHONPATH}}"',
+        "export PYTHONUNBUFFERED=1",
+    ]
+    if not s.gpus_per_node:
+        lines.append("export DS_ACCELERATOR=cpu")
+    lines += [
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        f"export MASTER_PORT={cfg.launch.master_port}",
+        f"STAGE_LOG={shlex.quote(str(stage_log))}",
+        'mkdir -p "$(dirname "$STAGE_LOG")"',
+        'echo "=== $(date \'+%F %T\') slurm job $SLURM_JOB_ID on $SLURM_JOB_NODELIST" >> "$STAGE_LOG"',
+    ]
+    srun = ["srun", f"--nodes={s.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={s.cpus_per_task}",
+            "--kill-on-bad-exit=1"]
+    command = shell_join(cmd)
+    if "$" in command:
+        # expanded per task, so each node sees its own SLURM_NODEID
+        launch_line = f"{' '.join(srun)} bash -c {shlex.quote(command)}"
+    else:
+        launch_line = f"{' '.join(srun)} {command}"
+    lines += [f'{launch_line} 2>&1 | tee -a "$STAGE_LOG"', ""]
+    return "\n".join(lines), log_pattern
+
+
+def write_scripts(cfg: RunConfig, stages: Sequence[str], config_file: Path, entry: str | None = None,
+                  env: Mapping[str, str] | None = None) -> list[StageScript]:
+    """Write one executable sbatch script per stage under ``outputs/<run>/slurm/``."""
+    out: list[StageScript] = []
+    for stage in stages:
+        text, log_pattern = sbatch_script(cfg, stage, config_file, entry=entry, env=env)
+        path = slurm_dir(cfg) / f"{stage}.sbatch"
+        atomic_write_text(path, text)
+        path.chmod(0o755)
+        out.append(StageScript(stage, path, log_pattern))
+    return out
+
+
+def _run(cmd: list[str], env: Mapping[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=dict(env) if env is not None else None,
+                              timeout=timeout, cwd=REPO_ROOT)
+    except FileNotFoundError:
+        raise SlurmError(f"'{cmd[0]}' not found: this machine has no Slurm client on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"'{' '.join(cmd)}' did not answer within {timeout:.0f} s; is slurmctld up?") from None
+
+
+def submit(cfg: RunConfig, scripts: Sequence[StageScript], env: Mapping[str, str] | None = None,
+           out: Printer = print) -> list[dict[str, Any]]:
+    """Submit the scripts as an afterok chain; record and return [{stage, job_id, script, log}]."""
+    jobs: list[dict[str, Any]] = []
+    previous: str | None = None
+    for script in scripts:
+        cmd = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes"]
+        if previous:
+            cmd.append(f"--dependency=afterok:{previous}")
+        cmd.append(str(script.path))
+        done = _run(cmd, env)
+        if done.returncode != 0:
+            _record(cfg, jobs)
+            raise SlurmError(
+                f"sbatch failed for stage '{script.stage}' ({script.path}), exit {done.returncode}: "
+                f"{(done.stderr or done.stdout).strip()}"
+                + (f"; already submitted: {', '.join(j['job_id'] for j in jobs)}" if jobs else "")
+            )
+        job_id = done.stdout.strip().split(";")[0]
+        log = str(script.log_pattern).replace("%j", job_id)
+        jobs.append({"stage": script.stage, "job_id": job_id, "script": str(script.path), "log": log,
+                     "dependency": previous})
+        out(f"[{script.stage}] submitted job {job_id}" + (f" (after {previous})" if previous else "")
+            + f"; log: {log}")
+        previous = job_id
+    _record(cfg, jobs)
+    return jobs
+
+
+def _record(cfg: RunConfig, jobs: list[dict[str, Any]]) -> None:
+    atomic_write_json(slurm_dir(cfg) / "jobs.json",
+                      {"run_name": cfg.run_name, "submitted_at": time.time(), "jobs": jobs})
+
+
+def read_jobs(cfg: RunConfig) -> list[dict[str, Any]]:
+    """The jobs recorded by the last ``--submit`` of this run ([] if none)."""
+    path = slurm_dir(cfg) / "jobs.json"
+    if not path.exists():
+        return []
+    try:
+        return list(json.loads(path.read_text()).get("jobs", []))
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ManifestError(f"{path}: unreadable ({exc}); delete it and submit again") from None
+
+
+def parse_scontrol(text: str) -> dict[str, str]:
+    """``Key=Value`` pairs of ``scontrol show job`` output (values without spaces)."""
+    fields: dict[str, str] = {}
+    for token in text.split():
+        if "=" in token:
+            key, value = token.split("=", 1)
+            fields.setdefault(key, value)
+    return fields
+
+
+def job_state(job_id: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """JobState, Reason and ExitCode of a job from ``scontrol show job`` (sacct needs slurmdbd)."""
+    try:
+        done = _run(["scontrol", "show", "job", "-o", str(job_id)], env, timeout=20)
+    except SlurmError as exc:
+        return {"JobState": "UNKNOWN", "Reason": str(exc), "ExitCode": "?"}
+    if done.returncode != 0:
+        reason = (done.stderr or done.stdout).strip() or "not known to scontrol"
+        return {"JobState": "UNKNOWN", "Reason": f"{reason} (finished jobs are forgotten after MinJobAge)",
+                "ExitCode": "?"}
+    fields = parse_scontrol(done.stdout)
+    return {k: fields.get(k, "?") for k in ("JobState", "Reason", "ExitCode", "RunTime", "NodeList")}
+
+
+def job_states(cfg: RunConfig, env: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    return [{"stage": j["stage"], "job_id": j["job_id"], "log": j.get("log", ""), **job_state(j["job_id"], env)}
+            for j in read_jobs(cfg)]
+
+
+def format_job_states(cfg: RunConfig) -> str:
+    """The Slurm part of ``pipeline status`` ('' when nothing was submitted)."""
+    states = job_states(cfg)
+    if not states:
+        return ""
+    lines = ["slurm jobs:"]
+    for row in states:
+        reason = f" reason={row['Reason']}" if row.get("Reason") not in (None, "None", "?") else ""
+        lines.append(f"  {row['stage']:<12} job {row['job_id']}: {row['JobState']} exit={row['ExitCode']}{reason}"
+                     f"  log: {row['log']}")
+    return "\n".join(lines)
+
+
+def plan_submission(cfg: RunConfig, stages: Sequence[str], force: bool, out: Printer) -> list[str]:
+    """Which of ``stages`` to submit: drop leading stages that are complete and up to date (unless force).
+
+    Parents outside the submission must already be complete (ManifestError otherwise).
+    """
+    from .orchestrator import decide
+
+    chosen: list[str] = []
+    for stage in stages:
+        decision = decide(cfg, stage, force=force)
+        if not chosen and decision.action == "skip":
+            out(f"[{stage}] skip: {decision.reason}")
+            continue
+        chosen.append(stage)
+    for stage in chosen:
+        for parent in parents_of(cfg, stage):
+            if parent not in chosen:
+                try:
+                    require_complete_parent(cfg.stage_dir(parent), parent, stage, hint_command(parent))
+                except ManifestError as exc:
+                    raise ManifestError(f"cannot submit stage '{stage}': {exc}") from None
+    return chosen
+
+
+def slurm_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stages: Sequence[str] | None = None,
+                   do_submit: bool = False, force: bool = False, entry: str | None = None,
+                   env: Mapping[str, str] | None = None, out: Printer = print) -> list[dict[str, Any]]:
+    """Write the sbatch scripts of a run (and submit them with ``do_submit``). Returns the submitted jobs."""
+    from .orchestrator import memory_plans, select_stages, write_resolved_config
+
+    cfg = load_config(config, list(overrides))
+    selected = select_stages(cfg, stages)
+    memory_plans(cfg, selected, out, check=cfg.launch.gpu_memory_gib is not None)
+    chosen = plan_submission(cfg, selected, force, out)
+    if not chosen:
+        out("nothing to submit: every requested stage is complete and up to date (use --force to re-run)")
+        return []
+    config_file = write_resolved_config(cfg, slurm_dir(cfg) / "config.resolved.json")
+    if force:
+        for stage in chosen:
+            manifest = read_manifest(cfg.stage_dir(stage))
+            if manifest is not None and (cfg.stage_dir(stage) / "checkpoints").exists():
+                import shutil
+
+                shutil.rmtree(cfg.stage_dir(stage) / "checkpoints")
+    scripts = write_scripts(cfg, chosen, config_file, entry=entry, env=env)
+    for script in scripts:
+        out(f"[{script.stage}] {script.path}")
+    if not do_submit:
+        out("not submitted (add --submit, or run sbatch on the scripts in order with --dependency=afterok)")
+        return []
+    return submit(cfg, scripts, env=env, out=out)
