@@ -125,31 +125,17 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .orchestrator import memory_plans, select_stages
+    from .launch import has_cuda
+    from .orchestrator import check_deepspeed, memory_plans, select_stages
 
     cfg = load_config(args.config, args.overrides)
     stages = select_stages(cfg, args.stages)
     print(f"{args.config}: valid. run '{cfg.run_name}' -> {cfg.run_dir()}; stages {' -> '.join(stages)}; "
           f"launcher {cfg.launch.launcher}")
     memory_plans(cfg, stages, print)
-    _validate_deepspeed(cfg, stages)
+    check_deepspeed(cfg, stages, has_cuda(), print)
     print("ok")
     return 0
-
-
-def _validate_deepspeed(cfg, stages: Sequence[str]) -> None:
-    """Offline-validate the DeepSpeed JSONs the stages name, when pipeline/deepspeed_check.py offers it."""
-    import importlib.util
-
-    if importlib.util.find_spec("pipeline.deepspeed_check") is None:
-        return
-    from . import deepspeed_check
-
-    check = getattr(deepspeed_check, "validate_for_run", None)
-    if check is None:
-        return
-    for stage in stages:
-        check(cfg, stage)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

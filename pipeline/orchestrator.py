@@ -139,7 +139,12 @@ def process_state(manifest: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------ decisions
 def select_stages(cfg: RunConfig, requested: Sequence[str] | None) -> list[str]:
-    """The stages to run, in the config's order. Unknown or unconfigured stages are a ConfigError."""
+    """The stages to run, in pipeline order (the config's stages when none are requested).
+
+    A requested stage that the config's ``stages`` list lacks (``--stages sft rlaif_label rm ppo`` on a
+    config without ``rlaif_label``) is added to ``cfg.stages`` in place, so that the stage processes,
+    which read the resolved config, chain through it (``parents_of``). Unknown names are a ConfigError.
+    """
     if not requested:
         return list(cfg.stages)
     unknown = [s for s in requested if s not in STAGE_ORDER]
@@ -147,10 +152,7 @@ def select_stages(cfg: RunConfig, requested: Sequence[str] | None) -> list[str]:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; expected some of {', '.join(STAGE_ORDER)}")
     missing = [s for s in requested if s not in cfg.stages]
     if missing:
-        raise ConfigError(
-            f"stage(s) {', '.join(missing)} not in this config's stages {list(cfg.stages)}; add them to "
-            f"'stages:' in the config or override it, e.g. stages=[{','.join(cfg.stages + missing)}]"
-        )
+        cfg.stages = [s for s in STAGE_ORDER if s in cfg.stages or s in missing]  # validated assignment
     return [s for s in cfg.stages if s in requested]
 
 
@@ -221,17 +223,6 @@ def check_parents(cfg: RunConfig, stage: str, ran_now: set[str], warn: Printer) 
 
 
 # ------------------------------------------------------------------------------------------ memory
-def device_memory_bytes(cfg: RunConfig) -> int | None:
-    """Per-device memory the planner checks against: launch.gpu_memory_gib, else the first CUDA device."""
-    if cfg.launch.gpu_memory_gib is not None:
-        return int(cfg.launch.gpu_memory_gib * 2**30)
-    if has_cuda():
-        import torch
-
-        return int(torch.cuda.get_device_properties(0).total_memory)
-    return None
-
-
 def memory_plans(cfg: RunConfig, stages: Sequence[str], out: Printer, check: bool = True) -> None:
     """Print the memory estimate of each stage; raise MemoryPlanError when one cannot fit the device."""
     if importlib.util.find_spec("pipeline.memory") is None:
@@ -239,12 +230,45 @@ def memory_plans(cfg: RunConfig, stages: Sequence[str], out: Printer, check: boo
         return
     from . import memory
 
-    device = device_memory_bytes(cfg) if check else None
+    device = memory.device_memory_bytes(cfg) if check else None
     for stage in stages:
         plan = memory.estimate(cfg, stage)
         out(plan.format())
         if device is not None:
             plan.check(device)
+
+
+def _stage_deepspeed(cfg: RunConfig, stage: str) -> tuple[str, int, int, float, str, float | None] | None:
+    """(json path, micro batch, grad accum, lr, precision, max grad norm) of a stage that names a DeepSpeed JSON."""
+    if stage in ("sft", "rm"):
+        train = getattr(cfg, stage).train
+        if train.deepspeed:
+            return (train.deepspeed, train.per_device_batch_size, train.gradient_accumulation_steps,
+                    train.learning_rate, train.precision, train.max_grad_norm)
+    if stage == "ppo" and cfg.ppo.deepspeed:
+        ppo = cfg.ppo
+        return (ppo.deepspeed, ppo.mini_batch_size // ppo.gradient_accumulation_steps, ppo.gradient_accumulation_steps,
+                ppo.learning_rate, ppo.precision, ppo.max_grad_norm)
+    return None
+
+
+def check_deepspeed(cfg: RunConfig, stages: Sequence[str], cuda: bool, out: Printer) -> None:
+    """Validate offline the DeepSpeed JSON each stage names, at the run's world size (ConfigError if bad)."""
+    wanted = {s: d for s in stages if (d := _stage_deepspeed(cfg, s)) is not None}
+    if not wanted or importlib.util.find_spec("pipeline.deepspeed_check") is None:
+        return
+    from .deepspeed_check import validate_ds_config
+
+    world = cfg.launch.nnodes * cfg.launch.nproc_per_node
+    problems: list[str] = []
+    for stage, (path, micro, accum, lr, precision, clip) in wanted.items():
+        bf16 = precision == "bf16" or (precision == "auto" and cuda)
+        found = validate_ds_config(path, world, micro, accum, lr, bf16, max_grad_norm=clip)
+        problems += [f"stage '{stage}': {p}" for p in found]
+        if not found:
+            out(f"[{stage}] DeepSpeed config {path}: valid at world size {world}")
+    if problems:
+        raise ConfigError("DeepSpeed config problems:\n  " + "\n  ".join(problems))
 
 
 # ------------------------------------------------------------------------------------------- launch
@@ -339,7 +363,7 @@ def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stage
     out(f"stages: {' -> '.join(selected)}   launcher: {cfg.launch.launcher}"
         + (f" x{cfg.launch.nproc_per_node}/node, {cfg.launch.nnodes} node(s)" if cfg.launch.launcher != "local" else ""))
     memory_plans(cfg, selected, out)
-    cpu = not has_cuda()
+    cuda: bool | None = None
     result = PipelineResult(cfg.run_dir(), config_file)
     ran_now: set[str] = set()
     for stage in selected:
@@ -349,9 +373,12 @@ def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stage
             out(f"[{stage}] skip: {decision.reason} ({cfg.stage_dir(stage)})")
             continue
         check_parents(cfg, stage, ran_now, out)
+        if cuda is None:
+            cuda = has_cuda()
+            check_deepspeed(cfg, [s for s in selected if s not in ran_now], cuda, out)
         out(f"[{stage}] {decision.action}: {decision.reason}; log: {cfg.stage_dir(stage) / 'stage.log'}")
         started = time.time()
-        launch_stage(cfg, stage, config_file, decision, cpu=cpu, entry=entry, echo=echo)
+        launch_stage(cfg, stage, config_file, decision, cpu=not cuda, entry=entry, echo=echo)
         ran_now.add(stage)
         out(f"[{stage}] complete in {time.time() - started:.1f} s")
     if report:
@@ -412,7 +439,7 @@ def format_status(cfg: RunConfig) -> str:
     stages = list(cfg.stages) + [s for s in STAGE_ORDER if s not in cfg.stages and cfg.stage_dir(s).exists()]
     for stage in stages:
         row = stage_status(cfg, stage)
-        wall = f", {row['wall_time_s']:.0f} s" if isinstance(row.get("wall_time_s"), (int, float)) else ""
+        wall = f", {row["wall_time_s"]:.1f} s" if isinstance(row.get("wall_time_s"), (int, float)) else ""
         detail = f" ({row['detail']})" if row.get("detail") else ""
         lines.append(f"  {stage:<12} {row['status']}{wall}{detail}")
         metrics = _short_metrics(row.get("metrics") or {})

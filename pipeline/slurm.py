@@ -283,11 +283,13 @@ def slurm_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), sta
                    do_submit: bool = False, force: bool = False, entry: str | None = None,
                    env: Mapping[str, str] | None = None, out: Printer = print) -> list[dict[str, Any]]:
     """Write the sbatch scripts of a run (and submit them with ``do_submit``). Returns the submitted jobs."""
-    from .orchestrator import memory_plans, select_stages, write_resolved_config
+    from .orchestrator import check_deepspeed, memory_plans, select_stages, write_resolved_config
 
     cfg = load_config(config, list(overrides))
     selected = select_stages(cfg, stages)
+    # the planner checks against launch.gpu_memory_gib (this machine is not the cluster's node)
     memory_plans(cfg, selected, out, check=cfg.launch.gpu_memory_gib is not None)
+    check_deepspeed(cfg, selected, cuda=cfg.slurm.gpus_per_node > 0, out=out)
     chosen = plan_submission(cfg, selected, force, out)
     if not chosen:
         out("nothing to submit: every requested stage is complete and up to date (use --force to re-run)")

@@ -55,12 +55,15 @@ def run_fake(cfg: Any, stage: str) -> dict[str, Any]:
     steps = int(os.environ.get("FAKE_STEPS", "3"))
     sleep = float(os.environ.get("FAKE_SLEEP", "0"))
     crash = os.environ.get("FAKE_CRASH", "")
-    with StageRun(cfg, stage) as run:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    with StageRun(cfg, stage, is_main=rank == 0) as run:
         fingerprint = os.environ.get(f"FAKE_FINGERPRINT_{stage.upper()}", FINGERPRINT)
         run.set_chat_format({"fake": fingerprint}, fingerprint)
         state = run.checkpoints / "state.json"
         start = json.loads(state.read_text())["step"] if run.resuming and state.exists() else 0
-        print(f"[fake {stage}] starting at step {start} (resuming={run.resuming})", flush=True)
+        print(f"[fake {stage}] rank {rank}/{world} starting at step {start} (resuming={run.resuming})", flush=True)
+        if rank != 0:
+            return {}
         for step in range(start + 1, steps + 1):
             if os.environ.get("FAKE_FAIL") == stage:
                 raise RuntimeError(f"fake failure in stage {stage} at step {step}")
