@@ -439,7 +439,7 @@ def format_status(cfg: RunConfig) -> str:
     stages = list(cfg.stages) + [s for s in STAGE_ORDER if s not in cfg.stages and cfg.stage_dir(s).exists()]
     for stage in stages:
         row = stage_status(cfg, stage)
-        wall = f", {row["wall_time_s"]:.1f} s" if isinstance(row.get("wall_time_s"), (int, float)) else ""
+        wall = f", {row['wall_time_s']:.1f} s" if isinstance(row.get("wall_time_s"), (int, float)) else ""
         detail = f" ({row['detail']})" if row.get("detail") else ""
         lines.append(f"  {stage:<12} {row['status']}{wall}{detail}")
         metrics = _short_metrics(row.get("metrics") or {})
