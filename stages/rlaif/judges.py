@@ -1031,7 +1031,9 @@ class HTTPJudge(Judge):
 
 # ---------------------------------------------------------------------------------------- factory
 def default_cache_path(cfg: RunConfig) -> Path:
-    return resolve_path(cfg.model.cache_dir) / "judgments.sqlite"
+    """``<output_root>/.judge_cache/judgments.sqlite``: shared by the runs under one output root (keys
+    hold the judge's identity and rubric, so different judges never collide)."""
+    return resolve_path(cfg.output_root) / ".judge_cache" / "judgments.sqlite"
 
 
 def resolve_judge_model(cfg: RunConfig, model: str | None) -> tuple[str, str]:
@@ -1060,8 +1062,8 @@ def resolve_judge_model(cfg: RunConfig, model: str | None) -> tuple[str, str]:
 
 
 def build_judge(cfg: RunConfig, name: str, cache_path: str | os.PathLike | None = None, **kwargs: Any) -> Judge:
-    """The judge ``cfg.rlaif.judges[name]``. The cache lives in ``<model.cache_dir>/judgments.sqlite``
-    unless ``cache_path`` says otherwise; extra keyword arguments go to the backend's constructor."""
+    """The judge ``cfg.rlaif.judges[name]``. The cache lives at ``default_cache_path(cfg)`` unless
+    ``cache_path`` says otherwise; extra keyword arguments go to the backend's constructor."""
     judges = cfg.rlaif.judges
     if name not in judges:
         raise JudgeError(f"no judge named {name!r} under rlaif.judges (defined: {', '.join(sorted(judges)) or 'none'})")

@@ -1,0 +1,211 @@
+"""The ``rlaif_label`` stage: SFT policy samples -> AI-judged preference pairs (offline RLAIF, DESIGN §1).
+
+For every prompt of ``rlaif_label.data`` the SFT policy (the ``sft`` stage's ``model/``, or the base
+model when ``sft`` is not among the run's stages) samples ``num_responses`` responses (HF ``generate``,
+left padding, temperature ``rlaif_label.temperature``, top-k 0, top-p 1, stop at eos). Every pair of
+distinct, non-empty responses is judged by ``build_judge(cfg, rlaif_label.judge)`` in both orders;
+ties (including inconsistent and unreadable verdicts) are dropped and counted. The result is
+``preferences.jsonl`` in the stage folder: one ``{"prompt", "chosen", "rejected", "judge": {...}}``
+record per kept pair, the data contract's preference format, which the ``rm`` stage trains on as it is.
+
+Judgments are cached (see ``stages.rlaif.judges``), so re-running or resuming the stage does not ask the
+judge again. Manifest metrics: prompts, responses, pairs judged/kept, ties dropped (inconsistent,
+malformed), cache hits, judge requests and throughput, mean lengths, eos rate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from data.formats import DataError, load_examples
+from pipeline.config import RunConfig
+from pipeline.manifest import atomic_write_text
+from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
+from pipeline.stage import StageRun
+
+from .judges import JudgeError, build_judge
+
+OUTPUT_FILE = "preferences.jsonl"
+
+
+def _policy_dirs(cfg: RunConfig, run: StageRun) -> tuple[str, str, str]:
+    """(model folder, tokenizer folder, what it is) of the policy that samples."""
+    if "sft" in run.parents:
+        stage = run.parent_dir("sft")
+        model_dir = stage / "model"
+        if not (model_dir / "config.json").exists():
+            raise JudgeError(f"the sft stage at {stage} is complete but has no model/config.json; re-run it with "
+                             "--force")
+        return str(model_dir), str(stage), "sft"
+    base = prepare_base(cfg.model)
+    return base, base, "base"
+
+
+def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]], system_prompt: str | None) -> list[int]:
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def sample_responses(model: Any, tokenizer: Any, prompts: list[list[int]], num_responses: int,
+                     max_new_tokens: int, temperature: float, batch_size: int, seed: int,
+                     device: str) -> list[list[tuple[str, bool]]]:
+    """``num_responses`` samples per prompt (token id lists): ``[[(text, ended_with_eos), ...], ...]``.
+
+    Left-padded batches of ``batch_size`` prompts; batch ``b`` is sampled under seed ``seed + b`` so a
+    batch's samples do not depend on the batches before it.
+    """
+    import torch
+
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    out: list[list[tuple[str, bool]]] = []
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        torch.manual_seed(seed + b)
+        with torch.no_grad():
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                num_return_sequences=num_responses, pad_token_id=pad, eos_token_id=eos,
+            )[:, width:].tolist()
+        for i in range(len(chunk)):
+            samples = []
+            for k in range(num_responses):
+                seq = generated[i * num_responses + k]
+                ended = eos in seq
+                tokens = seq[:seq.index(eos)] if ended else [t for t in seq if t != pad]
+                samples.append((tokenizer.decode(tokens, skip_special_tokens=True).strip(), ended))
+            out.append(samples)
+    return out
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    lc = cfg.rlaif_label
+    if lc.data is None:
+        raise DataError("rlaif_label.data is not set: point it at a prompt file (a 'prompt' per record), "
+                        "e.g. data/demo/prompts.jsonl")
+    import torch
+
+    with StageRun(cfg, "rlaif_label") as run:
+        model_dir, tok_dir, policy = _policy_dirs(cfg, run)
+        tokenizer = load_tokenizer(tok_dir, cfg.model, cfg.chat)
+        tokenizer.padding_side = "left"
+        fmt = chat_format(tokenizer, cfg.chat)
+        run.set_chat_format(fmt, chat_fingerprint(fmt))
+
+        examples, report = load_examples(lc.data, "prompt")
+        encoded, kept_examples = [], []
+        too_long = 0
+        for ex in examples:
+            ids = _prompt_ids(tokenizer, ex.prompt, cfg.chat.system_prompt)
+            if len(ids) > lc.max_prompt_length:
+                too_long += 1
+                continue
+            encoded.append(ids)
+            kept_examples.append(ex)
+        if not encoded:
+            raise DataError(f"{lc.data.path}: all {len(examples)} prompts are longer than "
+                            f"rlaif_label.max_prompt_length={lc.max_prompt_length} tokens; raise it")
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(model_dir, cfg.model, tokenizer).to(device).eval()
+        print(f"[alignpipe] rlaif_label: sampling {lc.num_responses} responses for {len(encoded)} prompts "
+              f"from the {policy} policy", flush=True)
+        started = time.time()
+        samples = sample_responses(model, tokenizer, encoded, lc.num_responses, lc.max_new_tokens,
+                                   lc.temperature, lc.batch_size, lc.seed, device)
+        sample_s = time.time() - started
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+        items, where = [], []
+        empty = duplicate = ended = 0
+        for ex, responses in zip(kept_examples, samples):
+            ended += sum(e for _, e in responses)
+            unique: list[tuple[int, str]] = []
+            for k, (text, _) in enumerate(responses):
+                if not text:
+                    empty += 1
+                elif any(text == u for _, u in unique):
+                    duplicate += 1
+                else:
+                    unique.append((k, text))
+            for (i, a), (j, b) in combinations(unique, 2):
+                items.append((ex.prompt, a, b))
+                where.append((ex, i, j, responses[i][1], responses[j][1]))
+        run.log(0, {"prompts": len(kept_examples), "responses": len(kept_examples) * lc.num_responses,
+                    "pairs": len(items), "sample_s": round(sample_s, 3)})
+        if not items:
+            raise DataError(f"rlaif_label: no pair of distinct non-empty responses to judge ({empty} empty, "
+                            f"{duplicate} duplicate responses); raise temperature, max_new_tokens or num_responses")
+
+        judge = build_judge(cfg, lc.judge)
+        started = time.time()
+        try:
+            verdicts = judge.judge_pairs(items)
+        finally:
+            judge_s = time.time() - started
+            stats = judge.stats.as_dict()
+            judge.close()
+
+        records, ties, chosen_len, rejected_len = [], 0, [], []
+        for (prompt, a, b), (ex, i, j, a_eos, b_eos), v in zip(items, where, verdicts):
+            if v.choice not in ("A", "B"):
+                ties += 1
+                continue
+            a_wins = v.choice == "A"
+            chosen, rejected = (a, b) if a_wins else (b, a)
+            chosen_len.append(len(chosen))
+            rejected_len.append(len(rejected))
+            records.append({
+                "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                "judge": {
+                    "name": lc.judge, "kind": judge.kind, "prob_chosen": v.prob_a if a_wins else 1.0 - v.prob_a,
+                    "principle": v.principle, "rationale": v.rationale,
+                    "responses": [i, j] if a_wins else [j, i],
+                    "eos": [a_eos, b_eos] if a_wins else [b_eos, a_eos],
+                },
+                "source": ex.where,
+            })
+        metrics: dict[str, Any] = {
+            "policy": policy, "prompts": len(kept_examples), "prompts_too_long": too_long,
+            "responses": len(kept_examples) * lc.num_responses, "empty_responses": empty,
+            "duplicate_responses": duplicate,
+            "eos_rate": round(ended / max(1, len(kept_examples) * lc.num_responses), 4),
+            "pairs_judged": len(items), "pairs_kept": len(records), "ties_dropped": ties,
+            "inconsistent": stats["inconsistent"], "malformed": stats["malformed"],
+            "judge_cache_hits": stats["cache_hits"], "judge_requests": stats["requests"],
+            "judge_retries": stats["retries"], "sample_s": round(sample_s, 3), "judge_s": round(judge_s, 3),
+            "pair_judgments_per_s": round(len(items) / judge_s, 3) if judge_s > 0 else None,
+            "chosen_mean_chars": round(sum(chosen_len) / len(chosen_len), 2) if chosen_len else None,
+            "rejected_mean_chars": round(sum(rejected_len) / len(rejected_len), 2) if rejected_len else None,
+        }
+        run.log(1, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if not records:
+            run.manifest["metrics"] = metrics
+            raise DataError(
+                f"rlaif_label: the judge {lc.judge!r} kept no pair: all {len(items)} were ties "
+                f"({stats['inconsistent']} inconsistent across orders, {stats['malformed']} unreadable answers). "
+                "A judge that always prefers one position gives only ties; use a stronger judge "
+                "(rlaif.judges.<name>.model) or check its output")
+        path = Path(run.dir) / OUTPUT_FILE
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        run.update(data=report.as_dict(), output=str(path), judge=repr(judge))
+        run.manifest["metrics"] = metrics
+        print(f"[alignpipe] rlaif_label: kept {len(records)} of {len(items)} judged pairs "
+              f"({ties} ties dropped) -> {path}", flush=True)
+        return metrics
