@@ -297,6 +297,12 @@ class PPOConfig(_Section):
     deepspeed: str | None = None
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     num_threads: int | None = Field(None, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Schedule over all PPO optimizer steps (actor and critic).")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Score eval_data prompts every N steps (always before and after training).")
+    ptx_data: DataSource | None = Field(
+        None, description="SFT data for the PTX loss when ptx_coef > 0 (default: sft.data).")
 
     @model_validator(mode="after")
     def _checks(self) -> "PPOConfig":

@@ -1,0 +1,180 @@
+"""PPO rollout helpers: prompt encoding, per-episode seeded sampling inside HF ``generate``, masks,
+sequence layout for forward passes, and the reward model's input layout.
+
+Sampling. ``generate`` runs greedy decoding over logits that :class:`EpisodeSampler` has already
+turned into a one-hot choice: it applies temperature, top-k and top-p itself and draws the token by
+inverse-CDF from uniforms that belong to the *episode* (seeded by run seed, step and the episode's
+global position in the step's batch), not to the process. So a rollout is the same whatever the
+number of ranks, the batch it shares, or whether the run was resumed: this is what makes the
+two-process run comparable to a one-process run on the same global batch, and resume exact.
+
+Layout. Prompts are left-padded (``generate`` needs it), responses right-padded; the sequence fed to
+the policy, the reference and the critic is ``[prompt (left-padded) | response (right-padded)]`` with
+position ids from the attention mask, so padding never shifts positions. The reward model instead
+sees exactly its training layout: the conversation re-rendered with the chat template, cut after the
+response's closing eos, right-padded (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------- prompts
+@dataclass
+class EncodedPrompt:
+    """One prompt: its messages (system prompt applied), token ids after left truncation, reference."""
+
+    messages: list[dict[str, str]]
+    ids: list[int]
+    reference: Any
+    truncated: bool
+
+
+def encode_prompts(tokenizer: Any, examples: Sequence[Any], max_prompt_length: int,
+                   system_prompt: str | None) -> list[EncodedPrompt]:
+    """Render each ``PromptExample`` with the chat template (generation prompt added) and tokenise.
+
+    Prompts longer than ``max_prompt_length`` keep their *last* tokens (the generation prompt must
+    stay at the end) and are flagged ``truncated``.
+    """
+    out = []
+    for ex in examples:
+        messages = list(ex.prompt)
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        truncated = len(ids) > max_prompt_length
+        out.append(EncodedPrompt(messages, ids[-max_prompt_length:], ex.reference, truncated))
+    return out
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ids (B, P), attention_mask (B, P)), left-padded to the longest row."""
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, longest - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, longest - len(r):] = 1
+    return ids, mask
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ids (B, L), attention_mask (B, L)), right-padded to the longest row."""
+    longest = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------- sampling
+def episode_seed(seed: int, step: int, position: int) -> int:
+    """A 63-bit seed for one episode from (run seed, PPO step, global position in the step's batch)."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def episode_uniforms(seed: int, step: int, positions: Sequence[int], length: int) -> torch.Tensor:
+    """(B, length) float64 uniforms in [0, 1), one independent stream per episode."""
+    rows = []
+    for pos in positions:
+        g = torch.Generator().manual_seed(episode_seed(seed, step, pos))
+        rows.append(torch.rand(length, generator=g, dtype=torch.float64))
+    return torch.stack(rows)
+
+
+class EpisodeSampler:
+    """A ``generate`` logits processor that samples the next token itself (see module docstring).
+
+    ``uniforms`` (B, max_new_tokens); ``prompt_len`` the padded prompt length, so the decoding step is
+    ``input_ids.shape[1] - prompt_len``. Returns logits that are 0 at the drawn token and -inf
+    elsewhere, so greedy decoding picks exactly that token. ``top_k`` 0 and ``top_p`` 1 disable those
+    filters (DESIGN §4 defaults: temperature 1, no filtering).
+    """
+
+    def __init__(self, uniforms: torch.Tensor, prompt_len: int, temperature: float, top_k: int, top_p: float):
+        self.uniforms, self.prompt_len = uniforms, prompt_len
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def warp(self, scores: torch.Tensor) -> torch.Tensor:
+        """Temperature, then top-k, then top-p (nucleus) filtering; (B, V) fp32 logits."""
+        scores = scores.float() / self.temperature
+        if self.top_k and self.top_k < scores.size(-1):
+            kth = torch.topk(scores, self.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+            probs = torch.softmax(sorted_scores, dim=-1)
+            before = probs.cumsum(-1) - probs  # mass strictly before each token in sorted order
+            drop_sorted = before > self.top_p
+            drop_sorted[:, 0] = False  # always keep the most likely token
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        return scores
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1] - self.prompt_len
+        probs = torch.softmax(self.warp(scores), dim=-1).double()
+        cdf = probs.cumsum(-1)
+        u = self.uniforms[:, t:t + 1].to(cdf.device) * cdf[:, -1:]
+        choice = torch.searchsorted(cdf, u).clamp_(max=scores.size(-1) - 1)
+        # never pick a zero-probability token because of rounding at the top of the CDF
+        picked_prob = probs.gather(-1, choice)
+        if bool((picked_prob == 0).any()):
+            fallback = probs.argmax(-1, keepdim=True)
+            choice = torch.where(picked_prob == 0, fallback, choice)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, choice, 0.0)
+
+
+# ------------------------------------------------------------------------------------ responses
+def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of real response tokens: everything up to and including the first eos (all if none).
+
+    Args:
+        responses: (B, T) generated ids (HF fills rows that finished early with pad).
+    Returns:
+        (mask (B, T) long, has_eos (B,) bool).
+    """
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(dim=1)
+    T = responses.size(1)
+    first = torch.where(has_eos, is_eos.long().argmax(dim=1), torch.full_like(has_eos, T - 1, dtype=torch.long))
+    positions = torch.arange(T, device=responses.device).unsqueeze(0)
+    mask = (positions <= first.unsqueeze(1)).long()
+    return mask, has_eos
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding: cumsum of the mask minus one, 0 on padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def decode_responses(tokenizer: Any, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Response text without special tokens (the eos is dropped)."""
+    rows = []
+    for ids, m in zip(responses.tolist(), mask.tolist()):
+        rows.append([t for t, keep in zip(ids, m) if keep])
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------------------ reward model layout
+def rm_input_ids(tokenizer: Any, messages: list[dict[str, str]], response: str, max_length: int) -> list[int]:
+    """Token ids the reward model scores: the conversation rendered by the chat template, ending at
+    the assistant turn's closing eos (the read position), keeping the last ``max_length`` tokens."""
+    text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    last = len(ids) - 1 - ids[::-1].index(eos) if eos in ids else len(ids) - 1
+    ids = ids[:last + 1]
+    return ids[-max_length:]
