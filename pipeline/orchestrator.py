@@ -390,8 +390,11 @@ def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stage
 
 
 # -------------------------------------------------------------------------------------------- status
-def stage_status(cfg: RunConfig, stage: str) -> dict[str, Any]:
-    """One stage's state for ``pipeline status``: status, whether it is up to date, metrics, location."""
+def stage_status(cfg: RunConfig, stage: str, stale_parents: Sequence[str] = ()) -> dict[str, Any]:
+    """One stage's state for ``pipeline status``: status, whether it is up to date, metrics, location.
+
+    ``stale_parents``: parents that will re-run, which makes a complete stage stale too.
+    """
     stage_dir = cfg.stage_dir(stage)
     row: dict[str, Any] = {"stage": stage, "dir": str(stage_dir)}
     try:
@@ -417,6 +420,8 @@ def stage_status(cfg: RunConfig, stage: str) -> dict[str, Any]:
             row["detail"] = "stale: config changed (will re-run)"
         elif manifest.get("input_hash") != input_hash:
             row["detail"] = "stale: inputs changed (will re-run)"
+        elif stale := [p for p in parents_of(cfg, stage) if p in stale_parents]:
+            row["detail"] = f"stale: parent {', '.join(stale)} will re-run (then this re-runs)"
         else:
             row["detail"] = "up to date"
     return row
@@ -437,8 +442,11 @@ def format_status(cfg: RunConfig) -> str:
     """The text ``pipeline status`` prints: each stage's state, metrics and folder, then Slurm jobs."""
     lines = [f"run '{cfg.run_name}': {cfg.run_dir()}"]
     stages = list(cfg.stages) + [s for s in STAGE_ORDER if s not in cfg.stages and cfg.stage_dir(s).exists()]
+    will_rerun: list[str] = []
     for stage in stages:
-        row = stage_status(cfg, stage)
+        row = stage_status(cfg, stage, will_rerun)
+        if row["status"] != "complete" or str(row.get("detail", "")).startswith("stale"):
+            will_rerun.append(stage)
         wall = f", {row['wall_time_s']:.1f} s" if isinstance(row.get("wall_time_s"), (int, float)) else ""
         detail = f" ({row['detail']})" if row.get("detail") else ""
         lines.append(f"  {stage:<12} {row['status']}{wall}{detail}")
@@ -460,4 +468,10 @@ def format_status(cfg: RunConfig) -> str:
 
 def status_json(cfg: RunConfig) -> str:
     """Machine-readable status (``pipeline status --json``)."""
-    return json.dumps([stage_status(cfg, s) for s in cfg.stages], indent=2, default=str)
+    rows: list[dict[str, Any]] = []
+    will_rerun: list[str] = []
+    for stage in cfg.stages:
+        rows.append(stage_status(cfg, stage, will_rerun))
+        if rows[-1]["status"] != "complete" or str(rows[-1].get("detail", "")).startswith("stale"):
+            will_rerun.append(stage)
+    return json.dumps(rows, indent=2, default=str)

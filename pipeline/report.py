@@ -304,78 +304,56 @@ def _with_system(cfg: RunConfig, messages: list[dict[str, str]]) -> list[dict[st
 def _stage_tokenizer(cfg: RunConfig, stage: str):
     from .models import load_tokenizer
 
-    model_dir = cfg.stage_dir(stage) / "model"
-    source = model_dir if (model_dir / "tokenizer_config.json").exists() else cfg.stage_dir(stage)
-    return load_tokenizer(str(source), cfg.model, cfg.chat)
+    return load_tokenizer(str(cfg.stage_dir(stage)), cfg.model, cfg.chat)
+
+
+def _prompt_ids(cfg: RunConfig, tokenizer: Any, prompt: list[dict[str, str]]) -> list[int]:
+    """The prompt in the PPO layout: chat template with the generation prompt, cut from the left."""
+    rendered = tokenizer.apply_chat_template(_with_system(cfg, prompt), tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])[-cfg.ppo.max_prompt_length:]
 
 
 def _generate(cfg: RunConfig, stage: str, prompts: list[list[dict[str, str]]], batch_size: int = 8):
-    """Greedy responses of ``stage``'s policy: (texts, token id lists up to and including eos)."""
+    """Greedy responses of ``stage``'s policy: (texts, token id lists up to and including the first eos)."""
     import torch
 
-    from .models import load_model
+    from stages.tuning import load_trained
 
     tokenizer = _stage_tokenizer(cfg, stage)
-    tokenizer.padding_side = "left"
-    model = load_model(str(cfg.stage_dir(stage) / "model"), cfg.model, tokenizer)
+    model = load_trained(cfg.stage_dir(stage), cfg.model, tokenizer, kind="causal_lm")
     model.eval()
     texts: list[str] = []
     ids: list[list[int]] = []
-    eos = tokenizer.eos_token_id
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        rendered = [tokenizer.apply_chat_template(_with_system(cfg, p), tokenize=False, add_generation_prompt=True)
-                    for p in batch]
-        enc = [tokenizer(r, add_special_tokens=False)["input_ids"][-cfg.ppo.max_prompt_length:] for r in rendered]
+        enc = [_prompt_ids(cfg, tokenizer, p) for p in prompts[start:start + batch_size]]
         width = max(len(e) for e in enc)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in enc])
+        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])  # left padding
         attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
         with torch.no_grad():
             out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
-                                 max_new_tokens=cfg.ppo.max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 max_new_tokens=cfg.ppo.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
         for row in out[:, width:].tolist():
-            if eos in row:
-                row = row[: row.index(eos) + 1]
-            else:
-                row = [t for t in row if t != tokenizer.pad_token_id]
+            row = row[: row.index(eos) + 1] if eos in row else [t for t in row if t != pad]
             ids.append(row)
             texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     del model
     return texts, ids
 
 
-def score_responses(cfg: RunConfig, prompts: list[list[dict[str, str]]], responses: list[list[int]],
-                    batch_size: int = 8) -> list[float]:
-    """RM scores (``rm/model``) of prompt + response token ids, read at the last real token (the eos).
+def score_responses(cfg: RunConfig, prompts: list[list[dict[str, str]]], responses: list[list[int]]) -> list[float]:
+    """RM scores (the ``rm`` stage) of prompt + generated response ids, read at the response's eos.
 
-    The layout is the PPO one: the rendered prompt with the generation prompt, then the response tokens as
-    generated; right padding, pad != eos, so the last real token is ``attention_mask.sum() - 1``.
+    Uses the RM stage's own loader and scorer (``stages.rm``), so the layout is the one it was trained
+    on: the prompt with the generation prompt, then the generated ids up to and including the first eos.
     """
-    import torch
+    from stages.rm import load_reward_model, score_token_ids
 
-    from .models import load_model
-
-    tokenizer = _stage_tokenizer(cfg, "rm")
-    model = load_model(str(cfg.stage_dir("rm") / "model"), cfg.model, tokenizer, kind="seq_cls")
-    model.eval()
-    scores: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        seqs = []
-        for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
-            rendered = tokenizer.apply_chat_template(_with_system(cfg, prompt), tokenize=False,
-                                                     add_generation_prompt=True)
-            prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"][-cfg.ppo.max_prompt_length:]
-            seqs.append(prompt_ids + list(response))
-        width = max(len(s) for s in seqs)
-        input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
-        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        with torch.no_grad():
-            # the sequence-classification head pools at the last non-pad token: the eos (pad != eos)
-            values = model(input_ids=input_ids, attention_mask=attention).logits.reshape(len(seqs))
-        scores.extend(float(v) for v in values.float())
+    model, tokenizer = load_reward_model(cfg.stage_dir("rm"), cfg.model)
+    sequences = [_prompt_ids(cfg, tokenizer, p) + list(r) for p, r in zip(prompts, responses)]
+    scores = score_token_ids(model, sequences, tokenizer.pad_token_id, batch_size=8)
     del model
-    return scores
+    return [float(v) for v in scores]
 
 
 def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
@@ -408,7 +386,8 @@ def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | Non
             {"prompt": p, "sft": s, "ppo": q} for p, s, q in zip(prompts, sft_texts, ppo_texts)
         ]
         result: dict[str, Any] = {"rows": rows}
-        if (cfg.stage_dir("rm") / "model" / "config.json").exists():
+        rm_manifest = read_manifest(cfg.stage_dir("rm"))
+        if rm_manifest is not None and rm_manifest.get("status") == "complete":
             rm_sft = score_responses(cfg, prompts, sft_ids)
             rm_ppo = score_responses(cfg, prompts, ppo_ids)
             for row, a, b in zip(rows, rm_sft, rm_ppo):
@@ -438,8 +417,11 @@ def _load_samples(cfg: RunConfig, plots: Path, generate: bool, n: int, out: Prin
             if all("rm_ppo" in r and "rm_sft" in r for r in rows):
                 result["rm_win_rate"] = win_rate([r["rm_ppo"] for r in rows], [r["rm_sft"] for r in rows])
             return result, f"from {ppo_file.relative_to(cfg.run_dir())}"
-    needed = [cfg.stage_dir(s) / "model" / "config.json" for s in ("sft", "ppo")]
-    if not all(p.exists() for p in needed):
+    def has_model(stage: str) -> bool:
+        folder = cfg.stage_dir(stage)
+        return (folder / "model" / "config.json").exists() or (folder / "adapter" / "adapter_config.json").exists()
+
+    if not (has_model("sft") and has_model("ppo")):
         return None, "the SFT or PPO stage has no model to sample from"
     cache = plots / "samples.json"
     key = _samples_key(cfg, n)
