@@ -284,15 +284,18 @@ class ChatModel:
             worker.start()
             emitted = ""
             stopped = False
-            for piece in streamer:
-                if stopped or not piece:
-                    continue
-                candidate, stopped = self._cut_at_stop(emitted + piece, p.stop)
-                delta = candidate[len(emitted):]
-                emitted = candidate
-                if delta:
-                    yield delta, None
-            worker.join()
+            try:
+                for piece in streamer:
+                    if stopped or not piece:
+                        continue
+                    candidate, stopped = self._cut_at_stop(emitted + piece, p.stop)
+                    delta = candidate[len(emitted):]
+                    emitted = candidate
+                    if delta:
+                        yield delta, None
+            finally:
+                # also when the client went away: the lock is released only once generate has returned
+                worker.join()
         if "error" in result:
             raise result["error"]
         seq = result["out"][0, len(ids):].tolist()
@@ -564,6 +567,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             logger.exception("generation failed while streaming")
             self.wfile.write(f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
                              .encode())
+        finally:
+            gen.close()
 
 
 # ----------------------------------------------------------------------------------------- entry

@@ -361,3 +361,71 @@ def test_build_hf_judge_from_config(tmp_path: Path) -> None:
     assert judge.stats.requests == 2 and judge.stats.cache_hits == 2
     with pytest.raises(JudgeError, match="no judge named"):
         build_judge(cfg, "nope")
+
+
+# ------------------------------------------------------------------- HTTP judge vs. a scripted endpoint
+class _Scripted:
+    """A minimal OpenAI-style endpoint that answers with scripted texts and refuses logprobs."""
+
+    def __init__(self, answers: list[str]):
+        import json as _json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.answers = list(answers)
+        self.bodies: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = _json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.bodies.append(body)
+                if body.get("logprobs"):
+                    status, payload = 400, {"error": {"message": "logprobs are not supported by this model"}}
+                else:
+                    status = 200
+                    payload = {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                                    "content": outer.answers.pop(0)}}]}
+                data = _json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"  # no /v1: the judge appends it
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_http_judge_text_answers_and_malformed_counts() -> None:
+    endpoint = _Scripted([
+        '{"choice": "A", "rationale": "correct"}', '{"choice": "B", "rationale": "correct"}',  # consistent: a wins
+        '{"choice": "A", "rationale": ',  # invalid JSON
+        "I cannot decide.",  # no label
+        '{"score": 11}',  # out of range
+        '{"score": 8, "rationale": "fine"}',
+    ])
+    try:
+        judge = HTTPJudge(endpoint.url, "m", max_retries=0, concurrency=1, backoff_s=0.01)
+        good, bad = judge.judge_pairs(PAIRS)
+        assert (good.choice, good.prob_a, good.consistent, good.rationale) == ("A", 1.0, True, "correct")
+        assert bad.malformed and bad.choice == "tie" and bad.prob_a == 0.5
+        errors = [o["error"] for o in bad.orders]
+        assert "invalid JSON" in errors[0] and "no label" in errors[1]
+        out_of_range, fine = judge.score_many([("q", "r1"), ("q", "r2")])
+        assert out_of_range.malformed and out_of_range.score == 5.5 and fine.score == 8.0
+        assert judge.stats.malformed == 3 and judge.stats.ties == 1
+        # the refusal of logprobs cost one request and no retry; later requests do not ask for them
+        assert judge.use_logprobs is False and judge.stats.retries == 0
+        assert endpoint.bodies[0].get("logprobs") and not any(b.get("logprobs") for b in endpoint.bodies[1:])
+        assert all(b["model"] == "m" and b["temperature"] == 0 for b in endpoint.bodies)
+    finally:
+        endpoint.close()

@@ -937,7 +937,9 @@ class HTTPJudge(Judge):
 
         attempts = self.max_retries + 1
         last = ""
-        for attempt in range(attempts):
+        attempt = -1
+        while attempt + 1 < attempts:
+            attempt += 1
             if self._stop.is_set():
                 raise JudgeUnavailable(f"judge {self.name!r}: stopped after another request failed", self.url)
             body: dict[str, Any] = {"messages": messages, "max_tokens": self.max_tokens, "temperature": 0}
@@ -962,6 +964,7 @@ class HTTPJudge(Judge):
                 elif response.status_code == 400 and self.use_logprobs and "logprob" in response.text.lower():
                     logger.info("judge %r: the endpoint refuses logprobs; reading labels from text", self.name)
                     self.use_logprobs = False
+                    attempt -= 1  # asking again without logprobs is not a retry
                     continue
                 elif response.status_code in self.RETRY_STATUSES:
                     last = f"HTTP {response.status_code}: {response.text[:200]}"
