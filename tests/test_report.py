@@ -1,0 +1,169 @@
+"""The run report: sections, valid PNG plots, "not run" for missing stages, sample generations + RM win rate."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.manifest import read_manifest, write_manifest  # noqa: E402
+from pipeline.report import md_cell, series, win_rate, write_report  # noqa: E402
+from tests import fake_stages  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(f"run_name: r\noutput_root: {tmp_path / 'out'}\nmodel: {{source: tiny}}\n"
+                    "ppo:\n  data: {path: data/demo/prompts.jsonl}\n" + extra)
+    return path
+
+
+def assert_valid_png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
+
+
+def linked_images(report: Path) -> list[Path]:
+    return [report.parent / link for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text())]
+
+
+@pytest.fixture
+def quiet_env(monkeypatch):
+    for knob in ("FAKE_STEPS", "FAKE_FAIL", "FAKE_CRASH", "FAKE_SLEEP"):
+        monkeypatch.delenv(knob, raising=False)
+    monkeypatch.setenv("FAKE_STEPS", "5")
+
+
+def test_full_report_sections_and_pngs(tmp_path, quiet_env):
+    cfg = load_config(write_config(tmp_path))
+    for stage in ("sft", "rm", "ppo"):
+        fake_stages.run_fake(cfg, stage)
+    # the RM stage saves its score histogram next to its model
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.hist([0.1, 0.5, 0.7], bins=3)
+    fig.savefig(cfg.stage_dir("rm") / "score_histogram.png")
+    plt.close(fig)
+
+    report = write_report(cfg, out=lambda line: None)
+    text = report.read_text()
+    assert report == cfg.run_dir() / "report.md"
+    for heading in ("# alignpipe run report: r", "## Stages", "## SFT", "## Reward model", "## PPO",
+                    "## Sample generations: SFT vs PPO"):
+        assert heading in text
+    assert "not run" not in text
+    assert "Held-out accuracy: **0.75**" in text and "| small | 0.6 |" in text
+    # samples from ppo/samples.jsonl, with the RM win rate (3 of 3 prompts: PPO scored higher)
+    assert "RM win rate of PPO over SFT: 100.0%" in text
+    assert "question 0 \\| with pipe" in text and "ppo answer 0<br>line two" in text
+    images = linked_images(report)
+    names = {p.name for p in images}
+    assert {"sft_loss.png", "rm_accuracy.png", "rm_score_histogram.png", "ppo_curves.png"} <= names
+    for image in images:
+        assert image.exists(), image
+        assert_valid_png(image)
+
+
+def test_missing_and_failed_stages_say_so(tmp_path, quiet_env, monkeypatch):
+    cfg = load_config(write_config(tmp_path))
+    fake_stages.run_fake(cfg, "sft")
+    monkeypatch.setenv("FAKE_FAIL", "rm")
+    with pytest.raises(RuntimeError):
+        fake_stages.run_fake(cfg, "rm")
+    text = write_report(cfg, out=lambda line: None).read_text()
+    rm_part = text.split("## Reward model")[1].split("## PPO")[0]
+    assert "status: **failed**" in rm_part and "fake failure in stage rm" in rm_part
+    ppo_part = text.split("## PPO")[1]
+    assert "not run" in ppo_part
+    assert "| ppo | not run |" in text
+    for image in linked_images(cfg.run_dir() / "report.md"):
+        assert_valid_png(image)
+
+
+def test_report_of_empty_run(tmp_path):
+    cfg = load_config(write_config(tmp_path, "stages: [sft, rlaif_label, rm, ppo]\n"))
+    text = write_report(cfg, out=lambda line: None).read_text()
+    for section in ("## SFT", "## RLAIF labels", "## Reward model", "## PPO"):
+        assert text.split(section)[1].lstrip().startswith("not run")
+
+
+def test_helpers():
+    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.5}, {"step": 3, "loss": float("nan")},
+            {"step": 4, "loss": True}, {"step": 5, "loss": 1.0}]
+    assert series(rows, "loss") == ([1.0, 5.0], [2.0, 1.0])
+    assert win_rate([1.0, 2.0, 3.0, 0.0], [0.5, 2.0, 4.0, -1.0]) == pytest.approx(2.5 / 4)
+    assert md_cell("a|b\nc") == "a\\|b<br>c"
+    assert md_cell("x" * 1000).endswith("…") and len(md_cell("x" * 1000)) == 400
+
+
+def _fake_model_stage(cfg, stage: str, src: str, tokenizer, kind: str) -> None:
+    """A complete stage folder whose model is the tiny base (what the report loads)."""
+    from pipeline.models import chat_fingerprint, chat_format, load_model, save_tokenizer
+
+    out = cfg.stage_dir(stage)
+    model = load_model(src, cfg.model, tokenizer, kind=kind)
+    model.save_pretrained(out / "model", safe_serialization=True)
+    save_tokenizer(tokenizer, out)
+    save_tokenizer(tokenizer, out / "model")
+    fmt = chat_format(tokenizer, cfg.chat)
+    manifest = {"stage": stage, "status": "complete", "chat_fingerprint": chat_fingerprint(fmt), "metrics": {}}
+    if stage == "rm":
+        from stages.rm import REWARD_LAYOUT
+
+        manifest["reward_layout"] = REWARD_LAYOUT
+    write_manifest(out, manifest)
+
+
+def test_sample_generations_with_tiny_models(tmp_path):
+    """Identical SFT and PPO policies: same greedy outputs, same RM scores, so a 50% win rate (all ties)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from pipeline.models import load_tokenizer, prepare_base
+    from pipeline.report import held_out_prompts, sample_generations
+
+    cfg = load_config(write_config(tmp_path, "ppo:\n  data: {path: data/demo/prompts.jsonl}\n  max_new_tokens: 8\n"))
+    base = prepare_base(cfg.model)
+    tokenizer = load_tokenizer(base, cfg.model, cfg.chat)
+    for stage, kind in (("sft", "causal_lm"), ("ppo", "causal_lm"), ("rm", "seq_cls")):
+        _fake_model_stage(cfg, stage, base, tokenizer, kind)
+
+    prompts = held_out_prompts(cfg, 3)
+    from data.formats import load_examples
+
+    all_prompts, _ = load_examples(cfg.ppo.data, "prompt")
+    assert prompts == [ex.prompt for ex in all_prompts[-3:]]  # the tail of ppo.data
+
+    result = sample_generations(cfg, None, n=3)
+    assert len(result["rows"]) == 3
+    for row in result["rows"]:
+        assert row["sft"] == row["ppo"] and row["rm_sft"] == row["rm_ppo"]
+    assert result["rm_win_rate"] == 0.5
+
+    text = write_report(cfg, out=lambda line: None).read_text()
+    assert "RM win rate of PPO over SFT: 50.0%" in text and "greedy decoding" in text
+    cache = json.loads((cfg.run_dir() / "report" / "samples.json").read_text())
+    rows = cache["result"]["rows"]  # the report samples 8 prompts by default
+    assert len(rows) == 8 and all(r["sft"] == r["ppo"] for r in rows)
+    assert [r["sft"] for r in rows[-3:]] == [r["sft"] for r in result["rows"]]
+    assert [r["rm_sft"] for r in rows[-3:]] == pytest.approx([r["rm_sft"] for r in result["rows"]], abs=1e-5)
+    # a second report reuses the cached generations
+    assert "greedy decoding (cached)" in write_report(cfg, out=lambda line: None).read_text()
+    assert read_manifest(cfg.stage_dir("ppo"))["status"] == "complete"
