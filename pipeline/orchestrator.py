@@ -316,6 +316,12 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
     try:
+        # a terminal's Ctrl-C reached the stage too (same process group): give it a moment to save and exit
+        proc.wait(timeout=3)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    try:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -327,6 +333,13 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def free_port() -> int:
+    """A TCP port that is free on this machine right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def launch_stage(cfg: RunConfig, stage: str, config_file: Path, decision: Decision, cpu: bool,
                  entry: str | None = None, echo: bool = True) -> None:
     """Start ``stage`` with the configured launcher; raise StageFailed unless it exits 0 with a complete manifest."""
@@ -334,8 +347,11 @@ def launch_stage(cfg: RunConfig, stage: str, config_file: Path, decision: Decisi
     if decision.action == "run" and (stage_dir / "checkpoints").exists():
         # a fresh run (--force, or a changed config) must not pick up old training state
         shutil.rmtree(stage_dir / "checkpoints")
-    cmd = stage_command(cfg, stage, config_file, entry=entry)
     env = stage_env(cfg, cpu=cpu)
+    if (cfg.launch.launcher == "deepspeed" and cfg.launch.nnodes == 1 and "master_port" not in cfg.launch.model_fields_set
+            and not env.get("MASTER_PORT")):
+        env["MASTER_PORT"] = str(free_port())  # one node: any free port, so that two runs never collide
+    cmd = stage_command(cfg, stage, config_file, entry=entry, env=env)
     log_path = stage_dir / "stage.log"
     code = run_process(cmd, env, log_path, append=decision.action != "run", echo=echo)
     manifest = read_manifest(stage_dir) or {}

@@ -143,6 +143,29 @@ def test_resume_after_hard_crash(fake, tmp_path):
     assert "crashing hard" in log and "starting at step 2 (resuming=True)" in log  # appended, not truncated
 
 
+def test_ctrl_c_then_resume(fake, tmp_path):
+    """Ctrl-C (SIGINT to the process group) during a stage: exit 130, then the same command resumes it."""
+    import signal
+
+    config = write_config(tmp_path)
+    env = {**os.environ, "FAKE_STEPS": "6", "FAKE_SLEEP": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config), "--no-report"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    rm_log = load_config(config).stage_dir("rm") / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (rm_log.exists() and len(rm_log.read_text().splitlines()) >= 2):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted: re-run the same command to resume" in err
+    m = manifest(config, "rm")
+    assert m["status"] in ("failed", "running") and m["status"] != "complete"
+    result = run(config)
+    assert actions(result)["sft"] == "skip" and actions(result)["rm"] in ("rerun", "resume")
+    assert manifest(config, "rm")["metrics"]["resumed_from"] >= 2
+
+
 def test_failed_stage_stops_chain_and_reruns(fake, tmp_path):
     config = write_config(tmp_path)
     fake.setenv("FAKE_FAIL", "rm")
@@ -258,6 +281,17 @@ def test_real_launch_under_torchrun(fake, tmp_path):
     assert actions(result) == {"sft": "run"}
     log = (load_config(config).stage_dir("sft") / "stage.log").read_text()
     assert "rank 0/2" in log and "rank 1/2" in log
+    assert manifest(config, "sft")["status"] == "complete"
+
+
+@pytest.mark.distributed
+def test_real_launch_under_deepspeed_launcher(fake, tmp_path):
+    """The deepspeed launcher (--module, --no_local_rank) starts 2 ranks on CPU (DS_ACCELERATOR=cpu)."""
+    config = write_config(tmp_path, "stages: [sft]\nlaunch: {launcher: deepspeed, nproc_per_node: 2}\n")
+    result = run(config)
+    assert actions(result) == {"sft": "run"}
+    log = (load_config(config).stage_dir("sft") / "stage.log").read_text()
+    assert "rank 0/2" in log and "rank 1/2" in log and "--no_local_rank" in log
     assert manifest(config, "sft")["status"] == "complete"
 
 
@@ -410,5 +444,7 @@ def test_end_to_end_tiny(tmp_path, monkeypatch):
     again = run_pipeline("configs/tiny.yaml", overrides, echo=False, report=False, out=lambda line: None)
     assert [d.action for d in again.decisions] == ["skip"] * len(stages)
     report = result.report.read_text()
-    assert "![SFT loss]" in report and "## Reward model" in report
+    assert "![SFT loss]" in report and "## Reward model" in report and "not run" not in report
+    if "ppo" in stages:
+        assert "![PPO curves]" in report and "RM win rate of PPO over SFT" in report
     print(f"end-to-end {stages}: {time.time() - started:.1f} s")
