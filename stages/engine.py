@@ -209,9 +209,18 @@ class Engine:
     def _init_deepspeed(self) -> None:
         import deepspeed
 
-        from pipeline.deepspeed_check import fill_auto
+        from pipeline.deepspeed_check import fill_auto, needs_ds_cpu_adam
 
         raw = json.loads(resolve_path(self.train.deepspeed).read_text())
+        if needs_ds_cpu_adam(raw):
+            # optimizer offload only accepts DeepSpeed's CPU Adam (compiled on first use, ~2 min)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            self.optimizer = DeepSpeedCPUAdam(params, lr=self.train.learning_rate,
+                                              weight_decay=self.train.weight_decay, adamw_mode=True)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lr_lambda(self.train.lr_scheduler, self.warmup, self.total_steps))
         ds_config = fill_auto(
             raw, micro_batch=self.train.per_device_batch_size, grad_accum=self.accum,
             world_size=self.dist.world_size, lr=self.train.learning_rate,
