@@ -363,6 +363,42 @@ def launch_stage(cfg: RunConfig, stage: str, config_file: Path, decision: Decisi
 
 
 # ---------------------------------------------------------------------------------------------- run
+class RunLock:
+    """An exclusive lock on ``outputs/<run>/.orchestrator.lock`` while one ``pipeline run`` drives the run.
+
+    ``flock`` is released by the kernel when the process dies, so a crashed orchestrator never leaves a
+    stale lock behind. A second orchestrator on the same run gets a ManifestError naming the holder.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".orchestrator.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ManifestError(
+                f"another `pipeline run` is driving {self.path.parent} ({holder}); wait for it to finish "
+                "or stop it, then re-run"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
 def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stages: Sequence[str] | None = None,
                  force: bool = False, entry: str | None = None, out: Printer = print, echo: bool = True,
                  report: bool = True) -> PipelineResult:
@@ -379,6 +415,18 @@ def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stage
     out(f"stages: {' -> '.join(selected)}   launcher: {cfg.launch.launcher}"
         + (f" x{cfg.launch.nproc_per_node}/node, {cfg.launch.nnodes} node(s)" if cfg.launch.launcher != "local" else ""))
     memory_plans(cfg, selected, out)
+    with RunLock(cfg.run_dir()):
+        result = _run_stages(cfg, selected, config_file, force, entry, out, echo)
+    if report:
+        from .report import write_report
+
+        result.report = write_report(cfg, out=out)
+        out(f"report: {result.report}")
+    return result
+
+
+def _run_stages(cfg: RunConfig, selected: Sequence[str], config_file: Path, force: bool, entry: str | None,
+                out: Printer, echo: bool) -> PipelineResult:
     cuda: bool | None = None
     result = PipelineResult(cfg.run_dir(), config_file)
     ran_now: set[str] = set()
@@ -397,11 +445,6 @@ def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stage
         launch_stage(cfg, stage, config_file, decision, cpu=not cuda, entry=entry, echo=echo)
         ran_now.add(stage)
         out(f"[{stage}] complete in {time.time() - started:.1f} s")
-    if report:
-        from .report import write_report
-
-        result.report = write_report(cfg, out=out)
-        out(f"report: {result.report}")
     return result
 
 

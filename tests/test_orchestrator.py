@@ -195,6 +195,16 @@ def test_refuses_stage_running_in_live_process(fake, tmp_path):
     assert decide(cfg, "sft", force=True).action == "run"
 
 
+def test_second_orchestrator_on_same_run_is_refused(fake, tmp_path):
+    from pipeline.orchestrator import RunLock
+
+    config = write_config(tmp_path)
+    with RunLock(load_config(config).run_dir()):
+        with pytest.raises(ManifestError, match=r"another `pipeline run` is driving .* \(pid "):
+            run(config)
+    assert actions(run(config, stages=["sft"])) == {"sft": "run"}  # released
+
+
 def test_pid_reuse_counts_as_dead(tmp_path):
     # pid 1 exists but started long before this manifest was written
     m = {"status": "running", "pid": 1, "host": socket.gethostname(), "started_at": time.time()}
