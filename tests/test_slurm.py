@@ -200,3 +200,26 @@ def test_real_slurm_chain_runs_in_order_and_failure_cancels(slurm_cluster, tmp_p
 
     status = format_status(bad_cfg)
     assert "slurm jobs:" in status and "FAILED" in status and "CANCELLED" in status
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_real_slurm_tiny_pipeline(slurm_cluster, tmp_path, monkeypatch):
+    """The real stages of configs/tiny.yaml as a chain of Slurm jobs: all complete, in order, with a report."""
+    monkeypatch.delenv(ENTRY_ENV, raising=False)
+    overrides = [f"output_root={tmp_path}", "sft.train.max_steps=4", "rm.train.max_steps=4", "ppo.total_episodes=32",
+                 "slurm.cpus_per_task=2", "slurm.time=00:10:00"]
+    jobs = slurm_pipeline("configs/tiny.yaml", overrides, do_submit=True, env=dict(os.environ), out=lambda line: None)
+    assert [j["stage"] for j in jobs] == ["sft", "rm", "ppo"]
+    states = _wait([j["job_id"] for j in jobs], timeout=400)
+    logs = {j["stage"]: Path(j["log"]).read_text()[-2000:] if Path(j["log"]).exists() else "" for j in jobs}
+    assert [states[j["job_id"]]["JobState"] for j in jobs] == ["COMPLETED"] * 3, (states, logs)
+    cfg = load_config("configs/tiny.yaml", overrides)
+    ms = {s: read_manifest(cfg.stage_dir(s)) for s in ("sft", "rm", "ppo")}
+    assert all(m["status"] == "complete" for m in ms.values())
+    for parent, child in (("sft", "rm"), ("rm", "ppo")):
+        assert ms[parent]["started_at"] + ms[parent]["wall_time_s"] <= ms[child]["started_at"]
+        assert ms[child]["parents"][parent]["hash"]
+    from pipeline.report import write_report
+
+    assert "## PPO" in write_report(cfg, out=lambda line: None, generate_samples=False).read_text()
