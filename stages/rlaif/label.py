@@ -155,8 +155,17 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
         judge = build_judge(cfg, lc.judge)
         started = time.time()
+        verdicts = []
+        chunk = max(lc.batch_size * 4, 16)  # report progress (and let the cache absorb work) chunk by chunk
         try:
-            verdicts = judge.judge_pairs(items)
+            for start in range(0, len(items), chunk):
+                verdicts.extend(judge.judge_pairs(items[start:start + chunk]))
+                elapsed = time.time() - started
+                if len(items) > chunk:
+                    print(f"[alignpipe] rlaif_label: judged {len(verdicts)}/{len(items)} pairs "
+                          f"({len(verdicts) / max(elapsed, 1e-9):.2f} pairs/s)", flush=True)
+                run.log(1 + start // chunk, {"pairs_judged": len(verdicts), "judge_s": round(elapsed, 3),
+                                             **judge.stats.as_dict()})
         finally:
             judge_s = time.time() - started
             stats = judge.stats.as_dict()
@@ -194,7 +203,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             "chosen_mean_chars": round(sum(chosen_len) / len(chosen_len), 2) if chosen_len else None,
             "rejected_mean_chars": round(sum(rejected_len) / len(rejected_len), 2) if rejected_len else None,
         }
-        run.log(1, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        run.log(1 + (len(items) - 1) // chunk + 1, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if not records:
             run.manifest["metrics"] = metrics
             raise DataError(
