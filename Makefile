@@ -43,10 +43,10 @@ pipeline: $(VENV)/.installed
 	$(PY) -m pipeline run $(CONFIG) $(ARGS)
 
 sft rm ppo: $(VENV)/.installed
-	$(PY) -m pipeline run $(CONFIG) --stages $@ $(ARGS)
+	$(PY) -m pipeline run $(CONFIG) $(ARGS) --stages $@
 
 rlaif: $(VENV)/.installed
-	$(PY) -m pipeline run $(CONFIG) --stages sft rlaif_label rm ppo $(ARGS)
+	$(PY) -m pipeline run $(CONFIG) $(ARGS) --stages sft rlaif_label rm ppo
 
 status report validate: $(VENV)/.installed
 	$(PY) -m pipeline $@ $(CONFIG) $(ARGS)
@@ -56,7 +56,7 @@ slurm: $(VENV)/.installed
 
 serve: $(VENV)/.installed
 	@test -n "$(CHECKPOINT)" || { echo "usage: make serve CHECKPOINT=outputs/<run>/<stage>"; exit 2; }
-	$(PY) -m pipeline serve --checkpoint $(CHECKPOINT) $(ARGS)
+	$(PY) -m pipeline serve $(CHECKPOINT) $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
