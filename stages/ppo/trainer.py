@@ -232,6 +232,8 @@ class PPOTrainer:
         self.total_steps = max(1, math.ceil(p.total_episodes / (p.rollout_batch_size * dist.world_size)))
         self.optim_steps = self.total_steps * p.ppo_epochs * self.n_minibatches
 
+        # new heads (a critic without an RM stage) are initialised from the global RNG: same on all ranks
+        torch.manual_seed(p.seed)
         self._load_data_and_models()
         self._build_optimisers()
         self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
@@ -329,6 +331,10 @@ class PPOTrainer:
             critic = load_trained(rm_dir, cfg.model, tokenizer, kind="token_cls")
             critic = critic.merge_and_unload() if hasattr(critic, "peft_config") else critic
             self._check_critic_head(critic, rm)
+            with torch.no_grad():  # the RM head has no bias; the token head's new bias starts at 0
+                for name, param in critic.named_parameters():
+                    if name.endswith("score.bias"):
+                        param.zero_()
             self.critic_source = str(rm_dir)
         else:
             critic = load_model(self.base_path, cfg.model, tokenizer, kind="token_cls")
@@ -338,7 +344,8 @@ class PPOTrainer:
 
             critic = peft.get_peft_model(critic, peft.LoraConfig(
                 task_type=peft.TaskType.TOKEN_CLS, r=p.tuning.lora_r, lora_alpha=p.tuning.lora_alpha,
-                lora_dropout=p.tuning.lora_dropout, target_modules=p.tuning.target_modules))
+                lora_dropout=p.tuning.lora_dropout, target_modules=p.tuning.target_modules,
+                exclude_modules=["score", "classifier"]))  # the value head trains in full (modules_to_save)
             for name, param in critic.named_parameters():
                 if "score" in name or "classifier" in name:
                     param.requires_grad_(True)
@@ -380,9 +387,11 @@ class PPOTrainer:
         critic_params = [q for q in self.critic.parameters() if q.requires_grad]
         if not actor_params or not critic_params:
             raise ValueError("no trainable parameters in the actor or critic: check ppo.tuning")
-        self.actor_opt = torch.optim.AdamW(actor_params, lr=p.learning_rate, weight_decay=p.weight_decay)
+        # foreach: one kernel per op over all tensors (on CPU the default is a Python loop per tensor)
+        self.actor_opt = torch.optim.AdamW(actor_params, lr=p.learning_rate, weight_decay=p.weight_decay,
+                                           foreach=True)
         self.critic_opt = torch.optim.AdamW(critic_params, lr=p.critic_learning_rate or p.learning_rate,
-                                            weight_decay=p.weight_decay)
+                                            weight_decay=p.weight_decay, foreach=True)
         self.actor_sched = torch.optim.lr_scheduler.LambdaLR(self.actor_opt, lr_lambda(p.lr_scheduler, 0, self.optim_steps))
         self.critic_sched = torch.optim.lr_scheduler.LambdaLR(self.critic_opt, lr_lambda(p.lr_scheduler, 0, self.optim_steps))
         self.actor_engine = self.critic_engine = None
@@ -492,8 +501,11 @@ class PPOTrainer:
         logp, ref_logp, values = [], [], []
         seq_ids = torch.cat([query, response], dim=1)
         seq_att = torch.cat([query_mask, mask], dim=1)
-        for s in range(0, len(prompts), self.micro):
-            ids, att, resp = seq_ids[s:s + self.micro], seq_att[s:s + self.micro], response[s:s + self.micro]
+        # rollout passes need no graph: chunk by a logits budget (~512 MB of fp32), not by micro-batch
+        vocab = int(self.actor.config.vocab_size)
+        chunk = max(1, min(len(prompts), (1 << 27) // max(1, (T + 1) * vocab)))
+        for s in range(0, len(prompts), chunk):
+            ids, att, resp = seq_ids[s:s + chunk], seq_att[s:s + chunk], response[s:s + chunk]
             logp.append(logprobs_from_logits(self.policy_logits(self.actor, ids, att, T), resp))
             ref_logp.append(logprobs_from_logits(self.reference_logits(ids, att, T), resp))
             values.append(self.critic_values(self.critic, ids, att, T))

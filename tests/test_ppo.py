@@ -1,0 +1,387 @@
+"""PPO stage on the tiny model: learning, KL control, RM + critic wiring, LoRA reference, resume
+equivalence, NaN stop, ratio skipping, fp16 refusal, and a two-process DeepSpeed ZeRO-2 run.
+
+The distributed worker lives at the bottom of this file: ``torchrun ... tests/test_ppo.py --worker``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # the worker is started as a script
+    sys.path.insert(0, str(REPO))
+
+DIGITS = "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:digit_fraction', weight: 10}]"
+EVAL = "ppo.eval_data={path: data/demo/prompts.jsonl, max_records: 32}"
+
+
+def _rows(stage_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_rows(stage_dir: Path) -> list[dict]:
+    return [r for r in _rows(stage_dir) if "score" in r]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _base_overrides(*extra: str) -> list[str]:
+    return ["stages=[ppo]", "ppo.policy_from=base", DIGITS, "ppo.max_new_tokens=16", *extra]
+
+
+# --------------------------------------------------------------------------------------- helpers
+def test_episode_sampler_is_batch_independent_and_follows_the_distribution():
+    from stages.ppo.rollout import EpisodeSampler, episode_uniforms
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6) * 2
+    # frequencies over many independent episodes match softmax(logits / temperature)
+    n = 4000
+    u = episode_uniforms(0, 0, list(range(n)), 1)
+    sampler = EpisodeSampler(u, prompt_len=3, temperature=0.7, top_k=0, top_p=1.0)
+    out = sampler(torch.zeros(n, 3, dtype=torch.long), logits.expand(n, 6).clone())
+    assert torch.isinf(out).sum(1).eq(5).all(), "exactly one token stays finite per row"
+    freq = torch.bincount(out.argmax(-1), minlength=6).float() / n
+    assert torch.allclose(freq, torch.softmax(logits[0] / 0.7, -1), atol=0.03)
+    # the draw for an episode does not depend on the rest of the batch
+    single = EpisodeSampler(u[5:6], 3, 0.7, 0, 1.0)(torch.zeros(1, 3, dtype=torch.long), logits.clone())
+    assert single.argmax(-1).item() == out[5].argmax().item()
+    # top-k 1 is greedy; top-p keeps the nucleus only
+    greedy = EpisodeSampler(u[:50], 3, 1.0, 1, 1.0)(torch.zeros(50, 3, dtype=torch.long), logits.expand(50, 6).clone())
+    assert greedy.argmax(-1).eq(logits.argmax()).all()
+    probs = torch.softmax(logits[0], -1)
+    top = probs.argsort(descending=True)
+    nucleus = EpisodeSampler(u[:500], 3, 1.0, 0, float(probs[top[0]]) * 0.999)
+    picks = nucleus(torch.zeros(500, 3, dtype=torch.long), logits.expand(500, 6).clone()).argmax(-1)
+    assert picks.eq(top[0]).all()
+
+
+def test_response_mask_stops_at_first_eos():
+    from stages.ppo.rollout import response_mask
+
+    eos = 7
+    responses = torch.tensor([[1, 7, 3, 7], [1, 2, 3, 4], [7, 0, 0, 0]])
+    mask, has_eos = response_mask(responses, eos)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert has_eos.tolist() == [True, False, True]
+
+
+def test_reward_functions():
+    from stages.ppo.rewards import contains_reference_number, digit_fraction, gsm8k_correct
+
+    refs = ["Natalia sold 48/2 = 24 clips.\n#### 72", "50 plus 38 is 88.", None]
+    assert gsm8k_correct([""] * 3, ["so the answer is #### 72", "It is 88", "7"], refs) == [1.0, 1.0, 0.0]
+    assert gsm8k_correct([""], ["72 or maybe 71"], refs[:1]) == [0.0]
+    assert contains_reference_number([""], ["72 or maybe 71"], refs[:1]) == [1.0]
+    assert digit_fraction([""] * 2, ["a1 2", ""], [None] * 2) == [pytest.approx(2 / 3), 0.0]
+
+
+def test_fp16_refused(tiny_cfg):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16"):
+        tiny_cfg("ppo.precision=fp16")
+
+
+# -------------------------------------------------------------------------------------- learning
+def test_reward_rises_eval_improves_and_high_kl_stays_near_reference(tiny_cfg, tmp_path):
+    """A learnable dense reward (digit fraction): the score and a held-out eval score rise with KL
+    bounded; the same run with a very high KL coefficient stays much nearer the reference."""
+    from stages.ppo import trainer
+
+    common = _base_overrides(EVAL, "ppo.total_episodes=160", "ppo.learning_rate=5e-3", "ppo.ppo_epochs=4",
+                             "ppo.save_steps=1000")
+    cfg = tiny_cfg(*common, "ppo.kl_coef=0.02")
+    final = trainer.run(cfg)
+    rows = _train_rows(cfg.stage_dir("ppo"))
+    first = sum(r["score"] for r in rows[:3]) / 3
+    last = sum(r["score"] for r in rows[-3:]) / 3
+    assert last > first + 0.5, (first, last)
+    assert final["eval_score"] > final["eval_score_before"] + 1.0, final
+    low_kl = sum(r["kl"] for r in rows[-3:]) / 3
+    assert 0 < low_kl < 40, low_kl
+    for key in ("score", "non_score_reward", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "ratio_max",
+                "policy_loss", "value_loss", "explained_variance", "response_length", "eos_rate",
+                "skipped_minibatches", "time_generate", "time_score", "time_update", "episodes_per_s"):
+        assert key in rows[-1], key
+    samples = [json.loads(x) for x in (cfg.stage_dir("ppo") / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "response", "score"} <= set(samples[0])
+
+    high = tiny_cfg(*common, "ppo.kl_coef=5.0", "run_name=highkl")
+    final_high = trainer.run(high)
+    rows_high = _train_rows(high.stage_dir("ppo"))
+    high_kl = sum(r["kl"] for r in rows_high[-3:]) / 3
+    assert high_kl < 0.35 * low_kl, (high_kl, low_kl)
+    assert abs(final_high["eval_score"] - final_high["eval_score_before"]) < 0.5, final_high
+
+
+# ------------------------------------------------------------------------- RM, critic, LoRA reference
+def test_rm_reward_critic_from_rm_and_lora_reference(tiny_cfg):
+    """RM stage output as reward (read at eos) and critic init (value head = RM score head); a LoRA
+    actor uses the adapter-disabled policy as reference (no second copy); outputs follow the contract."""
+    from pipeline.stage import StageRun
+    from stages import run_stage
+    from stages.engine import init_distributed
+    from stages.ppo.trainer import PPOTrainer
+
+    cfg = tiny_cfg("stages=[rm, ppo]", "rm.init_from=base", "rm.train.max_steps=20", "ppo.policy_from=base",
+                   "ppo.total_episodes=32", "ppo.tuning.method=lora", "ppo.learning_rate=1e-3",
+                   "ppo.missing_eos_penalty=1.0", "ppo.log_samples_every=1")
+    run_stage("rm", cfg)
+    dist = init_distributed()
+    with StageRun(cfg, "ppo") as run:
+        tr = PPOTrainer(cfg, run, dist)
+        assert tr.ref is None and tr.lora, "LoRA actor: the reference is the adapter-disabled policy"
+        rm_head = dict(tr.rm.named_parameters())["score.weight"]
+        heads = [p for n, p in tr.critic.named_parameters() if "score" in n and n.endswith("weight")]
+        assert heads and all(torch.equal(rm_head, h.detach()) for h in heads), "value head = RM score head"
+        final = tr.train()
+        # after training, the reference (adapter disabled) is still exactly the base; the policy moved
+        from pipeline.models import load_model
+
+        base = load_model(tr.base_path, cfg.model, tr.tokenizer)
+        ids = torch.tensor([tr.prompts[0].ids])
+        att = torch.ones_like(ids)
+        with torch.no_grad():
+            ref = tr.reference_logits(ids, att, 4)
+            torch.testing.assert_close(ref, tr.policy_logits(base, ids, att, 4))
+            assert not torch.allclose(ref, tr.policy_logits(tr.actor, ids, att, 4))
+        tr.save_policy()
+        run.manifest["metrics"] = final
+    out = cfg.stage_dir("ppo")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["model_format"] == "merged"
+    assert (out / "adapter").exists() and (out / "model" / "model.safetensors").exists()
+    rows = _train_rows(out)
+    assert len(rows) == 2 and all("score/rm" in r for r in rows)
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert all(s["reward"] <= s["score"] + 1e-6 for s in samples)
+    assert any(not s["eos"] and s["reward"] == pytest.approx(s["score"] - 1.0) for s in samples) or \
+        all(s["eos"] for s in samples)
+    # the saved policy loads on its own and generates
+    from pipeline.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(out), cfg.model)
+    model = load_model(str(out / "model"), cfg.model, tok)
+    assert model.generate(torch.tensor([[tok.bos_token_id]]), max_new_tokens=2).shape[1] >= 2
+
+
+# --------------------------------------------------------------------------------------- resume
+def test_resume_after_kill_equals_uninterrupted_run(tiny_cfg, tmp_path):
+    """4 steps straight vs 2 steps, killed after the step-2 checkpoint, resumed for 2 more: identical
+    weights and identical metrics (optimisers, schedulers, RNG, data position, KL controller, reward
+    normaliser, EMA all restored)."""
+    from stages.ppo import trainer
+
+    overrides = _base_overrides(
+        "ppo.total_episodes=64", "ppo.save_steps=2", "ppo.ppo_epochs=2", "ppo.gradient_accumulation_steps=2",
+        "ppo.learning_rate=5e-3", "ppo.adaptive_kl=true", "ppo.target_kl=0.5", "ppo.kl_horizon=100",
+        "ppo.normalize_reward=true", "ppo.reward_clip=3", "ppo.ema_decay=0.5", "ppo.missing_eos_penalty=0.5",
+        "ppo.lr_scheduler=linear")
+    straight = tiny_cfg(*overrides, "run_name=straight")
+    trainer.run(straight)
+
+    resumed = tiny_cfg(*overrides, "run_name=resumed")
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill(step: int) -> None:
+        if step == 2:
+            raise Killed("simulated kill after the step-2 checkpoint")
+
+    trainer.after_step_hook = kill
+    try:
+        with pytest.raises(Killed):
+            trainer.run(resumed)
+    finally:
+        trainer.after_step_hook = None
+    out = resumed.stage_dir("ppo")
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
+    assert (out / "checkpoints" / "latest").read_text() == "step-2"
+    torch.manual_seed(12345)  # the resumed run must not depend on the process's RNG
+    trainer.run(resumed)
+    assert json.loads((out / "manifest.json").read_text())["resumed"] is True
+
+    a, b = _weights(straight.stage_dir("ppo") / "model"), _weights(out / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-7, msg=name)
+    skip = {"time", "episodes_per_s"}
+    rows_a, rows_b = _train_rows(straight.stage_dir("ppo")), _train_rows(out)
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ra:
+            if key in skip or key.startswith("time"):
+                continue
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra["step"], key)
+    assert rows_a[-1]["kl_coef"] != rows_a[0]["kl_coef"], "adaptive KL moved (so its state was checkpointed)"
+
+
+# --------------------------------------------------------------------------------- failure modes
+def test_nan_loss_stops_with_the_batch_saved(tiny_cfg, monkeypatch):
+    from stages.ppo import trainer
+
+    real = trainer.clipped_policy_loss
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(trainer, "clipped_policy_loss", poisoned)
+    cfg = tiny_cfg(*_base_overrides("ppo.total_episodes=32"))
+    with pytest.raises(FloatingPointError, match="non-finite loss.*saved to"):
+        trainer.run(cfg)
+    saved = list(cfg.stage_dir("ppo").glob("nan_batch_step0_rank0.pt"))
+    assert saved, "the offending batch is saved in the stage folder"
+    batch = torch.load(saved[0], weights_only=False)
+    assert batch["input_ids"].shape[0] == 8 and "advantages" in batch and batch["texts"]
+    manifest = json.loads((cfg.stage_dir("ppo") / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "non-finite" in manifest["error"]
+
+
+def test_nan_reward_is_refused_with_the_source_named(tiny_cfg):
+    from stages.ppo import trainer
+
+    cfg = tiny_cfg("stages=[ppo]", "ppo.policy_from=base", "ppo.total_episodes=16",
+                   "ppo.rewards=[{kind: function, function: 'tests.test_ppo:nan_reward'}]")
+    with pytest.raises(FloatingPointError, match="nan_reward"):
+        trainer.run(cfg)
+
+
+def nan_reward(prompts, responses, references):
+    """A broken reward function (used by the test above)."""
+    return [float("nan")] * len(responses)
+
+
+def test_exploding_ratio_minibatches_are_skipped_and_counted(tiny_cfg):
+    from stages.ppo import trainer
+
+    cfg = tiny_cfg(*_base_overrides("ppo.total_episodes=32", "ppo.ppo_epochs=4", "ppo.learning_rate=2e-2",
+                                    "ppo.ratio_skip_threshold=1.05"))
+    trainer.run(cfg)
+    rows = _train_rows(cfg.stage_dir("ppo"))
+    total = 2 * 4 * 2  # steps x epochs x minibatches
+    skipped = sum(r["skipped_minibatches"] for r in rows)
+    assert 0 < skipped < total, skipped
+    assert max(r["ratio_max"] for r in rows) > 1.05
+
+
+# --------------------------------------------------------------------------------- distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIST_OVERRIDES = _base_overrides(
+    "ppo.total_episodes=16", "ppo.ppo_epochs=2", "ppo.learning_rate=5e-3", "ppo.precision=fp32",
+    "ppo.save_steps=1000", "ppo.adaptive_kl=true")
+
+
+def _launch(tmp_path: Path, tag: str, extra: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(Path(__file__).resolve()), "--worker", str(tmp_path / tag), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(REPO))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_deepspeed_zero2_matches_one_process(tiny_cfg, tmp_path):
+    """torchrun x2, DeepSpeed ZeRO-2 on CPU/gloo: both ranks are DeepSpeed engines in a world of 2, see
+    different prompts, end with identical parameters equal to a 1-process run on the same global batch;
+    an unsynchronised run (each rank alone) fails the same check (negative control)."""
+    from stages.ppo import trainer
+
+    proc = _launch(tmp_path, "ds", ["ppo.deepspeed=configs/deepspeed/zero2.json", "ppo.rollout_batch_size=4",
+                                    "ppo.mini_batch_size=4"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    info = [json.loads((tmp_path / "ds" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(i["world_size"] == 2 and i["engine"] == "DeepSpeedEngine" for i in info), info
+    assert all(i["zero_stage"] == 2 for i in info)
+    assert set(info[0]["prompts"]).isdisjoint(info[1]["prompts"]), "ranks see different prompts"
+    ranks = [torch.load(tmp_path / "ds" / f"params-rank{r}.pt") for r in (0, 1)]
+
+    def identical(x: dict, y: dict, atol: float) -> bool:
+        return x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=0, atol=atol) for k in x)
+
+    assert identical(ranks[0], ranks[1], 0.0), "ranks diverged"
+    # one process, same global batch (8), same minibatch (8) split into 2 micro-batches of 4
+    one = tiny_cfg(*DIST_OVERRIDES, "run_name=one", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8",
+                   "ppo.gradient_accumulation_steps=2")
+    trainer.run(one)
+    single = {k: v.float() for k, v in _weights(one.stage_dir("ppo") / "model").items()}
+    assert set(info[0]["prompts"]) | set(info[1]["prompts"]) == set(_one_process_prompts(one))
+    diffs = {k: float((ranks[0][k] - single[k]).abs().max()) for k in single}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+
+    # negative control: two ranks that never synchronise (each thinks it is alone, own data shard)
+    proc = _launch(tmp_path, "unsync", ["--unsync", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    bad = [torch.load(tmp_path / "unsync" / f"params-rank{r}.pt") for r in (0, 1)]
+    assert not identical(bad[0], bad[1], 1e-5), "the check must catch unsynchronised ranks"
+
+
+def _one_process_prompts(cfg) -> list[int]:
+    """Dataset indices a 1-process run with cfg uses at steps 0 and 1."""
+    from data.formats import load_examples
+    from stages.engine import epoch_order
+
+    n = len(load_examples(cfg.ppo.data, "prompt")[0])
+    batches = epoch_order(n, 0, cfg.ppo.seed, 0, 1, cfg.ppo.rollout_batch_size)
+    return batches[0] + batches[1]
+
+
+def _worker(argv: list[str]) -> None:
+    """Entry of each torchrun rank: run PPO, dump world info, prompts seen and final parameters."""
+    out = Path(argv[0])
+    unsync = "--unsync" in argv
+    overrides = [a for a in argv[1:] if a != "--unsync"]
+    torch.set_num_threads(1)
+    from pipeline.config import load_config
+    from pipeline.stage import StageRun
+    from stages.engine import init_distributed
+    from stages.ppo.trainer import PPOTrainer
+
+    rank = int(os.environ["RANK"])
+    if unsync:  # the classic silent failure: every process believes it is alone
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.pop(key)
+        overrides.append(f"ppo.seed={rank}")
+    root = out / (f"alone{rank}" if unsync else "run")
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      [f"output_root={root}", "logging.progress_bar=false", *DIST_OVERRIDES, *overrides])
+    dist = init_distributed()
+    with StageRun(cfg, "ppo", is_main=dist.is_main) as run:
+        tr = PPOTrainer(cfg, run, dist)
+        prompts = tr.step_prompts(0)[0] + tr.step_prompts(1)[0]
+        tr.train()
+        params = {n: p.detach().float().clone() for n, p in tr.actor.named_parameters()}
+        info = {"world_size": dist.world_size if not unsync else 1, "rank": rank,
+                "engine": type(tr.actor_engine).__name__ if tr.actor_engine is not None else None,
+                "zero_stage": tr.zero_stage, "prompts": prompts}
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(params, out / f"params-rank{rank}.pt")
+        (out / f"rank{rank}.json").write_text(json.dumps(info))
+        tr.save_policy()
+    if dist.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2:])
