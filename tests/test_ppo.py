@@ -288,7 +288,7 @@ def _free_port() -> int:
 
 
 DIST_OVERRIDES = _base_overrides(
-    "ppo.total_episodes=16", "ppo.ppo_epochs=2", "ppo.learning_rate=5e-3", "ppo.precision=fp32",
+    "ppo.total_episodes=16", "ppo.ppo_epochs=2", "ppo.learning_rate=1e-3", "ppo.precision=fp32",
     "ppo.save_steps=1000", "ppo.adaptive_kl=true")
 
 
@@ -328,7 +328,14 @@ def test_two_process_deepspeed_zero2_matches_one_process(tiny_cfg, tmp_path):
     single = {k: v.float() for k, v in _weights(one.stage_dir("ppo") / "model").items()}
     assert set(info[0]["prompts"]) | set(info[1]["prompts"]) == set(_one_process_prompts(one))
     diffs = {k: float((ranks[0][k] - single[k]).abs().max()) for k in single}
+    # rounding differs (micro-batch grouping, all-reduce order) and Adam amplifies it on tiny gradients
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    # the same episodes were sampled: per-step metrics agree
+    rows_ds = _train_rows(tmp_path / "ds" / "run" / "tiny" / "ppo")
+    rows_one = _train_rows(one.stage_dir("ppo"))
+    for a, b in zip(rows_ds, rows_one):
+        for key in ("score", "response_length", "eos_rate", "kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key, a[key], b[key])
 
     # negative control: two ranks that never synchronise (each thinks it is alone, own data shard)
     proc = _launch(tmp_path, "unsync", ["--unsync", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4"])

@@ -54,9 +54,9 @@ def encode_prompts(tokenizer: Any, examples: Sequence[Any], max_prompt_length: i
     return out
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (ids (B, P), attention_mask (B, P)), left-padded to the longest row."""
-    longest = max(len(r) for r in rows)
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ids (B, P), attention_mask (B, P)), left-padded to ``length`` (default: the longest row)."""
+    longest = max(max(len(r) for r in rows), length or 0)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)
     for i, r in enumerate(rows):

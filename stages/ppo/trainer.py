@@ -458,7 +458,9 @@ class PPOTrainer:
     def generate(self, prompt_ids: list[list[int]], positions: list[int], stream: int) -> tuple[torch.Tensor, ...]:
         """-> (query, query_mask, response (pad after eos, global padded length), mask, has_eos)."""
         p, tok = self.p, self.tokenizer
-        query, query_mask = left_pad(prompt_ids, tok.pad_token_id)
+        # identical shapes on every rank: prompts padded to the longest prompt anywhere
+        longest = int(self.comm.max(torch.tensor([max(len(x) for x in prompt_ids)]))[0])
+        query, query_mask = left_pad(prompt_ids, tok.pad_token_id, longest)
         query, query_mask = query.to(self.device), query_mask.to(self.device)
         sampler = EpisodeSampler(episode_uniforms(p.seed, stream, positions, p.max_new_tokens), query.size(1),
                                  p.temperature, p.top_k, p.top_p)
