@@ -118,7 +118,10 @@ def convert_gguf(cfg: ModelConfig, out_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=cfg.gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=cfg.gguf_file, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model; rebuild a plain one from its config and weights.
-    config = AutoConfig.for_model(**gguf_model.config.to_dict())
+    # drop the GGUF quantization_config: the weights are dequantised, and a folder whose config still
+    # says quant_method=gguf loads as "quantized" and then refuses save_pretrained in every stage
+    config_dict = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**config_dict)
     fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(gguf_model.state_dict(), strict=False)
     fresh.tie_weights()
@@ -152,7 +155,8 @@ def fix_tokenizer_and_model(tokenizer: Any, model: Any | None, pad_token: str | 
 
 
 def _cache_key(cfg: ModelConfig) -> str:
-    relevant = {"source": cfg.source, "pad_token": cfg.pad_token, "v": 2}
+    # gguf v3: converted without the GGUF quantization_config (earlier folders refused save_pretrained)
+    relevant = {"source": cfg.source, "pad_token": cfg.pad_token, "v": 3 if cfg.source == "gguf" else 2}
     if cfg.source == "tiny":
         relevant["tiny"] = cfg.tiny.model_dump()
         corpus = resolve_path("data/demo")
