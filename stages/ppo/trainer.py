@@ -54,7 +54,9 @@ Metrics (``metrics.jsonl``, one row per step; means over the global batch unless
 - ``response_length``: mean real response tokens (eos included); ``eos_rate``: share ending in eos.
 - ``skipped_minibatches``: minibatches with a skipped micro-batch this step (ratio explosion).
 - ``time_generate``, ``time_forward`` (policy/reference/critic passes on the rollout),
-  ``time_score`` (reward sources), ``time_update`` (seconds); ``episodes_per_s`` (all ranks, whole step).
+  ``time_score`` (reward sources), ``time_update`` (seconds); ``episodes_per_s`` (all ranks, whole step);
+  ``time_cpu``: CPU seconds this process used for the step (all its threads; on a shared machine
+  ``B / time_cpu`` estimates the uncontended single-thread throughput).
 - ``lr``, ``critic_lr``, ``episodes`` (cumulative, all ranks), ``truncated_prompts``.
 - Eval rows (``eval_data``; before training, every ``eval_steps`` and at the end): ``eval_score``,
   ``eval_response_length``, ``eval_eos_rate`` on the held-out prompts with fixed sampling streams.
@@ -387,11 +389,13 @@ class PPOTrainer:
         critic_params = [q for q in self.critic.parameters() if q.requires_grad]
         if not actor_params or not critic_params:
             raise ValueError("no trainable parameters in the actor or critic: check ppo.tuning")
-        # foreach: one kernel per op over all tensors (on CPU the default is a Python loop per tensor)
-        self.actor_opt = torch.optim.AdamW(actor_params, lr=p.learning_rate, weight_decay=p.weight_decay,
-                                           foreach=True)
+        # fused AdamW (one kernel for all tensors; CPU and CUDA) unless DeepSpeed manages the step, then
+        # foreach (the CPU default would loop over tensors in Python)
+        fast = {"foreach": True} if p.deepspeed else {"fused": True}
+        self.actor_params, self.critic_params = actor_params, critic_params
+        self.actor_opt = torch.optim.AdamW(actor_params, lr=p.learning_rate, weight_decay=p.weight_decay, **fast)
         self.critic_opt = torch.optim.AdamW(critic_params, lr=p.critic_learning_rate or p.learning_rate,
-                                            weight_decay=p.weight_decay, foreach=True)
+                                            weight_decay=p.weight_decay, **fast)
         self.actor_sched = torch.optim.lr_scheduler.LambdaLR(self.actor_opt, lr_lambda(p.lr_scheduler, 0, self.optim_steps))
         self.critic_sched = torch.optim.lr_scheduler.LambdaLR(self.critic_opt, lr_lambda(p.lr_scheduler, 0, self.optim_steps))
         self.actor_engine = self.critic_engine = None
@@ -557,14 +561,14 @@ class PPOTrainer:
         else:
             (loss / self.p.gradient_accumulation_steps).backward()
 
-    def _optimizer_step(self, engine: Any, model: Any, opt: Any, sched: Any, skip: bool) -> None:
+    def _optimizer_step(self, engine: Any, params: list[torch.nn.Parameter], opt: Any, sched: Any, skip: bool) -> None:
         if engine is not None:
             return  # DeepSpeed steps inside engine.step() at its accumulation boundary
         if skip:
             opt.zero_grad(set_to_none=True)
             return
         if self.p.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], self.p.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, self.p.max_grad_norm, foreach=True)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -666,9 +670,9 @@ class PPOTrainer:
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
                     n_micro += 1
-                self._optimizer_step(self.critic_engine, self.critic, self.critic_opt, self.critic_sched, False)
+                self._optimizer_step(self.critic_engine, self.critic_params, self.critic_opt, self.critic_sched, False)
                 if train_actor:
-                    self._optimizer_step(self.actor_engine, self.actor, self.actor_opt, self.actor_sched,
+                    self._optimizer_step(self.actor_engine, self.actor_params, self.actor_opt, self.actor_sched,
                                          skip=mb_skipped == accum)
                     if mb_skipped:
                         skipped += 1
@@ -826,7 +830,7 @@ class PPOTrainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc="ppo", dynamic_ncols=True)
         row: dict[str, float] = {}
         while self.step < self.total_steps:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             timings: dict[str, float] = {}
             kl_coef = self.kl_ctl.value
             ro = self.make_rollout(self.step, timings)
@@ -857,11 +861,14 @@ class PPOTrainer:
             if p.adaptive_kl:
                 self.kl_ctl.update(row["kl"], B * self.dist.world_size)
             self.step += 1
+            if self.unfreezer is not None:
+                self.unfreezer.step(self.step)
             self.episodes += B * self.dist.world_size
             row["episodes"] = self.episodes
             row["lr"] = self.actor_sched.get_last_lr()[0]
             row["critic_lr"] = self.critic_sched.get_last_lr()[0]
             row["episodes_per_s"] = B * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
+            row["time_cpu"] = time.process_time() - cpu_start  # this process's CPU seconds (all threads)
             self.run.log(self.step, row)
             if self.step % p.log_samples_every == 0 or self.step == 1:
                 self._log_samples(ro)
