@@ -349,6 +349,43 @@ def test_hf_judge_multi_token_labels(hf_judge: HFJudge) -> None:
     ten = [seq for seq, index in scorer.seqs.items() if index == 9]
     assert any(len(seq) == 2 for seq in ten) and () in scorer.prefixes
     assert any(len(p) == 1 for p in scorer.prefixes)
+    assert () not in scorer.chains  # covered by the longer chains' forward passes
+
+
+def test_hf_judge_score_matches_a_direct_computation(hf_judge: HFJudge) -> None:
+    """The expected score equals the chain rule done by hand with one forward pass per prefix."""
+    from stages.rlaif.judges import score_messages
+
+    c = hf_judge.constitution
+    prompt, response = "What is 6 times 7?", "42"
+    point = hf_judge.score(prompt, response)
+    messages = score_messages(c, c.principles_for(prompt), prompt, response, "label")
+    ids = hf_judge.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def next_logprobs(extra: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = hf_judge.model(input_ids=torch.tensor([list(ids) + extra])).logits[0, -1]
+        return torch.log_softmax(logits.float(), -1)
+
+    cache: dict[tuple[int, ...], torch.Tensor] = {}
+    mass = {}
+    for seq, index in hf_judge.score_scorer.seqs.items():
+        logp = 0.0
+        for j in range(len(seq)):
+            prefix = seq[:j]
+            if prefix not in cache:
+                cache[prefix] = next_logprobs(list(prefix))
+            logp += float(cache[prefix][seq[j]])
+        p = math.exp(logp)
+        longer = [s for s in hf_judge.score_scorer.seqs if len(s) > len(seq) and s[:len(seq)] == seq]
+        if longer:
+            dist = next_logprobs(list(seq))
+            p *= 1 - sum(math.exp(float(dist[s[len(seq)]])) for s in {x[:len(seq) + 1] for x in longer})
+        mass[index] = mass.get(index, 0.0) + p
+    total = sum(mass.values())
+    expected = sum(hf_judge.score_values[i] * m / total for i, m in mass.items())
+    assert point.score == pytest.approx(expected, abs=1e-4)
 
 
 def test_build_hf_judge_from_config(tmp_path: Path) -> None:

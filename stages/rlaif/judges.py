@@ -614,6 +614,10 @@ class LabelScorer:
         # which next tokens matter after each prefix
         self.next_tokens = {p: sorted({s[len(p)] for s in self.seqs if len(s) > len(p) and s[:len(p)] == p})
                             for p in self.prefixes}
+        # the longest prefixes: one forward pass over prompt + chain gives the distributions after every
+        # prefix of the chain (causal attention), so only these need their own sequences
+        self.chains = [p for p in self.prefixes
+                       if not any(len(q) > len(p) and q[:len(p)] == p for q in self.prefixes)]
 
     def probabilities(self, next_logprobs: dict[tuple[int, ...], dict[int, float]]) -> tuple[list[float], float]:
         """From {prefix: {token: logprob}}, the label distribution (normalised) and its raw mass."""
@@ -677,8 +681,9 @@ class HFJudge(Judge):
             out = out["input_ids"]
         return list(out)
 
-    def _next_logprobs(self, sequences: list[list[int]]) -> list[Any]:
-        """Log-softmax of the next token after each sequence (left-padded batches)."""
+    def _tail_logprobs(self, sequences: list[list[int]], tails: list[int]) -> list[Any]:
+        """For each sequence, log-softmax of the next token at its last ``tail + 1`` positions
+        (a ``(tail + 1, vocab)`` tensor, oldest first); left-padded batches of ``batch_size``."""
         import torch
 
         pad = self.tokenizer.pad_token_id
@@ -692,10 +697,17 @@ class HFJudge(Judge):
                 ids[row, width - len(seq):] = torch.tensor(seq)
                 mask[row, width - len(seq):] = 1
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            longest = max(tails[start:start + self.batch_size]) + 1
+            inputs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                          position_ids=position_ids.to(self.device))
             with torch.no_grad():
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    position_ids=position_ids.to(self.device)).logits[:, -1, :]
-            out.extend(torch.log_softmax(logits.float(), dim=-1).cpu())
+                try:  # only the last positions' logits: saves a (batch, width, vocab) tensor
+                    logits = self.model(**inputs, logits_to_keep=longest).logits
+                except TypeError:  # an architecture without logits_to_keep
+                    logits = self.model(**inputs).logits[:, -longest:, :]
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for row, tail in enumerate(tails[start:start + self.batch_size]):
+                out.append(logprobs[row, longest - tail - 1:])
         return out
 
     def _answer(self, job: _Job) -> RawPair | RawScore:
@@ -710,14 +722,17 @@ class HFJudge(Judge):
             requests: list[tuple[int, tuple[int, ...]]] = []
             for i, job in enumerate(chunk):
                 scorer = self.pair_scorer if job.kind == "pair" else self.score_scorer
-                requests.extend((i, prefix) for prefix in scorer.prefixes)
+                requests.extend((i, chain) for chain in scorer.chains)
             with self._lock:
-                dists = self._next_logprobs([prompts[i] + list(prefix) for i, prefix in requests])
+                dists = self._tail_logprobs([prompts[i] + list(chain) for i, chain in requests],
+                                            [len(chain) for _, chain in requests])
             self.stats.add("requests", len(chunk))
             per_job: list[dict[tuple[int, ...], dict[int, float]]] = [{} for _ in chunk]
-            for (i, prefix), dist in zip(requests, dists):
+            for (i, chain), rows in zip(requests, dists):
                 scorer = self.pair_scorer if chunk[i].kind == "pair" else self.score_scorer
-                per_job[i][prefix] = {t: float(dist[t]) for t in scorer.next_tokens[prefix]}
+                for j in range(len(chain) + 1):
+                    prefix = chain[:j]
+                    per_job[i][prefix] = {t: float(rows[j][t]) for t in scorer.next_tokens[prefix]}
             for job, logprobs in zip(chunk, per_job):
                 if job.kind == "pair":
                     probs, mass = self.pair_scorer.probabilities(logprobs)
