@@ -182,8 +182,10 @@ class Engine:
                     f"({dist.world_size}) = {actual}; change one so they agree"
                 )
         self.model = model.to(dist.device)
-        if train.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train.gradient_checkpointing:
+            # transformers 5 renamed it; keep working on both names
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         # Parameters an unfreezer may turn on later must be in the optimizer from the start.

@@ -156,3 +156,30 @@ def test_gradual_unfreeze_opens_layers_on_schedule(tiny_cfg):
     assert trainable() == [False, True]
     unfreezer.step(4)
     assert trainable() == [True, True]
+
+
+def test_gradient_checkpointing_gives_the_same_loss(tiny_cfg):
+    plain = sft.run(tiny_cfg("run_name=plain", "sft.train.max_steps=3", "sft.eval_fraction=0"))
+    ckpt = sft.run(tiny_cfg("run_name=ckpt", "sft.train.max_steps=3", "sft.eval_fraction=0",
+                            "sft.train.gradient_checkpointing=true"))
+    assert abs(plain["loss"] - ckpt["loss"]) < 1e-4
+
+
+def test_tensorboard_and_offline_wandb_logging(tiny_cfg, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_cfg("sft.train.max_steps=3", "sft.eval_fraction=0", "logging.tensorboard=true",
+                   "logging.wandb=true")
+    sft.run(cfg)
+    out = cfg.stage_dir("sft")
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("sft/loss")] == [1, 2, 3]
+    offline_runs = list((out / "wandb").glob("offline-run-*"))
+    assert offline_runs, "wandb logs offline unless the user configures it"
