@@ -183,9 +183,11 @@ class Engine:
                 )
         self.model = model.to(dist.device)
         if train.gradient_checkpointing:
-            # transformers 5 renamed it; keep working on both names
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 renamed it (and its kwargs); keep working on both names
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         # Parameters an unfreezer may turn on later must be in the optimizer from the start.
