@@ -28,6 +28,7 @@ from stages.rm import (
     score_responses,
     score_sequences,
     score_token_ids,
+    token_scores,
 )
 
 torch.set_num_threads(1)
@@ -137,6 +138,28 @@ def test_score_index_is_eos_with_left_and_right_context(tiny_parts):
         # the helper PPO uses agrees (it right-pads)
         assert torch.allclose(score_token_ids(model, [a, b], pad), scores, atol=1e-5)
     assert find_score_head(model) is model.score
+
+
+def test_head_runs_in_fp32_under_bf16_autocast(tiny_parts):
+    tok, model = tiny_parts
+    ids = torch.tensor([encode_sequence(tok, msgs("user", "What is 6 times 7?"), msgs("assistant", "42")).ids])
+    mask = torch.ones_like(ids)
+    captured = {}
+    def keep_hidden(module, args, output):
+        captured["hidden"] = output.last_hidden_state
+
+    hook = model.model.register_forward_hook(keep_hidden)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = token_scores(model, ids, mask)
+    finally:
+        hook.remove()
+    assert scores.dtype == torch.float32
+    expected = (captured["hidden"].float() @ model.score.weight.float().T)[..., 0]
+    assert torch.allclose(scores, expected, atol=1e-6)
+    scores[0, -1].backward()  # gradients flow through the captured head output
+    assert model.score.weight.grad is not None and float(model.score.weight.grad.abs().sum()) > 0
+    model.zero_grad(set_to_none=True)
 
 
 def test_truncation_and_skip_counts(tiny_parts):
@@ -307,3 +330,44 @@ def test_lora_reward_model_from_sft_parent(tmp_path, tiny_cfg):
     n = len(rows)
     acc = float((scores[:n] > scores[n:]).float().mean())
     assert acc == pytest.approx(metrics["eval_accuracy"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_process_deepspeed_rm(tmp_path, zero):
+    """The stage entry point under torchrun with 2 ranks and DeepSpeed ZeRO-2/3 (gloo on CPU): a world-size-2
+    run completes, the gathered model/ loads, and its scores reproduce the held-out accuracy it logged."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.config import load_config
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = write_jsonl(tmp_path / "marker.jsonl", marker_preferences(48))
+    overrides = [f"output_root={tmp_path / 'out'}", "logging.progress_bar=false", f"rm.data.path={path}",
+                 "rm.init_from=base", "rm.eval_fraction=0.25", "rm.train.max_steps=4", "rm.train.save_steps=2",
+                 "rm.train.per_device_batch_size=4", f"rm.train.deepspeed=configs/deepspeed/{zero}.json"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "stages", "rm", "--config", str(REPO / "configs" / "tiny.yaml"), *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    out = cfg.stage_dir("rm")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["metrics"]["world_size"] == 2
+    assert manifest["metrics"]["steps"] == 4 and not (out / "checkpoints").exists()
+    model, tok = load_reward_model(out, cfg.model)
+    _, held, _ = load_preferences(cfg)
+    rows, _ = encode_pairs(tok, held, cfg.rm.max_length)
+    batch = rm_stage.pair_collate(tok.pad_token_id)(rows)
+    with torch.no_grad():
+        scores = score_sequences(model, batch["input_ids"], batch["attention_mask"])
+    n = len(rows)
+    assert float((scores[:n] > scores[n:]).float().mean()) == pytest.approx(manifest["metrics"]["eval_accuracy"])
+    assert float((scores[:n] - scores[n:]).mean()) == pytest.approx(manifest["metrics"]["eval_mean_margin"], abs=1e-4)
