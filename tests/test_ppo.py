@@ -190,7 +190,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_cfg, tmp_path):
         "ppo.total_episodes=64", "ppo.save_steps=2", "ppo.ppo_epochs=2", "ppo.gradient_accumulation_steps=2",
         "ppo.learning_rate=5e-3", "ppo.adaptive_kl=true", "ppo.target_kl=0.5", "ppo.kl_horizon=100",
         "ppo.normalize_reward=true", "ppo.reward_clip=3", "ppo.ema_decay=0.5", "ppo.missing_eos_penalty=0.5",
-        "ppo.lr_scheduler=linear")
+        "ppo.lr_scheduler=linear", "ppo.ptx_coef=0.1", "ppo.critic_warmup_steps=1")
     straight = tiny_cfg(*overrides, "run_name=straight")
     trainer.run(straight)
 
@@ -229,6 +229,8 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_cfg, tmp_path):
                 continue
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra["step"], key)
     assert rows_a[-1]["kl_coef"] != rows_a[0]["kl_coef"], "adaptive KL moved (so its state was checkpointed)"
+    assert "policy_loss" not in rows_a[0] and "policy_loss" in rows_a[1], "step 1 was critic warm-up only"
+    assert rows_a[-1]["ptx_loss"] > 0
 
 
 # --------------------------------------------------------------------------------- failure modes
@@ -271,13 +273,49 @@ def test_exploding_ratio_minibatches_are_skipped_and_counted(tiny_cfg):
     from stages.ppo import trainer
 
     cfg = tiny_cfg(*_base_overrides("ppo.total_episodes=32", "ppo.ppo_epochs=4", "ppo.learning_rate=2e-2",
-                                    "ppo.ratio_skip_threshold=1.05"))
+                                    "ppo.ratio_skip_threshold=1.05", "ppo.kl_in_loss=true", "ppo.kl_estimator=k3"))
     trainer.run(cfg)
     rows = _train_rows(cfg.stage_dir("ppo"))
+    assert all(r["non_score_reward"] == 0 and "kl_loss" in r and r["kl"] >= 0 for r in rows), "k3 KL in the loss"
     total = 2 * 4 * 2  # steps x epochs x minibatches
     skipped = sum(r["skipped_minibatches"] for r in rows)
     assert 0 < skipped < total, skipped
     assert max(r["ratio_max"] for r in rows) > 1.05
+
+
+def judge_score(prompt, response):
+    """A rule-based judge for the test below: longer responses score higher (1..10)."""
+    return 1 + min(9, len(response) // 4)
+
+
+def test_judge_reward_source_composes_with_a_function(tiny_cfg):
+    from stages.ppo import trainer
+
+    cfg = tiny_cfg("stages=[ppo]", "ppo.policy_from=base", "ppo.total_episodes=16",
+                   "rlaif.judges={rule: {kind: function, function: 'tests.test_ppo:judge_score'}}",
+                   "ppo.rewards=[{kind: judge, judge: rule, weight: 0.5}, "
+                   "{kind: function, function: 'stages.ppo.rewards:digit_fraction', weight: 2}]")
+    trainer.run(cfg)
+    row = _train_rows(cfg.stage_dir("ppo"))[0]
+    assert 1 <= row["score/judge_rule"] <= 10
+    assert row["score"] == pytest.approx(0.5 * row["score/judge_rule"] + 2 * row["score/digit_fraction"], rel=1e-5)
+
+
+def test_full_chain_sft_rm_ppo_defaults(tiny_cfg):
+    """Policy and reference from the SFT stage, reward model and critic from the RM stage (manifests,
+    fingerprint check), as configs/tiny.yaml runs them."""
+    from stages import run_stage
+
+    cfg = tiny_cfg("ppo.total_episodes=32")
+    for stage in ("sft", "rm"):
+        run_stage(stage, cfg)
+    metrics = run_stage("ppo", cfg)
+    manifest = json.loads((cfg.stage_dir("ppo") / "manifest.json").read_text())
+    assert set(manifest["parents"]) == {"sft", "rm"}
+    assert manifest["chat_fingerprint"] == json.loads((cfg.stage_dir("sft") / "manifest.json").read_text())[
+        "chat_fingerprint"]
+    assert manifest["critic_source"].endswith("rm") and manifest["reward_sources"] == ["rm"]
+    assert metrics["steps"] == 2 and (cfg.stage_dir("ppo") / "model" / "model.safetensors").exists()
 
 
 # --------------------------------------------------------------------------------- distributed
