@@ -475,9 +475,9 @@ class PPOTrainer:
         kwargs = dict(input_ids=query, attention_mask=query_mask, generation_config=gen_cfg,
                       logits_processor=LogitsProcessorList([sampler]))
         if self.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.actor.parameters())), self._autocast():
+            # ZeRO-3: the engine's hooks gather each layer's shards for every decoding forward; all ranks
+            # keep stepping until every rank is done (synced_gpus), so the collectives stay matched
+            with self._autocast():
                 out = self.actor.generate(**kwargs, synced_gpus=self.comm.on)
         else:
             with self._autocast():
