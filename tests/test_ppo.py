@@ -384,6 +384,30 @@ def test_two_process_deepspeed_zero2_matches_one_process(tiny_cfg, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_two_process_deepspeed_resume_equals_uninterrupted(tmp_path):
+    """DeepSpeed checkpoints (both engines + per-rank client state): kill after the step-1 checkpoint,
+    relaunch, and the final weights equal an uninterrupted two-process run."""
+    args = ["ppo.deepspeed=configs/deepspeed/zero2.json", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
+            "ppo.save_steps=1", "ppo.total_episodes=24"]
+    proc = _launch(tmp_path, "straight", args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = _launch(tmp_path, "resumed", [*args, "--kill-at=1"])
+    assert proc.returncode != 0 and "simulated kill" in proc.stdout + proc.stderr
+    stage = tmp_path / "resumed" / "run" / "tiny" / "ppo"
+    assert (stage / "checkpoints" / "latest").read_text() == "step-1"
+    assert {p.name for p in (stage / "checkpoints" / "step-1").iterdir()} >= {"actor", "critic", "client-rank0.pt",
+                                                                              "client-rank1.pt"}
+    proc = _launch(tmp_path, "resumed", args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert json.loads((stage / "manifest.json").read_text())["resumed"] is True
+    a = torch.load(tmp_path / "straight" / "params-rank0.pt")
+    b = torch.load(tmp_path / "resumed" / "params-rank0.pt")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_process_deepspeed_zero3_generates_and_saves_gathered_weights(tiny_cfg, tmp_path):
     """ZeRO-3: generation runs on partitioned weights (gathered layer by layer, ranks kept in step) and
     the saved policy is the gathered full model, equal to a 1-process run on the same global batch."""
@@ -418,14 +442,22 @@ def _worker(argv: list[str]) -> None:
     """Entry of each torchrun rank: run PPO, dump world info, prompts seen and final parameters."""
     out = Path(argv[0])
     unsync = "--unsync" in argv
-    overrides = [a for a in argv[1:] if a != "--unsync"]
+    kill_at = next((int(a.split("=")[1]) for a in argv if a.startswith("--kill-at=")), None)
+    overrides = [a for a in argv[1:] if not a.startswith("--")]
     torch.set_num_threads(1)
     from pipeline.config import load_config
     from pipeline.stage import StageRun
     from stages.engine import init_distributed
+    from stages.ppo import trainer as trainer_module
     from stages.ppo.trainer import PPOTrainer
 
     rank = int(os.environ["RANK"])
+    if kill_at is not None:
+        def kill(step: int) -> None:
+            if step == kill_at:
+                raise RuntimeError(f"simulated kill after step {step}")
+
+        trainer_module.after_step_hook = kill
     if unsync:  # the classic silent failure: every process believes it is alone
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.pop(key)
