@@ -89,6 +89,26 @@ def test_reward_functions():
     assert digit_fraction([""] * 2, ["a1 2", ""], [None] * 2) == [pytest.approx(2 / 3), 0.0]
 
 
+def test_rm_scores_use_the_rm_layout_and_survive_overlong_responses(tiny_cfg):
+    from pipeline.models import load_model, load_tokenizer, prepare_base
+    from stages.ppo.rewards import RewardSources
+    from stages.rm import score_responses
+
+    cfg = tiny_cfg()
+    base = prepare_base(cfg.model)
+    tok = load_tokenizer(base, cfg.model, cfg.chat)
+    torch.manual_seed(0)
+    rm = load_model(base, cfg.model, tok, kind="seq_cls").eval()
+    sources = RewardSources([type("S", (), {"kind": "rm", "weight": 1.0})()], cfg, tok, rm, 48, torch.device("cpu"))
+    prompts = [[{"role": "user", "content": "What is 2 plus 2?"}]] * 2
+    short = ["4", "It is four."]
+    torch.testing.assert_close(sources.rm_scores(prompts, short), score_responses(rm, tok, prompts, short, max_length=48))
+    long = ["4", "one two three " * 40]  # does not fit in 48 tokens on its own: scored on its last tokens
+    scores = sources.rm_scores(prompts, long)
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    assert scores[0] == pytest.approx(float(score_responses(rm, tok, prompts[:1], long[:1], max_length=48)[0]))
+
+
 def test_fp16_refused(tiny_cfg):
     from pipeline.config import ConfigError
 

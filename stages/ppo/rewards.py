@@ -3,7 +3,9 @@
 A PPO run's sequence score is ``sum_i weight_i * source_i`` over ``ppo.rewards``:
 
 - ``kind: rm``: the reward model's score, read at the response's closing eos in the exact layout the
-  RM stage trained on (``rollout.rm_input_ids``: chat template re-rendered, right-padded, pad != eos).
+  RM stage trained on (``stages.rm.score_responses``: chat template re-rendered and cut at the eos, the
+  prompt cut from the left to ``rm.max_length``, right-padded, pad != eos). A response too long for
+  ``rm.max_length`` on its own keeps its last tokens (``rollout.rm_input_ids``).
 - ``kind: function``: a Python function named ``module:function`` with the signature
   ``fn(prompts: list[str], responses: list[str], references: list) -> list[float]``, where ``prompts``
   holds the last user message of each prompt, ``responses`` the decoded response text (special tokens
@@ -163,9 +165,15 @@ class RewardSources:
                 return score_responses(self.rm, self.tokenizer, list(messages), list(responses),
                                        max_length=self.rm_max_length, batch_size=self.batch_size).float()
             except ValueError:
-                pass
-            rows = [rm_input_ids(self.tokenizer, m, r, self.rm_max_length) for m, r in zip(messages, responses)]
-            return score_token_ids(self.rm, rows, self.tokenizer.pad_token_id, self.batch_size, self.device).float()
+                pass  # some response does not fit on its own: score row by row
+            out = []
+            for m, r in zip(messages, responses):
+                try:
+                    out.append(score_responses(self.rm, self.tokenizer, [m], [r], max_length=self.rm_max_length))
+                except ValueError:
+                    ids = rm_input_ids(self.tokenizer, m, r, self.rm_max_length)
+                    out.append(score_token_ids(self.rm, [ids], self.tokenizer.pad_token_id, 1, self.device))
+            return torch.cat(out).float()
 
     def score(self, messages: Sequence[list[dict[str, str]]], responses: Sequence[str],
               references: Sequence[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -203,9 +203,11 @@ class Rollout:
     returns: torch.Tensor        # (B, T) fp32
     score: torch.Tensor          # (B,) raw weighted source sum
     reward: torch.Tensor         # (B,) sequence reward used for RL
+    kl: torch.Tensor             # (B, T) per-token KL estimate to the reference (0 after the end)
     texts: list[str]
     prompts: list[list[dict[str, str]]]
     parts: dict[str, torch.Tensor]
+    truncated: int               # prompts cut to max_prompt_length in this batch
 
     def sequences(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         """[prompt | response] ids and attention mask for rows ``idx``."""
@@ -374,7 +376,7 @@ class PPOTrainer:
         """The critic's value head must start as the RM's score head (token-level value on the RM)."""
         def head(model: Any) -> torch.Tensor | None:
             for name, param in model.named_parameters():
-                if name.rsplit(".", 2)[-2:] == ["score", "weight"] or name.endswith("score.weight"):
+                if name.endswith("score.weight"):
                     return param.detach().float().cpu()
             return None
 
@@ -539,11 +541,8 @@ class PPOTrainer:
         if p.whiten_advantages:
             advantages = global_whiten(advantages, mask, self.comm)
         timings.update(time_generate=t1 - t0, time_forward=t2 - t1, time_score=t3 - t2)
-        ro = Rollout(query, query_mask, response, mask, has_eos, logp, ref_logp, values, advantages, returns,
-                     score, reward, texts, messages, parts)
-        ro.kl = kl  # type: ignore[attr-defined]
-        ro.truncated = sum(x.truncated for x in prompts)  # type: ignore[attr-defined]
-        return ro
+        return Rollout(query, query_mask, response, mask, has_eos, logp, ref_logp, values, advantages, returns,
+                       score, reward, kl * mask, texts, messages, parts, sum(x.truncated for x in prompts))
 
     # ------------------------------------------------------------------------------- update
     def _ptx_batch(self) -> dict[str, torch.Tensor]:
@@ -839,7 +838,7 @@ class PPOTrainer:
             timings["time_update"] = time.perf_counter() - t_update
 
             B = ro.mask.size(0)
-            seq_kl = (ro.kl * ro.mask).sum(1)  # type: ignore[attr-defined]
+            seq_kl = ro.kl.sum(1)
             local = {
                 "score": float(ro.score.mean()), "reward": float(ro.reward.mean()),
                 "kl": float(seq_kl.mean()),
@@ -847,7 +846,7 @@ class PPOTrainer:
                 "explained_variance": float(explained_variance(ro.values, ro.returns, ro.mask)),
                 "response_length": float(ro.mask.sum(1).float().mean()),
                 "eos_rate": float(ro.has_eos.float().mean()),
-                "truncated_prompts": float(ro.truncated),  # type: ignore[attr-defined]
+                "truncated_prompts": float(ro.truncated),
                 **{f"score/{k}": float(v.mean()) for k, v in ro.parts.items()},
                 **{k: v for k, v in stats.items() if k not in ("ratio_max", "skipped_minibatches")},
                 **timings,
