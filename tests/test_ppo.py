@@ -253,6 +253,32 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_cfg, tmp_path):
     assert rows_a[-1]["ptx_loss"] > 0
 
 
+def test_gradient_checkpointing_gives_the_same_run(tiny_cfg):
+    """Checkpointing is really on during the update (train mode, dropout off) and changes nothing."""
+    from stages.ppo import trainer
+
+    common = _base_overrides("ppo.total_episodes=16", "ppo.learning_rate=5e-3")
+    plain, ckpt = tiny_cfg(*common, "run_name=plain"), tiny_cfg(*common, "run_name=ckpt", "ppo.gradient_checkpointing=true")
+    seen = []
+    real = trainer.PPOTrainer.update
+
+    def update(self, ro):
+        layers = [m for m in self.actor.modules() if hasattr(m, "gradient_checkpointing")]
+        seen.append(self.actor.training and self.critic.training and any(m.gradient_checkpointing for m in layers))
+        return real(self, ro)
+
+    trainer.run(plain)
+    trainer.PPOTrainer.update = update
+    try:
+        trainer.run(ckpt)
+    finally:
+        trainer.PPOTrainer.update = real
+    assert seen and all(seen), "gradient checkpointing must be active (train mode) during the update"
+    a, b = _weights(plain.stage_dir("ppo") / "model"), _weights(ckpt.stage_dir("ppo") / "model")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
 # --------------------------------------------------------------------------------- failure modes
 def test_nan_loss_stops_with_the_batch_saved(tiny_cfg, monkeypatch):
     from stages.ppo import trainer

@@ -28,7 +28,8 @@ One PPO step (``rollout_batch_size`` prompts per rank):
    ``critic_warmup_steps`` steps only the critic trains.
 5. Adaptive KL (if on): beta updated from the step's mean per-sequence KL (Ziegler et al. 2019).
 
-Dropout is off (models stay in eval mode), so the first minibatch's ratio is exactly 1.
+Dropout is off (dropout modules get p=0, models stay in eval mode except for the update passes when
+gradient checkpointing is on), so the first minibatch's ratio is exactly 1.
 
 Checkpoints every ``save_steps`` under ``checkpoints/step-N`` (written to a temporary folder, then
 renamed; ``checkpoints/latest`` names the newest): actor and critic trainable weights, both optimisers
@@ -322,7 +323,7 @@ class PPOTrainer:
             if hasattr(actor, "enable_input_require_grads"):
                 actor.enable_input_require_grads()
         actor.config.use_cache = True
-        self.actor = actor.to(self.device).eval()
+        self.actor = self._no_dropout(actor).to(self.device).eval()
 
         # reward model and critic (from the RM stage when there is one)
         self.rm = None
@@ -360,9 +361,26 @@ class PPOTrainer:
             critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(critic, "enable_input_require_grads"):
                 critic.enable_input_require_grads()
-        self.critic = critic.to(self.device).eval()
+        self.critic = self._no_dropout(critic).to(self.device).eval()
         self.rewards = RewardSources(p.rewards, cfg, tokenizer, self.rm, cfg.rm.max_length, self.device,
                                      autocast_bf16=self.bf16, batch_size=max(self.micro, 8))
+
+    @staticmethod
+    def _no_dropout(model: Any) -> Any:
+        """PPO runs without dropout (the ratio must be exactly 1 before the first update)."""
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "attention_dropout"):
+            config.attention_dropout = 0.0
+        return model
+
+    def _train_mode(self, on: bool) -> None:
+        """Train mode only matters for gradient checkpointing (dropout is off); generation stays in eval."""
+        if self.p.gradient_checkpointing:
+            for model in (self.actor, self.critic):
+                model.train(on)
 
     def _frozen(self, model: Any) -> Any:
         for param in model.parameters():
@@ -785,7 +803,7 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(client["kl_ctl"])
         self.reward_norm.load_state_dict(client["reward_norm"])
         if client.get("ema") is not None:
-            self.ema = client["ema"]
+            self.ema = {k: v.to(self.device) for k, v in client["ema"].items()}
         if self.unfreezer is not None and client.get("unfreezer"):
             self.unfreezer.load_state_dict(client["unfreezer"])
         set_rng_state(client["rng"])
@@ -834,7 +852,11 @@ class PPOTrainer:
             kl_coef = self.kl_ctl.value
             ro = self.make_rollout(self.step, timings)
             t_update = time.perf_counter()
-            stats = self.update(ro)
+            self._train_mode(True)
+            try:
+                stats = self.update(ro)
+            finally:
+                self._train_mode(False)
             timings["time_update"] = time.perf_counter() - t_update
 
             B = ro.mask.size(0)
