@@ -62,9 +62,15 @@ def stage_section(cfg: RunConfig, stage: str) -> dict[str, Any]:
 
 
 def data_sources(cfg: RunConfig, stage: str) -> list[str]:
+    """The local data files a stage reads by config. ``rm`` with ``rlaif_label`` among the stages trains on
+    the labelled file instead of ``rm.data``: that file is covered by the rlaif_label manifest's hash (a
+    parent), and the unused ``rm.data`` file is left out of the input hash."""
     section = getattr(cfg, stage)
     out = []
-    for name in ("data", "eval_data"):
+    names = ("data", "eval_data")
+    if stage == "rm" and "rlaif_label" in cfg.stages:
+        names = ("eval_data",)
+    for name in names:
         source = getattr(section, name, None)
         if source is not None and not source.path.startswith("hub:"):
             out.append(source.path)

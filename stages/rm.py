@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from data.formats import DataError, PreferencePair, load_examples
-from pipeline.config import RunConfig
+from pipeline.config import DataSource, RunConfig
 from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
 from pipeline.stage import StageRun
 from stages.engine import Engine, init_distributed, set_seed
@@ -499,13 +499,16 @@ def make_eval_fn(rows: list[EncodedPair], collate: Callable[[list[EncodedPair]],
 
 
 # ----------------------------------------------------------------------------------------------- run
-def load_preferences(cfg: RunConfig) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
-    """rm.data (+ rm.eval_data, or a held-out split by group of rm.eval_fraction) -> (train, eval, report)."""
+def load_preferences(cfg: RunConfig, source: DataSource | None = None,
+                     ) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
+    """``source`` (default rm.data) (+ rm.eval_data, or a held-out split by group of rm.eval_fraction)
+    -> (train, eval, report)."""
     rm = cfg.rm
-    if rm.data is None:
+    source = source or rm.data
+    if source is None:
         raise DataError("rm.data is not set: point it at a preference file (prompt/chosen/rejected, "
                         "HH transcripts, or prompt/responses/ranking) or hub:name")
-    pairs, report = load_examples(rm.data, "preference")
+    pairs, report = load_examples(source, "preference")
     info: dict[str, Any] = {"train": report.as_dict()}
     if rm.eval_data is not None:
         eval_pairs, eval_report = load_examples(rm.eval_data, "preference")
@@ -520,9 +523,10 @@ def load_preferences(cfg: RunConfig) -> tuple[list[PreferencePair], list[Prefere
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     rm = cfg.rm
-    if rm.data is None:
+    if rm.data is None and "rlaif_label" not in cfg.stages:
         raise DataError("rm.data is not set: point it at a preference file (prompt/chosen/rejected, "
-                        "HH transcripts, or prompt/responses/ranking) or hub:name")
+                        "HH transcripts, or prompt/responses/ranking) or hub:name, or add rlaif_label to the "
+                        "run's stages (make rlaif) to train on AI-judged pairs of SFT samples")
     dist = init_distributed()
     with StageRun(cfg, "rm", is_main=dist.is_main) as run:
         if rm.train.num_threads:
@@ -551,7 +555,22 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         run.set_chat_format(fmt, chat_fingerprint(fmt))
         run.update(reward_layout=dict(REWARD_LAYOUT))
 
-        train_pairs, eval_pairs, data_info = load_preferences(cfg)
+        # offline RLAIF: with rlaif_label among the stages, its labelled pairs replace rm.data
+        source = rm.data
+        if "rlaif_label" in run.parents:
+            from pipeline.manifest import hash_file
+            from stages.rlaif.label import labelled_preferences
+
+            labelled = labelled_preferences(run.parent_dir("rlaif_label"))
+            source, digest = DataSource(path=str(labelled)), hash_file(labelled)
+            run.manifest["data_files"][str(labelled)] = digest
+            run.update(preference_data={"from": "rlaif_label", "path": str(labelled), "hash": digest})
+            if rm.data is not None and dist.is_main:
+                print(f"[alignpipe] rm: training on {labelled} (rlaif_label is among the stages); "
+                      f"rm.data ({rm.data.path}) is not used", flush=True)
+        else:
+            run.update(preference_data={"from": "rm.data", "path": rm.data.path})
+        train_pairs, eval_pairs, data_info = load_preferences(cfg, source)
         system = cfg.chat.system_prompt
         train_rows, train_enc = encode_pairs(tokenizer, train_pairs, rm.max_length, system)
         eval_rows, eval_enc = encode_pairs(tokenizer, eval_pairs, rm.max_length, system)
@@ -562,7 +581,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                       f"rm.max_length={rm.max_length}" + (f" (first: {enc.first_skipped})" if enc.first_skipped else ""),
                       flush=True)
         if not train_rows:
-            raise DataError(f"{rm.data.path}: no training pairs fit in rm.max_length={rm.max_length} "
+            raise DataError(f"{source.path}: no training pairs fit in rm.max_length={rm.max_length} "
                             f"({train_enc.skipped_too_long} skipped as too long); raise max_length")
         if not eval_rows and dist.is_main:
             print("[alignpipe] rm: no held-out pairs (set rm.eval_data or rm.eval_fraction): no eval metrics "

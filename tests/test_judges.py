@@ -389,8 +389,8 @@ def test_hf_judge_score_matches_a_direct_computation(hf_judge: HFJudge) -> None:
 
 
 def test_build_hf_judge_from_config(tmp_path: Path) -> None:
-    cfg = load_config("configs/tiny.yaml")
-    judge = build_judge(cfg, "default", cache_path=tmp_path / "j.sqlite")
+    cfg = load_config("configs/tiny.yaml")  # its "default" judge is the rule-based one; "hf" the tiny base
+    judge = build_judge(cfg, "hf", cache_path=tmp_path / "j.sqlite")
     assert isinstance(judge, HFJudge)
     judge.judge_pairs(PAIRS[:1])
     assert judge.stats.requests == 2

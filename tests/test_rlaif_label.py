@@ -96,3 +96,40 @@ def test_rlaif_label_refuses_a_judge_that_keeps_nothing(tmp_path: Path) -> None:
     manifest = read_manifest(cfg.stage_dir("rlaif_label"))
     assert manifest["status"] == "failed" and "kept no pair" in manifest["error"]
     assert manifest["metrics"]["inconsistent"] == manifest["metrics"]["pairs_judged"]
+
+
+def test_chain_sft_rlaif_label_rm_reads_the_labelled_file(tmp_path: Path) -> None:
+    """sft -> rlaif_label (tiny.yaml's own rule-based default judge) -> rm, with rm.data unset: the rm
+    stage trains on outputs/<run>/rlaif_label/preferences.jsonl and records the file and its hash."""
+    from data.formats import DataError
+    from pipeline.manifest import hash_file
+    from pipeline.stage import data_hashes
+
+    cfg = load_config("configs/tiny.yaml", [
+        f"output_root={tmp_path}", "stages=[sft, rlaif_label, rm]", "rm.data=", "rlaif_label.data.max_records=8",
+        "rm.train.max_steps=2", "rm.train.per_device_batch_size=4", "rm.eval_fraction=0.2",
+    ])
+    assert cfg.rm.data is None and cfg.rlaif.judges["default"].kind == "function"
+    fake_sft(cfg)
+    label_metrics = run_stage("rlaif_label", cfg)
+    labelled = cfg.stage_dir("rlaif_label") / "preferences.jsonl"
+    assert label_metrics["pairs_kept"] > 0 and labelled.exists()
+    assert label_metrics["inconsistent"] == 0  # the rule judge is order-symmetric
+
+    rm_metrics = run_stage("rm", cfg)
+    manifest = read_manifest(cfg.stage_dir("rm"))
+    assert manifest["status"] == "complete"
+    assert manifest["preference_data"] == {"from": "rlaif_label", "path": str(labelled), "hash": hash_file(labelled)}
+    assert manifest["data_files"] == {str(labelled): hash_file(labelled)}
+    assert set(manifest["parents"]) == {"sft", "rlaif_label"}
+    assert rm_metrics["train_pairs"] + rm_metrics["eval_pairs"] == label_metrics["pairs_kept"]
+
+    # the identity does not hash an rm.data that is not read; the labelled file counts through its parent
+    with_data = load_config("configs/tiny.yaml", [f"output_root={tmp_path}", "stages=[sft, rlaif_label, rm]"])
+    assert data_hashes(with_data, "rm") == {}
+    assert stage_identity(with_data, "rm")[1] == stage_identity(cfg, "rm")[1]
+
+    # neither rm.data nor rlaif_label: a clear error before any model is loaded
+    plain = load_config("configs/tiny.yaml", [f"output_root={tmp_path / 'plain'}", "stages=[sft, rm]", "rm.data="])
+    with pytest.raises(DataError, match="rm.data is not set.*rlaif_label"):
+        run_stage("rm", plain)

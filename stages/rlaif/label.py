@@ -32,6 +32,16 @@ from .judges import JudgeError, build_judge
 OUTPUT_FILE = "preferences.jsonl"
 
 
+def labelled_preferences(stage_dir: str | Path) -> Path:
+    """The preference file a complete ``rlaif_label`` stage at ``stage_dir`` wrote (what ``rm`` trains on
+    when ``rlaif_label`` is among the run's stages). Raises ``DataError`` when it is missing or empty."""
+    path = Path(stage_dir) / OUTPUT_FILE
+    if not path.is_file() or path.stat().st_size == 0:
+        raise DataError(f"{path} is missing or empty although the rlaif_label stage at {stage_dir} is complete; "
+                        "re-run it (python -m pipeline run CONFIG --stages rlaif_label --force)")
+    return path
+
+
 def _policy_dirs(cfg: RunConfig, run: StageRun) -> tuple[str, str, str]:
     """(model folder, tokenizer folder, what it is) of the policy that samples."""
     if "sft" in run.parents:

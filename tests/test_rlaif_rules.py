@@ -1,0 +1,113 @@
+"""The rule-based demo-task judge (stages/rlaif/rules.py) on hand-made cases, and as a FunctionJudge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stages.rlaif.judges import FunctionJudge, interpret_pair_value
+from stages.rlaif.rules import (
+    UNKNOWN_SCORE,
+    demo_task_judge,
+    demo_task_score,
+    parse_task,
+    score_response,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("prompt, kind, answer", [
+    ("What is 5 plus 12?", "arith", 17.0),
+    ("What is 46 minus 14?", "arith", 32.0),
+    ("What is 7 times 8?", "arith", 56.0),
+    ("Reverse the word 'apple'.", "reverse", "elppa"),
+    ("Write 'candle' in capital letters.", "upper", "CANDLE"),
+    ("How many letters are in the word 'thunder'?", "count", 7.0),
+    ("What is the opposite of 'hot'?", "antonym", "cold"),
+    ("What is the opposite of 'cold'?", "antonym", "hot"),
+    ("What is the capital of India?", "capital", "New Delhi"),
+])
+def test_parse_task(prompt: str, kind: str, answer: object) -> None:
+    task = parse_task(prompt)
+    assert task is not None and task.kind == kind and task.answer == answer
+
+
+def test_parse_task_takes_the_last_question_and_knows_unknown_prompts() -> None:
+    transcript = "User: What is 2 plus 3?\n\nAssistant: 2 plus 3 is 5.\n\nUser: What is the capital of Peru?"
+    assert parse_task(transcript).answer == "Lima"
+    assert parse_task("Tell me a joke.") is None
+    assert parse_task("What is the capital of Atlantis?") is None  # not in the demo's table
+
+
+@pytest.mark.parametrize("prompt, right, wrong", [
+    ("What is 5 times 12?", "5 times 12 is 60.", "5 times 12 is 62."),
+    ("What is 30 minus 4?", "30 minus 4 is 26.", "30 minus 4 is 27."),
+    ("What is 9 plus 9?", "18", "9 plus 9 is 18 or maybe 19."),  # a hedged second answer is not correct
+    ("Reverse the word 'river'.", "The reversed word is 'revir'.", "The reversed word is 'iverr'."),
+    ("Write 'garden' in capital letters.", "GARDEN", "Garden"),
+    ("How many letters are in the word 'apple'?", "'apple' has 5 letters.", "'apple' has 6 letters."),
+    ("How many letters are in the word 'apple'?", "It has five letters.", "It has six letters."),
+    ("What is the opposite of 'fast'?", "The opposite of 'fast' is 'slow'.", "The opposite of 'fast' is 'big'."),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo.", "The capital of Japan is Paris."),
+    ("What is the capital of India?", "New Delhi.", "Delhi or Mumbai, or Beijing."),
+])
+def test_correct_beats_wrong(prompt: str, right: str, wrong: str) -> None:
+    good, bad = score_response(prompt, right), score_response(prompt, wrong)
+    assert good.correct and not bad.correct, (good, bad)
+    assert good.score > bad.score
+    prob, rationale = demo_task_judge(prompt, right, wrong)
+    assert prob > 0.5 and rationale.startswith("A: correct")
+    prob_swapped, _ = demo_task_judge(prompt, wrong, right)
+    assert prob_swapped == pytest.approx(1.0 - prob)  # symmetric: the order swap never disagrees
+
+
+def test_the_demo_quality_order() -> None:
+    """correct & concise > correct & rambling > wrong & clean > wrong & rambling > curt refusal > empty."""
+    prompt = "What is 6 times 7?"
+    ramble = " Let me think about this for a while, there are many things to consider and I am not sure."
+    responses = ["6 times 7 is 42.", "6 times 7 is 42." + ramble, "6 times 7 is 44.", "6 times 7 is 44." + ramble,
+                 "Whatever.", ""]
+    scores = [demo_task_score(prompt, r) for r in responses]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores), scores
+    assert scores[0] > 0.95 and scores[-1] == 0.0
+    assert all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_repetition_and_length_are_penalised() -> None:
+    prompt = "What is 2 plus 2?"
+    assert demo_task_score(prompt, "4") > demo_task_score(prompt, "4 4 4 4 4 4 4 4 4 4 4 4 4 4")
+    # off-task answers of different lengths are still ordered (shorter wins), so they do not tie
+    assert demo_task_score(prompt, "hello") > demo_task_score(prompt, "hello there my friend")
+
+
+def test_unknown_prompts_are_neutral_ties() -> None:
+    assert demo_task_score("Write a poem.", "Roses are red.") == UNKNOWN_SCORE
+    assert demo_task_judge("Write a poem.", "Roses are red.", "x")[0] == 0.5
+
+
+def test_values_are_what_the_function_judge_reads() -> None:
+    raw = interpret_pair_value(demo_task_judge("What is 1 plus 1?", "2", "3"))
+    assert raw.error is None and raw.prob_first > 0.5 and raw.rationale
+    judge = FunctionJudge("stages.rlaif.rules:demo_task_judge")
+    verdict = judge.judge_pair("What is 1 plus 1?", "1 plus 1 is 3.", "1 plus 1 is 2.")
+    assert verdict.choice == "B" and verdict.consistent and judge.stats.inconsistent == 0
+    point = judge.score("What is 1 plus 1?", "1 plus 1 is 2.")
+    assert point.score == pytest.approx(demo_task_score("What is 1 plus 1?", "1 plus 1 is 2.")) and not point.malformed
+    # a message-list prompt (as PPO passes it): the user's turn is what the rule reads
+    messages = [{"role": "system", "content": "Be concise."}, {"role": "user", "content": "What is 1 plus 1?"}]
+    assert judge.score(messages, "2").score == pytest.approx(demo_task_score("What is 1 plus 1?", "2"))
+
+
+def test_agrees_with_the_demo_preferences_and_rankings() -> None:
+    prefs = [json.loads(line) for line in (REPO / "data/demo/preferences.jsonl").read_text().splitlines()]
+    assert all(demo_task_judge(r["prompt"], r["chosen"], r["rejected"])[0] > 0.5 for r in prefs)
+    for line in (REPO / "data/demo/rankings.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        scores = [demo_task_score(r["prompt"], x) for x in r["responses"]]
+        assert sorted(range(len(scores)), key=lambda k: -scores[k]) == r["ranking"]
+    for line in (REPO / "data/demo/prompts.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        assert score_response(r["prompt"], r["reference"]).correct, r
