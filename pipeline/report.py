@@ -12,7 +12,10 @@ Sections, each from the stage's ``metrics.jsonl`` and ``manifest.json`` (a stage
 - sample generations from the SFT and PPO policies on the same held-out prompts, with the RM win rate of
   PPO over SFT. They come from ``ppo/samples.jsonl`` (rows ``{prompt, sft, ppo}``) when the PPO stage
   wrote it, else ``sample_generations`` computes them (greedy decoding; prompts from ``ppo.eval_data``
-  or the tail of ``ppo.data``) and caches them in ``report/samples.jsonl``.
+  or the tail of ``ppo.data``) and caches them in ``report/samples.jsonl``;
+- the judge win rate of PPO over SFT on the same prompts and responses, by the judge named by
+  ``rlaif_label.judge`` (``rlaif.judges``), asked in both orders (inconsistent verdicts are ties). The
+  win rates go into ``outputs/<run>/evaluation.json`` (``write_evaluation``) as well as the report.
 
 Plots and copied images live in ``outputs/<run>/report/``; links in the Markdown are relative.
 """
@@ -34,7 +37,8 @@ from .manifest import MANIFEST, atomic_write_json, atomic_write_text, hash_file,
 Printer = Callable[[str], None]
 PPO_KEYS = ("score", "kl", "response_length", "entropy", "eos_rate", "kl_coef")
 STAGE_TITLES = {"sft": "SFT", "rlaif_label": "RLAIF labels", "rm": "Reward model", "ppo": "PPO"}
-SAMPLES_VERSION = 1
+SAMPLES_VERSION = 2  # 2: the judge win rate is part of the cached result
+EVALUATION_FILE = "evaluation.json"
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -363,14 +367,63 @@ def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
 
 
+def judge_win_rate(cfg: RunConfig, rows: list[dict[str, Any]], judge_name: str | None = None) -> dict[str, Any]:
+    """The judge's verdicts of PPO against SFT on sample rows ``{prompt, sft, ppo}``.
+
+    The judge is ``rlaif.judges[judge_name or rlaif_label.judge]`` (``stages.rlaif.judges.build_judge``,
+    its cache included); every pair is asked in both orders (PPO's response shown first, then SFT's), and
+    orders that disagree count as a tie. Sets ``row["judge"]`` to "ppo", "sft" or "tie" and returns
+    ``{judge, judge_kind, judge_win_rate (ties count half), judge_wins, judge_losses, judge_ties,
+    judge_inconsistent, judge_malformed, judge_prompts}``.
+    """
+    from stages.rlaif.judges import build_judge
+
+    name = judge_name or cfg.rlaif_label.judge
+    if not rows:
+        raise ValueError("no sample rows to judge")
+    judge = build_judge(cfg, name)
+    try:
+        verdicts = judge.judge_pairs([(r["prompt"], r["ppo"] or "", r["sft"] or "") for r in rows])
+        stats = judge.stats.as_dict()
+    finally:
+        judge.close()
+    for row, verdict in zip(rows, verdicts):
+        row["judge"] = {"A": "ppo", "B": "sft"}.get(verdict.choice, "tie")
+    wins = sum(v.choice == "A" for v in verdicts)
+    losses = sum(v.choice == "B" for v in verdicts)
+    ties = len(verdicts) - wins - losses
+    return {"judge": name, "judge_kind": judge.kind, "judge_win_rate": (wins + 0.5 * ties) / len(verdicts),
+            "judge_wins": wins, "judge_losses": losses, "judge_ties": ties,
+            "judge_inconsistent": stats["inconsistent"], "judge_malformed": stats["malformed"],
+            "judge_prompts": len(verdicts)}
+
+
+def _judge_or_reason(cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``judge_win_rate``, or ``{judge, judge_error}`` when the judge cannot be built or fails (the report
+    must still be written; the reason is shown in it). A config that defines no ``rlaif`` section gets
+    ``judge_error`` too rather than the built-in default (an HF judge on the base model, which costs
+    minutes on a CPU and, for SmolLM2, only gives ties)."""
+    name = cfg.rlaif_label.judge
+    if "rlaif" not in cfg.model_fields_set:
+        return {"judge": None, "judge_error": "no judge configured (define rlaif.judges and name one in "
+                                              "rlaif_label.judge; see configs/demo.yaml)"}
+    if name not in cfg.rlaif.judges:
+        return {"judge": name, "judge_error": f"no judge named {name!r} under rlaif.judges"}
+    try:
+        return judge_win_rate(cfg, rows, name)
+    except Exception as exc:  # noqa: BLE001 - any judge failure is reported, not fatal
+        return {"judge": name, "judge_error": f"{type(exc).__name__}: {exc}"}
+
+
 def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | None = None,
-                       n: int = 8) -> dict[str, Any]:
+                       n: int = 8, judge: bool = True) -> dict[str, Any]:
     """Greedy generations of the SFT and PPO policies on the same held-out prompts, scored by the RM.
 
     ``prompts``: message lists (or plain strings, taken as one user turn); None picks ``n`` held-out
-    prompts (``held_out_prompts``). Returns ``{"rows": [{prompt, sft, ppo, rm_sft, rm_ppo}],
-    "rm_win_rate": ..., "rm_mean_sft": ..., "rm_mean_ppo": ...}``; the RM fields are absent when the RM
-    stage has no model.
+    prompts (``held_out_prompts``). Returns ``{"rows": [{prompt, sft, ppo, rm_sft, rm_ppo, judge}],
+    "rm_win_rate": ..., "rm_mean_sft": ..., "rm_mean_ppo": ..., **judge_win_rate(...)}``; the RM fields
+    are absent when the RM stage has no model, the judge fields with ``judge=False`` (a failing judge
+    gives ``judge_error`` instead).
     """
     import torch
 
@@ -394,6 +447,8 @@ def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | Non
                 row["rm_sft"], row["rm_ppo"] = a, b
             result.update(rm_win_rate=win_rate(rm_ppo, rm_sft), rm_mean_sft=sum(rm_sft) / len(rm_sft),
                           rm_mean_ppo=sum(rm_ppo) / len(rm_ppo))
+        if judge:
+            result.update(_judge_or_reason(cfg, rows))
         return result
     finally:
         torch.set_num_threads(threads)
@@ -402,8 +457,10 @@ def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | Non
 def _samples_key(cfg: RunConfig, n: int) -> str:
     hashes = {s: hash_file(cfg.stage_dir(s) / MANIFEST) if (cfg.stage_dir(s) / MANIFEST).exists() else None
               for s in ("sft", "rm", "ppo")}
+    judge = cfg.rlaif.judges.get(cfg.rlaif_label.judge)
     return hash_json({"v": SAMPLES_VERSION, "n": n, "manifests": hashes, "ppo": cfg.ppo.model_dump(mode="json"),
-                      "chat": cfg.chat.model_dump(mode="json")})
+                      "chat": cfg.chat.model_dump(mode="json"), "judge": cfg.rlaif_label.judge,
+                      "judge_config": judge.model_dump(mode="json") if judge is not None else None})
 
 
 def _load_samples(cfg: RunConfig, plots: Path, generate: bool, n: int, out: Printer) -> tuple[dict[str, Any] | None, str]:
@@ -416,6 +473,8 @@ def _load_samples(cfg: RunConfig, plots: Path, generate: bool, n: int, out: Prin
             result: dict[str, Any] = {"rows": rows}
             if all("rm_ppo" in r and "rm_sft" in r for r in rows):
                 result["rm_win_rate"] = win_rate([r["rm_ppo"] for r in rows], [r["rm_sft"] for r in rows])
+            if generate:
+                result.update(_judge_or_reason(cfg, rows))
             return result, f"from {ppo_file.relative_to(cfg.run_dir())}"
     def has_model(stage: str) -> bool:
         folder = cfg.stage_dir(stage)
@@ -460,14 +519,43 @@ def _samples_section(cfg: RunConfig, plots: Path, generate: bool, n: int, out: P
         lines += [f"**RM win rate of PPO over SFT: {result['rm_win_rate']:.1%}** on {len(rows)} prompts (ties count half)"
                   + (f"; mean RM score SFT {result['rm_mean_sft']:.3f}, PPO {result['rm_mean_ppo']:.3f}"
                      if "rm_mean_sft" in result else "") + ".", ""]
+    if "judge_win_rate" in result:
+        lines += [f"**Judge win rate of PPO over SFT: {result['judge_win_rate']:.1%}** by the judge "
+                  f"`{result['judge']}` ({result.get('judge_kind')}) on {result.get('judge_prompts', len(rows))} "
+                  f"prompts, asked in both orders: {result['judge_wins']} PPO wins, {result['judge_losses']} SFT "
+                  f"wins, {result['judge_ties']} ties (ties count half; {result.get('judge_inconsistent', 0)} "
+                  "inconsistent across orders).", ""]
+    elif "judge_error" in result:
+        who = f"judge `{result['judge']}`: " if result.get("judge") else ""
+        lines += [f"Judge win rate: not computed ({who}{result['judge_error']}).", ""]
     judge = {k: v for k, v in ((ppo.get("metrics") or {}).items()) if "win_rate" in k}
     if judge:
         lines += ["Win rates recorded by the PPO stage: " + ", ".join(f"{k} = {md_cell(v)}" for k, v in judge.items()), ""]
+    evaluation = write_evaluation(cfg, result, source)
+    lines += [f"These figures are in `{evaluation.relative_to(cfg.run_dir())}`.", ""]
     has_scores = all("rm_sft" in r and "rm_ppo" in r for r in rows)
-    header = ["prompt", "SFT", "PPO"] + (["RM SFT", "RM PPO"] if has_scores else [])
+    has_judge = all("judge" in r for r in rows)
+    header = ["prompt", "SFT", "PPO"] + (["RM SFT", "RM PPO"] if has_scores else []) + (["judge"] if has_judge else [])
     table = [[_prompt_text(r.get("prompt")), r.get("sft"), r.get("ppo")]
-             + ([r["rm_sft"], r["rm_ppo"]] if has_scores else []) for r in rows]
+             + ([r["rm_sft"], r["rm_ppo"]] if has_scores else []) + ([r["judge"]] if has_judge else []) for r in rows]
     return lines + md_table(header, table) + [""]
+
+
+def write_evaluation(cfg: RunConfig, result: dict[str, Any], source: str) -> Path:
+    """``outputs/<run>/evaluation.json``: PPO vs SFT on held-out prompts, by the RM and by the judge.
+
+    Keys: ``n_prompts``, ``source`` (where the generations came from), ``rm_win_rate``, ``rm_mean_sft``,
+    ``rm_mean_ppo`` (when there is an RM), ``judge``, ``judge_kind``, ``judge_win_rate``, ``judge_wins``,
+    ``judge_losses``, ``judge_ties``, ``judge_inconsistent``, ``judge_malformed`` (or ``judge_error``).
+    """
+    keys = ("rm_win_rate", "rm_mean_sft", "rm_mean_ppo", "judge", "judge_kind", "judge_win_rate", "judge_wins",
+            "judge_losses", "judge_ties", "judge_inconsistent", "judge_malformed", "judge_error")
+    evaluation = {"run_name": cfg.run_name, "policy": "ppo", "baseline": "sft", "n_prompts": len(result["rows"]),
+                  "source": source, **{k: result[k] for k in keys if k in result},
+                  "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = cfg.run_dir() / EVALUATION_FILE
+    atomic_write_json(path, evaluation)
+    return path
 
 
 # -------------------------------------------------------------------------------------------- write

@@ -167,3 +167,76 @@ def test_sample_generations_with_tiny_models(tmp_path):
     # a second report reuses the cached generations
     assert "greedy decoding (cached)" in write_report(cfg, out=lambda line: None).read_text()
     assert read_manifest(cfg.stage_dir("ppo"))["status"] == "complete"
+
+
+def prefers_shorter(prompt: str, first: str, second: str) -> float:
+    """A consistent rule judge for the test below: the shorter response wins (equal lengths tie)."""
+    return 1.0 if len(first) < len(second) else 0.0 if len(first) > len(second) else 0.5
+
+
+def always_first(prompt: str, first: str, second: str) -> str:
+    """A judge with total position bias: every pair is inconsistent across the two orders."""
+    return "A"
+
+
+def test_judge_win_rate_in_report_and_evaluation_json(tmp_path):
+    """PPO (a perturbed tiny model) vs SFT (the tiny base) on held-out prompts: the RM win rate and the
+    judge win rate (function judge, both orders) go into report.md and outputs/<run>/evaluation.json."""
+    import torch
+
+    torch.set_num_threads(1)
+    from pipeline.models import load_model, load_tokenizer, prepare_base
+    from pipeline.report import judge_win_rate, sample_generations
+
+    judges = ("rlaif:\n  judges:\n"
+              f"    short: {{kind: function, function: 'tests.test_report:prefers_shorter'}}\n"
+              f"    biased: {{kind: function, function: 'tests.test_report:always_first'}}\n"
+              "rlaif_label: {judge: short}\n")
+    cfg = load_config(write_config(tmp_path, "  max_new_tokens: 12\n" + judges))
+    base = prepare_base(cfg.model)
+    tokenizer = load_tokenizer(base, cfg.model, cfg.chat)
+    for stage, kind in (("sft", "causal_lm"), ("rm", "seq_cls")):
+        _fake_model_stage(cfg, stage, base, tokenizer, kind)
+    perturbed = tmp_path / "perturbed"
+    model = load_model(base, cfg.model, tokenizer)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.5 * torch.randn_like(param) * param.std().clamp(min=1e-3))
+    model.save_pretrained(perturbed, safe_serialization=True)
+    _fake_model_stage(cfg, "ppo", str(perturbed), tokenizer, "causal_lm")
+
+    result = sample_generations(cfg, None, n=6)
+    rows = result["rows"]
+    expected = [1.0 if len(r["ppo"]) < len(r["sft"]) else 0.0 if len(r["ppo"]) > len(r["sft"]) else 0.5 for r in rows]
+    assert any(r["sft"] != r["ppo"] for r in rows)
+    assert result["judge"] == "short" and result["judge_kind"] == "function"
+    assert result["judge_win_rate"] == pytest.approx(sum(expected) / len(rows))
+    assert result["judge_wins"] == expected.count(1.0) and result["judge_ties"] == expected.count(0.5)
+    assert result["judge_inconsistent"] == 0 and result["judge_prompts"] == 6
+    assert [r["judge"] for r in rows] == [{1.0: "ppo", 0.0: "sft", 0.5: "tie"}[e] for e in expected]
+    assert "rm_win_rate" in result
+
+    # a judge with total position bias: both orders disagree on every pair of different responses
+    biased = judge_win_rate(cfg, [dict(r) for r in rows], "biased")
+    assert biased["judge_wins"] == biased["judge_losses"] == 0 and biased["judge_win_rate"] == 0.5
+    assert biased["judge_inconsistent"] == biased["judge_ties"] == 6
+
+    text = write_report(cfg, out=lambda line: None, n_samples=6).read_text()
+    evaluation = json.loads((cfg.run_dir() / "evaluation.json").read_text())
+    assert evaluation["n_prompts"] == 6 and evaluation["judge"] == "short"
+    assert evaluation["judge_win_rate"] == pytest.approx(result["judge_win_rate"])
+    assert evaluation["judge_ties"] == result["judge_ties"]
+    assert evaluation["rm_win_rate"] == pytest.approx(result["rm_win_rate"])
+    assert f"Judge win rate of PPO over SFT: {result['judge_win_rate']:.1%}" in text
+    assert "by the judge `short` (function)" in text and "evaluation.json" in text
+
+
+def test_report_without_a_configured_judge_says_so(tmp_path, quiet_env):
+    cfg = load_config(write_config(tmp_path))
+    for stage in ("sft", "rm", "ppo"):
+        fake_stages.run_fake(cfg, stage)
+    text = write_report(cfg, out=lambda line: None).read_text()
+    assert "Judge win rate: not computed (no judge configured" in text
+    evaluation = json.loads((cfg.run_dir() / "evaluation.json").read_text())
+    assert evaluation["rm_win_rate"] == 1.0 and "judge_win_rate" not in evaluation and evaluation["judge_error"]
