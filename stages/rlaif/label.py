@@ -6,7 +6,9 @@ left padding, temperature ``rlaif_label.temperature``, top-k 0, top-p 1, stop at
 distinct, non-empty responses is judged by ``build_judge(cfg, rlaif_label.judge)`` in both orders;
 ties (including inconsistent and unreadable verdicts) are dropped and counted. The result is
 ``preferences.jsonl`` in the stage folder: one ``{"prompt", "chosen", "rejected", "judge": {...}}``
-record per kept pair, the data contract's preference format, which the ``rm`` stage trains on as it is.
+record per kept pair, the data contract's preference format, which the ``rm`` stage trains on as it is:
+with ``rlaif_label`` among the run's stages, ``rm`` reads this file (``labelled_preferences``) instead of
+``rm.data`` and records its path and hash in its manifest.
 
 Judgments are cached (see ``stages.rlaif.judges``), so re-running or resuming the stage does not ask the
 judge again. Manifest metrics: prompts, responses, pairs judged/kept, ties dropped (inconsistent,
