@@ -48,7 +48,8 @@ Metrics (``metrics.jsonl``, one row per step; means over the global batch unless
 - ``entropy``: mean per-token entropy of the policy over response tokens (update passes).
 - ``clipfrac``: fraction of response tokens where the policy ratio was clipped (update passes).
 - ``approx_kl``: ``0.5 * mean((logp - old_logp)^2)``, how far the update moved the policy.
-- ``ratio_max``: the largest probability ratio seen in the update (over all minibatches and ranks).
+- ``ratio_max``: the largest probability ratio seen in the update (over all minibatches and ranks);
+  ``ratio_mean``: the mean ratio over response tokens (1 means the update barely moved the policy).
 - ``policy_loss``, ``value_loss``: clipped PPO losses (means over micro-batches); ``vf_clipfrac``.
 - ``kl_loss`` / ``ptx_loss``: the KL loss term (``kl_in_loss``) and PTX loss, when on.
 - ``explained_variance``: of the returns by the rollout values (1 is a perfect critic).
@@ -62,7 +63,11 @@ Metrics (``metrics.jsonl``, one row per step; means over the global batch unless
 - Eval rows (``eval_data``; before training, every ``eval_steps`` and at the end): ``eval_score``,
   ``eval_response_length``, ``eval_eos_rate`` on the held-out prompts with fixed sampling streams.
 
-``samples.jsonl``: every ``log_samples_every`` steps, a few (prompt, response, score, reward) rows.
+``samples.jsonl``: at step 1 and every ``log_samples_every`` steps, a few (prompt, response, score,
+reward, eos) rows.
+
+Several processes (torchrun / deepspeed launcher) need ``ppo.deepspeed`` (a ZeRO-1/2/3 JSON): actor and
+critic become DeepSpeed engines; the reference and the reward model are plain frozen copies per rank.
 """
 
 from __future__ import annotations
@@ -452,7 +457,8 @@ class PPOTrainer:
         with self._autocast():
             out = model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), use_cache=False,
                         logits_to_keep=T + 1)
-        return out.logits[:, :T].float() / self.p.temperature
+        logits = out.logits[:, :T].float()
+        return logits if self.p.temperature == 1.0 else logits / self.p.temperature
 
     def critic_values(self, model: Any, ids: torch.Tensor, att: torch.Tensor, T: int) -> torch.Tensor:
         """(B, T) fp32 values of the state before each response token."""
