@@ -84,6 +84,17 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing (transformers 5 renamed gradient_checkpointing_enable and
+    its kwargs; both names work). Input grads are enabled so a frozen embedding still lets PEFT train."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
 # ------------------------------------------------------------------------------------ data order
 def epoch_order(n_items: int, epoch: int, seed: int, rank: int, world: int, micro: int) -> list[list[int]]:
     """This rank's micro-batches (lists of item indices) for one epoch.
@@ -183,13 +194,7 @@ class Engine:
                 )
         self.model = model.to(dist.device)
         if train.gradient_checkpointing:
-            # transformers 5 renamed it (and its kwargs); keep working on both names
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
+            enable_activation_checkpointing(model)
         # Parameters an unfreezer may turn on later must be in the optimizer from the start.
         params = [p for p in model.parameters() if p.requires_grad or unfreezer is not None]
         if not params:

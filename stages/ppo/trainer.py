@@ -90,7 +90,7 @@ from pipeline.config import RunConfig, resolve_path
 from pipeline.manifest import atomic_write_text
 from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base, save_tokenizer
 from pipeline.stage import StageRun
-from stages.engine import DistInfo, epoch_order, init_distributed, lr_lambda, use_bf16
+from stages.engine import DistInfo, enable_activation_checkpointing, epoch_order, init_distributed, lr_lambda, use_bf16
 from stages.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -324,7 +324,7 @@ class PPOTrainer:
             self.ref = self._frozen(ref)
         actor, self.unfreezer = apply_tuning(actor, p.tuning, "causal_lm", self.total_steps)
         if p.gradient_checkpointing:
-            self._enable_checkpointing(actor)
+            enable_activation_checkpointing(actor)
         actor.config.use_cache = True
         self.actor = self._no_dropout(actor).to(self.device).eval()
 
@@ -361,20 +361,10 @@ class PPOTrainer:
             for param in critic.parameters():
                 param.requires_grad_(True)
         if p.gradient_checkpointing:
-            self._enable_checkpointing(critic)
+            enable_activation_checkpointing(critic)
         self.critic = self._no_dropout(critic).to(self.device).eval()
         self.rewards = RewardSources(p.rewards, cfg, tokenizer, self.rm, cfg.rm.max_length, self.device,
                                      autocast_bf16=self.bf16, batch_size=max(self.micro, 8))
-
-    @staticmethod
-    def _enable_checkpointing(model: Any) -> None:
-        """Non-reentrant activation checkpointing (transformers 5 renamed gradient_checkpointing_enable)."""
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
 
     @staticmethod
     def _no_dropout(model: Any) -> Any:
