@@ -59,7 +59,7 @@ def test_correct_beats_wrong(prompt: str, right: str, wrong: str) -> None:
     assert good.correct and not bad.correct, (good, bad)
     assert good.score > bad.score
     prob, rationale = demo_task_judge(prompt, right, wrong)
-    assert prob > 0.5 and rationale.startswith("A: correct")
+    assert prob > 0.5 and rationale.startswith("first: correct")
     prob_swapped, _ = demo_task_judge(prompt, wrong, right)
     assert prob_swapped == pytest.approx(1.0 - prob)  # symmetric: the order swap never disagrees
 

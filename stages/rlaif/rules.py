@@ -229,4 +229,4 @@ def demo_task_judge(prompt: str, first: str, second: str | None = None) -> tuple
     prob = min(1.0, max(0.0, 0.5 + (a.score - b.score) / 2))
     if a.task is None:
         return 0.5, "not a demo task: no verdict"
-    return prob, f"A: {a.explain()}; B: {b.explain()}"
+    return prob, f"first: {a.explain()}; second: {b.explain()}"
