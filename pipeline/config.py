@@ -348,6 +348,7 @@ class RLAIFLabelConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     batch_size: int = Field(8, gt=0)
     seed: int = 0
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch default).")
 
 
 class RLAIFConfig(_Section):

@@ -67,7 +67,7 @@ def data_sources(cfg: RunConfig, stage: str) -> list[str]:
     parent), and the unused ``rm.data`` file is left out of the input hash."""
     section = getattr(cfg, stage)
     out = []
-    names = ("data", "eval_data")
+    names = ("data", "eval_data", "ptx_data")
     if stage == "rm" and "rlaif_label" in cfg.stages:
         names = ("eval_data",)
     for name in names:

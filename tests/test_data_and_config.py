@@ -154,3 +154,15 @@ def test_invalid_yaml_names_the_line(tmp_path):
     cfg.write_text("run_name: x\nsft:\n  data: [unclosed\n")
     with pytest.raises(ConfigError, match=r"broken.yaml:\d+: invalid YAML"):
         load_config(cfg)
+
+
+def test_every_data_file_a_stage_reads_is_in_its_input_hash(tmp_path):
+    from pipeline.stage import stage_identity
+
+    ptx = tmp_path / "ptx.jsonl"
+    ptx.write_text(json.dumps(GOOD) + "\n")
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"output_root={tmp_path}", f"ppo.ptx_data.path={ptx}"])
+    before = stage_identity(cfg, "ppo")
+    ptx.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
+    after = stage_identity(cfg, "ppo")
+    assert before[0] == after[0] and before[1] != after[1], "editing the PTX file must re-run PPO"

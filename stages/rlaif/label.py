@@ -111,6 +111,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                         "e.g. data/demo/prompts.jsonl")
     import torch
 
+    if lc.num_threads:
+        torch.set_num_threads(lc.num_threads)
     with StageRun(cfg, "rlaif_label") as run:
         model_dir, tok_dir, policy = _policy_dirs(cfg, run)
         tokenizer = load_tokenizer(tok_dir, cfg.model, cfg.chat)
