@@ -61,6 +61,7 @@ from pipeline.stage import StageRun
 from stages.engine import Engine, init_distributed, set_seed
 from stages.sft import save_stage_model, split_eval
 from stages.tuning import apply_tuning, load_trained, quantization_kwargs, trainable_summary
+from stages.batching import right_pad
 
 REWARD_LAYOUT: dict[str, Any] = {"read_at": "eos", "padding_side": "right", "template": "chat",
                                  "strip_after_eos": True}
@@ -199,21 +200,16 @@ def pair_collate(pad_id: int) -> Callable[[list[EncodedPair]], dict[str, torch.T
 
     def collate(rows: list[EncodedPair]) -> dict[str, torch.Tensor]:
         seqs = [r.chosen for r in rows] + [r.rejected for r in rows]
-        batch = right_pad(seqs, pad_id)
+        batch = right_pad_batch(seqs, pad_id)
         batch["margin"] = torch.tensor([r.margin for r in rows], dtype=torch.float32)
         return batch
 
     return collate
 
 
-def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def right_pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad token id lists -> {"input_ids", "attention_mask"} (N, longest)."""
-    longest = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
+    ids, mask = right_pad(seqs, pad_id)
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -334,7 +330,7 @@ def score_token_ids(model: torch.nn.Module, sequences: Sequence[Sequence[int]], 
         device = next(model.parameters()).device
     out = []
     for i in range(0, len(sequences), batch_size):
-        batch = right_pad(sequences[i:i + batch_size], pad_token_id)
+        batch = right_pad_batch(sequences[i:i + batch_size], pad_token_id)
         out.append(score_sequences(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 

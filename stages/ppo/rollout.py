@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 
+
 # ----------------------------------------------------------------------------------------- prompts
 @dataclass
 class EncodedPrompt:
@@ -52,29 +53,6 @@ def encode_prompts(tokenizer: Any, examples: Sequence[Any], max_prompt_length: i
         truncated = len(ids) > max_prompt_length
         out.append(EncodedPrompt(messages, ids[-max_prompt_length:], ex.reference, truncated))
     return out
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (ids (B, P), attention_mask (B, P)), left-padded to ``length`` (default: the longest row)."""
-    longest = max(max(len(r) for r in rows), length or 0)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, longest - len(r):] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, longest - len(r):] = 1
-    return ids, mask
-
-
-def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (ids (B, L), attention_mask (B, L)), right-padded to the longest row."""
-    longest = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
 
 
 # ---------------------------------------------------------------------------------------- sampling

@@ -106,13 +106,13 @@ from stages.ppo.core import (
     masked_whiten,
     per_token_rewards,
 )
+from stages.batching import left_pad
 from stages.ppo.rewards import RewardSources
 from stages.ppo.rollout import (
     EpisodeSampler,
     decode_responses,
     encode_prompts,
     episode_uniforms,
-    left_pad,
     position_ids,
     response_mask,
 )

@@ -686,16 +686,12 @@ class HFJudge(Judge):
         (a ``(tail + 1, vocab)`` tensor, oldest first); left-padded batches of ``batch_size``."""
         import torch
 
+        from stages.batching import left_pad
+
         pad = self.tokenizer.pad_token_id
         out = []
         for start in range(0, len(sequences), self.batch_size):
-            chunk = sequences[start:start + self.batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, seq in enumerate(chunk):
-                ids[row, width - len(seq):] = torch.tensor(seq)
-                mask[row, width - len(seq):] = 1
+            ids, mask = left_pad(sequences[start:start + self.batch_size], pad)
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             longest = max(tails[start:start + self.batch_size]) + 1
             inputs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),

@@ -76,16 +76,14 @@ def sample_responses(model: Any, tokenizer: Any, prompts: list[list[int]], num_r
     """
     import torch
 
+    from stages.batching import left_pad
+
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     out: list[list[tuple[str, bool]]] = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        ids, mask = left_pad(chunk, pad)
+        width = ids.shape[1]
         torch.manual_seed(seed + b)
         with torch.no_grad():
             generated = model.generate(
