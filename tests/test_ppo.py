@@ -384,7 +384,6 @@ def _launch(tmp_path: Path, tag: str, extra: list[str]) -> subprocess.CompletedP
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(REPO))
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_process_deepspeed_zero2_matches_one_process(tiny_cfg, tmp_path):
     """torchrun x2, DeepSpeed ZeRO-2 on CPU/gloo: both ranks are DeepSpeed engines in a world of 2, see
