@@ -19,7 +19,7 @@ whose responses do not fit even with the prompt reduced to the assistant header 
 counted. Nothing is dropped silently: the counts go into the manifest and are printed.
 
 K-wise rankings are expanded by ``data.formats`` to all K(K-1)/2 pairs that share a ``group`` id; the
-Engine keeps a group in one micro-batch (InstructGPT), and the held-out split is made by group, so no
+Engine keeps a group in one micro-batch (InstructGPT), and the held-out split is made by prompt, so no
 prompt is in both the training and the evaluation set.
 
 Public helpers for other stages (PPO scores with these so it reads the same layout):
@@ -46,6 +46,7 @@ Metrics
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -497,7 +498,7 @@ def make_eval_fn(rows: list[EncodedPair], collate: Callable[[list[EncodedPair]],
 # ----------------------------------------------------------------------------------------------- run
 def load_preferences(cfg: RunConfig, source: DataSource | None = None,
                      ) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
-    """``source`` (default rm.data) (+ rm.eval_data, or a held-out split by group of rm.eval_fraction)
+    """``source`` (default rm.data) (+ rm.eval_data, or a held-out split by prompt of rm.eval_fraction)
     -> (train, eval, report)."""
     rm = cfg.rm
     source = source or rm.data
@@ -510,11 +511,13 @@ def load_preferences(cfg: RunConfig, source: DataSource | None = None,
         eval_pairs, eval_report = load_examples(rm.eval_data, "preference")
         info["eval"] = eval_report.as_dict()
         return pairs, eval_pairs, info
-    # split by group: the pairs of one K-wise ranking (one prompt) never straddle train and eval
-    group_ids = list(dict.fromkeys(p.group for p in pairs))
-    train_groups, eval_groups = split_eval(group_ids, rm.eval_fraction, cfg.seed)
-    held = set(eval_groups)
-    return [p for p in pairs if p.group not in held], [p for p in pairs if p.group in held], info
+    # split by prompt: all pairs of one prompt (a K-wise ranking, several judged pairs from rlaif_label,
+    # or a prompt repeated in the data) stay on one side, so held-out accuracy is on unseen prompts
+    prompt_key = lambda pair: json.dumps(pair.prompt, sort_keys=True)
+    prompts = list(dict.fromkeys(prompt_key(p) for p in pairs))
+    _, eval_prompts = split_eval(prompts, rm.eval_fraction, cfg.seed)
+    held = set(eval_prompts)
+    return [p for p in pairs if prompt_key(p) not in held], [p for p in pairs if prompt_key(p) in held], info
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

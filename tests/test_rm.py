@@ -371,3 +371,22 @@ def test_two_process_deepspeed_rm(tmp_path, zero):
     n = len(rows)
     assert float((scores[:n] > scores[n:]).float().mean()) == pytest.approx(manifest["metrics"]["eval_accuracy"])
     assert float((scores[:n] - scores[n:]).mean()) == pytest.approx(manifest["metrics"]["eval_mean_margin"], abs=1e-4)
+
+
+def test_heldout_split_keeps_every_prompt_on_one_side(tmp_path, tiny_cfg):
+    """Separate records that share a prompt (as rlaif_label writes them) never straddle the split."""
+    import json as _json
+
+    from stages.rm import load_preferences
+
+    rows = [{"prompt": f"question {q}", "chosen": f"good {q} {k}", "rejected": f"bad {q} {k}"}
+            for q in range(20) for k in range(3)]
+    path = tmp_path / "shared_prompts.jsonl"
+    path.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_cfg(f"rm.data.path={path}", "rm.eval_fraction=0.25")
+    train, held, _ = load_preferences(cfg)
+    train_prompts = {p.prompt[0]["content"] for p in train}
+    held_prompts = {p.prompt[0]["content"] for p in held}
+    assert len(held_prompts) == 5 and len(train_prompts) == 15
+    assert not train_prompts & held_prompts
+    assert len(held) == 15 and len(train) == 45
