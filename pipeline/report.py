@@ -108,10 +108,14 @@ def plot_curves(path: Path, title: str, curves: dict[str, tuple[list[float], lis
         if len(curves) > 1:
             ax.legend()
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
+        return _save_png(fig, path)
     finally:
         plt.close(fig)
+
+
+def _save_png(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
     return path
 
 
@@ -135,11 +139,9 @@ def plot_grid(path: Path, title: str, panels: dict[str, tuple[list[float], list[
             ax.axis("off")
         fig.suptitle(title)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
+        return _save_png(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------------------- markdown

@@ -24,6 +24,7 @@ from data.formats import DataError, load_examples
 from pipeline.config import RunConfig
 from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base, save_tokenizer
 from pipeline.stage import StageRun
+from stages.batching import right_pad
 from stages.engine import Engine, init_distributed
 from stages.tuning import apply_tuning, quantization_kwargs, save_trained, trainable_summary
 
@@ -74,15 +75,8 @@ def tokenize_sft(tokenizer: Any, messages: list[dict[str, str]], max_length: int
 
 def pad_collate(pad_id: int):
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r["labels"])
-            mask[i, :n] = 1
+        ids, mask = right_pad([r["input_ids"] for r in rows], pad_id)
+        labels, _ = right_pad([r["labels"] for r in rows], IGNORE)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return collate
