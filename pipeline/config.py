@@ -263,9 +263,14 @@ class PPOConfig(_Section):
     ppo_epochs: int = Field(1, gt=0)
     max_prompt_length: int = Field(128, gt=0)
     max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature; the log-probs used for ratios and KL are taken at the "
+                               "same temperature (logits / temperature), so it is the policy being optimised.")
+    top_k: int = Field(0, ge=0, description="Must stay 0: top-k filtering would change the sampling distribution "
+                                            "but not the log-probs used for ratios and KL (refused).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Must stay 1: nucleus filtering would change the sampling "
+                                                      "distribution but not the log-probs used for ratios and KL "
+                                                      "(refused).")
     learning_rate: float = Field(1e-5, gt=0)
     critic_learning_rate: float | None = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -275,8 +280,13 @@ class PPOConfig(_Section):
     cliprange: float = Field(0.2, gt=0)
     cliprange_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    kl_in_loss: bool = False
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="Per-token KL estimate to the reference. In the reward (default): k1 = logp - ref "
+                          "(unbiased) or k3 (non-negative, lower variance); k2 works but is biased. As a loss "
+                          "(kl_in_loss): k2 = 0.5 * (logp - ref)^2 (its gradient is the on-policy gradient of "
+                          "KL(pi || ref)) or k3; k1 is refused there, its gradient does not depend on the reference.")
+    kl_in_loss: bool = Field(False, description="Move the beta * KL term from the reward into the policy loss "
+                                                "(needs kl_estimator k2 or k3).")
     kl_coef: float = Field(0.05, ge=0)
     adaptive_kl: bool = False
     target_kl: float = Field(6.0, gt=0)
@@ -286,7 +296,9 @@ class PPOConfig(_Section):
     missing_eos_penalty: float | None = Field(None)
     whiten_advantages: bool = True
     ratio_skip_threshold: float = Field(10.0, gt=1, description="Skip minibatches whose max ratio exceeds this.")
-    critic_warmup_steps: int = Field(0, ge=0)
+    critic_warmup_steps: int = Field(
+        0, ge=0, description="First PPO steps in which only the critic trains; the actor's learning-rate "
+                             "schedule spans only the steps after them.")
     ptx_coef: float = Field(0.0, ge=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -298,7 +310,8 @@ class PPOConfig(_Section):
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     num_threads: int | None = Field(None, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="Schedule over all PPO optimizer steps (actor and critic).")
+        "constant", description="Schedule over each model's PPO optimizer steps (the actor's exclude "
+                                "critic_warmup_steps).")
     eval_steps: int | None = Field(
         None, gt=0, description="Score eval_data prompts every N steps (always before and after training).")
     ptx_data: DataSource | None = Field(
@@ -320,6 +333,18 @@ class PPOConfig(_Section):
             )
         if self.deepspeed is not None and not resolve_path(self.deepspeed).exists():
             raise ValueError(f"DeepSpeed config not found: {self.deepspeed}")
+        if self.top_k != 0 or self.top_p != 1.0:
+            key = f"ppo.top_k={self.top_k}" if self.top_k != 0 else f"ppo.top_p={self.top_p}"
+            raise ValueError(
+                f"{key} is refused: top-k/top-p filtering changes the distribution the rollout samples from "
+                "but not the log-probs used for the ratio and the KL, so the data would "
+                "come from another policy than the one optimised. Use ppo.top_k=0 and ppo.top_p=1 (ppo.temperature "
+                "is supported: the log-probs use it too)")
+        if self.kl_in_loss and self.kl_estimator == "k1":
+            raise ValueError(
+                "ppo.kl_in_loss=true with ppo.kl_estimator='k1' is refused: the gradient of the k1 estimate "
+                "(logp - ref_logp) does not depend on the reference, so the loss would not pull the policy "
+                "towards it. Set ppo.kl_estimator to 'k2' (or 'k3') with kl_in_loss, or keep the KL in the reward")
         return self
 
 

@@ -323,6 +323,7 @@ def _generate(cfg: RunConfig, stage: str, prompts: list[list[dict[str, str]]], b
     """Greedy responses of ``stage``'s policy: (texts, token id lists up to and including the first eos)."""
     import torch
 
+    from stages.generation import neutral_generate, neutral_generation_config
     from stages.tuning import load_trained
 
     tokenizer = _stage_tokenizer(cfg, stage)
@@ -337,8 +338,9 @@ def _generate(cfg: RunConfig, stage: str, prompts: list[list[dict[str, str]]], b
         input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])  # left padding
         attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
-                                 max_new_tokens=cfg.ppo.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+            # greedy with no checkpoint generation_config defaults (repetition penalty ...) merged in
+            out = neutral_generate(model, neutral_generation_config(tokenizer, cfg.ppo.max_new_tokens),
+                                   input_ids=input_ids, attention_mask=attention)
         for row in out[:, width:].tolist():
             row = row[: row.index(eos) + 1] if eos in row else [t for t in row if t != pad]
             ids.append(row)

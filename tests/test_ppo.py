@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -362,6 +363,194 @@ def test_full_chain_sft_rm_ppo_defaults(tiny_cfg):
         "chat_fingerprint"]
     assert manifest["critic_source"].endswith("rm") and manifest["reward_sources"] == ["rm"]
     assert metrics["steps"] == 2 and (cfg.stage_dir("ppo") / "model" / "model.safetensors").exists()
+
+
+# ------------------------------------------------- sample from exactly the policy that is optimised
+@contextmanager
+def _ppo_trainer(tiny_cfg, *overrides):
+    """A PPOTrainer on the tiny base model (function reward) inside its StageRun."""
+    from pipeline.stage import StageRun
+    from stages.engine import init_distributed
+    from stages.ppo.trainer import PPOTrainer
+
+    cfg = tiny_cfg(*_base_overrides(*overrides))
+    with StageRun(cfg, "ppo") as run:
+        yield PPOTrainer(cfg, run, init_distributed())
+
+
+def test_sampling_filters_and_k1_kl_loss_are_refused(tiny_cfg):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ppo.top_k=5 is refused"):
+        tiny_cfg("ppo.top_k=5")
+    with pytest.raises(ConfigError, match="ppo.top_p=0.9 is refused"):
+        tiny_cfg("ppo.top_p=0.9")
+    with pytest.raises(ConfigError, match="kl_in_loss=true with ppo.kl_estimator='k1' is refused"):
+        tiny_cfg("ppo.kl_in_loss=true")
+    assert tiny_cfg("ppo.kl_in_loss=true", "ppo.kl_estimator=k2").ppo.kl_estimator == "k2"
+
+
+def test_first_minibatch_ratio_is_one_in_fp32(tiny_cfg, monkeypatch):
+    """One PPO epoch, dropout off: the first minibatch sees the policy that sampled the rollout."""
+    from stages.ppo import trainer
+
+    seen = []
+    real = trainer.clipped_policy_loss
+
+    def record(logp, old_logp, advantages, mask, cliprange):
+        seen.append((logp.detach().clone(), old_logp.clone(), mask.clone()))
+        return real(logp, old_logp, advantages, mask, cliprange)
+
+    monkeypatch.setattr(trainer, "clipped_policy_loss", record)
+    trainer.run(tiny_cfg(*_base_overrides("ppo.total_episodes=16", "ppo.ppo_epochs=1", "ppo.precision=fp32",
+                                          "ppo.learning_rate=1e-2")))
+    logp, old_logp, mask = seen[0]
+    assert logp.dtype == old_logp.dtype == torch.float32
+    ratio = torch.exp(logp - old_logp)[mask.bool()]
+    assert (ratio - 1).abs().max() < 1e-5, float((ratio - 1).abs().max())
+    later = torch.exp(seen[-1][0] - seen[-1][1])[seen[-1][2].bool()]
+    assert (later - 1).abs().max() > 1e-5, "negative control: after an update the ratio moves"
+
+
+def test_left_padded_logprobs_and_values_equal_unpadded_rows(tiny_cfg):
+    from stages.ppo.core import logprobs_from_logits
+
+    with _ppo_trainer(tiny_cfg, "ppo.precision=fp32") as tr:
+        prompts = sorted(tr.prompts[:6], key=lambda x: len(x.ids))[::2]  # three lengths
+        assert len({len(x.ids) for x in prompts}) > 1
+        query, query_mask, response, mask, _ = tr.generate([x.ids for x in prompts], [0, 1, 2], stream=0)
+        assert (query_mask == 0).any(), "the batch is left-padded"
+        T = response.size(1)
+        ids, att = torch.cat([query, response], 1), torch.cat([query_mask, mask], 1)
+        with torch.no_grad():
+            logp = logprobs_from_logits(tr.policy_logits(tr.actor, ids, att, T), response)
+            values = tr.critic_values(tr.critic, ids, att, T)
+            for i, prompt in enumerate(prompts):
+                n = int(mask[i].sum())
+                alone = torch.tensor([prompt.ids + response[i, :n].tolist()])
+                ones = torch.ones_like(alone)
+                logp_1 = logprobs_from_logits(tr.policy_logits(tr.actor, alone, ones, n), response[i:i + 1, :n])
+                torch.testing.assert_close(logp[i, :n], logp_1[0], rtol=0, atol=1e-5)
+                torch.testing.assert_close(values[i, :n], tr.critic_values(tr.critic, alone, ones, n)[0],
+                                           rtol=0, atol=1e-5)
+
+
+def test_truncated_response_has_no_eos_and_gets_the_missing_eos_penalty(tiny_cfg):
+    with _ppo_trainer(tiny_cfg, "ppo.max_new_tokens=4", "ppo.missing_eos_penalty=2.0") as tr:
+        ro = tr.make_rollout(0, {})
+    eos = tr.tokenizer.eos_token_id
+    cut = ~ro.has_eos
+    assert cut.any(), "a random tiny model rarely says eos within 4 tokens"
+    assert ro.response.size(1) == 4 and ro.mask[cut].sum(1).eq(4).all()
+    assert not (ro.response[cut] == eos).any()
+    torch.testing.assert_close(ro.reward[cut], ro.score[cut] - 2.0)
+    torch.testing.assert_close(ro.reward[~cut], ro.score[~cut])
+
+
+def test_checkpoint_generation_config_does_not_change_sampling(tiny_cfg):
+    """A checkpoint shipping repetition_penalty / top_k / temperature (as Qwen2.5 Instruct does) samples
+    exactly as one without; the plain ``generate`` call it replaced does pick them up (negative control)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    from stages.batching import left_pad
+    from stages.generation import neutral_generate, neutral_generation_config
+    from stages.ppo.rollout import EpisodeSampler, episode_uniforms
+
+    with _ppo_trainer(tiny_cfg) as tr:
+        prompt_ids, positions = [x.ids for x in tr.prompts[:8]], list(range(8))
+        plain = tr.generate(prompt_ids, positions, stream=0)[2]
+        tr.actor.generation_config = GenerationConfig(
+            do_sample=True, repetition_penalty=1.5, top_k=5, temperature=0.3, no_repeat_ngram_size=2,
+            pad_token_id=tr.tokenizer.pad_token_id, eos_token_id=tr.tokenizer.eos_token_id)
+        shipped = tr.generate(prompt_ids, positions, stream=0)[2]
+        assert torch.equal(plain, shipped)
+        assert tr.actor.generation_config.repetition_penalty == 1.5, "the checkpoint's own config stays"
+
+        tok, p = tr.tokenizer, tr.p
+        query, query_mask = left_pad(prompt_ids, tok.pad_token_id)
+        sampler = EpisodeSampler(episode_uniforms(p.seed, 0, positions, p.max_new_tokens), query.size(1),
+                                 p.temperature, p.top_k, p.top_p)
+        old_cfg = GenerationConfig(max_new_tokens=p.max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id)
+        with torch.no_grad():
+            leaked = tr.actor.generate(input_ids=query, attention_mask=query_mask, generation_config=old_cfg,
+                                       logits_processor=LogitsProcessorList([sampler]))[:, query.size(1):]
+        n = min(leaked.size(1), plain.size(1))
+        assert not torch.equal(leaked[:, :n], plain[:, :n]), "negative control: plain generate merges them"
+
+        # greedy (the report) and plain sampling (RLAIF labels) through the same helper
+        for kw in ({}, {"do_sample": True, "temperature": 0.7}):
+            outs = []
+            for shipped_cfg in (GenerationConfig(), tr.actor.generation_config):
+                tr.actor.generation_config = shipped_cfg
+                torch.manual_seed(0)
+                with torch.no_grad():
+                    outs.append(neutral_generate(tr.actor, neutral_generation_config(tok, 8, **kw),
+                                                 input_ids=query, attention_mask=query_mask))
+            assert torch.equal(outs[0], outs[1]), kw
+
+
+def test_bf16_heads_run_in_fp32_and_the_reference_matches_the_actor(tiny_cfg):
+    """ppo.precision=bf16 (autocast on CPU too): the lm_head, value head and RM score head compute in
+    fp32 from their (bf16) inputs; the separate reference gives the actor's log-probs at step 0."""
+    from pipeline.models import load_model
+    from stages.rm import find_score_head, token_scores
+    from stages.ppo.trainer import head_in_fp32
+
+    def fp32_reference(head):
+        seen = {}
+
+        def hook(module, args, output):
+            seen["in"], seen["out"] = args[0], output
+        return seen, head.register_forward_hook(hook)
+
+    with _ppo_trainer(tiny_cfg, "ppo.precision=bf16") as tr:
+        assert tr.bf16 and tr.ref is not None
+        ro = tr.make_rollout(0, {})
+        m = ro.mask.bool()
+        assert ro.logp.dtype == ro.ref_logp.dtype == ro.values.dtype == torch.float32
+        assert torch.equal(ro.logp, ro.ref_logp) and ro.kl.eq(0).all(), "reference = actor numerics at step 0"
+        v = ro.values[m]
+        assert (v != v.bfloat16().float()).any(), "values are not rounded to bf16"
+        ids, att = ro.sequences(slice(0, 4))
+        T = ro.response.size(1)
+        for model, head, run in ((tr.actor, tr.actor.get_output_embeddings(),
+                                  lambda: tr.policy_logits(tr.actor, ids, att, T)),
+                                 (tr.critic, tr.critic.score, lambda: tr.critic_values(tr.critic, ids, att, T))):
+            seen, handle = fp32_reference(head)
+            with torch.no_grad():
+                run()
+            handle.remove()
+            expected = torch.nn.functional.linear(seen["in"].float(), head.weight.float(),
+                                                  None if head.bias is None else head.bias.float())
+            assert seen["out"].dtype == torch.float32 and torch.equal(seen["out"], expected)
+            with torch.no_grad(), tr._autocast():  # negative control: a plain head under autocast rounds
+                assert torch.nn.Linear.forward(head, seen["in"]).dtype == torch.bfloat16
+        # the RM's score head, as PPO sets it up (bf16 weights on CUDA: upcast per call)
+        rm = load_model(tr.base_path, tr.cfg.model, tr.tokenizer, kind="seq_cls").eval().to(torch.bfloat16)
+        head_in_fp32(find_score_head(rm))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = token_scores(rm, ids, att)
+        assert scores.dtype == torch.float32 and (scores != scores.bfloat16().float()).any()
+
+
+def test_actor_lr_schedule_skips_critic_warmup_and_manifest_has_run_throughput(tiny_cfg):
+    from stages.ppo import trainer
+
+    cfg = tiny_cfg(*_base_overrides("ppo.total_episodes=64", "ppo.critic_warmup_steps=2", "ppo.lr_scheduler=linear",
+                                    "ppo.learning_rate=1e-3", "ppo.save_steps=1000"))
+    metrics = trainer.run(cfg)
+    rows = _train_rows(cfg.stage_dir("ppo"))
+    # 4 steps x 2 minibatches: the critic's linear schedule spans 8 optimizer steps, the actor's only
+    # the 4 after the 2 warm-up steps, so both reach 0 at the end
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 5e-4, 0.0])
+    assert [r["critic_lr"] for r in rows] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
+    manifest = json.loads((cfg.stage_dir("ppo") / "manifest.json").read_text())["metrics"]
+    assert manifest == metrics
+    assert metrics["load_seconds"] > 0 and metrics["train_seconds"] > 0
+    assert metrics["episodes_per_s_mean"] == pytest.approx(64 / metrics["train_seconds"])
+    tokens = sum(r["response_length"] * 16 for r in rows)
+    assert metrics["response_tokens_per_s_mean"] == pytest.approx(tokens / metrics["train_seconds"])
 
 
 # --------------------------------------------------------------------------------- distributed

@@ -15,6 +15,7 @@ from stages.ppo.core import (
     entropy_from_logits,
     explained_variance,
     kl_k1,
+    kl_k2,
     kl_k3,
     kl_penalty,
     logprobs_from_logits,
@@ -202,10 +203,24 @@ def test_kl_estimators_signs_and_zero():
     assert kl_k3(same, same).eq(0).all()
     close(kl_penalty(logp, ref, "k1"), kl_k1(logp, ref))
     close(kl_penalty(logp, ref, "k3"), kl_k3(logp, ref))
-    with pytest.raises(ValueError, match="'k1' or 'k3'"):
-        kl_penalty(logp, ref, "k2")
+    close(kl_penalty(logp, ref, "k2"), kl_k2(logp, ref))
+    with pytest.raises(ValueError, match="'k1', 'k2' or 'k3'"):
+        kl_penalty(logp, ref, "k4")
     with pytest.raises(ValueError, match=r"`ref_logp`.*\(1, 2\).*\(2, 1\)"):
         kl_k1(logp, torch.zeros(2, 1))
+
+
+def test_kl_k2_hand_values_and_its_gradient_depends_on_the_reference():
+    # k2 = 0.5 * (logp - ref)^2: d = +1 and -1 -> 0.5 each; d = 1.5 -> 1.125; d = 0 -> 0.
+    logp, ref = T([[-1.0, -2.0, -0.5, -3.0]]), T([[-2.0, -1.0, -2.0, -3.0]])
+    close(kl_k2(logp, ref), [[0.5, 0.5, 1.125, 0.0]])
+    assert kl_k2(logp.bfloat16(), ref.bfloat16()).dtype == torch.float32
+    # As a loss: d k2 / d logp = logp - ref (pulls towards the reference); d k1 / d logp = 1 whatever
+    # the reference is, which is why kl_in_loss refuses k1.
+    for estimator, expected in (("k2", [[1.0, -1.0, 1.5, 0.0]]), ("k1", [[1.0, 1.0, 1.0, 1.0]])):
+        x = logp.clone().requires_grad_(True)
+        kl_penalty(x, ref, estimator).sum().backward()
+        close(x.grad, expected)
 
 
 def test_kl_k3_nonnegative_on_random_inputs():

@@ -30,6 +30,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "kl_k1",
+    "kl_k2",
     "kl_k3",
     "kl_penalty",
     "per_token_rewards",
@@ -293,6 +294,20 @@ def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return logp.to(dtype) - ref_logp.to(dtype)
 
 
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k2 KL estimate ``0.5 * (logp - ref_logp)^2`` (always >= 0, biased for KL(pi || ref)).
+
+    The estimator for a KL *loss* term: with tokens sampled from pi, the expected gradient of k2 is
+    the gradient of KL(pi || ref), whereas k1's gradient, ``grad logp``, has expectation 0 whatever
+    the reference is (DESIGN §4). Shapes as in :func:`kl_k1`.
+    """
+    fn = "kl_k2"
+    _require_tensor(fn, "logp", logp)
+    _require_same_shape(fn, "logp", logp, ref_logp=ref_logp)
+    dtype = _float_dtype(logp, ref_logp)
+    return 0.5 * (logp.to(dtype) - ref_logp.to(dtype)).square()
+
+
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 KL estimate ``exp(ref - logp) - (ref - logp) - 1`` (Schulman's k3; always >= 0).
 
@@ -315,17 +330,20 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def kl_penalty(
-    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: Literal["k1", "k3"] = "k1"
+    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: Literal["k1", "k2", "k3"] = "k1"
 ) -> torch.Tensor:
     """Per-token KL estimate with the chosen estimator (``"k1"`` default, DESIGN §4).
 
+    In the reward, k1 (unbiased) or k3; as a loss term, k2 or k3 (never k1: see :func:`kl_k2`).
     Shapes as in :func:`kl_k1`.
     """
     if estimator == "k1":
         return kl_k1(logp, ref_logp)
+    if estimator == "k2":
+        return kl_k2(logp, ref_logp)
     if estimator == "k3":
         return kl_k3(logp, ref_logp)
-    raise ValueError(f"kl_penalty: `estimator` must be 'k1' or 'k3', got {estimator!r}")
+    raise ValueError(f"kl_penalty: `estimator` must be 'k1', 'k2' or 'k3', got {estimator!r}")
 
 
 def per_token_rewards(

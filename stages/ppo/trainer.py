@@ -3,17 +3,22 @@ the RM, KL to a frozen reference. One readable loop on torch + transformers + pe
 
 One PPO step (``rollout_batch_size`` prompts per rank):
 
-1. Rollout: HF ``generate`` on left-padded prompts; sampling (temperature, top-k, top-p) is drawn from
-   per-episode random streams (``rollout.EpisodeSampler``) so it does not depend on ranks or resume.
+1. Rollout: HF ``generate`` on left-padded prompts; sampling (``ppo.temperature``; top-k/top-p are
+   refused by the config, they would change the sampling distribution but not the log-probs) is drawn
+   from per-episode random streams (``rollout.EpisodeSampler``) so it does not depend on ranks or
+   resume. Nothing from the checkpoint's ``generation_config`` applies (``stages.generation``).
    Tokens after the first eos are masked and set to pad; responses are padded to the longest response
    across ranks, so every rank's tensors have the same shape.
 2. Experience: fp32 log-probs of the response under the policy and the reference (the LoRA policy with
-   its adapter disabled, or a separate frozen copy for full fine-tuning), critic values (token-level
-   value head initialised from the RM), and the sequence score: sum of weighted reward sources,
+   its adapter disabled, or a separate frozen copy for full fine-tuning with the actor's weight dtype, so
+   at step 0 both give the same numbers), critic values (token-level value head initialised from the
+   RM); under bf16 the lm_heads, the value head and the RM's score head run in fp32. Then the sequence
+   score: sum of weighted reward sources,
    optionally normalised with running moments (statistics over all ranks) and clipped, minus
    ``|missing_eos_penalty|`` for responses without eos.
-3. Rewards per token: ``-beta * KL_t`` on every response token (k1 or k3) plus the score at the last
-   token; with ``kl_in_loss`` the KL term moves from the reward into the policy loss. GAE (gamma,
+3. Rewards per token: ``-beta * KL_t`` on every response token (k1 by default, or k3) plus the score at
+   the last token; with ``kl_in_loss`` the KL term moves from the reward into the policy loss, with an
+   estimator whose gradient depends on the reference (k2 or k3; k1 is refused there). GAE (gamma,
    lambda), advantages whitened over the whole global batch (masked).
 4. Update: ``ppo_epochs`` passes over ``rollout_batch_size / mini_batch_size`` minibatches, each split
    into ``gradient_accumulation_steps`` micro-batches. Losses are token means over the whole global
@@ -25,7 +30,8 @@ One PPO step (``rollout_batch_size`` prompts per rank):
    of a minibatch is skipped the actor's optimizer step is skipped too (under DeepSpeed the engine
    still steps, with a zero gradient). A non-finite loss stops the run with the offending micro-batch
    saved as ``nan_batch_step<N>_rank<R>.pt`` in the stage folder. During the first
-   ``critic_warmup_steps`` steps only the critic trains.
+   ``critic_warmup_steps`` steps only the critic trains (the actor's learning-rate schedule spans the
+   steps after them).
 5. Adaptive KL (if on): beta updated from the step's mean per-sequence KL (Ziegler et al. 2019).
 
 Dropout is off (dropout modules get p=0, models stay in eval mode except for the update passes when
@@ -43,7 +49,7 @@ Metrics (``metrics.jsonl``, one row per step; means over the global batch unless
 - ``score``: weighted sum of the reward sources before normalisation; ``score/<source>`` each raw source.
 - ``reward``: the sequence reward used for RL (after normalisation, clipping and eos penalty).
 - ``non_score_reward``: mean over sequences of the summed ``-beta * KL_t`` (0 with ``kl_in_loss``).
-- ``kl``: mean over sequences of the summed per-token KL estimate (k1 or k3) to the reference.
+- ``kl``: mean over sequences of the summed per-token KL estimate (``kl_estimator``) to the reference.
 - ``kl_coef``: beta used for this step.
 - ``entropy``: mean per-token entropy of the policy over response tokens (update passes).
 - ``clipfrac``: fraction of response tokens where the policy ratio was clipped (update passes).
@@ -63,6 +69,11 @@ Metrics (``metrics.jsonl``, one row per step; means over the global batch unless
 - Eval rows (``eval_data``; before training, every ``eval_steps`` and at the end): ``eval_score``,
   ``eval_response_length``, ``eval_eos_rate`` on the held-out prompts with fixed sampling streams.
 
+Manifest ``metrics``: the last step's row and final eval, plus ``steps``, ``episodes``, ``world_size``,
+``load_seconds`` (building the trainer: data, models, optimisers), ``train_seconds`` (the PPO steps only:
+no loading, evals or checkpoints; steps run by this process, so after a resume those since the resume),
+``episodes_per_s_mean`` and ``response_tokens_per_s_mean`` (all ranks, over ``train_seconds``).
+
 ``samples.jsonl``: at step 1 and every ``log_samples_every`` steps, a few (prompt, response, score,
 reward, eos) rows.
 
@@ -78,6 +89,7 @@ import os
 import random
 import shutil
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -107,6 +119,7 @@ from stages.ppo.core import (
     per_token_rewards,
 )
 from stages.batching import left_pad
+from stages.generation import neutral_generate, neutral_generation_config
 from stages.ppo.rewards import RewardSources
 from stages.ppo.rollout import (
     EpisodeSampler,
@@ -179,6 +192,22 @@ def global_whiten(x: torch.Tensor, mask: torch.Tensor, comm: Comm) -> torch.Tens
     return torch.where(m, out, torch.zeros((), dtype=out.dtype))
 
 
+# ---------------------------------------------------------------------------------------- numerics
+def _fp32_linear_forward(self: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(hidden.float(), self.weight.float(), bias)
+
+
+def head_in_fp32(module: Any) -> None:
+    """Make a plain ``nn.Linear`` head compute in fp32 whatever autocast or its weight dtype says:
+    (..., in) -> (..., out) fp32. fp32 weights are used as they are; bf16 ones (DeepSpeed bf16 mode) are
+    upcast per call. Other modules (a LoRA-wrapped head) are left alone. Bound as a method, so a
+    ``deepcopy`` of the module (PEFT's modules_to_save) stays bound to its own copy."""
+    if type(module) is torch.nn.Linear:
+        module.forward = types.MethodType(_fp32_linear_forward, module)
+
+
 # ------------------------------------------------------------------------------------------- state
 def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -245,6 +274,7 @@ class PPOTrainer:
         # new heads (a critic without an RM stage) are initialised from the global RNG: same on all ranks
         torch.manual_seed(p.seed)
         self._load_data_and_models()
+        self._heads_in_fp32()
         self._build_optimisers()
         self.kl_ctl = (AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
                        else FixedKLController(p.kl_coef))
@@ -321,7 +351,7 @@ class PPOTrainer:
                 else load_model(self.base_path, cfg.model, tokenizer)
             if hasattr(ref, "peft_config"):
                 ref = ref.merge_and_unload()
-            self.ref = self._frozen(ref)
+            self.ref = self._frozen(ref, reference=True)
         actor, self.unfreezer = apply_tuning(actor, p.tuning, "causal_lm", self.total_steps)
         if p.gradient_checkpointing:
             enable_activation_checkpointing(actor)
@@ -383,12 +413,30 @@ class PPOTrainer:
             for model in (self.actor, self.critic):
                 model.train(on)
 
-    def _frozen(self, model: Any) -> Any:
+    def _frozen(self, model: Any, reference: bool = False) -> Any:
+        """An inference-only copy on the device. The reference computes exactly as the actor does (at
+        step 0 its log-probs equal the actor's): it keeps the actor's weight dtype, fp32 under autocast,
+        bf16 only where DeepSpeed's bf16 mode casts the actor. The reward model may hold bf16 weights
+        on CUDA to halve its memory; its score head still runs in fp32 (:meth:`_heads_in_fp32`)."""
         for param in model.parameters():
             param.requires_grad_(False)
-        if self.bf16 and self.device.type == "cuda":
-            model = model.to(torch.bfloat16)  # inference-only copies: bf16 weights halve their memory
+        bf16_weights = bool(self.p.deepspeed) if reference else self.device.type == "cuda"
+        if self.bf16 and bf16_weights:
+            model = model.to(torch.bfloat16)
         return model.to(self.device).eval()
+
+    def _heads_in_fp32(self) -> None:
+        """Log-probs, values and RM scores come out of their heads in fp32 (DESIGN §4): the lm_head of the
+        actor and the reference, the critic's value head, the RM's score head. Under bf16 autocast a head
+        rounds its output to bf16 (spacing 0.016 near a value of 2, more than a per-token KL reward)."""
+        for model in (self.actor, self.ref):
+            if model is not None:
+                head_in_fp32(model.get_output_embeddings())
+        for model in (self.critic, self.rm):
+            if model is not None:
+                for name, module in model.named_modules():  # PEFT keeps the head twice (modules_to_save)
+                    if {"score", "classifier"} & set(name.split(".")):
+                        head_in_fp32(module)
 
     @staticmethod
     def _check_critic_head(critic: Any, rm: Any) -> None:
@@ -417,7 +465,10 @@ class PPOTrainer:
         self.actor_opt = torch.optim.AdamW(actor_params, lr=p.learning_rate, weight_decay=p.weight_decay, **fast)
         self.critic_opt = torch.optim.AdamW(critic_params, lr=p.critic_learning_rate or p.learning_rate,
                                             weight_decay=p.weight_decay, **fast)
-        self.actor_sched = torch.optim.lr_scheduler.LambdaLR(self.actor_opt, lr_lambda(p.lr_scheduler, 0, self.optim_steps))
+        # the actor steps only after the critic warm-up, so its schedule spans only those steps
+        actor_steps = max(1, self.optim_steps - min(p.critic_warmup_steps, self.total_steps) * p.ppo_epochs
+                          * self.n_minibatches)
+        self.actor_sched = torch.optim.lr_scheduler.LambdaLR(self.actor_opt, lr_lambda(p.lr_scheduler, 0, actor_steps))
         self.critic_sched = torch.optim.lr_scheduler.LambdaLR(self.critic_opt, lr_lambda(p.lr_scheduler, 0, self.optim_steps))
         self.actor_engine = self.critic_engine = None
         self.zero_stage = 0
@@ -490,20 +541,18 @@ class PPOTrainer:
         query, query_mask = query.to(self.device), query_mask.to(self.device)
         sampler = EpisodeSampler(episode_uniforms(p.seed, stream, positions, p.max_new_tokens), query.size(1),
                                  p.temperature, p.top_k, p.top_p)
-        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers import LogitsProcessorList
 
-        gen_cfg = GenerationConfig(max_new_tokens=p.max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, use_cache=True)
-        kwargs = dict(input_ids=query, attention_mask=query_mask, generation_config=gen_cfg,
-                      logits_processor=LogitsProcessorList([sampler]))
+        # greedy over the sampler's one-hot logits, and nothing else: the checkpoint's generation_config
+        # (repetition penalty, top-k/p, temperature, min length) must not reshape them (DESIGN §4)
+        gen_cfg = neutral_generation_config(tok, p.max_new_tokens)
+        kwargs = dict(input_ids=query, attention_mask=query_mask, logits_processor=LogitsProcessorList([sampler]))
         if self.zero_stage == 3:
             # ZeRO-3: the engine's hooks gather each layer's shards for every decoding forward; all ranks
             # keep stepping until every rank is done (synced_gpus), so the collectives stay matched
-            with self._autocast():
-                out = self.actor.generate(**kwargs, synced_gpus=self.comm.on)
-        else:
-            with self._autocast():
-                out = self.actor.generate(**kwargs)
+            kwargs["synced_gpus"] = self.comm.on
+        with self._autocast():
+            out = neutral_generate(self.actor, gen_cfg, **kwargs)
         response = out[:, query.size(1):]
         if response.size(1) == 0:  # nothing generated (max_new_tokens reached at once): keep one pad
             response = torch.full((query.size(0), 1), tok.pad_token_id, dtype=torch.long, device=self.device)
@@ -848,6 +897,8 @@ class PPOTrainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="ppo", dynamic_ncols=True)
         row: dict[str, float] = {}
+        # run-level throughput: steps only (no model loading, evals, checkpoints), this process's steps
+        train_seconds = episodes_run = response_tokens = 0.0
         while self.step < self.total_steps:
             start, cpu_start = time.perf_counter(), time.process_time()
             timings: dict[str, float] = {}
@@ -890,7 +941,11 @@ class PPOTrainer:
             row["episodes"] = self.episodes
             row["lr"] = self.actor_sched.get_last_lr()[0]
             row["critic_lr"] = self.critic_sched.get_last_lr()[0]
-            row["episodes_per_s"] = B * self.dist.world_size / max(time.perf_counter() - start, 1e-9)
+            step_seconds = time.perf_counter() - start
+            row["episodes_per_s"] = B * self.dist.world_size / max(step_seconds, 1e-9)
+            train_seconds += step_seconds
+            episodes_run += B * self.dist.world_size
+            response_tokens += row["response_length"] * B * self.dist.world_size  # equal B on every rank
             row["time_cpu"] = time.process_time() - cpu_start  # this process's CPU seconds (all threads)
             self.run.log(self.step, row)
             if self.step % p.log_samples_every == 0 or self.step == 1:
@@ -913,6 +968,9 @@ class PPOTrainer:
             final.update(last_eval)
         if first_eval:
             final["eval_score_before"] = first_eval["eval_score"]
+        if train_seconds > 0:
+            final.update(train_seconds=train_seconds, episodes_per_s_mean=episodes_run / train_seconds,
+                         response_tokens_per_s_mean=response_tokens / train_seconds)
         return final
 
     # ------------------------------------------------------------------------------- save
@@ -951,7 +1009,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """The ``ppo`` stage: train, save the policy, write the manifest; returns the final metrics."""
     dist = init_distributed()
     with StageRun(cfg, "ppo", is_main=dist.is_main) as run_:
+        t_load = time.perf_counter()
         trainer = PPOTrainer(cfg, run_, dist)
+        load_seconds = time.perf_counter() - t_load
         if dist.is_main:
             print(f"[alignpipe] ppo: {len(trainer.prompts)} prompts, {trainer.total_steps} steps x "
                   f"{cfg.ppo.rollout_batch_size * dist.world_size} episodes, actor {cfg.ppo.tuning.method} "
@@ -964,5 +1024,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         run_.manifest["metrics"] = {
             **{k: v for k, v in final.items() if isinstance(v, (int, float))},
             "steps": trainer.step, "episodes": trainer.episodes, "world_size": dist.world_size,
+            "load_seconds": load_seconds,
         }
         return run_.manifest["metrics"]

@@ -2,7 +2,8 @@
 
 For every prompt of ``rlaif_label.data`` the SFT policy (the ``sft`` stage's ``model/``, or the base
 model when ``sft`` is not among the run's stages) samples ``num_responses`` responses (HF ``generate``,
-left padding, temperature ``rlaif_label.temperature``, top-k 0, top-p 1, stop at eos). Every pair of
+left padding, temperature ``rlaif_label.temperature``, top-k 0, top-p 1, stop at eos; nothing from the
+checkpoint's ``generation_config``, see ``stages.generation``). Every pair of
 distinct, non-empty responses is judged by ``build_judge(cfg, rlaif_label.judge)`` in both orders;
 ties (including inconsistent and unreadable verdicts) are dropped and counted. The result is
 ``preferences.jsonl`` in the stage folder: one ``{"prompt", "chosen", "rejected", "judge": {...}}``
@@ -77,6 +78,7 @@ def sample_responses(model: Any, tokenizer: Any, prompts: list[list[int]], num_r
     import torch
 
     from stages.batching import left_pad
+    from stages.generation import neutral_generate, neutral_generation_config
 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     out: list[list[tuple[str, bool]]] = []
@@ -86,11 +88,11 @@ def sample_responses(model: Any, tokenizer: Any, prompts: list[list[int]], num_r
         width = ids.shape[1]
         torch.manual_seed(seed + b)
         with torch.no_grad():
-            generated = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                num_return_sequences=num_responses, pad_token_id=pad, eos_token_id=eos,
-            )[:, width:].tolist()
+            # plain sampling at `temperature`: the checkpoint's generation_config adds nothing (DESIGN §4)
+            gen_cfg = neutral_generation_config(tokenizer, max_new_tokens, do_sample=True, temperature=temperature,
+                                                num_return_sequences=num_responses)
+            generated = neutral_generate(model, gen_cfg, input_ids=ids.to(device),
+                                         attention_mask=mask.to(device))[:, width:].tolist()
         for i in range(len(chunk)):
             samples = []
             for k in range(num_responses):
