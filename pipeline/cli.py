@@ -132,6 +132,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     stages = select_stages(cfg, args.stages)
     print(f"{args.config}: valid. run '{cfg.run_name}' -> {cfg.run_dir()}; stages {' -> '.join(stages)}; "
           f"launcher {cfg.launch.launcher}")
+    from .models import describe_chat_templates
+
+    for line in describe_chat_templates(cfg):
+        print(line)
     memory_plans(cfg, stages, print)
     check_deepspeed(cfg, stages, has_cuda(), print)
     print("ok")

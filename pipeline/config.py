@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,9 +90,16 @@ class ModelConfig(_Section):
 
 
 class ChatConfig(_Section):
-    """Chat formatting. ``template`` overrides the tokenizer's chat template (Jinja text or a file path)."""
+    """Chat formatting. ``template`` overrides the tokenizer's chat template (Jinja text or a file path).
 
-    template: str | None = None
+    A tokenizer without a chat template is never given one silently: the run stops and asks for
+    ``template``. Besides Jinja text or a file, two names are built in: ``chatml`` (ChatML, as SmolLM2
+    and Qwen use) and ``raw`` (the messages' contents concatenated as they are, each assistant turn
+    closed by eos: for plain-text prompts such as ``"Question: ...\\nAnswer:"``).
+    """
+
+    template: str | None = Field(
+        None, description="Jinja text, a file path, 'chatml' or 'raw' (default: the tokenizer's own template).")
     system_prompt: str | None = Field(
         None, description="System message prepended to every conversation that has none (None: template default)."
     )
@@ -128,6 +136,31 @@ def resolve_path(value: str | os.PathLike) -> Path:
     """Paths in configs are relative to the repository root unless absolute."""
     path = Path(os.path.expanduser(str(value)))
     return path if path.is_absolute() else (REPO_ROOT / path)
+
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_location(value: str) -> str:
+    """A model or tokenizer given in a config -> what ``from_pretrained`` loads.
+
+    An existing local folder (relative to the repository root unless absolute) gives its absolute path;
+    ``hub:org/name`` or a bare ``org/name`` that is not a local folder gives the hub name. Anything else
+    is an error naming both forms.
+    """
+    text = str(value).strip()
+    if text.startswith("hub:"):
+        name = text[4:]
+        if not _HUB_NAME.match(name):
+            raise ValueError(f"{value!r} is not a hub model name (hub:org/name)")
+        return name
+    folder = resolve_path(text)
+    if folder.is_dir():
+        return str(folder)
+    if _HUB_NAME.match(text) and not text.startswith((".", "~")):
+        return text
+    raise ValueError(f"model folder not found: {value} (looked at {folder}); give an existing folder, or a hub "
+                     "name as org/name or hub:org/name")
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -248,12 +281,71 @@ class RewardSourceConfig(_Section):
         return self
 
 
+def _check_location(value: str | None) -> str | None:
+    if value is not None:
+        model_location(value)  # raises with the folder it looked at
+    return value
+
+
+class PolicySourceConfig(_Section):
+    """A policy PPO starts from that this run did not train (``ppo.policy``): a causal LM folder or hub name.
+
+    Its tokenizer comes from ``tokenizer`` (a folder or hub name) or else from ``path``; the chat
+    template in force is ``chat.template`` or the tokenizer's own (none: the run stops and says so).
+    """
+
+    path: str = Field(description="Folder or hub name (org/name or hub:org/name) of the policy's weights.")
+    tokenizer: str | None = Field(None, description="Folder or hub name of its tokenizer (default: path).")
+
+    @field_validator("path", "tokenizer")
+    @classmethod
+    def _exists(cls, value: str | None) -> str | None:
+        return _check_location(value)
+
+
+class RewardModelSourceConfig(_Section):
+    """A reward model this run did not train (``ppo.reward_model``): any ``AutoModelForSequenceClassification``
+    with one label, folder or hub name.
+
+    When its tokenizer and chat format equal the policy's (same chat-format fingerprint) it scores the
+    generated token ids themselves; otherwise it scores the decoded text rendered in its own chat
+    template (``chat_template``, else its tokenizer's own). The manifest records which (``rm_scoring``).
+    """
+
+    path: str = Field(description="Folder or hub name (org/name or hub:org/name) of the reward model.")
+    tokenizer: str | None = Field(None, description="Folder or hub name of its tokenizer (default: path).")
+    chat_template: str | None = Field(
+        None, description="Its chat template: Jinja text, a file, 'chatml' or 'raw' (default: its tokenizer's own).")
+    max_length: int | None = Field(
+        None, gt=8, description="Longest sequence it scores; longer ones keep their last tokens (default: rm.max_length).")
+
+    @field_validator("path", "tokenizer")
+    @classmethod
+    def _exists(cls, value: str | None) -> str | None:
+        return _check_location(value)
+
+
 class PPOConfig(_Section):
-    """PPO defaults follow DESIGN §4."""
+    """PPO defaults follow one recipe: DESIGN §4, which is the N+ implementation details of RLHF with PPO
+    (Huang et al. 2024, the TL;DR summarisation case study) except where docs/PPO.md lists otherwise.
+
+    Models: the policy comes from the ``sft`` stage (``policy_from: sft``), the base model (``base``), or
+    a model you bring (``policy``: folder or hub name; sets ``policy_from: path``). The reward model is
+    the ``rm`` stage's, or one you bring (``reward_model``). The critic starts from the reward model
+    (``critic_from: rm``), from the policy with a fresh value head (``policy``), or from a folder / hub
+    name; ``auto`` picks ``rm`` when the run has a reward model sharing the policy's tokenizer, else
+    ``policy``.
+    """
 
     data: DataSource | None = None
     eval_data: DataSource | None = None
-    policy_from: Literal["sft", "base"] = "sft"
+    policy_from: Literal["sft", "base", "path"] = Field(
+        "sft", description="sft: the sft stage's model; base: model.*; path: ppo.policy (set by giving ppo.policy).")
+    policy: PolicySourceConfig | None = Field(None, description="A policy you bring (folder or hub name).")
+    reward_model: RewardModelSourceConfig | None = Field(
+        None, description="A reward model you bring; used by kind 'rm' sources instead of the rm stage's.")
+    critic_from: str = Field(
+        "auto", description="auto | rm | policy | <folder or hub name of a model with the policy's tokenizer>.")
     reward_from: Literal["rm"] = "rm"
     rewards: list[RewardSourceConfig] = Field(default_factory=lambda: [RewardSourceConfig()])
     total_episodes: int = Field(256, gt=0)
@@ -293,7 +385,10 @@ class PPOConfig(_Section):
     kl_horizon: int = Field(10000, gt=0)
     normalize_reward: bool = False
     reward_clip: float | None = Field(None, gt=0)
-    missing_eos_penalty: float | None = Field(None)
+    missing_eos_penalty: float | None = Field(
+        1.0, description="Subtracted from the sequence reward of a response that ends without eos (its absolute "
+                         "value: 1 and -1 mean the same); 0 or null turns it off. Applied after normalisation "
+                         "and clipping, so on the normalised scale when normalize_reward is on.")
     whiten_advantages: bool = True
     ratio_skip_threshold: float = Field(10.0, gt=1, description="Skip minibatches whose max ratio exceeds this.")
     critic_warmup_steps: int = Field(
@@ -316,6 +411,25 @@ class PPOConfig(_Section):
         None, gt=0, description="Score eval_data prompts every N steps (always before and after training).")
     ptx_data: DataSource | None = Field(
         None, description="SFT data for the PTX loss when ptx_coef > 0 (default: sft.data).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _policy_implies_path(cls, data: Any) -> Any:
+        """Giving ``ppo.policy`` means the policy comes from it (``policy_from: path``) unless said otherwise."""
+        if isinstance(data, dict) and data.get("policy") is not None and "policy_from" not in data:
+            data = {**data, "policy_from": "path"}
+        return data
+
+    @model_validator(mode="after")
+    def _model_sources(self) -> "PPOConfig":
+        if self.policy_from == "path" and self.policy is None:
+            raise ValueError("ppo.policy_from='path' needs ppo.policy: {path: <folder or hub name>}")
+        if self.policy is not None and self.policy_from != "path":
+            raise ValueError(f"ppo.policy is set but ppo.policy_from={self.policy_from!r}: the policy would not come "
+                             "from it. Drop ppo.policy_from (giving ppo.policy implies 'path') or drop ppo.policy")
+        if self.critic_from not in ("auto", "rm", "policy"):
+            _check_location(self.critic_from)
+        return self
 
     @model_validator(mode="after")
     def _checks(self) -> "PPOConfig":
@@ -405,6 +519,26 @@ class SlurmConfig(_Section):
     setup: list[str] = Field(default_factory=list, description="Shell lines run before the stage (module load ...).")
 
 
+class ReportConfig(_Section):
+    """What the run report evaluates: each policy against its parent on held-out prompts (DESIGN §6)."""
+
+    eval_data: DataSource | None = Field(
+        None, description="Held-out prompts (with a 'reference' column for the verifier). Default: "
+                          "ppo.eval_data, else the tail of ppo.data.")
+    n_prompts: int = Field(8, gt=0, description="How many held-out prompts both policies answer (greedy).")
+    verifier: str | None = Field(
+        None, description="A rule verifier of the task's ground truth, 'module:function' with the reward "
+                          "function signature fn(prompts, responses, references) -> scores (higher is better).")
+    batch_size: int = Field(16, gt=0, description="Generation batch size for the report's greedy answers.")
+
+    @field_validator("verifier")
+    @classmethod
+    def _verifier_spec(cls, value: str | None) -> str | None:
+        if value is not None and ":" not in value:
+            raise ValueError(f"report.verifier must look like 'module:function', got {value!r}")
+        return value
+
+
 class RunConfig(_Section):
     """The whole run. See configs/tiny.yaml and configs/demo.yaml."""
 
@@ -422,6 +556,7 @@ class RunConfig(_Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     @field_validator("run_name")
     @classmethod
@@ -444,6 +579,28 @@ class RunConfig(_Section):
                     f"({train.per_device_batch_size}) x gradient_accumulation_steps "
                     f"({train.gradient_accumulation_steps}) x world size ({world}, from launch) = {actual}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _ppo_has_its_models(self) -> "RunConfig":
+        """PPO's reward sources, critic and policy must come from somewhere this run has, before any model loads."""
+        if "ppo" not in self.stages:
+            return self
+        ppo = self.ppo
+        reuse = ("(a complete stage of this run_name with the same config is skipped, not retrained, so listing "
+                 "it costs nothing when it already ran)")
+        needs_rm = [f"ppo.rewards[{i}] is kind 'rm'" for i, r in enumerate(ppo.rewards) if r.kind == "rm"]
+        if ppo.critic_from == "rm":
+            needs_rm.append("ppo.critic_from is 'rm'")
+        if needs_rm and ppo.reward_model is None and "rm" not in self.stages:
+            raise ValueError(
+                f"{'; '.join(needs_rm)}, but this run has no reward model: stages {self.stages} do not include 'rm' "
+                "and ppo.reward_model is not set. Add 'rm' to stages " + reuse + ", or set ppo.reward_model.path to "
+                "a reward model folder or hub name, or use another reward source (kind: function / judge)")
+        if ppo.policy_from == "sft" and "sft" not in self.stages:
+            raise ValueError(
+                f"ppo.policy_from is 'sft' but stages {self.stages} do not include 'sft'. Add 'sft' to stages " + reuse
+                + ", or set ppo.policy.path to a policy folder or hub name, or ppo.policy_from: base")
         return self
 
     def run_dir(self) -> Path:

@@ -735,6 +735,13 @@ def estimate(cfg: RunConfig, stage: str, param_count: int | None = None) -> Memo
     """
     if stage not in _STAGES:
         raise ValueError(f"memory planner: unknown stage {stage!r} (expected one of {', '.join(_STAGES)})")
+    if stage == "ppo" and cfg.ppo.policy is not None:  # a policy you bring: plan with its dims, not model.*
+        from .config import ModelConfig, model_location
+
+        location = model_location(cfg.ppo.policy.path)
+        policy_model = ModelConfig(source="local" if Path(location).is_dir() else "hub", path=location,
+                                   dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        cfg = cfg.model_copy(update={"model": policy_model})
     dims = model_dims(cfg, param_count)
     knobs, precision = _initial_knobs(cfg, stage)
     plan = _estimate(cfg, stage, dims, param_count, knobs, precision)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import ChatConfig, ModelConfig, resolve_path
+from .config import ChatConfig, ConfigError, ModelConfig, resolve_path
 from .manifest import atomic_write_json, hash_json, replace_dir
 
 # ChatML, as used by SmolLM2 and many others. Prefix-stable: rendering the first k messages is a string
@@ -25,6 +25,16 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+# Plain text: the messages' contents as they are, each assistant turn closed by eos (``chat.template: raw``,
+# for prompts that carry their own format, e.g. "Question: ...\nAnswer:"). Prefix-stable, like ChatML.
+RAW_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE, "raw": RAW_TEMPLATE}
 
 TINY_SPECIALS = {"pad": "<|pad|>", "bos": "<|bos|>", "eos": "<|im_end|>", "im_start": "<|im_start|>"}
 REWARD_READ_POSITION = "last_token_of_response_eos"
@@ -200,20 +210,100 @@ def prepare_base(cfg: ModelConfig) -> str:
     return str(cache)
 
 
-def load_tokenizer(path: str, model_cfg: ModelConfig, chat_cfg: ChatConfig | None = None) -> Any:
+def resolve_template(template: str) -> str:
+    """``chat.template`` -> Jinja text: a built-in name (``chatml``, ``raw``), a file, or the text itself."""
+    if template in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[template]
+    file = resolve_path(template)
+    if len(template) < 4096 and "\n" not in template and file.is_file():
+        return file.read_text()
+    return template
+
+
+def missing_template_message(where: str, key: str = "chat.template") -> str:
+    return (f"the tokenizer at {where} has no chat template and {key} is not set; alignpipe does not pick one "
+            f"for you (the wrong template trains and scores a format the model never saw). Set {key} to the "
+            f"model's template: Jinja text or a file (e.g. {key}: path/to/template.jinja), '{key}: chatml' for "
+            f"ChatML, or '{key}: raw' for plain-text prompts (contents as they are, eos after each answer)")
+
+
+def load_tokenizer(path: str, model_cfg: ModelConfig, chat_cfg: ChatConfig | None = None,
+                   template_key: str = "chat.template", foreign: bool = False) -> Any:
+    """Load a tokenizer with pad != eos and the chat template in force (``chat_cfg.template`` or its own).
+
+    A tokenizer without a template raises ConfigError naming ``template_key`` (never a silent default).
+    ``foreign``: another model's tokenizer (an RM you bring): ``model.pad_token`` is used only when it is
+    in its vocabulary; otherwise its own pad stays (one is added only where it has none or pad == eos).
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    fix_tokenizer_and_model(tokenizer, None, model_cfg.pad_token)
+    pad = model_cfg.pad_token
+    if foreign and pad is not None and pad not in tokenizer.get_vocab():
+        pad = None
+    fix_tokenizer_and_model(tokenizer, None, pad)
     if chat_cfg is not None and chat_cfg.template:
-        template = chat_cfg.template
-        file = resolve_path(template)
-        if len(template) < 4096 and "\n" not in template and file.exists():
-            template = file.read_text()
-        tokenizer.chat_template = template
+        tokenizer.chat_template = resolve_template(chat_cfg.template)
     if not tokenizer.chat_template:
-        tokenizer.chat_template = CHATML_TEMPLATE
+        raise ConfigError(missing_template_message(path, template_key))
     return tokenizer
+
+
+def _folder_has_template(folder: Path) -> bool:
+    if any((folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
+        return True
+    config = folder / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
+
+
+def describe_template(template: str | None, tokenizer_location: str | None, what: str,
+                      key: str = "chat.template") -> str:
+    """One line for ``validate``: which chat template ``what`` uses. Reads no model; raises ConfigError when
+    a local tokenizer folder has no template and none is configured."""
+    if template:
+        if template in NAMED_TEMPLATES:
+            return f"{what}: chat template '{template}' (built in; {key})"
+        file = resolve_path(template)
+        if len(template) < 4096 and "\n" not in template and file.is_file():
+            return f"{what}: chat template from {file} ({key})"
+        return f"{what}: chat template given inline ({len(template)} characters; {key})"
+    if tokenizer_location is None:
+        return f"{what}: the tokenizer's own chat template"
+    folder = Path(tokenizer_location)
+    if folder.is_dir():
+        if not _folder_has_template(folder):
+            raise ConfigError(missing_template_message(str(folder), key))
+        return f"{what}: the tokenizer's own chat template ({folder})"
+    return f"{what}: the tokenizer's own chat template (hub model {tokenizer_location}; checked when it loads)"
+
+
+def describe_chat_templates(cfg: Any) -> list[str]:
+    """The chat template in force for each tokenizer the run's stages load (``validate`` prints these)."""
+    from .config import model_location
+
+    lines = []
+    uses_model = any(s in cfg.stages for s in ("sft", "rm", "rlaif_label")) or (
+        "ppo" in cfg.stages and cfg.ppo.policy_from in ("sft", "base"))
+    if uses_model:
+        source = cfg.model.source
+        if cfg.chat.template or source == "local":
+            location = str(resolve_path(cfg.model.path)) if source == "local" else None
+            lines.append(describe_template(cfg.chat.template, location, "model"))
+        elif source == "tiny":
+            lines.append("model: chat template ChatML (set by the tiny model builder)")
+        elif source == "hub":
+            lines.append(describe_template(None, cfg.model.path, "model"))
+        else:
+            lines.append(f"model: the GGUF file's own chat template ({cfg.model.gguf_file}; checked when converted)")
+    if "ppo" in cfg.stages and cfg.ppo.policy is not None:
+        policy = cfg.ppo.policy
+        lines.append(describe_template(cfg.chat.template, model_location(policy.tokenizer or policy.path),
+                                       "ppo.policy"))
+    if "ppo" in cfg.stages and cfg.ppo.reward_model is not None:
+        rm = cfg.ppo.reward_model
+        lines.append(describe_template(rm.chat_template, model_location(rm.tokenizer or rm.path), "ppo.reward_model",
+                                       key="ppo.reward_model.chat_template"))
+    return lines
 
 
 def torch_dtype(name: str):

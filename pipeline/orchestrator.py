@@ -152,7 +152,13 @@ def select_stages(cfg: RunConfig, requested: Sequence[str] | None) -> list[str]:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; expected some of {', '.join(STAGE_ORDER)}")
     missing = [s for s in requested if s not in cfg.stages]
     if missing:
-        cfg.stages = [s for s in STAGE_ORDER if s in cfg.stages or s in missing]  # validated assignment
+        from pydantic import ValidationError
+
+        try:
+            cfg.stages = [s for s in STAGE_ORDER if s in cfg.stages or s in missing]  # validated assignment
+        except ValidationError as err:  # e.g. ppo added without the reward model it needs
+            reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+            raise ConfigError(f"--stages {' '.join(requested)}: {reasons}") from None
     return [s for s in cfg.stages if s in requested]
 
 

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, resolve_path
+from .config import RunConfig, model_location, resolve_path
 from .manifest import (
     ManifestError,
     atomic_write_json,
@@ -46,8 +46,10 @@ def parents_of(cfg: RunConfig, stage: str) -> list[str]:
             parents.append("rlaif_label")
         return parents
     if stage == "ppo":
-        parents = ["sft"] if cfg.ppo.policy_from == "sft" else []
-        if any(r.kind == "rm" for r in cfg.ppo.rewards):
+        ppo = cfg.ppo
+        parents = ["sft"] if ppo.policy_from == "sft" else []
+        # the rm stage is a parent only when PPO uses a reward model and none is brought (ppo.reward_model)
+        if ppo.reward_model is None and (any(r.kind == "rm" for r in ppo.rewards) or ppo.critic_from == "rm"):
             parents.append("rm")
         return parents
     raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGE_ORDER)}")
@@ -89,9 +91,46 @@ def parent_hashes(cfg: RunConfig, stage: str) -> dict[str, str | None]:
     return out
 
 
+def external_models(cfg: RunConfig, stage: str) -> dict[str, str]:
+    """Models a stage loads that no stage of this run made (PPO: ``ppo.policy``, ``ppo.reward_model``, a
+    ``critic_from`` path), by config key -> location (local folder or hub name)."""
+    if stage != "ppo":
+        return {}
+    ppo = cfg.ppo
+    out: dict[str, str] = {}
+    if ppo.policy is not None:
+        out["ppo.policy.path"] = ppo.policy.path
+        if ppo.policy.tokenizer:
+            out["ppo.policy.tokenizer"] = ppo.policy.tokenizer
+    if ppo.reward_model is not None:
+        out["ppo.reward_model.path"] = ppo.reward_model.path
+        if ppo.reward_model.tokenizer:
+            out["ppo.reward_model.tokenizer"] = ppo.reward_model.tokenizer
+    if ppo.critic_from not in ("auto", "rm", "policy"):
+        out["ppo.critic_from"] = ppo.critic_from
+    return {key: model_location(value) for key, value in out.items()}
+
+
+def model_fingerprint(location: str) -> str:
+    """A cheap fingerprint of a model folder (file names, sizes, modification times) or a hub name as is.
+
+    Weights are not read (they can be many GB): a model retrained in place changes sizes or times, so a
+    complete stage that used it is re-run rather than skipped."""
+    folder = Path(location)
+    if not folder.is_dir():
+        return f"hub:{location}"
+    files = sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in folder.rglob("*") if f.is_file())
+    return hash_json(files)
+
+
 def stage_identity(cfg: RunConfig, stage: str) -> tuple[str, str]:
     config_hash = hash_json(stage_section(cfg, stage))
-    input_hash = hash_json({"parents": parent_hashes(cfg, stage), "data": data_hashes(cfg, stage)})
+    inputs: dict[str, Any] = {"parents": parent_hashes(cfg, stage), "data": data_hashes(cfg, stage)}
+    models = external_models(cfg, stage)
+    if models:  # only when there are some, so the hashes of existing runs stay what they were
+        inputs["models"] = {key: model_fingerprint(loc) for key, loc in models.items()}
+    input_hash = hash_json(inputs)
     return config_hash, input_hash
 
 
@@ -140,6 +179,10 @@ class StageRun:
             for p, h in parent_hashes(self.cfg, self.stage).items()
         }
         self.manifest["data_files"] = data_hashes(self.cfg, self.stage)
+        models = external_models(self.cfg, self.stage)
+        if models:
+            self.manifest["external_models"] = {key: {"location": loc, "fingerprint": model_fingerprint(loc)}
+                                                for key, loc in models.items()}
         self.manifest["resumed"] = self.resuming
         if self.is_main:
             write_manifest(self.dir, self.manifest)

@@ -24,7 +24,11 @@ prompt is in both the training and the evaluation set.
 
 Public helpers for other stages (PPO scores with these so it reads the same layout):
 ``encode_sequence``, ``token_scores``, ``score_at_eos``, ``score_sequences``, ``score_token_ids``,
-``score_responses``, ``load_reward_model``, ``REWARD_LAYOUT``.
+``score_responses``, ``load_reward_model``, ``REWARD_LAYOUT``, and the one home of what PPO feeds the RM:
+``reward_input_ids`` (same tokenizer: the prompt ids the policy saw + the generated ids up to and
+including eos, nothing re-rendered, no eos appended), ``reward_input_from_text`` (an RM with its own
+tokenizer: text rendered in its template, closing eos dropped for an unfinished response) and
+``fit_reward_input`` (cut from the left to the RM's max_length, keeping bos).
 
 Metrics
 - metrics.jsonl, one row per logged optimizer step: ``loss`` (Bradley-Terry loss + centring term, mean
@@ -318,22 +322,75 @@ def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     return score_at_eos(token_scores(model, input_ids, attention_mask), attention_mask)
 
 
+def _has_score_head(model: torch.nn.Module) -> bool:
+    return any(name.rsplit(".", 1)[-1] == "score" for name, _ in model.named_modules())
+
+
 @torch.no_grad()
 def score_token_ids(model: torch.nn.Module, sequences: Sequence[Sequence[int]], pad_token_id: int,
                     batch_size: int = 16, device: torch.device | str | None = None) -> torch.Tensor:
     """Score token-id lists of prompt + response (each ending at the response's eos) -> (N,) fp32.
 
-    For PPO: pass the prompt ids (chat template with the generation prompt) followed by the generated
-    ids up to and including the first eos, without any padding; responses without eos are scored at
-    their last token (apply the missing-eos penalty separately).
+    For PPO: build each sequence with :func:`reward_input_ids` (same tokenizer) or
+    :func:`reward_input_from_text` (an RM with another tokenizer). A model without a ``score`` head (an
+    external RM such as DeBERTa's ``classifier`` on a pooled first token) is scored by its own forward
+    (``logits[:, 0]``), i.e. with the pooling it was trained with.
     """
     if device is None:
         device = next(model.parameters()).device
+    own_head = _has_score_head(model)
     out = []
     for i in range(0, len(sequences), batch_size):
         batch = right_pad_batch(sequences[i:i + batch_size], pad_token_id)
-        out.append(score_sequences(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        if own_head:
+            out.append(score_sequences(model, ids, mask).cpu())
+        else:
+            out.append(model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+# ------------------------------------------------------------------------- what PPO's RM scores
+def fit_reward_input(ids: Sequence[int], max_length: int, bos_token_id: int | None) -> list[int]:
+    """Cut a prompt + response sequence from the left to ``max_length`` tokens, keeping a leading bos.
+
+    The end (the response and the position the score is read at) is never cut; a response longer than
+    ``max_length`` on its own keeps its last tokens.
+    """
+    ids = list(ids)
+    if len(ids) <= max_length:
+        return ids
+    if bos_token_id is not None and ids and ids[0] == bos_token_id and max_length > 1:
+        return ids[:1] + ids[len(ids) - (max_length - 1):]
+    return ids[len(ids) - max_length:]
+
+
+def reward_input_ids(prompt_ids: Sequence[int], response_ids: Sequence[int], max_length: int,
+                     bos_token_id: int | None) -> list[int]:
+    """The RM input for a policy that shares the RM's tokenizer and chat format (DESIGN §3).
+
+    ``prompt_ids``: the ids the policy was prompted with (chat template with the generation prompt,
+    unpadded); ``response_ids``: the generated ids up to and including the first eos, unpadded. The
+    sequence is their concatenation, cut by :func:`fit_reward_input`: nothing is re-rendered, and no eos
+    is appended to a response that has none, so the score is read at its last real token and an answer
+    cut off at the length limit is not scored as if it had finished.
+    """
+    return fit_reward_input(list(prompt_ids) + list(response_ids), max_length, bos_token_id)
+
+
+def reward_input_from_text(tokenizer: Any, messages: list[dict[str, str]], response: str, finished: bool,
+                           max_length: int | None, system_prompt: str | None = None) -> list[int]:
+    """The RM input for an RM with its own tokenizer / chat template: text rendered in *its* template.
+
+    ``messages`` is the prompt conversation, ``response`` the decoded response text (special tokens
+    removed). The layout is the RM stage's (:func:`encode_sequence`: ending at the assistant turn's
+    closing eos), except that a response that did not finish (no eos generated) has that closing eos
+    removed: its score is read at its last token, never as a finished answer. Cut by
+    :func:`fit_reward_input` (not cut when ``max_length`` is None).
+    """
+    enc = encode_sequence(tokenizer, messages, [{"role": "assistant", "content": response}], system_prompt)
+    ids = enc.ids if finished else enc.ids[:-1]
+    return ids if max_length is None else fit_reward_input(ids, max_length, tokenizer.bos_token_id)
 
 
 @torch.no_grad()

@@ -90,24 +90,44 @@ def test_reward_functions():
     assert digit_fraction([""] * 2, ["a1 2", ""], [None] * 2) == [pytest.approx(2 / 3), 0.0]
 
 
-def test_rm_scores_use_the_rm_layout_and_survive_overlong_responses(tiny_cfg):
+def test_rm_scores_the_generated_ids_and_survives_overlong_sequences(tiny_cfg):
+    """Same tokenizer: the RM scores the prompt ids + generated ids up to and including eos, nothing
+    re-rendered; a response cut off without eos is scored at its last token (no eos appended); a
+    special token the policy emitted stays visible; an overlong sequence keeps its last tokens."""
+    from types import SimpleNamespace
+
     from pipeline.models import load_model, load_tokenizer, prepare_base
-    from stages.ppo.rewards import RewardSources
-    from stages.rm import score_responses
+    from stages.ppo.rewards import Responses, RewardSources
+    from stages.ppo.rollout import encode_prompts
+    from stages.rm import score_responses, score_token_ids
 
     cfg = tiny_cfg()
     base = prepare_base(cfg.model)
     tok = load_tokenizer(base, cfg.model, cfg.chat)
     torch.manual_seed(0)
     rm = load_model(base, cfg.model, tok, kind="seq_cls").eval()
-    sources = RewardSources([type("S", (), {"kind": "rm", "weight": 1.0})()], cfg, tok, rm, 48, torch.device("cpu"))
-    prompts = [[{"role": "user", "content": "What is 2 plus 2?"}]] * 2
-    short = ["4", "It is four."]
-    torch.testing.assert_close(sources.rm_scores(prompts, short), score_responses(rm, tok, prompts, short, max_length=48))
-    long = ["4", "one two three " * 40]  # does not fit in 48 tokens on its own: scored on its last tokens
-    scores = sources.rm_scores(prompts, long)
-    assert scores.shape == (2,) and torch.isfinite(scores).all()
-    assert scores[0] == pytest.approx(float(score_responses(rm, tok, prompts[:1], long[:1], max_length=48)[0]))
+    sources = RewardSources([SimpleNamespace(kind="rm", weight=1.0)], cfg, tok, rm, 48, torch.device("cpu"))
+    assert sources.rm_scoring == "token_ids"
+    prompt = encode_prompts(tok, [SimpleNamespace(prompt=[{"role": "user", "content": "What is 2 plus 2?"}],
+                                                  reference=None)], 64, None)[0]
+    eos, im_start = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_start|>")
+    words = tok("It is four", add_special_tokens=False)["input_ids"]
+    finished, cut, special = words + [eos], words, words[:1] + [im_start] + words[1:] + [eos]
+    long = tok(" one two three" * 40, add_special_tokens=False)["input_ids"]
+    rows = [finished, cut, special, long]
+    batch = Responses([prompt.messages] * 4, [prompt.ids] * 4, rows, [True, False, True, False],
+                      tok.batch_decode(rows, skip_special_tokens=True), [None] * 4)
+    seqs, n_cut = sources.rm_inputs(batch)
+    assert seqs[:3] == [prompt.ids + r for r in rows[:3]], "the ids generated are the ids scored"
+    assert seqs[1][-1] != eos and seqs[1][-1] == cut[-1], "a cut-off response is not scored as finished"
+    assert im_start in seqs[2][len(prompt.ids):], "a special token the policy emitted reaches the RM"
+    assert len(seqs[3]) == 48 and seqs[3] == (prompt.ids + long)[-48:] and n_cut == 1
+    scores, truncated = sources.rm_scores(batch)
+    assert truncated == 1
+    torch.testing.assert_close(scores, score_token_ids(rm, seqs, tok.pad_token_id))
+    # the text round trip would have scored the cut-off answer as finished (its template closes the turn)
+    text_layout = score_responses(rm, tok, [prompt.messages], [batch.texts[1]], max_length=48)
+    assert float(text_layout[0]) != pytest.approx(float(scores[1]))
 
 
 def test_fp16_refused(tiny_cfg):
@@ -123,8 +143,10 @@ def test_reward_rises_eval_improves_and_high_kl_stays_near_reference(tiny_cfg, t
     bounded; the same run with a very high KL coefficient stays much nearer the reference."""
     from stages.ppo import trainer
 
+    # the missing-eos penalty (on by default) is a second reward that pulls towards eos under any KL
+    # coefficient; off here, so the KL comparison is about the digit reward alone
     common = _base_overrides(EVAL, "ppo.total_episodes=160", "ppo.learning_rate=5e-3", "ppo.ppo_epochs=4",
-                             "ppo.save_steps=1000")
+                             "ppo.save_steps=1000", "ppo.missing_eos_penalty=0")
     cfg = tiny_cfg(*common, "ppo.kl_coef=0.02")
     final = trainer.run(cfg)
     rows = _train_rows(cfg.stage_dir("ppo"))

@@ -2,14 +2,28 @@
 
 A PPO run's sequence score is ``sum_i weight_i * source_i`` over ``ppo.rewards``:
 
-- ``kind: rm``: the reward model's score, read at the response's closing eos in the exact layout the
-  RM stage trained on (``stages.rm.score_responses``: chat template re-rendered and cut at the eos, the
-  prompt cut from the left to ``rm.max_length``, right-padded, pad != eos). A response too long for
-  ``rm.max_length`` on its own keeps its last tokens (``rollout.rm_input_ids``).
-- ``kind: function``: a Python function named ``module:function`` with the signature
-  ``fn(prompts: list[str], responses: list[str], references: list) -> list[float]``, where ``prompts``
+- ``kind: rm``: the reward model's score, read at the last token of the sequence it is given (a
+  finished response's eos). What it is given (``RewardSources.rm_scoring``, recorded in the manifest):
+
+  - ``token_ids`` when the RM shares the policy's tokenizer and chat format (equal chat-format
+    fingerprints, always so for the ``rm`` stage's RM): the prompt ids the policy saw followed by the
+    generated ids up to and including the first eos (``stages.rm.reward_input_ids``). Nothing is decoded
+    or re-rendered, so special tokens the policy emits are seen, tokenisation cannot drift, and a
+    response cut off at ``max_new_tokens`` is scored at its last token, not as if it had finished.
+  - ``text`` for an RM with its own tokenizer or template (``ppo.reward_model``): the decoded response
+    rendered in the RM's own chat template (``stages.rm.reward_input_from_text``), with the closing eos
+    dropped for a response that did not finish.
+
+  Either way the sequence is cut from the left (keeping bos) to the RM's max_length
+  (``stages.rm.fit_reward_input``); how many were cut is logged as ``rm_truncated``.
+- ``kind: function``: a Python function named ``module:function``, called as
+  ``fn(prompts: list[str], responses: list[str], references: list, **optional)``, where ``prompts``
   holds the last user message of each prompt, ``responses`` the decoded response text (special tokens
-  removed), ``references`` the data set's ``reference``/``answer`` column (None when absent).
+  removed), ``references`` the data set's ``reference``/``answer`` column (None when absent). A function
+  that names them (or takes ``**kwargs``) also gets ``has_eos`` (list[bool]: did the response end with
+  eos) and ``response_ids`` (list[list[int]]: the generated ids up to and including eos). It returns
+  a list of floats, or ``{"scores": [...], "metrics": {name: [one number or None per response]}}``;
+  each metric's mean over the step (None ignored) is logged as ``reward_metric/<name>``.
 - ``kind: judge``: an AI judge from ``rlaif.judges`` (``stages.rlaif.judges.build_judge``), scored per
   (prompt, response) pair.
 
@@ -25,13 +39,13 @@ Functions shipped here (use them as ``stages.ppo.rewards:<name>``):
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-
-from .rollout import rm_input_ids
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -103,38 +117,84 @@ def import_function(spec: str) -> Callable[..., list[float]]:
     return fn
 
 
+@dataclass
+class Responses:
+    """One batch of episodes to score, one row per episode (B rows)."""
+
+    messages: list[list[dict[str, str]]]  # the prompt conversation (system prompt applied)
+    prompt_ids: list[list[int]]           # ids the policy was prompted with (unpadded, after left truncation)
+    response_ids: list[list[int]]         # generated ids up to and including the first eos (unpadded)
+    has_eos: list[bool]                   # whether the response ended with eos (False: cut at max_new_tokens)
+    texts: list[str]                      # decoded responses, special tokens removed
+    references: list[Any]                 # the data set's reference/answer column (None where absent)
+
+
+@dataclass
+class Scores:
+    """What :meth:`RewardSources.score` returns."""
+
+    total: torch.Tensor                   # (B,) fp32 weighted sum of the sources
+    parts: dict[str, torch.Tensor]        # source name -> (B,) raw scores
+    metrics: dict[str, torch.Tensor]      # extra per-sample metrics of reward functions: name -> (B,) (NaN: none)
+    rm_truncated: int = 0                 # RM inputs cut to the RM's max_length in this batch
+
+
+OPTIONAL_KEYWORDS = ("has_eos", "response_ids")
+
+
+def _accepted_keywords(fn: Callable[..., Any]) -> set[str]:
+    """Which of the optional keyword arguments (``has_eos``, ``response_ids``) a reward function takes."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return set(OPTIONAL_KEYWORDS)
+    return {p.name for p in params if p.name in OPTIONAL_KEYWORDS}
+
+
 class RewardSources:
     """The configured reward sources of a PPO run, scored together.
 
     Args:
         sources: ``cfg.ppo.rewards`` (RewardSourceConfig list).
-        cfg: the RunConfig (judges are built from ``cfg.rlaif.judges``).
-        tokenizer: the run's tokenizer (the RM shares it: the fingerprint check guarantees it).
+        cfg: the RunConfig (judges are built from ``cfg.rlaif.judges``; ``cfg.chat`` for fingerprints).
+        tokenizer: the policy's tokenizer.
         rm: the frozen reward model (AutoModelForSequenceClassification, num_labels=1) or None.
-        rm_max_length: truncation length the RM stage trained with.
+        rm_max_length: the longest sequence the RM scores (its training max_length).
         device: where the RM runs. ``autocast_bf16``: run the RM under bf16 autocast.
         batch_size: RM forward batch size.
+        rm_tokenizer: the RM's tokenizer when it was loaded separately (an RM you bring), else None
+            (the rm stage's RM: same tokenizer and chat format, the stage fingerprint check guarantees it).
+
+    ``rm_scoring`` says how the RM reads a response: ``"token_ids"`` when the RM shares the policy's
+    tokenizer and chat format (equal chat-format fingerprints; :func:`stages.rm.reward_input_ids`), else
+    ``"text"`` (:func:`stages.rm.reward_input_from_text`, in the RM's own template).
     """
 
     def __init__(self, sources: Sequence[Any], cfg: Any, tokenizer: Any, rm: Any | None, rm_max_length: int,
-                 device: torch.device, autocast_bf16: bool = False, batch_size: int = 32):
+                 device: torch.device, autocast_bf16: bool = False, batch_size: int = 32,
+                 rm_tokenizer: Any | None = None):
         self.sources = list(sources)
         self.tokenizer, self.rm, self.rm_max_length = tokenizer, rm, rm_max_length
         self.device, self.bf16, self.batch_size = device, autocast_bf16, batch_size
+        self.cfg = cfg
+        self.rm_tokenizer = rm_tokenizer if rm_tokenizer is not None else tokenizer
+        self.rm_scoring = "token_ids" if rm_tokenizer is None or same_chat_format(tokenizer, rm_tokenizer, cfg) \
+            else "text"
         self.names: list[str] = []
-        self._fns: list[Callable[..., list[float]] | None] = []
+        self._fns: list[Callable[..., Any] | None] = []
+        self._keywords: list[set[str]] = []
         self._judges: list[Any] = []
         for i, src in enumerate(self.sources):
+            fn, judge = None, None
             if src.kind == "rm":
                 if rm is None:
                     raise ValueError("ppo.rewards has a 'rm' source but no reward model was loaded")
                 name = "rm"
-                self._fns.append(None)
-                self._judges.append(None)
             elif src.kind == "function":
                 name = src.function.split(":")[-1]
-                self._fns.append(import_function(src.function))
-                self._judges.append(None)
+                fn = import_function(src.function)
             else:
                 try:
                     from stages.rlaif.judges import build_judge
@@ -144,61 +204,103 @@ class RewardSources:
                     raise ValueError(f"ppo.rewards[{i}].judge={src.judge!r} is not defined under rlaif.judges "
                                      f"(defined: {', '.join(cfg.rlaif.judges) or 'none'})")
                 name = f"judge_{src.judge}"
-                self._fns.append(None)
-                self._judges.append(build_judge(cfg, src.judge))
+                judge = build_judge(cfg, src.judge)
             while name in self.names:
                 name += "_"
             self.names.append(name)
+            self._fns.append(fn)
+            self._keywords.append(_accepted_keywords(fn) if fn is not None else set())
+            self._judges.append(judge)
+
+    def rm_inputs(self, batch: Responses) -> tuple[list[list[int]], int]:
+        """-> (the token ids the RM scores for each row, how many were cut to the RM's max_length)."""
+        from stages.rm import fit_reward_input, reward_input_from_text, reward_input_ids
+
+        if self.rm_scoring == "token_ids":
+            bos = self.tokenizer.bos_token_id
+            seqs = [reward_input_ids(p, r, self.rm_max_length, bos)
+                    for p, r in zip(batch.prompt_ids, batch.response_ids)]
+            cut = sum(len(p) + len(r) > self.rm_max_length for p, r in zip(batch.prompt_ids, batch.response_ids))
+            return seqs, cut
+        full = [reward_input_from_text(self.rm_tokenizer, m, t, bool(e), max_length=None)
+                for m, t, e in zip(batch.messages, batch.texts, batch.has_eos)]
+        bos = self.rm_tokenizer.bos_token_id
+        return [fit_reward_input(ids, self.rm_max_length, bos) for ids in full], \
+            sum(len(ids) > self.rm_max_length for ids in full)
 
     @torch.no_grad()
-    def rm_scores(self, messages: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> torch.Tensor:
-        """(B,) fp32 RM scores read at each response's closing eos, in the RM stage's own layout.
+    def rm_scores(self, batch: Responses) -> tuple[torch.Tensor, int]:
+        """-> ((B,) fp32 RM scores read at each sequence's last token, rows cut to the RM's max_length)."""
+        from stages.rm import score_token_ids
 
-        Uses ``stages.rm.score_responses`` (chat template re-rendered, cut at the eos, prompt cut from the
-        left to the RM's max_length, right padding, fp32 head). A response too long for the RM's
-        max_length on its own keeps its last ``max_length`` tokens instead.
-        """
-        from stages.rm import score_responses, score_token_ids
-
+        seqs, cut = self.rm_inputs(batch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            try:
-                return score_responses(self.rm, self.tokenizer, list(messages), list(responses),
-                                       max_length=self.rm_max_length, batch_size=self.batch_size).float()
-            except ValueError:
-                pass  # some response does not fit on its own: score row by row
-            out = []
-            for m, r in zip(messages, responses):
-                try:
-                    out.append(score_responses(self.rm, self.tokenizer, [m], [r], max_length=self.rm_max_length))
-                except ValueError:
-                    ids = rm_input_ids(self.tokenizer, m, r, self.rm_max_length)
-                    out.append(score_token_ids(self.rm, [ids], self.tokenizer.pad_token_id, 1, self.device))
-            return torch.cat(out).float()
+            scores = score_token_ids(self.rm, seqs, self.rm_tokenizer.pad_token_id, self.batch_size, self.device)
+        return scores.float(), cut
 
-    def score(self, messages: Sequence[list[dict[str, str]]], responses: Sequence[str],
-              references: Sequence[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """-> (weighted total (B,), {source name: raw scores (B,)}); raises on non-finite scores."""
-        prompts = [next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "") for msgs in messages]
+    def _function_scores(self, i: int, batch: Responses, prompts: list[str]
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        spec, fn, keywords = self.sources[i].function, self._fns[i], self._keywords[i]
+        n = len(batch.texts)
+        extra: dict[str, Any] = {}
+        if "has_eos" in keywords:
+            extra["has_eos"] = [bool(e) for e in batch.has_eos]
+        if "response_ids" in keywords:
+            extra["response_ids"] = [list(r) for r in batch.response_ids]
+        result = fn(list(prompts), list(batch.texts), list(batch.references), **extra)
+        metrics: dict[str, torch.Tensor] = {}
+        if isinstance(result, dict):
+            if "scores" not in result:
+                raise ValueError(f"reward function {spec!r} returned a dict without 'scores' "
+                                 "(expected {'scores': [...], 'metrics': {name: [...]}})")
+            for name, values in (result.get("metrics") or {}).items():
+                values = list(values)
+                if len(values) != n:
+                    raise ValueError(f"reward function {spec!r}: metric {name!r} has {len(values)} values for "
+                                     f"{n} responses")
+                metrics[str(name)] = torch.tensor([math.nan if v is None else float(v) for v in values],
+                                                  dtype=torch.float32)
+            result = result["scores"]
+        result = list(result)
+        if len(result) != n:
+            raise ValueError(f"reward function {spec!r} returned {len(result)} scores for {n} responses")
+        return torch.tensor([float(x) for x in result], dtype=torch.float32), metrics
+
+    def score(self, batch: Responses) -> Scores:
+        """Score every source on ``batch``; raises on non-finite scores (naming the source)."""
+        prompts = [next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "") for msgs in batch.messages]
+        responses = batch.texts
         total = torch.zeros(len(responses), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
-        for src, name, fn, judge in zip(self.sources, self.names, self._fns, self._judges):
+        metrics: dict[str, torch.Tensor] = {}
+        rm_truncated = 0
+        for i, (src, name, judge) in enumerate(zip(self.sources, self.names, self._judges)):
             if src.kind == "rm":
-                values = self.rm_scores(messages, responses)
+                values, rm_truncated = self.rm_scores(batch)
             elif src.kind == "function":
-                result = fn(list(prompts), list(responses), list(references))
-                if len(result) != len(responses):
-                    raise ValueError(f"reward function {src.function!r} returned {len(result)} scores "
-                                     f"for {len(responses)} responses")
-                values = torch.tensor([float(x) for x in result], dtype=torch.float32)
+                values, extra = self._function_scores(i, batch, prompts)
+                for key, per_sample in extra.items():
+                    if key in metrics:
+                        raise ValueError(f"reward function {src.function!r}: metric {key!r} is also returned by "
+                                         "another reward function; give it another name")
+                    metrics[key] = per_sample
             else:
-                judged = judge.score_many(list(zip(messages, responses)))
+                judged = judge.score_many(list(zip(batch.messages, responses)))
                 values = torch.tensor([float(j.score) for j in judged], dtype=torch.float32)
             bad = (~torch.isfinite(values)).nonzero().flatten()
             if bad.numel():
-                i = int(bad[0])
+                j = int(bad[0])
                 raise FloatingPointError(
-                    f"reward source {name!r} returned a non-finite score ({float(values[i])}) for response "
-                    f"{i} ({responses[i][:80]!r}); fix the source (PPO cannot learn from NaN/inf rewards)")
+                    f"reward source {name!r} returned a non-finite score ({float(values[j])}) for response "
+                    f"{j} ({responses[j][:80]!r}); fix the source (PPO cannot learn from NaN/inf rewards)")
             parts[name] = values
             total += src.weight * values
-        return total, parts
+        return Scores(total, parts, metrics, rm_truncated)
+
+
+def same_chat_format(tokenizer: Any, other: Any, cfg: Any) -> bool:
+    """Whether two tokenizers have the same chat-format fingerprint (vocabulary, special ids, template)."""
+    from pipeline.models import chat_fingerprint, chat_format
+
+    chat = getattr(cfg, "chat", None)
+    return chat_fingerprint(chat_format(tokenizer, chat)) == chat_fingerprint(chat_format(other, chat))

@@ -10,9 +10,9 @@ two-process run comparable to a one-process run on the same global batch, and re
 
 Layout. Prompts are left-padded (``generate`` needs it), responses right-padded; the sequence fed to
 the policy, the reference and the critic is ``[prompt (left-padded) | response (right-padded)]`` with
-position ids from the attention mask, so padding never shifts positions. The reward model instead
-sees exactly its training layout: the conversation re-rendered with the chat template, cut after the
-response's closing eos, right-padded (DESIGN §3).
+position ids from the attention mask, so padding never shifts positions. The reward model scores
+the same ids, unpadded: the prompt ids followed by the response up to and including its eos
+(:func:`response_rows`; the layout itself lives in ``stages.rm.reward_input_ids``, DESIGN §3).
 """
 
 from __future__ import annotations
@@ -138,21 +138,12 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
+def response_rows(responses: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """(B, T) responses and mask -> each row's real ids (up to and including the first eos), unpadded."""
+    return [[t for t, keep in zip(ids, m) if keep] for ids, m in zip(responses.tolist(), mask.tolist())]
+
+
 def decode_responses(tokenizer: Any, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
     """Response text without special tokens (the eos is dropped)."""
-    rows = []
-    for ids, m in zip(responses.tolist(), mask.tolist()):
-        rows.append([t for t, keep in zip(ids, m) if keep])
-    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return tokenizer.batch_decode(response_rows(responses, mask), skip_special_tokens=True)
 
-
-# ------------------------------------------------------------------------------ reward model layout
-def rm_input_ids(tokenizer: Any, messages: list[dict[str, str]], response: str, max_length: int) -> list[int]:
-    """Token ids the reward model scores: the conversation rendered by the chat template, ending at
-    the assistant turn's closing eos (the read position), keeping the last ``max_length`` tokens."""
-    text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    last = len(ids) - 1 - ids[::-1].index(eos) if eos in ids else len(ids) - 1
-    ids = ids[:last + 1]
-    return ids[-max_length:]

@@ -90,7 +90,7 @@ import random
 import shutil
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,7 +98,7 @@ import numpy as np
 import torch
 
 from data.formats import DataError, load_examples
-from pipeline.config import RunConfig, resolve_path
+from pipeline.config import ChatConfig, RunConfig, model_location, resolve_path
 from pipeline.manifest import atomic_write_text
 from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base, save_tokenizer
 from pipeline.stage import StageRun
@@ -120,14 +120,14 @@ from stages.ppo.core import (
 )
 from stages.batching import left_pad
 from stages.generation import neutral_generate, neutral_generation_config
-from stages.ppo.rewards import RewardSources
+from stages.ppo.rewards import Responses, RewardSources, Scores
 from stages.ppo.rollout import (
     EpisodeSampler,
-    decode_responses,
     encode_prompts,
     episode_uniforms,
     position_ids,
     response_mask,
+    response_rows,
 )
 from stages.tuning import apply_tuning, load_trained, quantization_kwargs, save_trained, trainable_summary
 
@@ -243,6 +243,7 @@ class Rollout:
     prompts: list[list[dict[str, str]]]
     parts: dict[str, torch.Tensor]
     truncated: int               # prompts cut to max_prompt_length in this batch
+    reward_stats: dict[str, float] = field(default_factory=dict)  # logged per step: eos penalty, reward_metric/*
 
     def sequences(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         """[prompt | response] ids and attention mask for rows ``idx``."""
@@ -292,11 +293,16 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------- set-up
     def _load_data_and_models(self) -> None:
         cfg, p, run, dist = self.cfg, self.p, self.run, self.dist
-        # policy source: the SFT stage (default) or the base model
+        # policy source: the SFT stage (default), the base model, or a policy you bring (ppo.policy)
         if p.policy_from == "sft":
             policy_dir = run.parent_dir("sft")
             self.base_path = str(policy_dir / "model") if (policy_dir / "model").exists() else None
             tok_dir = str(policy_dir)
+            self.policy_source = f"sft stage ({policy_dir})"
+        elif p.policy_from == "path":
+            policy_dir, self.base_path = None, model_location(p.policy.path)
+            tok_dir = model_location(p.policy.tokenizer) if p.policy.tokenizer else self.base_path
+            self.policy_source = self.base_path
         else:
             base = prepare_base(cfg.model) if dist.is_main else None
             if dist.world_size > 1:
@@ -304,6 +310,7 @@ class PPOTrainer:
                 torch.distributed.broadcast_object_list(holder, src=0)
                 base = holder[0]
             policy_dir, self.base_path, tok_dir = None, base, base
+            self.policy_source = f"base model ({base})"
         tokenizer = load_tokenizer(tok_dir, cfg.model, cfg.chat)
         fmt = chat_format(tokenizer, cfg.chat)
         run.set_chat_format(fmt, chat_fingerprint(fmt))
@@ -358,25 +365,10 @@ class PPOTrainer:
         actor.config.use_cache = True
         self.actor = self._no_dropout(actor).to(self.device).eval()
 
-        # reward model and critic (from the RM stage when there is one)
-        self.rm = None
-        rm_dir = run.parent_dir("rm") if "rm" in run.parents else None
-        if rm_dir is not None:
-            from stages.rm import load_reward_model
-
-            rm, _ = load_reward_model(rm_dir, cfg.model)
-            self.rm = self._frozen(rm)
-            critic = load_trained(rm_dir, cfg.model, tokenizer, kind="token_cls")
-            critic = critic.merge_and_unload() if hasattr(critic, "peft_config") else critic
-            self._check_critic_head(critic, rm)
-            with torch.no_grad():  # the RM head has no bias; the token head's new bias starts at 0
-                for name, param in critic.named_parameters():
-                    if name.endswith("score.bias"):
-                        param.zero_()
-            self.critic_source = str(rm_dir)
-        else:
-            critic = load_model(self.base_path, cfg.model, tokenizer, kind="token_cls")
-            self.critic_source = f"{self.base_path} (new value head: no rm stage)"
+        # reward model (the rm stage's or one you bring) and critic (ppo.critic_from)
+        rm, rm_tokenizer, rm_location = self._load_reward_model(tokenizer)
+        critic = self._load_critic(tokenizer, rm, rm_tokenizer, rm_location)
+        self.rm = self._frozen(rm) if rm is not None else None
         if p.tuning.is_lora_family:
             import peft
 
@@ -393,8 +385,102 @@ class PPOTrainer:
         if p.gradient_checkpointing:
             enable_activation_checkpointing(critic)
         self.critic = self._no_dropout(critic).to(self.device).eval()
-        self.rewards = RewardSources(p.rewards, cfg, tokenizer, self.rm, cfg.rm.max_length, self.device,
-                                     autocast_bf16=self.bf16, batch_size=max(self.micro, 8))
+        self.rewards = RewardSources(p.rewards, cfg, tokenizer, self.rm, self.rm_max_length, self.device,
+                                     autocast_bf16=self.bf16, batch_size=max(self.micro, 8),
+                                     rm_tokenizer=rm_tokenizer)
+        run.update(policy_source=self.policy_source, critic_from=self.critic_from, critic_source=self.critic_source,
+                   rm_source=rm_location, rm_scoring=self.rewards.rm_scoring if self.rm is not None else None)
+
+    def _load_reward_model(self, tokenizer: Any) -> tuple[Any | None, Any | None, str | None]:
+        """-> (reward model, its own tokenizer or None, where it was loaded from), unfrozen; (None, None,
+        None) when no kind 'rm' source and no ``critic_from: rm`` needs one.
+
+        ``ppo.reward_model`` (any AutoModelForSequenceClassification with one label, with its tokenizer and
+        chat template) when set, else the ``rm`` stage's model (same tokenizer: the stage fingerprints
+        match, so its tokenizer is not loaded again). Sets ``self.rm_max_length``.
+        """
+        cfg, p = self.cfg, self.p
+        self.rm_max_length = cfg.rm.max_length
+        if not (any(r.kind == "rm" for r in p.rewards) or p.critic_from == "rm"):
+            return None, None, None
+        if p.reward_model is None:
+            from stages.rm import load_reward_model
+
+            rm_dir = self.run.parent_dir("rm")
+            rm, _ = load_reward_model(rm_dir, cfg.model)
+            return rm, None, str(rm_dir)
+        source = p.reward_model
+        location = model_location(source.path)
+        from transformers import AutoConfig
+
+        labels = AutoConfig.from_pretrained(location, trust_remote_code=cfg.model.trust_remote_code).num_labels
+        if labels != 1:
+            raise ValueError(f"ppo.reward_model.path={source.path!r} has num_labels={labels}: a reward model is an "
+                             "AutoModelForSequenceClassification with one label (one scalar score per sequence)")
+        chat = ChatConfig(template=source.chat_template, system_prompt=cfg.chat.system_prompt)
+        rm_tokenizer = load_tokenizer(model_location(source.tokenizer) if source.tokenizer else location, cfg.model,
+                                      chat, template_key="ppo.reward_model.chat_template", foreign=True)
+        rm_model_cfg = cfg.model.model_copy(update={"pad_token": rm_tokenizer.pad_token})
+        rm = load_model(location, rm_model_cfg, rm_tokenizer, kind="seq_cls").eval()
+        self.rm_max_length = source.max_length or cfg.rm.max_length
+        return rm, rm_tokenizer, location
+
+    def _load_critic(self, tokenizer: Any, rm: Any | None, rm_tokenizer: Any | None, rm_location: str | None) -> Any:
+        """The critic (token-level value model) by ``ppo.critic_from``; sets ``critic_from`` / ``critic_source``.
+
+        ``rm``: the reward model's weights with its score head as the value head (needs an RM with the
+        policy's tokenizer and chat format); ``policy``: the policy's weights with a new value head;
+        a folder / hub name: that model (same tokenizer as the policy). ``auto``: ``rm`` when the run has
+        an RM that shares the policy's tokenizer, else ``policy``. Value-head biases start at 0.
+        """
+        from stages.ppo.rewards import same_chat_format
+
+        cfg, p = self.cfg, self.p
+        rm_shares = rm is not None and (rm_tokenizer is None or same_chat_format(tokenizer, rm_tokenizer, cfg))
+        choice = p.critic_from
+        if choice == "auto":
+            choice = "rm" if rm_shares else "policy"
+        if choice == "policy":
+            self.critic_from, self.critic_source = "policy", f"{self.base_path} (the policy, new value head)"
+            return load_model(self.base_path, cfg.model, tokenizer, kind="token_cls")
+        if choice == "rm":
+            if not rm_shares:
+                raise ValueError(f"ppo.critic_from='rm' needs a reward model with the policy's tokenizer and chat "
+                                 f"format, but the one at {rm_location} has another (it scores text in its own "
+                                 "template). Use ppo.critic_from: policy (or a folder with the policy's tokenizer)")
+            if rm_tokenizer is None:  # the rm stage: model/ or base + adapter
+                critic = load_trained(Path(rm_location), cfg.model, tokenizer, kind="token_cls")
+                critic = critic.merge_and_unload() if hasattr(critic, "peft_config") else critic
+            else:
+                critic = load_model(rm_location, cfg.model, tokenizer, kind="token_cls")
+            self._check_critic_head(critic, rm)
+            self.critic_from, self.critic_source = "rm", rm_location
+        else:
+            location = model_location(choice)
+            self._check_same_tokenizer(location, tokenizer)
+            critic = load_model(location, cfg.model, tokenizer, kind="token_cls")
+            self.critic_from, self.critic_source = "path", location
+        with torch.no_grad():  # an RM head has no bias; the token head's new bias starts at 0
+            for name, param in critic.named_parameters():
+                if name.endswith("score.bias"):
+                    param.zero_()
+        return critic
+
+    def _check_same_tokenizer(self, location: str, tokenizer: Any) -> None:
+        """A critic from a folder / hub name must read the policy's token ids (same vocabulary and eos)."""
+        from transformers import AutoTokenizer
+
+        try:
+            theirs = AutoTokenizer.from_pretrained(location, trust_remote_code=self.cfg.model.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"ppo.critic_from={self.p.critic_from!r}: cannot load its tokenizer ({exc}); the critic "
+                             "must come with the policy's tokenizer") from exc
+        ours = {t: i for t, i in tokenizer.get_vocab().items() if t != tokenizer.pad_token}
+        mine = {t: i for t, i in theirs.get_vocab().items() if t != theirs.pad_token}
+        if ours != mine or theirs.eos_token_id != tokenizer.eos_token_id:
+            raise ValueError(f"ppo.critic_from={self.p.critic_from!r}: its tokenizer differs from the policy's "
+                             "(vocabulary or eos); the critic reads the policy's token ids. Use ppo.critic_from: "
+                             "policy, or rm with a reward model that shares the policy's tokenizer")
 
     @staticmethod
     def _no_dropout(model: Any) -> Any:
@@ -589,9 +675,8 @@ class PPOTrainer:
         logp, ref_logp, values = torch.cat(logp).cpu(), torch.cat(ref_logp).cpu(), torch.cat(values).cpu()
         query, query_mask, response, mask, has_eos = (x.cpu() for x in (query, query_mask, response, mask, has_eos))
         t2 = time.perf_counter()
-        texts = decode_responses(self.tokenizer, response, mask)
-        messages = [x.messages for x in prompts]
-        score, parts = self.rewards.score(messages, texts, [x.reference for x in prompts])
+        scores, texts = self.score_responses(prompts, response, mask, has_eos)
+        score, parts, messages = scores.total, scores.parts, [x.messages for x in prompts]
         t3 = time.perf_counter()
 
         reward = score.clone()
@@ -600,8 +685,13 @@ class PPOTrainer:
             reward = self.reward_norm.normalize(reward, clip=p.reward_clip)
         elif p.reward_clip is not None:
             reward = reward.clamp(-p.reward_clip, p.reward_clip)
-        if p.missing_eos_penalty is not None:
-            reward = torch.where(has_eos, reward, reward - abs(p.missing_eos_penalty))
+        # a response that did not end with eos is never rewarded as finished (DESIGN §3)
+        eos_penalty = torch.where(has_eos, torch.zeros(()), torch.tensor(abs(p.missing_eos_penalty or 0.0)))
+        reward = reward - eos_penalty
+        reward_stats = {"missing_eos_penalty": float(eos_penalty.mean()),
+                        **{f"reward_metric/{k}": float(torch.nanmean(v)) for k, v in scores.metrics.items()}}
+        if self.rm is not None:
+            reward_stats["rm_truncated"] = float(scores.rm_truncated)
 
         kl = kl_penalty(logp, ref_logp, p.kl_estimator)
         beta = 0.0 if p.kl_in_loss else self.kl_ctl.value
@@ -611,7 +701,22 @@ class PPOTrainer:
             advantages = global_whiten(advantages, mask, self.comm)
         timings.update(time_generate=t1 - t0, time_forward=t2 - t1, time_score=t3 - t2)
         return Rollout(query, query_mask, response, mask, has_eos, logp, ref_logp, values, advantages, returns,
-                       score, reward, kl * mask, texts, messages, parts, sum(x.truncated for x in prompts))
+                       score, reward, kl * mask, texts, messages, parts, sum(x.truncated for x in prompts),
+                       reward_stats=reward_stats)
+
+    def score_responses(self, prompts: list[Any], response: torch.Tensor, mask: torch.Tensor,
+                        has_eos: torch.Tensor) -> tuple[Scores, list[str]]:
+        """Score this rank's responses with every reward source -> (scores, decoded texts).
+
+        ``prompts``: the EncodedPrompts that were generated from; ``response`` (B, T) / ``mask`` (B, T) /
+        ``has_eos`` (B,) on the CPU, as ``generate`` returns them. The reward model is handed the prompt ids
+        the policy saw and the generated ids up to and including eos (see ``stages.ppo.rewards``).
+        """
+        rows = response_rows(response, mask)
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        batch = Responses([x.messages for x in prompts], [list(x.ids) for x in prompts], rows,
+                          [bool(e) for e in has_eos.tolist()], texts, [x.reference for x in prompts])
+        return self.rewards.score(batch), texts
 
     # ------------------------------------------------------------------------------- update
     def _ptx_batch(self) -> dict[str, torch.Tensor]:
@@ -777,8 +882,7 @@ class PPOTrainer:
             _, _, response, mask, has_eos = self.generate([x.ids for x in prompts], [max(i, 0) for i in chunk],
                                                           stream=-1)
             response, mask, has_eos = response.cpu(), mask.cpu(), has_eos.cpu()
-            texts = decode_responses(self.tokenizer, response, mask)
-            score, _ = self.rewards.score([x.messages for x in prompts], texts, [x.reference for x in prompts])
+            score = self.score_responses(prompts, response, mask, has_eos)[0].total
             totals += torch.stack([score[real].sum().double(), mask.sum(1)[real].sum().double(),
                                    has_eos[real].sum().double(), real.sum().double()])
         totals = self.comm.sum(totals)
@@ -923,6 +1027,7 @@ class PPOTrainer:
                 "eos_rate": float(ro.has_eos.float().mean()),
                 "truncated_prompts": float(ro.truncated),
                 **{f"score/{k}": float(v.mean()) for k, v in ro.parts.items()},
+                **ro.reward_stats,
                 **{k: v for k, v in stats.items() if k not in ("ratio_max", "skipped_minibatches")},
                 **timings,
             }
