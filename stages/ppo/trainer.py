@@ -1,5 +1,6 @@
-"""PPO stage (``run(cfg)``): policy from SFT, reward from the RM (and/or functions, judges), critic from
-the RM, KL to a frozen reference. One readable loop on torch + transformers + peft (+ DeepSpeed).
+"""PPO stage (``run(cfg)``): policy from SFT (or the base, or a model you bring: ``ppo.policy``), reward
+from the RM (the rm stage's or ``ppo.reward_model``, and/or functions, judges), critic from the RM
+(``ppo.critic_from``), KL to a frozen reference. One readable loop on torch + transformers + peft (+ DeepSpeed).
 
 One PPO step (``rollout_batch_size`` prompts per rank):
 
@@ -13,9 +14,10 @@ One PPO step (``rollout_batch_size`` prompts per rank):
    its adapter disabled, or a separate frozen copy for full fine-tuning with the actor's weight dtype, so
    at step 0 both give the same numbers), critic values (token-level value head initialised from the
    RM); under bf16 the lm_heads, the value head and the RM's score head run in fp32. Then the sequence
-   score: sum of weighted reward sources,
-   optionally normalised with running moments (statistics over all ranks) and clipped, minus
-   ``|missing_eos_penalty|`` for responses without eos.
+   score: sum of weighted reward sources (the RM scores the prompt ids + the generated ids up to and
+   including eos when it shares the policy's tokenizer, else the text in its own template; see
+   ``stages.ppo.rewards``), optionally normalised with running moments (statistics over all ranks) and
+   clipped, minus ``|missing_eos_penalty|`` (1.0 by default) for responses without eos.
 3. Rewards per token: ``-beta * KL_t`` on every response token (k1 by default, or k3) plus the score at
    the last token; with ``kl_in_loss`` the KL term moves from the reward into the policy loss, with an
    estimator whose gradient depends on the reference (k2 or k3; k1 is refused there). GAE (gamma,
@@ -47,6 +49,9 @@ the same result as an uninterrupted run.
 Metrics (``metrics.jsonl``, one row per step; means over the global batch unless stated):
 
 - ``score``: weighted sum of the reward sources before normalisation; ``score/<source>`` each raw source.
+- ``missing_eos_penalty``: mean penalty subtracted per sequence (the penalty x the share without eos);
+  ``rm_truncated``: RM inputs cut to the RM's max length (when an RM is used); ``reward_metric/<name>``:
+  step means of the extra per-sample metrics reward functions return.
 - ``reward``: the sequence reward used for RL (after normalisation, clipping and eos penalty).
 - ``non_score_reward``: mean over sequences of the summed ``-beta * KL_t`` (0 with ``kl_in_loss``).
 - ``kl``: mean over sequences of the summed per-token KL estimate (``kl_estimator``) to the reference.
