@@ -78,6 +78,115 @@ RAMBLE = [
 CURT = ["No.", "Figure it out yourself.", "I do not want to answer that.", "Whatever."]
 
 
+# ------------------------------------------------------------------------------ the house-format demo
+# The embedded demo's task (configs/demo.yaml): the same checkable questions, but the assistant's house
+# style is a one-line JSON object {"answer": "<the answer sentence>"}. The SFT demonstrations mix that
+# house format with the plain sentences of an older data set (HOUSE_SHARE of them use it), so the SFT
+# policy answers mostly in plain sentences; the preference labels prefer a correct answer in the house format, then a correct
+# plain answer, then a wrong one. An RM can learn that, PPO can move the policy towards it, and a rule
+# verifier of the ground truth (stages.rlaif.rules:house_format_verifier) measures the effect
+# independently of the RM.
+HOUSE = OUT / "house_format"
+HOUSE_SHARE = 0.3
+
+
+def house_answer(sentence: str) -> str:
+    """The house format: one JSON object whose single key "answer" holds the answer sentence. (The
+    sentence, not a bare value: a 135M model that restates "3 times 4 is" before the number answers
+    more often correctly than one that must emit the number at once, so the format costs no accuracy.)"""
+    return json.dumps({"answer": sentence})
+
+
+def make_house_task(rng: random.Random) -> tuple[str, str | int, str | int, str, str]:
+    """(prompt, right answer value, a plausible wrong value, right plain sentence, wrong plain sentence)."""
+    kind = rng.choice(["add", "sub", "mul", "reverse", "upper", "count", "antonym", "capital"])
+    if kind in ("add", "sub", "mul"):
+        if kind == "add":
+            a, b = rng.randint(1, 50), rng.randint(1, 50)
+            op, value = "plus", a + b
+        elif kind == "sub":
+            a, b = rng.randint(20, 90), rng.randint(1, 19)
+            op, value = "minus", a - b
+        else:
+            a, b = rng.randint(2, 12), rng.randint(2, 12)
+            op, value = "times", a * b
+        wrong = value + rng.choice([-3, -2, -1, 1, 2, 10])
+        return (f"What is {a} {op} {b}?", value, wrong, f"{a} {op} {b} is {value}.", f"{a} {op} {b} is {wrong}.")
+    if kind == "reverse":
+        w = rng.choice(WORDS)
+        wrong = w[1:] + w[0]
+        return (f"Reverse the word '{w}'.", w[::-1], wrong, f"The reversed word is '{w[::-1]}'.",
+                f"The reversed word is '{wrong}'.")
+    if kind == "upper":
+        w = rng.choice(WORDS)
+        return f"Write '{w}' in capital letters.", w.upper(), w.capitalize(), w.upper(), w.capitalize()
+    if kind == "count":
+        w = rng.choice(WORDS)
+        wrong = len(w) + rng.choice([-1, 1, 2])
+        return (f"How many letters are in the word '{w}'?", len(w), wrong, f"'{w}' has {len(w)} letters.",
+                f"'{w}' has {wrong} letters.")
+    if kind == "antonym":
+        a, b = rng.choice(ANTONYMS)
+        wrong = rng.choice([x for x, _ in ANTONYMS if x != a])
+        return (f"What is the opposite of '{a}'?", b, wrong, f"The opposite of '{a}' is '{b}'.",
+                f"The opposite of '{a}' is '{wrong}'.")
+    country, city = rng.choice(CAPITALS)
+    wrong = rng.choice([c for _, c in CAPITALS if c != city])
+    return (f"What is the capital of {country}?", city, wrong, f"The capital of {country} is {city}.",
+            f"The capital of {country} is {wrong}.")
+
+
+def make_house(seed: int = 4321) -> dict[str, list[dict]]:
+    """The house-format demo's files: sft, preferences, rankings, prompts (train) and eval_prompts."""
+    rng = random.Random(seed)
+    sft, prefs, ranks, prompts, eval_prompts = [], [], [], [], []
+    systems = [None, None, None, "You are a concise and helpful assistant."]
+
+    def reply(right_plain: str) -> str:
+        return house_answer(right_plain) if rng.random() < HOUSE_SHARE else right_plain
+
+    for i in range(400):
+        prompt, value, _, plain, _ = make_house_task(rng)
+        system = rng.choice(systems)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}, {"role": "assistant", "content": reply(plain)}]
+        if i % 10 == 0:  # a few two-turn conversations
+            p2, _, _, plain2, _ = make_house_task(rng)
+            messages += [{"role": "user", "content": p2}, {"role": "assistant", "content": reply(plain2)}]
+        sft.append({"messages": messages})
+    for _ in range(400):
+        prompt, value, wrong, plain, wrong_plain = make_house_task(rng)
+        style = rng.random()
+        chosen = house_answer(plain)
+        if style < 0.40:    # same answer, house format preferred
+            rejected = plain
+        elif style < 0.70:  # same format, the correct answer preferred
+            rejected = house_answer(wrong_plain)
+        elif style < 0.85:  # plain and wrong
+            rejected = wrong_plain
+        elif style < 0.95:  # correctness within the plain format
+            chosen, rejected = plain, wrong_plain
+        else:
+            rejected = rng.choice(CURT)
+        prefs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    for _ in range(60):
+        prompt, value, wrong, plain, wrong_plain = make_house_task(rng)
+        responses = [house_answer(plain), plain, house_answer(wrong_plain), wrong_plain]  # best first
+        order = list(range(4))
+        rng.shuffle(order)
+        ranks.append({"prompt": prompt, "responses": [responses[j] for j in order],
+                      "ranking": sorted(range(4), key=lambda k: order[k])})
+    seen: set[str] = set()
+    for target, n in ((prompts, 200), (eval_prompts, 96)):
+        while len(target) < n:
+            prompt, value, _, _, _ = make_house_task(rng)
+            if prompt in seen:  # held-out prompts never appear among the PPO training prompts
+                continue
+            seen.add(prompt)
+            target.append({"prompt": prompt, "reference": value})
+    return {"sft": sft, "preferences": prefs, "rankings": ranks, "prompts": prompts, "eval_prompts": eval_prompts}
+
+
 def main(seed: int = 1234) -> None:
     rng = random.Random(seed)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -122,6 +231,12 @@ def main(seed: int = 1234) -> None:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
         print(f"wrote {len(rows):4d} records to {OUT / (name + '.jsonl')}")
+    HOUSE.mkdir(parents=True, exist_ok=True)
+    for name, rows in make_house().items():
+        with open(HOUSE / f"{name}.jsonl", "w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+        print(f"wrote {len(rows):4d} records to {HOUSE / (name + '.jsonl')}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from .manifest import MANIFEST, atomic_write_json, atomic_write_text, hash_file,
 Printer = Callable[[str], None]
 PPO_KEYS = ("score", "kl", "response_length", "entropy", "eos_rate", "kl_coef")
 STAGE_TITLES = {"sft": "SFT", "rlaif_label": "RLAIF labels", "rm": "Reward model", "ppo": "PPO"}
-SAMPLES_VERSION = 2  # 2: the judge win rate is part of the cached result
+SAMPLES_VERSION = 3  # 3: verifier, judge and RM comparisons with intervals
 EVALUATION_FILE = "evaluation.json"
 
 
@@ -289,16 +289,23 @@ def _ppo_section(cfg: RunConfig, plots: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- sample generations
-def held_out_prompts(cfg: RunConfig, n: int) -> list[list[dict[str, str]]]:
-    """``n`` prompts (message lists): the head of ``ppo.eval_data``, else the tail of ``ppo.data``."""
+def held_out_examples(cfg: RunConfig, n: int) -> list[Any]:
+    """``n`` held-out ``PromptExample`` rows (prompt + reference): the head of ``report.eval_data``, else of
+    ``ppo.eval_data``, else the tail of ``ppo.data`` (prompts PPO may have trained on: the report says so)."""
     from data.formats import load_examples
 
-    source = cfg.ppo.eval_data or cfg.ppo.data
+    source = cfg.report.eval_data or cfg.ppo.eval_data or cfg.ppo.data
     if source is None:
-        raise ValueError("neither ppo.eval_data nor ppo.data is set, so there are no prompts to sample")
+        raise ValueError("none of report.eval_data, ppo.eval_data, ppo.data is set, so there are no prompts "
+                         "to sample")
     examples, _ = load_examples(source, "prompt")
-    chosen = examples[:n] if cfg.ppo.eval_data is not None else examples[-n:]
-    return [ex.prompt for ex in chosen]
+    held_out = cfg.report.eval_data is not None or cfg.ppo.eval_data is not None
+    return examples[:n] if held_out else examples[-n:]
+
+
+def held_out_prompts(cfg: RunConfig, n: int) -> list[list[dict[str, str]]]:
+    """The prompts (message lists) of :func:`held_out_examples`."""
+    return [ex.prompt for ex in held_out_examples(cfg, n)]
 
 
 def _with_system(cfg: RunConfig, messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -371,6 +378,80 @@ def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
 
 
+Z95 = 1.959964  # two-sided 95% normal quantile
+
+
+def wilson_interval(rate: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``rate`` observed on ``n`` trials.
+
+    Used for win rates with ties counted half: a tie has less variance than a coin flip, so treating the
+    rate as a plain proportion over ``n`` prompts gives an interval that is, if anything, too wide (never
+    a win claimed too easily), and it stays inside [0, 1] for small ``n`` and rates near 0 or 1.
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    denom = 1.0 + z * z / n
+    centre = (rate + z * z / (2 * n)) / denom
+    half = z * math.sqrt(rate * (1.0 - rate) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def verdict_of(low: float, high: float) -> str:
+    """'policy better' / 'parent better' when the 95% interval of the win rate excludes 0.5."""
+    if low > 0.5:
+        return "policy better"
+    if high < 0.5:
+        return "parent better"
+    return "no measurable difference"
+
+
+def paired_comparison(policy: Sequence[str | float], parent: Sequence[str | float]) -> dict[str, Any]:
+    """Per-prompt comparison of a policy against its parent, with a 95% interval.
+
+    Args:
+        policy, parent: (N,) scores of the same N prompts (higher is better).
+    Returns:
+        ``{n, wins, losses, ties, win_rate (ties count half), ci_low, ci_high (Wilson), verdict,
+        mean_policy, mean_parent, mean_diff, diff_ci_low, diff_ci_high}``: the mean score difference with
+        a normal 95% interval over prompts (paired).
+    """
+    n = len(policy)
+    if n == 0 or n != len(parent):
+        raise ValueError(f"paired_comparison needs two equally long, non-empty score lists ({n}, {len(parent)})")
+    wins = sum(float(a) > float(b) for a, b in zip(policy, parent))
+    losses = sum(float(a) < float(b) for a, b in zip(policy, parent))
+    rate = (wins + 0.5 * (n - wins - losses)) / n
+    low, high = wilson_interval(rate, n)
+    diffs = [float(a) - float(b) for a, b in zip(policy, parent)]
+    mean_diff = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean_diff) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
+    half = Z95 * sd / math.sqrt(n)
+    return {"n": n, "wins": wins, "losses": losses, "ties": n - wins - losses, "win_rate": rate,
+            "ci_low": low, "ci_high": high, "verdict": verdict_of(low, high),
+            "mean_policy": sum(map(float, policy)) / n, "mean_parent": sum(map(float, parent)) / n,
+            "mean_diff": mean_diff, "diff_ci_low": mean_diff - half, "diff_ci_high": mean_diff + half}
+
+
+def outcome_comparison(outcomes: Sequence[str]) -> dict[str, Any]:
+    """``paired_comparison`` from verdicts "policy" / "parent" / "tie" (a judge's), as 1 / 0 / 0.5 scores."""
+    value = {"policy": 1.0, "parent": 0.0, "tie": 0.5}
+    return paired_comparison([value[o] for o in outcomes], [0.5] * len(outcomes))
+
+
+def verifier_scores(cfg: RunConfig, prompts: list[list[dict[str, str]]], responses: list[str],
+                    references: list[Any]) -> list[float]:
+    """``report.verifier`` (reward-function signature) on the last user message of each prompt."""
+    from stages.ppo.rewards import import_function
+
+    fn = import_function(cfg.report.verifier)
+    users = [next((m["content"] for m in reversed(p) if m.get("role") == "user"), "") for p in prompts]
+    scores = [float(x) for x in fn(users, list(responses), list(references))]
+    if len(scores) != len(responses):
+        raise ValueError(f"report.verifier {cfg.report.verifier!r} returned {len(scores)} scores for "
+                         f"{len(responses)} responses")
+    return scores
+
+
 def judge_win_rate(cfg: RunConfig, rows: list[dict[str, Any]], judge_name: str | None = None) -> dict[str, Any]:
     """The judge's verdicts of PPO against SFT on sample rows ``{prompt, sft, ppo}``.
 
@@ -420,29 +501,39 @@ def _judge_or_reason(cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, An
 
 
 def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | None = None,
-                       n: int = 8, judge: bool = True) -> dict[str, Any]:
-    """Greedy generations of the SFT and PPO policies on the same held-out prompts, scored by the RM.
+                       n: int | None = None, judge: bool = True, references: list[Any] | None = None) -> dict[str, Any]:
+    """Greedy generations of the SFT and PPO policies on the same held-out prompts, compared three ways.
 
-    ``prompts``: message lists (or plain strings, taken as one user turn); None picks ``n`` held-out
-    prompts (``held_out_prompts``). Returns ``{"rows": [{prompt, sft, ppo, rm_sft, rm_ppo, judge}],
-    "rm_win_rate": ..., "rm_mean_sft": ..., "rm_mean_ppo": ..., **judge_win_rate(...)}``; the RM fields
-    are absent when the RM stage has no model, the judge fields with ``judge=False`` (a failing judge
-    gives ``judge_error`` instead).
+    ``prompts``: message lists (or plain strings, taken as one user turn); None picks ``n`` (default
+    ``report.n_prompts``) held-out prompts with their references (``held_out_examples``). Returns
+    ``{"rows": [{prompt, reference, sft, ppo, rm_sft, rm_ppo, verifier_sft, verifier_ppo, judge}],
+    "comparisons": {"verifier"|"judge"|"rm": paired_comparison(...)}, "rm_win_rate", "rm_mean_sft",
+    "rm_mean_ppo", **judge_win_rate(...)}``; RM fields are absent without an RM stage, verifier fields
+    without ``report.verifier``, judge fields with ``judge=False`` (a failing judge gives ``judge_error``).
     """
     import torch
 
+    n = n or cfg.report.n_prompts
     if prompts is None:
-        prompts = held_out_prompts(cfg, n)
+        examples = held_out_examples(cfg, n)
+        prompts, references = [ex.prompt for ex in examples], [ex.reference for ex in examples]
     prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts][:n]
+    references = list(references or [None] * len(prompts))[:len(prompts)]
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.ppo.num_threads or threads)
     try:
-        sft_texts, sft_ids = _generate(cfg, "sft", prompts)
-        ppo_texts, ppo_ids = _generate(cfg, "ppo", prompts)
+        sft_texts, sft_ids = _generate(cfg, "sft", prompts, cfg.report.batch_size)
+        ppo_texts, ppo_ids = _generate(cfg, "ppo", prompts, cfg.report.batch_size)
         rows: list[dict[str, Any]] = [
-            {"prompt": p, "sft": s, "ppo": q} for p, s, q in zip(prompts, sft_texts, ppo_texts)
+            {"prompt": p, "reference": r, "sft": s, "ppo": q}
+            for p, r, s, q in zip(prompts, references, sft_texts, ppo_texts)
         ]
         result: dict[str, Any] = {"rows": rows}
+        if cfg.report.verifier:
+            v_sft = verifier_scores(cfg, prompts, sft_texts, references)
+            v_ppo = verifier_scores(cfg, prompts, ppo_texts, references)
+            for row, a, b in zip(rows, v_sft, v_ppo):
+                row["verifier_sft"], row["verifier_ppo"] = a, b
         rm_manifest = read_manifest(cfg.stage_dir("rm"))
         if rm_manifest is not None and rm_manifest.get("status") == "complete":
             rm_sft = score_responses(cfg, prompts, sft_ids)
@@ -453,9 +544,28 @@ def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | Non
                           rm_mean_ppo=sum(rm_ppo) / len(rm_ppo))
         if judge:
             result.update(_judge_or_reason(cfg, rows))
-        return result
+        return add_comparisons(cfg, result)
     finally:
         torch.set_num_threads(threads)
+
+
+def add_comparisons(cfg: RunConfig, result: dict[str, Any]) -> dict[str, Any]:
+    """``result["comparisons"]``: ``paired_comparison`` of PPO against SFT for each check the rows carry
+    (``verifier_*``, ``rm_*`` scores; ``judge`` verdicts), keyed "verifier", "judge", "rm"."""
+    rows = result["rows"]
+    comparisons: dict[str, Any] = {}
+    if rows and all("verifier_sft" in r and "verifier_ppo" in r for r in rows):
+        comparisons["verifier"] = {"check": f"verifier {cfg.report.verifier}", **paired_comparison(
+            [r["verifier_ppo"] for r in rows], [r["verifier_sft"] for r in rows])}
+    if "judge_win_rate" in result and all("judge" in r for r in rows):
+        outcomes = [{"ppo": "policy", "sft": "parent"}.get(r["judge"], "tie") for r in rows]
+        comparisons["judge"] = {"check": f"judge {result['judge']} ({result.get('judge_kind')}), both orders",
+                                **outcome_comparison(outcomes)}
+    if rows and all("rm_sft" in r and "rm_ppo" in r for r in rows):
+        comparisons["rm"] = {"check": "reward model (rm stage)", **paired_comparison(
+            [r["rm_ppo"] for r in rows], [r["rm_sft"] for r in rows])}
+    result["comparisons"] = comparisons
+    return result
 
 
 def _samples_key(cfg: RunConfig, n: int) -> str:
@@ -463,6 +573,7 @@ def _samples_key(cfg: RunConfig, n: int) -> str:
               for s in ("sft", "rm", "ppo")}
     judge = cfg.rlaif.judges.get(cfg.rlaif_label.judge)
     return hash_json({"v": SAMPLES_VERSION, "n": n, "manifests": hashes, "ppo": cfg.ppo.model_dump(mode="json"),
+                      "report": cfg.report.model_dump(mode="json"),
                       "chat": cfg.chat.model_dump(mode="json"), "judge": cfg.rlaif_label.judge,
                       "judge_config": judge.model_dump(mode="json") if judge is not None else None})
 
@@ -479,7 +590,7 @@ def _load_samples(cfg: RunConfig, plots: Path, generate: bool, n: int, out: Prin
                 result["rm_win_rate"] = win_rate([r["rm_ppo"] for r in rows], [r["rm_sft"] for r in rows])
             if generate:
                 result.update(_judge_or_reason(cfg, rows))
-            return result, f"from {ppo_file.relative_to(cfg.run_dir())}"
+            return add_comparisons(cfg, result), f"from {ppo_file.relative_to(cfg.run_dir())}"
     def has_model(stage: str) -> bool:
         folder = cfg.stage_dir(stage)
         return (folder / "model" / "config.json").exists() or (folder / "adapter" / "adapter_config.json").exists()
@@ -509,40 +620,52 @@ def _load_samples(cfg: RunConfig, plots: Path, generate: bool, n: int, out: Prin
     return result, "greedy decoding"
 
 
-def _samples_section(cfg: RunConfig, plots: Path, generate: bool, n: int, out: Printer) -> list[str]:
+def _samples_section(cfg: RunConfig, result: dict[str, Any] | None, source: str) -> list[str]:
     lines = ["## Sample generations: SFT vs PPO", ""]
     ppo = _stage_manifest(cfg, "ppo")
-    if ppo is None or ppo.get("status") != "complete":
-        return lines + ["not run (needs a complete PPO stage)", ""]
-    result, source = _load_samples(cfg, plots, generate, n, out)
     if result is None:
         return lines + [source, ""]
     rows = result["rows"]
-    lines += [f"Held-out prompts, {source}.", ""]
-    if "rm_win_rate" in result:
-        lines += [f"**RM win rate of PPO over SFT: {result['rm_win_rate']:.1%}** on {len(rows)} prompts (ties count half)"
-                  + (f"; mean RM score SFT {result['rm_mean_sft']:.3f}, PPO {result['rm_mean_ppo']:.3f}"
-                     if "rm_mean_sft" in result else "") + ".", ""]
-    if "judge_win_rate" in result:
-        lines += [f"**Judge win rate of PPO over SFT: {result['judge_win_rate']:.1%}** by the judge "
-                  f"`{result['judge']}` ({result.get('judge_kind')}) on {result.get('judge_prompts', len(rows))} "
-                  f"prompts, asked in both orders: {result['judge_wins']} PPO wins, {result['judge_losses']} SFT "
-                  f"wins, {result['judge_ties']} ties (ties count half; {result.get('judge_inconsistent', 0)} "
-                  "inconsistent across orders).", ""]
-    elif "judge_error" in result:
+    lines += [f"{len(rows)} held-out prompts, {source}.", ""]
+    if "judge_error" in result:
         who = f"judge `{result['judge']}`: " if result.get("judge") else ""
-        lines += [f"Judge win rate: not computed ({who}{result['judge_error']}).", ""]
-    judge = {k: v for k, v in ((ppo.get("metrics") or {}).items()) if "win_rate" in k}
+        lines += [f"Judge: not computed ({who}{result['judge_error']}).", ""]
+    judge = {k: v for k, v in (((ppo or {}).get("metrics") or {}).items()) if "win_rate" in k}
     if judge:
         lines += ["Win rates recorded by the PPO stage: " + ", ".join(f"{k} = {md_cell(v)}" for k, v in judge.items()), ""]
-    evaluation = write_evaluation(cfg, result, source)
-    lines += [f"These figures are in `{evaluation.relative_to(cfg.run_dir())}`.", ""]
+    lines += [f"The verdict's figures are in `{EVALUATION_FILE}`.", ""]
     has_scores = all("rm_sft" in r and "rm_ppo" in r for r in rows)
+    has_verifier = all("verifier_sft" in r and "verifier_ppo" in r for r in rows)
     has_judge = all("judge" in r for r in rows)
-    header = ["prompt", "SFT", "PPO"] + (["RM SFT", "RM PPO"] if has_scores else []) + (["judge"] if has_judge else [])
+    header = (["prompt", "SFT", "PPO"] + (["verifier SFT", "verifier PPO"] if has_verifier else [])
+              + (["RM SFT", "RM PPO"] if has_scores else []) + (["judge"] if has_judge else []))
     table = [[_prompt_text(r.get("prompt")), r.get("sft"), r.get("ppo")]
+             + ([r["verifier_sft"], r["verifier_ppo"]] if has_verifier else [])
              + ([r["rm_sft"], r["rm_ppo"]] if has_scores else []) + ([r["judge"]] if has_judge else []) for r in rows]
     return lines + md_table(header, table) + [""]
+
+
+def verdict_lines(result: dict[str, Any] | None, source: str) -> list[str]:
+    """The report's first answer: did PPO beat SFT on held-out prompts, check by check, with intervals."""
+    lines = ["## Verdict: PPO policy against its parent (SFT) on held-out prompts", ""]
+    comparisons = (result or {}).get("comparisons") or {}
+    if not comparisons:
+        return lines + [f"No comparison available ({source}).", ""]
+    table = []
+    for name in ("verifier", "judge", "rm"):
+        c = comparisons.get(name)
+        if c is None:
+            continue
+        mean = (f"{c['mean_parent']:.3f} -> {c['mean_policy']:.3f} (diff {c['mean_diff']:+.3f}, 95% CI "
+                f"{c['diff_ci_low']:+.3f} to {c['diff_ci_high']:+.3f})") if name != "judge" else ""
+        table.append([c["check"], c["n"], c["wins"], c["losses"], c["ties"], f"{c['win_rate']:.3f}",
+                      f"{c['ci_low']:.3f} to {c['ci_high']:.3f}", f"**{c['verdict']}**", mean])
+    lines += md_table(["check", "prompts", "PPO wins", "SFT wins", "ties", "win rate", "95% CI", "verdict",
+                       "mean score SFT -> PPO"], table)
+    lines += ["", "Win rate: ties count half; the interval is Wilson's score interval over prompts; a result whose "
+              "interval includes 0.5 is \"no measurable difference\". The verifier and judge are checks the reward "
+              "model cannot see; the RM row is the reward PPO optimised.", ""]
+    return lines
 
 
 def write_evaluation(cfg: RunConfig, result: dict[str, Any], source: str) -> Path:
@@ -553,7 +676,7 @@ def write_evaluation(cfg: RunConfig, result: dict[str, Any], source: str) -> Pat
     ``judge_losses``, ``judge_ties``, ``judge_inconsistent``, ``judge_malformed`` (or ``judge_error``).
     """
     keys = ("rm_win_rate", "rm_mean_sft", "rm_mean_ppo", "judge", "judge_kind", "judge_win_rate", "judge_wins",
-            "judge_losses", "judge_ties", "judge_inconsistent", "judge_malformed", "judge_error")
+            "judge_losses", "judge_ties", "judge_inconsistent", "judge_malformed", "judge_error", "comparisons")
     evaluation = {"run_name": cfg.run_name, "policy": "ppo", "baseline": "sft", "n_prompts": len(result["rows"]),
                   "source": source, **{k: result[k] for k in keys if k in result},
                   "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -563,15 +686,27 @@ def write_evaluation(cfg: RunConfig, result: dict[str, Any], source: str) -> Pat
 
 
 # -------------------------------------------------------------------------------------------- write
-def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = True, n_samples: int = 8) -> Path:
-    """Write ``outputs/<run>/report.md`` (+ ``report/*.png``) from whatever stages exist; return its path."""
+def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = True,
+                 n_samples: int | None = None) -> Path:
+    """Write ``outputs/<run>/report.md`` (+ ``report/*.png``) from whatever stages exist; return its path.
+
+    The verdict (PPO against SFT on ``n_samples``, default ``report.n_prompts``, held-out prompts) comes
+    first, then each stage's section, then the sample generations."""
     run_dir = cfg.run_dir()
     plots = run_dir / "report"
     plots.mkdir(parents=True, exist_ok=True)
     stages = list(cfg.stages) + [s for s in STAGE_TITLES if s not in cfg.stages and cfg.stage_dir(s).exists()]
+    result, source = None, "not run (needs a complete PPO stage)"
+    ppo = _stage_manifest(cfg, "ppo")
+    if "ppo" in stages and ppo is not None and ppo.get("status") == "complete":
+        result, source = _load_samples(cfg, plots, generate_samples, n_samples or cfg.report.n_prompts, out)
+        if result is not None:
+            write_evaluation(cfg, result, source)
     lines = [f"# alignpipe run report: {cfg.run_name}", "",
-             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from `{run_dir}`.", "",
-             "## Stages", ""]
+             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from `{run_dir}`.", ""]
+    if "ppo" in stages:
+        lines += verdict_lines(result, source)
+    lines += ["## Stages", ""]
     lines += _overview(cfg, stages) + [""]
     if "sft" in stages:
         lines += _sft_section(cfg, plots)
@@ -581,7 +716,7 @@ def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = 
         lines += _rm_section(cfg, plots)
     if "ppo" in stages:
         lines += _ppo_section(cfg, plots)
-        lines += _samples_section(cfg, plots, generate_samples, n_samples, out)
+        lines += _samples_section(cfg, result, source)
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path

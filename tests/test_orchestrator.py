@@ -456,5 +456,5 @@ def test_end_to_end_tiny(tmp_path, monkeypatch):
     report = result.report.read_text()
     assert "![SFT loss]" in report and "## Reward model" in report and "not run" not in report
     if "ppo" in stages:
-        assert "![PPO curves]" in report and "RM win rate of PPO over SFT" in report
+        assert "![PPO curves]" in report and "reward model (rm stage)" in report
     print(f"end-to-end {stages}: {time.time() - started:.1f} s")

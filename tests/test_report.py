@@ -70,8 +70,10 @@ def test_full_report_sections_and_pngs(tmp_path, quiet_env):
         assert heading in text
     assert "not run" not in text
     assert "Held-out accuracy: **0.75**" in text and "| small | 0.6 |" in text
-    # samples from ppo/samples.jsonl, with the RM win rate (3 of 3 prompts: PPO scored higher)
-    assert "RM win rate of PPO over SFT: 100.0%" in text
+    # samples from ppo/samples.jsonl, with the RM comparison first (3 of 3 prompts: PPO scored higher, but
+    # 3 prompts cannot show a difference: the interval includes 0.5)
+    assert text.index("## Verdict") < text.index("## Stages")
+    assert "| reward model (rm stage) | 3 | 3 | 0 | 0 | 1.000 | 0.439 to 1.000 | **no measurable difference** |" in text
     assert "question 0 \\| with pipe" in text and "ppo answer 0<br>line two" in text
     images = linked_images(report)
     names = {p.name for p in images}
@@ -158,7 +160,8 @@ def test_sample_generations_with_tiny_models(tmp_path):
     assert result["rm_win_rate"] == 0.5
 
     text = write_report(cfg, out=lambda line: None).read_text()
-    assert "RM win rate of PPO over SFT: 50.0%" in text and "greedy decoding" in text
+    assert "| reward model (rm stage) | 8 | 0 | 0 | 8 | 0.500 |" in text and "greedy decoding" in text
+    assert result["comparisons"]["rm"]["verdict"] == "no measurable difference"
     cache = json.loads((cfg.run_dir() / "report" / "samples.json").read_text())
     rows = cache["result"]["rows"]  # the report samples 8 prompts by default
     assert len(rows) == 8 and all(r["sft"] == r["ppo"] for r in rows)
@@ -228,8 +231,11 @@ def test_judge_win_rate_in_report_and_evaluation_json(tmp_path):
     assert evaluation["judge_win_rate"] == pytest.approx(result["judge_win_rate"])
     assert evaluation["judge_ties"] == result["judge_ties"]
     assert evaluation["rm_win_rate"] == pytest.approx(result["rm_win_rate"])
-    assert f"Judge win rate of PPO over SFT: {result['judge_win_rate']:.1%}" in text
-    assert "by the judge `short` (function)" in text and "evaluation.json" in text
+    judged = evaluation["comparisons"]["judge"]
+    assert judged["win_rate"] == pytest.approx(result["judge_win_rate"])
+    assert (judged["wins"], judged["ties"]) == (result["judge_wins"], result["judge_ties"])
+    assert f"| judge short (function), both orders | 6 | {judged['wins']} | {judged['losses']} |" in text
+    assert "evaluation.json" in text
 
 
 def test_report_without_a_configured_judge_says_so(tmp_path, quiet_env):
@@ -237,6 +243,26 @@ def test_report_without_a_configured_judge_says_so(tmp_path, quiet_env):
     for stage in ("sft", "rm", "ppo"):
         fake_stages.run_fake(cfg, stage)
     text = write_report(cfg, out=lambda line: None).read_text()
-    assert "Judge win rate: not computed (no judge configured" in text
+    assert "Judge: not computed (no judge configured" in text
     evaluation = json.loads((cfg.run_dir() / "evaluation.json").read_text())
     assert evaluation["rm_win_rate"] == 1.0 and "judge_win_rate" not in evaluation and evaluation["judge_error"]
+
+
+def test_wilson_interval_and_paired_comparison_hand_worked():
+    """Hand-worked: Wilson's interval at 0.5 of 100 and at 3 of 3; wins/losses/ties and the verdict."""
+    from pipeline.report import outcome_comparison, paired_comparison, wilson_interval
+
+    low, high = wilson_interval(0.5, 100)
+    assert (low, high) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    low, high = wilson_interval(1.0, 3)  # centre 1.640/2.280 = 0.7193, half 0.2807
+    assert (low, high) == pytest.approx((0.4385, 1.0), abs=1e-4)
+    c = paired_comparison([1.0, 0.5, 0.0, 1.0], [0.0, 0.5, 1.0, 0.0])  # win, tie, loss, win
+    assert (c["n"], c["wins"], c["losses"], c["ties"]) == (4, 2, 1, 1)
+    assert c["win_rate"] == pytest.approx(0.625) and c["verdict"] == "no measurable difference"
+    assert c["mean_diff"] == pytest.approx(0.25)  # diffs 1, 0, -1, 1: sd 0.9574, half 1.96 * 0.9574 / 2
+    assert (c["diff_ci_low"], c["diff_ci_high"]) == pytest.approx((0.25 - 0.93825, 0.25 + 0.93825), abs=1e-4)
+    many = outcome_comparison(["policy"] * 50 + ["tie"] * 40 + ["parent"] * 6)
+    assert many["win_rate"] == pytest.approx((50 + 20) / 96) and many["verdict"] == "policy better"
+    assert outcome_comparison(["parent"] * 20)["verdict"] == "parent better"
+    with pytest.raises(ValueError):
+        paired_comparison([], [])

@@ -111,3 +111,69 @@ def test_agrees_with_the_demo_preferences_and_rankings() -> None:
     for line in (REPO / "data/demo/prompts.jsonl").read_text().splitlines():
         r = json.loads(line)
         assert score_response(r["prompt"], r["reference"]).correct, r
+
+
+# ------------------------------------------------------------------------------- house-format demo
+from stages.rlaif.rules import (  # noqa: E402
+    house_format_judge,
+    house_format_score,
+    house_format_value,
+    house_format_verifier,
+)
+
+HOUSE = REPO / "data/demo/house_format"
+
+
+@pytest.mark.parametrize("response, ok, value", [
+    ('{"answer": "3 times 4 is 12."}', True, "3 times 4 is 12."),
+    ('  {"answer": 12}\n', True, 12),
+    ('{"answer": "x", "note": "y"}', False, None),   # another key
+    ('```json\n{"answer": "x"}\n```', False, None),  # fenced
+    ('{"answer": "x"', False, None),                 # cut off
+    ('{"answer": ["x"]}', False, None),
+    ("The answer is 12.", False, None),
+])
+def test_house_format_value(response: str, ok: bool, value: object) -> None:
+    assert house_format_value(response) == (ok, value)
+
+
+def test_house_format_verifier_scores_correctness_then_format() -> None:
+    responses = ['{"answer": "3 times 4 is 12."}', "3 times 4 is 12.", '{"answer": "3 times 4 is 13."}',
+                 "3 times 4 is 13.", '{"answer": "12"}', "", '{"answer": "3 times 4 is 12']
+    scores = house_format_verifier(["What is 3 times 4?"] * len(responses), responses, [12] * len(responses))
+    assert scores == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0, 1.0, 0.0, 2 / 3])
+    # words: case-insensitive, except an all-capitals reference (the capital-letters task)
+    assert house_format_verifier(["q"] * 4, ['{"answer": "The capital of Peru is lima."}', "CANDLE", "Candle",
+                                             '{"answer": "Lisbon"}'], ["Lima", "CANDLE", "CANDLE", "Lima"]) \
+        == pytest.approx([1.0, 2 / 3, 0.0, 1 / 3])
+    assert house_format_verifier(["q"], ["anything"], [None]) == [0.0]  # no ground truth, no credit
+
+
+def test_house_format_judge_orders_format_and_correctness() -> None:
+    prompt = "What is the capital of France?"
+    ranked = ['{"answer": "The capital of France is Paris."}', "The capital of France is Paris.",
+              '{"answer": "The capital of France is Rome."}', "The capital of France is Rome.", "Whatever."]
+    scores = [house_format_score(prompt, r) for r in ranked]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
+    prob, why = house_format_judge(prompt, ranked[1], ranked[0])
+    assert prob < 0.5 and "prose" in why and "house format" in why
+    assert house_format_judge("Tell me a joke.", "a", "b")[0] == 0.5
+
+
+def test_house_format_data_agrees_with_its_verifier_and_judge() -> None:
+    """data/demo/house_format (data/make_demo.py): the labels are the judge's order; eval prompts are held out."""
+    def rows(name: str) -> list[dict]:
+        return [json.loads(line) for line in (HOUSE / f"{name}.jsonl").read_text().splitlines()]
+
+    assert all(house_format_judge(r["prompt"], r["chosen"], r["rejected"])[0] > 0.5 for r in rows("preferences"))
+    for r in rows("rankings"):
+        scores = [house_format_score(r["prompt"], x) for x in r["responses"]]
+        assert sorted(range(len(scores)), key=lambda k: -scores[k]) == r["ranking"]
+    train, held_out = rows("prompts"), rows("eval_prompts")
+    assert len(held_out) >= 64 and not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
+    for r in train + held_out:  # the reference is the ground truth the verifier checks
+        task = parse_task(r["prompt"])
+        assert task is not None and house_format_verifier([r["prompt"]], [str(r["reference"])], [r["reference"]]) \
+            == pytest.approx([2 / 3]), r
+    shares = [m["content"].startswith("{") for r in rows("sft") for m in r["messages"] if m["role"] == "assistant"]
+    assert 0.2 < sum(shares) / len(shares) < 0.4  # the SFT demonstrations mostly answer in prose

@@ -230,3 +230,94 @@ def demo_task_judge(prompt: str, first: str, second: str | None = None) -> tuple
     if a.task is None:
         return 0.5, "not a demo task: no verdict"
     return prob, f"first: {a.explain()}; second: {b.explain()}"
+
+
+# ---------------------------------------------------------------------------- the house-format demo
+# configs/demo.yaml's task (data/demo/house_format/, written by data/make_demo.py): the same questions,
+# answered in the assistant's house format, one JSON object ``{"answer": <value>}``.
+HOUSE_FORMAT_WEIGHT = 0.35  # the judge's share for the format; the rest is score_response on the answer
+VERIFIER_CORRECT, VERIFIER_FORMAT = 2.0 / 3.0, 1.0 / 3.0
+
+
+def house_format_value(response: str) -> tuple[bool, object]:
+    """``(True, value)`` when the whole response is a JSON object whose only key is ``answer``, else
+    ``(False, None)``. Whitespace around the object is allowed; anything else (prose, code fences, other
+    keys, a list) is not the house format."""
+    import json
+
+    text = (response or "").strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return False, None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return False, None
+    if not isinstance(obj, dict) or set(obj) != {"answer"} or isinstance(obj["answer"], (dict, list)):
+        return False, None
+    return True, obj["answer"]
+
+
+def matches_reference(response: str, reference: object) -> bool:
+    """Whether a (plain-text) answer states the reference: a number's last number equals it; a word or
+    phrase appears with word boundaries, case-sensitively when the reference is all capitals (the
+    capital-letters task) and case-insensitively otherwise. No reference: False."""
+    if reference is None or response is None:
+        return False
+    text = str(response)
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        numbers = _numbers(text)
+        return bool(numbers) and math.isclose(numbers[-1], float(reference))
+    ref = str(reference).strip()
+    if not ref:
+        return False
+    case = ref.isupper()
+    return _has_phrase(text, ref, case=case)
+
+
+def house_format_check(response: str, reference: object) -> tuple[bool, bool]:
+    """``(in_house_format, correct)`` of one response against the ground-truth ``reference``."""
+    ok, value = house_format_value(response)
+    answer = value if ok else response
+    if ok and isinstance(reference, (int, float)) and isinstance(value, str):
+        answer = value  # "12" for 12 is still the right number, just a string
+    return ok, matches_reference("" if answer is None else str(answer), reference)
+
+
+def house_format_verifier(prompts: list[str], responses: list[str], references: list[object]) -> list[float]:
+    """The demo's rule verifier of the ground truth, in the reward-function signature (``ppo.rewards``
+    ``kind: function`` and ``report.verifier`` both take it).
+
+    Score per response in [0, 1]: ``2/3`` for the right answer (the data set's ``reference``), ``1/3`` for
+    the house format. So: right in the house format 1, right in prose 2/3, wrong in the house format 1/3,
+    wrong in prose 0 — correctness first, then the format.
+    """
+    scores = []
+    for response, reference in zip(responses, references):
+        in_format, correct = house_format_check(response, reference)
+        scores.append(VERIFIER_CORRECT * correct + VERIFIER_FORMAT * in_format)
+    return scores
+
+
+def house_format_score(prompt: str, response: str) -> float:
+    """Pointwise judge score in [0, 1]: ``HOUSE_FORMAT_WEIGHT`` for the house format plus the rest times
+    :func:`score_response` of the answer (its value when in the house format, else the whole text), so
+    the judge still weighs correctness, staying on task and conciseness, and knows no reference."""
+    ok, value = house_format_value(response)
+    inner = score_response(prompt, str(value) if ok else response)
+    if inner.task is None:
+        return UNKNOWN_SCORE
+    return round(HOUSE_FORMAT_WEIGHT * ok + (1.0 - HOUSE_FORMAT_WEIGHT) * inner.score, 6)
+
+
+def house_format_judge(prompt: str, first: str, second: str | None = None) -> tuple[float, str] | float:
+    """Pairwise judge of the house-format demo, like :func:`demo_task_judge` (both orders agree by
+    construction); with one response, its :func:`house_format_score`."""
+    if second is None:
+        return house_format_score(prompt, first)
+    if parse_task(prompt) is None:
+        return 0.5, "not a demo task: no verdict"
+    a, b = house_format_score(prompt, first), house_format_score(prompt, second)
+    prob = min(1.0, max(0.0, 0.5 + (a - b) / 2))
+    fa, fb = house_format_value(first)[0], house_format_value(second)[0]
+    return prob, (f"first: {'house format' if fa else 'prose'}, score {a:.3f}; "
+                  f"second: {'house format' if fb else 'prose'}, score {b:.3f}")
