@@ -17,13 +17,14 @@ export DS_ACCELERATOR ?= $(if $(HAS_CUDA),cuda,cpu)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install demo pipeline sft rm ppo rlaif status report slurm serve validate test test-all bench clean
+.PHONY: help install demo pipeline sft rm ppo rlaif status report slurm serve validate test test-all bench bench-quality clean
 
 help:
 	@echo "make demo                      whole pipeline (sft -> rm -> ppo) on the embedded SmolLM2 default"
 	@echo "make test                      the test suite (slow tests excluded; make test-all for all)"
 	@echo "make sft|rm|ppo|pipeline|rlaif CONFIG=configs/x.yaml ARGS='key=value ...'"
 	@echo "make status|report|slurm|validate CONFIG=...   make serve CHECKPOINT=outputs/<run>/<stage>"
+	@echo "make bench-quality             learning regression benchmark (tiny PPO + the demo vs stored references)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +67,10 @@ test-all: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/sft.py
+
+# learning regression benchmark: tiny PPO + the SmolLM2 demo against bench/reference/*.json (~10-15 min)
+bench-quality: $(VENV)/.installed
+	$(PY) bench/quality.py $(ARGS)
 
 clean:
 	rm -rf outputs .cache/alignpipe
