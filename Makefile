@@ -17,11 +17,12 @@ export DS_ACCELERATOR ?= $(if $(HAS_CUDA),cuda,cpu)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install demo pipeline sft rm ppo rlaif status report slurm serve validate test test-all bench bench-quality clean
+.PHONY: help install demo pipeline sft rm ppo rlaif status report slurm serve validate lint test test-all bench bench-quality clean
 
 help:
 	@echo "make demo                      whole pipeline (sft -> rm -> ppo) on the embedded SmolLM2 default"
-	@echo "make test                      the test suite (slow tests excluded; make test-all for all)"
+	@echo "make test                      lint, then the test suite (slow tests excluded; make test-all for all)"
+	@echo "make lint                      ruff (lint + import order; configured in pyproject.toml)"
 	@echo "make sft|rm|ppo|pipeline|rlaif CONFIG=configs/x.yaml ARGS='key=value ...'"
 	@echo "make status|report|slurm|validate CONFIG=...   make serve CHECKPOINT=outputs/<run>/<stage>"
 	@echo "make bench-quality             learning regression benchmark (tiny PPO + the demo vs stored references)"
@@ -59,7 +60,10 @@ serve: $(VENV)/.installed
 	@test -n "$(CHECKPOINT)" || { echo "usage: make serve CHECKPOINT=outputs/<run>/<stage>"; exit 2; }
 	$(PY) -m pipeline serve $(CHECKPOINT) $(ARGS)
 
-test: $(VENV)/.installed
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed

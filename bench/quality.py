@@ -47,8 +47,8 @@ SETUPS: dict[str, dict[str, Any]] = {
             "ppo.policy_from=base",
             "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:digit_fraction', weight: 10}]",
             "ppo.eval_data={path: data/demo/prompts.jsonl, max_records: 32}",
-            "ppo.total_episodes=160", "ppo.learning_rate=5e-3", "ppo.ppo_epochs=4", "ppo.max_new_tokens=16",
-            "ppo.kl_coef=0.02", "ppo.missing_eos_penalty=0", "ppo.save_steps=1000",
+            "ppo.total_episodes=160", "ppo.train.learning_rate=5e-3", "ppo.ppo_epochs=4", "ppo.max_new_tokens=16",
+            "ppo.kl_coef=0.02", "ppo.missing_eos_penalty=0", "ppo.train.save_steps=1000",
         ],
         # figure -> absolute tolerance
         "tolerance": {"score_first": 0.75, "score_last": 1.5, "eval_score_before": 0.75, "eval_score_after": 1.5,
@@ -144,7 +144,8 @@ def compare(setup: str, now: dict[str, Any], reference: dict[str, Any] | None) -
         if tol is not None and abs(diff) > tol:
             flag = "**moved**"
             moved.append(key)
-        lines.append(f"| {key} | {ref:.4g} | {value:.4g} | {diff:+.4g} | {tol if tol is not None else 'info'} | {flag} |")
+        shown_tol = tol if tol is not None else "info"
+        lines.append(f"| {key} | {ref:.4g} | {value:.4g} | {diff:+.4g} | {shown_tol} | {flag} |")
     for name, curve in now["curves"].items():
         ref_curve = (reference or {}).get("curves", {}).get(name)
         lines.append("")

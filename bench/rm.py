@@ -151,8 +151,8 @@ def worker_trl(steps: int) -> dict[str, Any]:
         args = RewardConfig(
             output_dir=str(Path(tmp) / "trl"), max_steps=steps, per_device_train_batch_size=BATCH,
             per_device_eval_batch_size=BATCH, gradient_accumulation_steps=1, learning_rate=LR,
-            warmup_steps=int(round(0.1 * steps)), lr_scheduler_type="cosine", weight_decay=0.0, max_grad_norm=1.0, bf16=False,
-            gradient_checkpointing=False, max_length=MAX_LENGTH, logging_steps=10, save_strategy="no",
+            warmup_steps=int(round(0.1 * steps)), lr_scheduler_type="cosine", weight_decay=0.0, max_grad_norm=1.0,
+            bf16=False, gradient_checkpointing=False, max_length=MAX_LENGTH, logging_steps=10, save_strategy="no",
             eval_strategy="no", report_to="none", disable_tqdm=True, seed=0, use_cpu=True,
             dataloader_pin_memory=False, center_rewards_coefficient=None,
         )
@@ -259,9 +259,11 @@ def markdown_compare(s: dict[str, Any]) -> str:
     rows = [
         "| | alignpipe RM stage | TRL RewardTrainer | ratio (alignpipe / TRL) |",
         "|---|---|---|---|",
-        f"| pairs/s (median of {s['settings']['repeats']}) | {a['pairs_per_s']:.1f} | {t['pairs_per_s']:.1f} | {r['pairs_per_s']:.2f} |",
+        f"| pairs/s (median of {s['settings']['repeats']}) | {a['pairs_per_s']:.1f} | {t['pairs_per_s']:.1f} "
+        f"| {r['pairs_per_s']:.2f} |",
         f"| peak RSS, MiB | {a['peak_rss_mib']:.0f} | {t['peak_rss_mib']:.0f} | {r['peak_rss']:.2f} |",
-        f"| RSS growth during training, MiB | {a['train_rss_increment_mib']:.0f} | {t['train_rss_increment_mib']:.0f} | {r['train_rss_increment']:.2f} |",
+        f"| RSS growth during training, MiB | {a['train_rss_increment_mib']:.0f} | {t['train_rss_increment_mib']:.0f} "
+        f"| {r['train_rss_increment']:.2f} |",
         f"| whole stage wall time, s | {a['stage_wall_s']:.1f} | {t['stage_wall_s']:.1f} | |",
         f"| held-out accuracy (40 pairs), per run | {_accs(a['eval_accuracy'])} | {_accs(t['eval_accuracy'])} | |",
     ]

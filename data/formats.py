@@ -112,7 +112,8 @@ def iter_records(path_or_hub: str, split: str = "train", display: str | None = N
                     yield Record(f"{shown}:{lineno}", {"__error__": f"invalid JSON ({exc.msg} at column {exc.colno})"})
                     continue
                 if not isinstance(obj, dict):
-                    yield Record(f"{shown}:{lineno}", {"__error__": f"expected a JSON object, got {type(obj).__name__}"})
+                    error = f"expected a JSON object, got {type(obj).__name__}"
+                    yield Record(f"{shown}:{lineno}", {"__error__": error})
                     continue
                 yield Record(f"{shown}:{lineno}", obj)
     elif kind == ".json":
@@ -138,7 +139,8 @@ def iter_records(path_or_hub: str, split: str = "train", display: str | None = N
         for i, row in enumerate(table.to_pylist()):
             yield Record(f"{shown}:row {i}", row)
     else:
-        raise DataError(f"{shown}: unsupported file type {kind!r}; use .jsonl, .json, .csv or .parquet (optionally .gz)")
+        raise DataError(f"{shown}: unsupported file type {kind!r}; use .jsonl, .json, .csv or .parquet "
+                        "(optionally .gz)")
 
 
 # ----------------------------------------------------------------------------------- column mapping

@@ -44,13 +44,16 @@ def make_task(rng: random.Random) -> tuple[str, str, str]:
     kind = rng.choice(["add", "sub", "mul", "reverse", "upper", "count", "antonym", "capital"])
     if kind == "add":
         a, b = rng.randint(1, 50), rng.randint(1, 50)
-        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {a + b + rng.choice([-3, -1, 1, 2, 10])}."
+        return (f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.",
+                f"{a} plus {b} is {a + b + rng.choice([-3, -1, 1, 2, 10])}.")
     if kind == "sub":
         a, b = rng.randint(20, 90), rng.randint(1, 19)
-        return f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}.", f"{a} minus {b} is {a - b + rng.choice([-2, 1, 3])}."
+        return (f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}.",
+                f"{a} minus {b} is {a - b + rng.choice([-2, 1, 3])}.")
     if kind == "mul":
         a, b = rng.randint(2, 12), rng.randint(2, 12)
-        return f"What is {a} times {b}?", f"{a} times {b} is {a * b}.", f"{a} times {b} is {a * b + rng.choice([-1, 2, a])}."
+        return (f"What is {a} times {b}?", f"{a} times {b} is {a * b}.",
+                f"{a} times {b} is {a * b + rng.choice([-1, 2, a])}.")
     if kind == "reverse":
         w = rng.choice(WORDS)
         wrong = w[1:] + w[0]
@@ -60,14 +63,17 @@ def make_task(rng: random.Random) -> tuple[str, str, str]:
         return f"Write '{w}' in capital letters.", f"{w.upper()}", f"{w.capitalize()}"
     if kind == "count":
         w = rng.choice(WORDS)
-        return f"How many letters are in the word '{w}'?", f"'{w}' has {len(w)} letters.", f"'{w}' has {len(w) + rng.choice([-1, 1, 2])} letters."
+        return (f"How many letters are in the word '{w}'?", f"'{w}' has {len(w)} letters.",
+                f"'{w}' has {len(w) + rng.choice([-1, 1, 2])} letters.")
     if kind == "antonym":
         a, b = rng.choice(ANTONYMS)
         wrong = rng.choice([x for x, _ in ANTONYMS if x != a])
-        return f"What is the opposite of '{a}'?", f"The opposite of '{a}' is '{b}'.", f"The opposite of '{a}' is '{wrong}'."
+        return (f"What is the opposite of '{a}'?", f"The opposite of '{a}' is '{b}'.",
+                f"The opposite of '{a}' is '{wrong}'.")
     country, city = rng.choice(CAPITALS)
     wrong = rng.choice([c for _, c in CAPITALS if c != city])
-    return f"What is the capital of {country}?", f"The capital of {country} is {city}.", f"The capital of {country} is {wrong}."
+    return (f"What is the capital of {country}?", f"The capital of {country} is {city}.",
+            f"The capital of {country} is {wrong}.")
 
 
 RAMBLE = [
@@ -82,8 +88,8 @@ CURT = ["No.", "Figure it out yourself.", "I do not want to answer that.", "What
 # The embedded demo's task (configs/demo.yaml): the same checkable questions, but the assistant's house
 # style is a one-line JSON object {"answer": "<the answer sentence>"}. The SFT demonstrations mix that
 # house format with the plain sentences of an older data set (HOUSE_SHARE of them use it), so the SFT
-# policy answers mostly in plain sentences; the preference labels prefer a correct answer in the house format, then a correct
-# plain answer, then a wrong one. An RM can learn that, PPO can move the policy towards it, and a rule
+# policy answers mostly in plain sentences; the preference labels prefer a correct answer in the house format,
+# then a correct plain answer, then a wrong one. An RM can learn that, PPO can move the policy towards it, and a rule
 # verifier of the ground truth (stages.rlaif.rules:house_format_verifier) measures the effect
 # independently of the RM.
 HOUSE = OUT / "house_format"

@@ -17,30 +17,25 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .config import ConfigError
+from data.formats import DataError
+
+from . import serve
+from .config import ConfigError, load_config
+from .launch import has_cuda
 from .manifest import ManifestError
+from .memory import MemoryPlanError
+from .models import describe_chat_templates
+from .orchestrator import StageFailed, format_status, run_pipeline, status_json
+from .plan import check_deepspeed, memory_plans, select_stages
+from .report import report_for
+from .slurm import SlurmError, slurm_pipeline
 from .stage import STAGE_ORDER
 
+# Every module above imports only the standard library, pydantic and yaml at import time, so the CLI
+# starts fast; torch, transformers and deepspeed are imported inside the functions that need them.
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that are the user's to fix: printed as one message, no traceback."""
-    errors: list[type[BaseException]] = [ConfigError, ManifestError]
-    try:
-        from data.formats import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    try:
-        from .memory import MemoryPlanError
-
-        errors.append(MemoryPlanError)
-    except ImportError:
-        pass
-    from .slurm import SlurmError
-
-    errors.append(SlurmError)
-    return tuple(errors)
+# Exceptions that are the user's to fix: printed as one message, no traceback.
+USER_ERRORS = (ConfigError, ManifestError, DataError, MemoryPlanError, SlurmError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,48 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .orchestrator import run_pipeline
-
     run_pipeline(args.config, args.overrides, stages=args.stages, force=args.force, echo=not args.quiet,
                  report=not args.no_report)
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .orchestrator import format_status, status_json
-
     cfg = load_config(args.config, args.overrides)
     print(status_json(cfg) if args.json else format_status(cfg))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import report_for
-
     path = report_for(args.config, args.overrides, generate_samples=not args.no_samples)
     print(f"report: {path}")
     return 0
 
 
 def _cmd_slurm(args: argparse.Namespace) -> int:
-    from .slurm import slurm_pipeline
-
     slurm_pipeline(args.config, args.overrides, stages=args.stages, do_submit=args.submit, force=args.force)
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .launch import has_cuda
-    from .orchestrator import check_deepspeed, memory_plans, select_stages
-
     cfg = load_config(args.config, args.overrides)
     stages = select_stages(cfg, args.stages)
     print(f"{args.config}: valid. run '{cfg.run_name}' -> {cfg.run_dir()}; stages {' -> '.join(stages)}; "
           f"launcher {cfg.launch.launcher}")
-    from .models import describe_chat_templates
-
     for line in describe_chat_templates(cfg):
         print(line)
     memory_plans(cfg, stages, print)
@@ -145,11 +125,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint_opt or args.checkpoint_pos
     if not checkpoint:
-        raise ConfigError("serve needs a checkpoint: python -m pipeline serve outputs/<run>/<stage> (or --checkpoint DIR)")
+        raise ConfigError("serve needs a checkpoint: python -m pipeline serve outputs/<run>/<stage> "
+                          "(or --checkpoint DIR)")
     if args.checkpoint_opt and args.checkpoint_pos and args.checkpoint_opt != args.checkpoint_pos:
         raise ConfigError(f"serve got two checkpoints ({args.checkpoint_pos} and --checkpoint {args.checkpoint_opt})")
-    from . import serve
-
     namespace = argparse.Namespace(checkpoint=checkpoint, host=args.host, port=args.port,
                                    api_key_env=args.api_key_env, model_name=args.model_name, dtype=args.dtype)
     return int(serve.main(namespace) or 0)
@@ -177,11 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if hasattr(args, "overrides"):
         args.overrides = overrides + [a for a in extra if "=" in a]
-    from .orchestrator import StageFailed
-
     try:
         code = COMMANDS[args.command](args)
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
     except StageFailed as exc:

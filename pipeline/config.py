@@ -317,7 +317,8 @@ class RewardModelSourceConfig(_Section):
     chat_template: str | None = Field(
         None, description="Its chat template: Jinja text, a file, 'chatml' or 'raw' (default: its tokenizer's own).")
     max_length: int | None = Field(
-        None, gt=8, description="Longest sequence it scores; longer ones keep their last tokens (default: rm.max_length).")
+        None, gt=8,
+        description="Longest sequence it scores; longer ones keep their last tokens (default: rm.max_length).")
 
     @field_validator("path", "tokenizer")
     @classmethod

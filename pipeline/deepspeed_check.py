@@ -552,7 +552,7 @@ def initialize_one_step(
         engine.step()
         losses.append(float(loss.detach()))
     return {
-        "ok": engine.global_steps == 1 and all(l == l for l in losses),
+        "ok": engine.global_steps == 1 and all(loss == loss for loss in losses),
         "global_steps": int(engine.global_steps),
         "zero_stage": int(engine.zero_optimization_stage()),
         "world_size": int(engine.world_size),

@@ -27,6 +27,7 @@ the tests use it to run quick fake stages through the real launchers and Slurm.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -182,8 +183,6 @@ def has_cuda() -> bool:
 
 def describe(cmd: list[str]) -> str:
     """A copy-pasteable shell rendering of an argv list."""
-    import shlex
-
     return " ".join(shlex.quote(str(part)) for part in cmd)
 
 

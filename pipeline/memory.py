@@ -432,7 +432,8 @@ class MemoryPlan:
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(cols))]
         lines = [self.summary()]
         for i, row in enumerate(rows):
-            lines.append("  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+            cells = (str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
+            lines.append("  ".join(cells))
             if i == 0 or i == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
         lines += [f"note: {n}" for n in self.notes]
@@ -606,7 +607,8 @@ def _train_activations(dims: ModelDims, knobs: _Knobs, seq: int, sequences: int,
     """Rough activation bytes of one micro-batch forward+backward (``sequences`` x ``seq`` tokens)."""
     tokens = sequences * seq
     per_layer_token = (
-        _ACT_HIDDEN_FACTOR * dims.hidden + 2 * dims.kv_heads * dims.head_dim + _ACT_INTERMEDIATE_FACTOR * dims.intermediate
+        _ACT_HIDDEN_FACTOR * dims.hidden + 2 * dims.kv_heads * dims.head_dim
+        + _ACT_INTERMEDIATE_FACTOR * dims.intermediate
     ) * knobs.act_bytes
     if knobs.grad_ckpt:
         # Only each layer's input is kept; one layer's activations exist during its recompute.
@@ -747,18 +749,3 @@ def estimate(cfg: RunConfig, stage: str, param_count: int | None = None) -> Memo
     plan = _estimate(cfg, stage, dims, param_count, knobs, precision)
     plan._alternatives = lambda: _alternatives(cfg, stage, dims, param_count, knobs, precision)
     return plan
-
-
-def check_run(cfg: RunConfig, stages: list[str] | None = None, param_count: int | None = None) -> list[MemoryPlan]:
-    """Estimate every stage of the run and check it against the device memory (if known).
-
-    Raises MemoryPlanError for the first stage that does not fit; returns the plans otherwise.
-    """
-    device = device_memory_bytes(cfg)
-    plans = []
-    for stage in stages or list(cfg.stages):
-        plan = estimate(cfg, stage, param_count)
-        if device is not None:
-            plan.check(device)
-        plans.append(plan)
-    return plans

@@ -358,6 +358,3 @@ def save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
     # the template in force, readable without transformers
     (Path(out_dir) / "chat_template.jinja").write_text(tokenizer.chat_template or "")
 
-
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())

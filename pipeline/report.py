@@ -578,7 +578,8 @@ def _samples_key(cfg: RunConfig, n: int) -> str:
                       "judge_config": judge.model_dump(mode="json") if judge is not None else None})
 
 
-def _load_samples(cfg: RunConfig, plots: Path, generate: bool, n: int, out: Printer) -> tuple[dict[str, Any] | None, str]:
+def _load_samples(cfg: RunConfig, plots: Path, generate: bool, n: int,
+                  out: Printer) -> tuple[dict[str, Any] | None, str]:
     """Sample rows and where they came from, or (None, why not)."""
     ppo_file = cfg.stage_dir("ppo") / "samples.jsonl"
     if ppo_file.exists():
@@ -632,7 +633,8 @@ def _samples_section(cfg: RunConfig, result: dict[str, Any] | None, source: str)
         lines += [f"Judge: not computed ({who}{result['judge_error']}).", ""]
     judge = {k: v for k, v in (((ppo or {}).get("metrics") or {}).items()) if "win_rate" in k}
     if judge:
-        lines += ["Win rates recorded by the PPO stage: " + ", ".join(f"{k} = {md_cell(v)}" for k, v in judge.items()), ""]
+        rates = ", ".join(f"{k} = {md_cell(v)}" for k, v in judge.items())
+        lines += [f"Win rates recorded by the PPO stage: {rates}", ""]
     lines += [f"The verdict's figures are in `{EVALUATION_FILE}`.", ""]
     has_scores = all("rm_sft" in r and "rm_ppo" in r for r in rows)
     has_verifier = all("verifier_sft" in r and "verifier_ppo" in r for r in rows)

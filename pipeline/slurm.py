@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,9 @@ from typing import Any
 from .config import REPO_ROOT, ConfigError, RunConfig, load_config
 from .launch import Rendezvous, stage_command
 from .manifest import ManifestError, atomic_write_json, atomic_write_text, read_manifest, require_complete_parent
+from .plan import Printer, check_deepspeed, decide, memory_plans, select_stages, write_resolved_config
 from .stage import hint_command, parents_of
 
-Printer = Callable[[str], None]
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                    "BOOT_FAIL", "DEADLINE"}
 
@@ -260,8 +261,6 @@ def plan_submission(cfg: RunConfig, stages: Sequence[str], force: bool, out: Pri
 
     Parents outside the submission must already be complete (ManifestError otherwise).
     """
-    from .orchestrator import decide
-
     chosen: list[str] = []
     for stage in stages:
         decision = decide(cfg, stage, force=force)
@@ -283,8 +282,6 @@ def slurm_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), sta
                    do_submit: bool = False, force: bool = False, entry: str | None = None,
                    env: Mapping[str, str] | None = None, out: Printer = print) -> list[dict[str, Any]]:
     """Write the sbatch scripts of a run (and submit them with ``do_submit``). Returns the submitted jobs."""
-    from .orchestrator import check_deepspeed, memory_plans, select_stages, write_resolved_config
-
     cfg = load_config(config, list(overrides))
     selected = select_stages(cfg, stages)
     # the planner checks against launch.gpu_memory_gib (this machine is not the cluster's node)
@@ -299,8 +296,6 @@ def slurm_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), sta
         for stage in chosen:
             manifest = read_manifest(cfg.stage_dir(stage))
             if manifest is not None and (cfg.stage_dir(stage) / "checkpoints").exists():
-                import shutil
-
                 shutil.rmtree(cfg.stage_dir(stage) / "checkpoints")
     scripts = write_scripts(cfg, chosen, config_file, entry=entry, env=env)
     for script in scripts:

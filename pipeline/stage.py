@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -21,7 +22,6 @@ from typing import Any
 from .config import RunConfig, model_location, resolve_path
 from .manifest import (
     ManifestError,
-    atomic_write_json,
     check_fingerprints,
     hash_file,
     hash_json,
@@ -167,8 +167,6 @@ class StageRun:
                              and previous.get("config_hash") == config_hash and self.checkpoints.exists())
         if not self.resuming and self.is_main and self.checkpoints.exists():
             # a different config or a finished stage: stale training state must not leak into this run
-            import shutil
-
             shutil.rmtree(self.checkpoints)
         if not self.resuming and self.is_main and (self.dir / "metrics.jsonl").exists():
             (self.dir / "metrics.jsonl").unlink()
@@ -195,8 +193,6 @@ class StageRun:
             self.manifest["status"] = "complete"
             if self.is_main and self.checkpoints.exists():
                 # training state is kept only until the stage completes (DESIGN §1)
-                import shutil
-
                 shutil.rmtree(self.checkpoints, ignore_errors=True)
         else:
             self.manifest["status"] = "failed"
@@ -242,10 +238,6 @@ class StageRun:
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(f"{self.stage}/{k}", v, step)
-
-    def write_json(self, name: str, obj: Any) -> None:
-        if self.is_main:
-            atomic_write_json(self.dir / name, obj)
 
     def _open_loggers(self) -> None:
         log_cfg = self.cfg.logging

@@ -191,7 +191,8 @@ def test_fill_auto_zero3_buckets() -> None:
         ({"bf16": {"enabled": False}}, "bf16.enabled"),
         ({"fp16": {"enabled": True}, "bf16": {"enabled": "auto"}}, "fp16.enabled"),
         ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, "optimizer.params.lr"),
-        ({"scheduler": {"type": "WarmupLR", "params": {"total_num_steps": "auto"}}}, "scheduler.params.total_num_steps"),
+        ({"scheduler": {"type": "WarmupLR", "params": {"total_num_steps": "auto"}}},
+         "scheduler.params.total_num_steps"),
     ],
 )
 def test_fill_auto_contradictions_name_the_key(zero2: dict, change: dict, key: str) -> None:

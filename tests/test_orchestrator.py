@@ -34,7 +34,9 @@ from pipeline.launch import (  # noqa: E402
     torchrun_command,
 )
 from pipeline.manifest import ManifestError, read_manifest, write_manifest  # noqa: E402
-from pipeline.orchestrator import StageFailed, decide, format_status, process_state, run_pipeline  # noqa: E402
+from pipeline.orchestrator import StageFailed, format_status, run_pipeline  # noqa: E402
+from pipeline.plan import decide  # noqa: E402
+from pipeline.procs import process_state  # noqa: E402
 
 FAKE_KNOBS = ("FAKE_STEPS", "FAKE_SLEEP", "FAKE_FAIL", "FAKE_CRASH", "FAKE_FINGERPRINT_SFT", "FAKE_FINGERPRINT_RM",
               "FAKE_FINGERPRINT_PPO")
@@ -196,7 +198,7 @@ def test_refuses_stage_running_in_live_process(fake, tmp_path):
 
 
 def test_second_orchestrator_on_same_run_is_refused(fake, tmp_path):
-    from pipeline.orchestrator import RunLock
+    from pipeline.procs import RunLock
 
     config = write_config(tmp_path)
     with RunLock(load_config(config).run_dir()):
@@ -255,7 +257,7 @@ def test_refuses_fingerprint_mismatch(fake, tmp_path):
 def test_stages_outside_config_are_added(fake, tmp_path):
     config = write_config(tmp_path, "stages: [sft, rm]\n")
     cfg = load_config(config)
-    from pipeline.orchestrator import select_stages
+    from pipeline.plan import select_stages
 
     assert select_stages(cfg, ["ppo", "sft"]) == ["sft", "ppo"]
     assert cfg.stages == ["sft", "rm", "ppo"]

@@ -156,7 +156,7 @@ def test_reward_functions_get_eos_and_ids_and_their_metrics_are_logged(tiny_cfg)
 def test_ppo_alone_on_a_policy_folder_and_a_reward_model_folder(tiny_cfg, same_tokenizer_rm):
     """stages: [ppo] with ppo.policy and ppo.reward_model (same tokenizer): no sft/rm parents, token-id
     scoring, critic from the RM, all recorded in the manifest; touching the RM re-runs the stage."""
-    from pipeline.orchestrator import check_parents, decide
+    from pipeline.plan import check_parents, decide
     from pipeline.stage import parents_of, stage_identity
     from stages.ppo import trainer
 
@@ -260,7 +260,7 @@ def test_a_tokenizer_without_chat_template_stops_with_the_hint(tiny_cfg, tmp_pat
 
 def test_config_refuses_a_reward_source_without_a_reward_model(tiny_cfg, tmp_path):
     from pipeline.config import ConfigError
-    from pipeline.orchestrator import select_stages
+    from pipeline.plan import select_stages
 
     with pytest.raises(ConfigError, match=r"ppo\.rewards\[0\] is kind 'rm', but this run has no reward model"):
         tiny_cfg("stages=[ppo]", "ppo.policy_from=base")

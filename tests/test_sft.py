@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +11,6 @@ import torch
 from pipeline.models import load_model, load_tokenizer, prepare_base
 from stages import sft
 from stages.sft import IGNORE, pack_rows, packed_collate, tokenize_sft
-
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,13 +64,13 @@ def test_prompt_tokens_masked_and_final_eos_is_a_target(tiny_tokenizer):
     ]
     row = tokenize_sft(tok, messages, max_length=256)
     ids, labels = row["input_ids"], row["labels"]
-    targets = [t for t, l in zip(ids, labels) if l != IGNORE]
+    targets = [t for t, label in zip(ids, labels) if label != IGNORE]
     # exactly the two assistant turns, each closed by eos; no prompt, role header or trailing newline
     assert tok.decode(targets) == "4.<|im_end|>6.<|im_end|>"
     assert targets.count(tok.eos_token_id) == 2
-    last_target = max(i for i, l in enumerate(labels) if l != IGNORE)
+    last_target = max(i for i, label in enumerate(labels) if label != IGNORE)
     assert ids[last_target] == tok.eos_token_id
-    user_text = tok.decode([t for t, l in zip(ids, labels) if l == IGNORE])
+    user_text = tok.decode([t for t, label in zip(ids, labels) if label == IGNORE])
     assert "What is 2 plus 2?" in user_text and "Be brief." in user_text
     assert tok.pad_token_id not in ids
 
@@ -111,7 +110,7 @@ def test_interrupted_stage_resumes_to_the_same_weights(tiny_cfg, monkeypatch):
     original = Engine.save_checkpoint
 
     def save_then_die(self):
-        path = original(self)
+        original(self)
         raise KeyboardInterrupt("simulated kill after the first checkpoint")
 
     monkeypatch.setattr(Engine, "save_checkpoint", save_then_die)
@@ -150,7 +149,10 @@ def test_gradual_unfreeze_opens_layers_on_schedule(tiny_cfg):
     model = load_model(base, cfg.model, tok)
     unfreezer = GradualUnfreezer(model, start_layers=0, every=2, extra_modules=[])
     layers = decoder_layers(model)
-    trainable = lambda: [all(p.requires_grad for p in layer.parameters()) for layer in layers]
+
+    def trainable() -> list[bool]:
+        return [all(p.requires_grad for p in layer.parameters()) for layer in layers]
+
     assert trainable() == [False, False] and model.lm_head.weight.requires_grad
     unfreezer.step(2)
     assert trainable() == [False, True]

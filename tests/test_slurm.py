@@ -25,12 +25,12 @@ from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.launch import ENTRY_ENV  # noqa: E402
 from pipeline.manifest import read_manifest, write_manifest  # noqa: E402
 from pipeline.slurm import (  # noqa: E402
+    TERMINAL_STATES,
     parse_scontrol,
     plan_submission,
     read_jobs,
     sbatch_script,
     slurm_pipeline,
-    TERMINAL_STATES,
 )
 
 START_SLURM = REPO.parent / "shared" / "tools" / "slurm" / "start_slurm.sh"

@@ -1,0 +1,180 @@
+"""Planning and pre-flight checks shared by ``pipeline run`` (orchestrator) and ``pipeline slurm``.
+
+Nothing here starts a stage. It picks the stages of a run (``select_stages``), decides from each stage's
+manifest whether to skip, run, resume or re-run it (``decide``, see ``pipeline/orchestrator.py``'s module
+doc for the table), checks that a stage's parents are complete with matching chat formats
+(``check_parents``), prints the memory plan of each stage (``memory_plans``), validates the DeepSpeed
+JSONs offline at the run's world size (``check_deepspeed``) and writes the resolved config every stage
+process reads (``write_resolved_config``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from . import memory
+from .config import ConfigError, RunConfig
+from .deepspeed_check import validate_ds_config
+from .launch import config_file_for
+from .manifest import (
+    MANIFEST,
+    ManifestError,
+    atomic_write_json,
+    check_fingerprints,
+    read_manifest,
+    require_complete_parent,
+)
+from .procs import process_state
+from .stage import STAGE_ORDER, hint_command, parents_of, stage_identity
+
+Printer = Callable[[str], None]
+
+
+@dataclass
+class Decision:
+    """What the orchestrator does with one stage: ``run``, ``resume``, ``rerun`` or ``skip``, and why."""
+
+    stage: str
+    action: str
+    reason: str
+
+
+def select_stages(cfg: RunConfig, requested: Sequence[str] | None) -> list[str]:
+    """The stages to run, in pipeline order (the config's stages when none are requested).
+
+    A requested stage that the config's ``stages`` list lacks (``--stages sft rlaif_label rm ppo`` on a
+    config without ``rlaif_label``) is added to ``cfg.stages`` in place, so that the stage processes,
+    which read the resolved config, chain through it (``parents_of``). Unknown names are a ConfigError.
+    """
+    if not requested:
+        return list(cfg.stages)
+    unknown = [s for s in requested if s not in STAGE_ORDER]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; expected some of {', '.join(STAGE_ORDER)}")
+    missing = [s for s in requested if s not in cfg.stages]
+    if missing:
+        try:
+            cfg.stages = [s for s in STAGE_ORDER if s in cfg.stages or s in missing]  # validated assignment
+        except ValidationError as err:  # e.g. ppo added without the reward model it needs
+            reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+            raise ConfigError(f"--stages {' '.join(requested)}: {reasons}") from None
+    return [s for s in cfg.stages if s in requested]
+
+
+def decide(cfg: RunConfig, stage: str, force: bool = False) -> Decision:
+    """Decide from the stage's manifest whether to skip, run, resume or re-run it (see the orchestrator's doc).
+
+    Raises ManifestError when the stage is running in another live process.
+    """
+    stage_dir = cfg.stage_dir(stage)
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        return Decision(stage, "run", "no previous run")
+    status = manifest.get("status")
+    if status == "running":
+        state = process_state(manifest)
+        where = f"pid {manifest.get('pid')} on {manifest.get('host')}"
+        if state == "alive":
+            raise ManifestError(
+                f"stage '{stage}' is already running ({where}, {stage_dir / MANIFEST}); another run of "
+                f"'{cfg.run_name}' is in progress. Wait for it to finish or stop that process, then re-run."
+            )
+        if state == "other-host" and not force:
+            raise ManifestError(
+                f"stage '{stage}' says it is running ({where}, {stage_dir / MANIFEST}) on another host, which "
+                "this machine cannot check. If that process is gone, re-run with --force."
+            )
+        if force:
+            return Decision(stage, "run", f"--force (an interrupted run by {where} is discarded)")
+        if (stage_dir / "checkpoints").exists():
+            return Decision(stage, "resume", f"interrupted ({where} is gone); resuming from its last checkpoint")
+        return Decision(stage, "rerun", f"interrupted ({where} is gone) before its first checkpoint")
+    if force:
+        return Decision(stage, "run", "--force")
+    if status == "failed":
+        error = manifest.get("error") or "no error recorded"
+        return Decision(stage, "rerun", f"the previous run failed ({error})")
+    if status == "complete":
+        config_hash, input_hash = stage_identity(cfg, stage)
+        if manifest.get("config_hash") != config_hash:
+            return Decision(stage, "run", "its config changed since it completed")
+        if manifest.get("input_hash") != input_hash:
+            return Decision(stage, "run", "its inputs changed since it completed (a parent stage or a data file)")
+        return Decision(stage, "skip", "complete, config and inputs unchanged")
+    raise ManifestError(f"{stage_dir / MANIFEST}: unknown status {status!r}; delete the file or re-run with --force")
+
+
+def check_parents(cfg: RunConfig, stage: str, ran_now: set[str], warn: Printer) -> None:
+    """Refuse to start ``stage`` unless every parent is complete and their chat formats agree.
+
+    A parent that is complete but whose config no longer matches (and that is not part of this run) is
+    used as it is, with a warning.
+    """
+    manifests: dict[str, dict[str, Any]] = {}
+    for parent in parents_of(cfg, stage):
+        try:
+            manifests[parent] = require_complete_parent(cfg.stage_dir(parent), parent, stage, hint_command(parent))
+        except ManifestError as exc:
+            raise ManifestError(f"cannot start stage '{stage}': {exc}") from None
+        if parent not in ran_now:
+            config_hash, input_hash = stage_identity(cfg, parent)
+            if manifests[parent].get("config_hash") != config_hash or manifests[parent].get("input_hash") != input_hash:
+                warn(f"warning: '{parent}' at {cfg.stage_dir(parent)} was made with a different config or inputs "
+                     f"than this one; '{stage}' uses it as it is. Add '{parent}' to --stages to refresh it.")
+    try:
+        check_fingerprints(stage, {p: m.get("chat_fingerprint") for p, m in manifests.items()})
+    except ManifestError as exc:
+        raise ManifestError(f"cannot start stage '{stage}': {exc}") from None
+
+
+def memory_plans(cfg: RunConfig, stages: Sequence[str], out: Printer, check: bool = True) -> None:
+    """Print the memory estimate of each stage; raise MemoryPlanError when one cannot fit the device."""
+    device = memory.device_memory_bytes(cfg) if check else None
+    for stage in stages:
+        plan = memory.estimate(cfg, stage)
+        out(plan.format())
+        if device is not None:
+            plan.check(device)
+
+
+def _stage_deepspeed(cfg: RunConfig, stage: str) -> tuple[str, int, int, float, str, float | None] | None:
+    """(json path, micro batch, grad accum, lr, precision, max grad norm) of a stage that names a DeepSpeed JSON."""
+    if stage in ("sft", "rm"):
+        train = getattr(cfg, stage).train
+        if train.deepspeed:
+            return (train.deepspeed, train.per_device_batch_size, train.gradient_accumulation_steps,
+                    train.learning_rate, train.precision, train.max_grad_norm)
+    if stage == "ppo" and cfg.ppo.train.deepspeed:
+        train, sizes = cfg.ppo.train, cfg.ppo.sizes(cfg.world_size)
+        return (train.deepspeed, sizes.micro_batch, sizes.grad_accum, train.learning_rate, train.precision,
+                train.max_grad_norm)
+    return None
+
+
+def check_deepspeed(cfg: RunConfig, stages: Sequence[str], cuda: bool, out: Printer) -> None:
+    """Validate offline the DeepSpeed JSON each stage names, at the run's world size (ConfigError if bad)."""
+    wanted = {s: d for s in stages if (d := _stage_deepspeed(cfg, s)) is not None}
+    if not wanted:
+        return
+    world = cfg.launch.nnodes * cfg.launch.nproc_per_node
+    problems: list[str] = []
+    for stage, (path, micro, accum, lr, precision, clip) in wanted.items():
+        bf16 = precision == "bf16" or (precision == "auto" and cuda)
+        found = validate_ds_config(path, world, micro, accum, lr, bf16, max_grad_norm=clip)
+        problems += [f"stage '{stage}': {p}" for p in found]
+        if not found:
+            out(f"[{stage}] DeepSpeed config {path}: valid at world size {world}")
+    if problems:
+        raise ConfigError("DeepSpeed config problems:\n  " + "\n  ".join(problems))
+
+
+def write_resolved_config(cfg: RunConfig, path: Path | None = None) -> Path:
+    """Write the resolved config as JSON (what each stage process reads) and return its path."""
+    path = path or config_file_for(cfg)
+    atomic_write_json(path, cfg.to_dict())
+    return path
