@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -357,3 +358,34 @@ def save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
     # the template in force, readable without transformers
     (Path(out_dir) / "chat_template.jinja").write_text(tokenizer.chat_template or "")
 
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+class CheckpointError(RuntimeError):
+    """A folder holds no loadable model (missing folder, no weights, no tokenizer)."""
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
+    """``(model_dir, tokenizer_dir)`` of a stage folder (``<dir>/model``) or a plain HF folder."""
+    root = resolve_path(checkpoint)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {checkpoint} (looked at {root}); pass a stage "
+                              "folder such as outputs/<run>/sft or a Hugging Face model folder")
+    if (root / "model" / "config.json").exists():
+        model_dir = root / "model"
+        tok_dir = root if _has_tokenizer(root) else model_dir
+    elif (root / "config.json").exists():
+        model_dir = tok_dir = root
+    else:
+        hint = ""
+        if (root / "adapter").exists() and not (root / "model").exists():
+            hint = " (it has only an adapter/: the stage did not finish writing the merged model)"
+        raise CheckpointError(f"{root} holds no model: expected {root}/model/config.json (a stage folder) "
+                              f"or {root}/config.json (a Hugging Face folder){hint}")
+    if not _has_tokenizer(tok_dir):
+        raise CheckpointError(f"no tokenizer files in {tok_dir} (tokenizer.json / tokenizer_config.json)")
+    return model_dir, tok_dir

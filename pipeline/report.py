@@ -308,12 +308,6 @@ def held_out_prompts(cfg: RunConfig, n: int) -> list[list[dict[str, str]]]:
     return [ex.prompt for ex in held_out_examples(cfg, n)]
 
 
-def _with_system(cfg: RunConfig, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    if cfg.chat.system_prompt and (not messages or messages[0].get("role") != "system"):
-        return [{"role": "system", "content": cfg.chat.system_prompt}] + list(messages)
-    return list(messages)
-
-
 def _stage_tokenizer(cfg: RunConfig, stage: str):
     from .models import load_tokenizer
 
@@ -321,9 +315,10 @@ def _stage_tokenizer(cfg: RunConfig, stage: str):
 
 
 def _prompt_ids(cfg: RunConfig, tokenizer: Any, prompt: list[dict[str, str]]) -> list[int]:
-    """The prompt in the PPO layout: chat template with the generation prompt, cut from the left."""
-    rendered = tokenizer.apply_chat_template(_with_system(cfg, prompt), tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])[-cfg.ppo.max_prompt_length:]
+    """The prompt in the PPO layout (``stages.chat.prompt_ids``), cut from the left."""
+    from stages.chat import prompt_ids
+
+    return prompt_ids(tokenizer, prompt, cfg.chat.system_prompt)[-cfg.ppo.max_prompt_length:]
 
 
 def _generate(cfg: RunConfig, stage: str, prompts: list[list[dict[str, str]]], batch_size: int = 8):
@@ -359,10 +354,10 @@ def _generate(cfg: RunConfig, stage: str, prompts: list[list[dict[str, str]]], b
 def score_responses(cfg: RunConfig, prompts: list[list[dict[str, str]]], responses: list[list[int]]) -> list[float]:
     """RM scores (the ``rm`` stage) of prompt + generated response ids, read at the response's eos.
 
-    Uses the RM stage's own loader and scorer (``stages.rm``), so the layout is the one it was trained
-    on: the prompt with the generation prompt, then the generated ids up to and including the first eos.
+    Uses the RM's loader and scorer (``stages.scoring``), so the layout is the one it was trained on:
+    the prompt with the generation prompt, then the generated ids up to and including the first eos.
     """
-    from stages.rm import load_reward_model, score_token_ids
+    from stages.scoring import load_reward_model, score_token_ids
 
     model, tokenizer = load_reward_model(cfg.stage_dir("rm"), cfg.model)
     sequences = [_prompt_ids(cfg, tokenizer, p) + list(r) for p, r in zip(prompts, responses)]

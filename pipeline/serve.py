@@ -33,18 +33,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .models import CheckpointError, resolve_checkpoint
+
 logger = logging.getLogger("alignpipe.serve")
+
+ServeError = CheckpointError  # what the server raises when a checkpoint cannot be served
 
 MAX_BODY_BYTES = 8 << 20
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit; clients written against it never ask for more
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-class ServeError(RuntimeError):
-    """The checkpoint cannot be served (missing folder, no weights, no tokenizer)."""
 
 
 class RequestError(ValueError):
@@ -59,34 +58,6 @@ class RequestError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()
-
-
-def resolve_checkpoint(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
-    """``(model_dir, tokenizer_dir)`` of a stage folder (``<dir>/model``) or a plain HF folder."""
-    from .config import resolve_path
-
-    root = resolve_path(checkpoint)
-    if not root.is_dir():
-        raise ServeError(f"checkpoint folder not found: {checkpoint} (looked at {root}); pass a stage folder "
-                         "such as outputs/<run>/sft or a Hugging Face model folder")
-    if (root / "model" / "config.json").exists():
-        model_dir = root / "model"
-        tok_dir = root if _has_tokenizer(root) else model_dir
-    elif (root / "config.json").exists():
-        model_dir = tok_dir = root
-    else:
-        hint = ""
-        if (root / "adapter").exists() and not (root / "model").exists():
-            hint = " (it has only an adapter/: the stage did not finish writing the merged model)"
-        raise ServeError(f"{root} holds no model: expected {root}/model/config.json (a stage folder) or "
-                         f"{root}/config.json (a Hugging Face folder){hint}")
-    if not _has_tokenizer(tok_dir):
-        raise ServeError(f"no tokenizer files in {tok_dir} (tokenizer.json / tokenizer_config.json)")
-    return model_dir, tok_dir
-
-
 def stage_system_prompt(checkpoint: str | os.PathLike) -> str | None:
     """The system prompt the stage was trained with (its manifest's chat format), if any."""
     from .config import resolve_path
@@ -158,12 +129,10 @@ class ChatModel:
 
     # -------------------------------------------------------------------------------- prompting
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.system_prompt and (not messages or messages[0]["role"] != "system"):
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            out = out["input_ids"]
-        return list(out)
+        """The request's prompt in the training layout (``stages.chat.prompt_ids``, stage system prompt)."""
+        from stages.chat import prompt_ids
+
+        return prompt_ids(self.tokenizer, messages, self.system_prompt)
 
     def _limit_new_tokens(self, prompt_len: int, max_tokens: int) -> int:
         if self.max_positions:

@@ -3,7 +3,7 @@
 Loss on assistant tokens only; every assistant turn's closing eos is a trained target, the newline the
 template puts after it is not (DESIGN §3). Masks are computed from character spans of the rendered chat
 template (prefix renders of the conversation), so they are exact whatever the tokenizer merges at the
-boundaries. Optional packing puts several conversations in one row with position ids restarting at
+boundaries (``stages.chat.tokenize_sft``, the one home of the chat layout). Optional packing puts several conversations in one row with position ids restarting at
 each conversation and no attention mask, so transformers builds a block-diagonal mask (each
 conversation attends only to itself; verified in tests).
 
@@ -15,71 +15,19 @@ all ranks), ``target_tokens`` (trained tokens per micro-batch), ``epoch``; eval 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from data.formats import DataError, load_examples
 from pipeline.config import RunConfig
-from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base, save_tokenizer
+from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
 from pipeline.stage import StageRun
-from stages.batching import right_pad
+from stages.batching import IGNORE, pad_collate, split_eval
+from stages.chat import tokenize_sft
 from stages.engine import Engine, init_distributed
-from stages.tuning import apply_tuning, quantization_kwargs, save_trained, trainable_summary
-
-IGNORE = -100
-
-
-def render_with_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation with the chat template; return (text, character spans of assistant targets).
-
-    Each span covers one assistant turn's content and its closing eos token text.
-    """
-    eos = tokenizer.eos_token
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (upto.startswith(prefix) and full.startswith(upto)):
-            raise ValueError(
-                "the chat template is not prefix-stable (rendering the first turns is not a prefix of the "
-                "whole conversation), so assistant tokens cannot be located; use a ChatML-like template"
-            )
-        end = upto.rfind(eos, len(prefix))
-        if end < 0:
-            raise ValueError(f"the chat template does not close assistant turns with eos {eos!r}")
-        spans.append((len(prefix), end + len(eos)))
-    return full, spans
-
-
-def tokenize_sft(tokenizer: Any, messages: list[dict[str, str]], max_length: int,
-                 system_prompt: str | None = None) -> dict[str, Any]:
-    """-> {"input_ids": list[int], "labels": list[int], "truncated": bool}; labels IGNORE off-target."""
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}] + messages
-    text, spans = render_with_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = []
-    for tok, (start, _end) in zip(ids, offsets):
-        inside = any(s <= start < e for s, e in spans)
-        labels.append(tok if inside else IGNORE)
-    truncated = len(ids) > max_length
-    ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "labels": labels, "truncated": truncated}
-
-
-def pad_collate(pad_id: int):
-    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids, mask = right_pad([r["input_ids"] for r in rows], pad_id)
-        labels, _ = right_pad([r["labels"] for r in rows], IGNORE)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    return collate
+from stages.saving import save_stage_model
+from stages.tuning import apply_tuning, quantization_kwargs, trainable_summary
 
 
 def pack_rows(rows: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
@@ -132,15 +80,6 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())
-
-
-def split_eval(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    if fraction <= 0 or len(items) < 2:
-        return items, []
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(items), generator=g).tolist()
-    n_eval = max(1, int(round(len(items) * fraction)))
-    return [items[i] for i in perm[n_eval:]], [items[i] for i in perm[:n_eval]]
 
 
 def make_eval_fn(rows: list[dict[str, Any]], collate, batch_size: int, device: torch.device):
@@ -223,35 +162,3 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             "world_size": dist.world_size,
         }
         return run.manifest["metrics"]
-
-
-def save_stage_model(engine: Engine, tokenizer: Any, run: StageRun, tuning: Any, base: str, cfg: RunConfig,
-                     kind: str) -> None:
-    """Save model/ (+ adapter/) and the tokenizer on rank 0; gathers ZeRO-3 shards first (DESIGN §5.6)."""
-    model = engine.unwrap()
-    if engine.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            if run.is_main:
-                _save(model, tokenizer, run, tuning, base, cfg, kind)
-        torch.distributed.barrier()
-    elif run.is_main:
-        _save(model, tokenizer, run, tuning, base, cfg, kind)
-    if engine.dist.world_size > 1:
-        torch.distributed.barrier()
-
-
-def _save(model: Any, tokenizer: Any, run: StageRun, tuning: Any, base: str, cfg: RunConfig, kind: str) -> None:
-    out: Path = run.dir
-    for sub in ("model", "adapter"):
-        if (out / sub).exists():
-            import shutil
-
-            shutil.rmtree(out / sub)
-    model.config.use_cache = True
-    info = save_trained(model, tokenizer, out, tuning, base, cfg.model, kind=kind)
-    save_tokenizer(tokenizer, out)
-    if (out / "model").exists():
-        save_tokenizer(tokenizer, out / "model")  # model/ loads on its own (serving, other tools)
-    run.update(**info)

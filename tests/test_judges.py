@@ -1,4 +1,4 @@
-"""AI judges (stages/rlaif/judges.py): order swap, constitution, cache, malformed output, the HTTP judge
+"""AI judges (stages/rlaif/judges/): order swap, constitution, cache, malformed output, the HTTP judge
 against our own server on 127.0.0.1 (retries, timeouts, auth, no key leaks) and the HF judge on the tiny
 model."""
 

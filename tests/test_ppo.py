@@ -99,7 +99,7 @@ def test_rm_scores_the_generated_ids_and_survives_overlong_sequences(tiny_cfg):
     from pipeline.models import load_model, load_tokenizer, prepare_base
     from stages.ppo.rewards import Responses, RewardSources
     from stages.ppo.rollout import encode_prompts
-    from stages.rm import score_responses, score_token_ids
+    from stages.scoring import score_responses, score_token_ids
 
     cfg = tiny_cfg()
     base = prepare_base(cfg.model)
@@ -516,7 +516,7 @@ def test_bf16_heads_run_in_fp32_and_the_reference_matches_the_actor(tiny_cfg):
     """ppo.precision=bf16 (autocast on CPU too): the lm_head, value head and RM score head compute in
     fp32 from their (bf16) inputs; the separate reference gives the actor's log-probs at step 0."""
     from pipeline.models import load_model
-    from stages.rm import find_score_head, token_scores
+    from stages.scoring import find_score_head, token_scores
     from stages.ppo.trainer import head_in_fp32
 
     def fp32_reference(head):

@@ -78,19 +78,19 @@ def test_the_rollout_scores_the_ids_it_generated_and_penalises_missing_eos(tiny_
     """make_rollout: the RM input of every episode is its prompt ids + generated ids up to and including
     eos (nothing decoded and re-rendered); responses cut at max_new_tokens do not end in eos and pay the
     default missing-eos penalty."""
-    import stages.rm
+    import stages.scoring
     from pipeline.stage import StageRun
     from stages.engine import init_distributed
     from stages.ppo.trainer import PPOTrainer
 
     seen: list[list[int]] = []
-    real = stages.rm.score_token_ids
+    real = stages.scoring.score_token_ids
 
     def spy(model, sequences, pad_token_id, *args, **kwargs):
         seen.extend(list(s) for s in sequences)
         return real(model, sequences, pad_token_id, *args, **kwargs)
 
-    monkeypatch.setattr(stages.rm, "score_token_ids", spy)
+    monkeypatch.setattr(stages.scoring, "score_token_ids", spy)
     cfg = tiny_cfg("stages=[ppo]", f"ppo.policy.path={_base(tiny_cfg())}",
                    f"ppo.reward_model.path={same_tokenizer_rm}", "ppo.max_new_tokens=3", "ppo.total_episodes=16")
     assert cfg.ppo.missing_eos_penalty == 1.0, "on by default"

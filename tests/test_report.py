@@ -127,7 +127,7 @@ def _fake_model_stage(cfg, stage: str, src: str, tokenizer, kind: str) -> None:
     fmt = chat_format(tokenizer, cfg.chat)
     manifest = {"stage": stage, "status": "complete", "chat_fingerprint": chat_fingerprint(fmt), "metrics": {}}
     if stage == "rm":
-        from stages.rm import REWARD_LAYOUT
+        from stages.scoring import REWARD_LAYOUT
 
         manifest["reward_layout"] = REWARD_LAYOUT
     write_manifest(out, manifest)

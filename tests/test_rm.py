@@ -13,17 +13,12 @@ from data.formats import DataError, PreferencePair
 from pipeline.manifest import ManifestError
 from stages import rm as rm_stage
 from stages.engine import group_batches
-from stages.rm import (
+from stages.chat import encode_sequence, last_token_index
+from stages.rm import encode_pair, encode_pairs, load_preferences, margin_buckets, pairwise_loss
+from stages.scoring import (
     REWARD_LAYOUT,
-    encode_pair,
-    encode_pairs,
-    encode_sequence,
     find_score_head,
-    last_token_index,
-    load_preferences,
     load_reward_model,
-    margin_buckets,
-    pairwise_loss,
     score_at_eos,
     score_responses,
     score_sequences,

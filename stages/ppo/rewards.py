@@ -7,15 +7,15 @@ A PPO run's sequence score is ``sum_i weight_i * source_i`` over ``ppo.rewards``
 
   - ``token_ids`` when the RM shares the policy's tokenizer and chat format (equal chat-format
     fingerprints, always so for the ``rm`` stage's RM): the prompt ids the policy saw followed by the
-    generated ids up to and including the first eos (``stages.rm.reward_input_ids``). Nothing is decoded
+    generated ids up to and including the first eos (``stages.scoring.reward_input_ids``). Nothing is decoded
     or re-rendered, so special tokens the policy emits are seen, tokenisation cannot drift, and a
     response cut off at ``max_new_tokens`` is scored at its last token, not as if it had finished.
   - ``text`` for an RM with its own tokenizer or template (``ppo.reward_model``): the decoded response
-    rendered in the RM's own chat template (``stages.rm.reward_input_from_text``), with the closing eos
+    rendered in the RM's own chat template (``stages.scoring.reward_input_from_text``), with the closing eos
     dropped for a response that did not finish.
 
   Either way the sequence is cut from the left (keeping bos) to the RM's max_length
-  (``stages.rm.fit_reward_input``); how many were cut is logged as ``rm_truncated``.
+  (``stages.scoring.fit_reward_input``); how many were cut is logged as ``rm_truncated``.
 - ``kind: function``: a Python function named ``module:function``, called as
   ``fn(prompts: list[str], responses: list[str], references: list, **optional)``, where ``prompts``
   holds the last user message of each prompt, ``responses`` the decoded response text (special tokens
@@ -168,8 +168,8 @@ class RewardSources:
             (the rm stage's RM: same tokenizer and chat format, the stage fingerprint check guarantees it).
 
     ``rm_scoring`` says how the RM reads a response: ``"token_ids"`` when the RM shares the policy's
-    tokenizer and chat format (equal chat-format fingerprints; :func:`stages.rm.reward_input_ids`), else
-    ``"text"`` (:func:`stages.rm.reward_input_from_text`, in the RM's own template).
+    tokenizer and chat format (equal chat-format fingerprints; :func:`stages.scoring.reward_input_ids`), else
+    ``"text"`` (:func:`stages.scoring.reward_input_from_text`, in the RM's own template).
     """
 
     def __init__(self, sources: Sequence[Any], cfg: Any, tokenizer: Any, rm: Any | None, rm_max_length: int,
@@ -214,7 +214,7 @@ class RewardSources:
 
     def rm_inputs(self, batch: Responses) -> tuple[list[list[int]], int]:
         """-> (the token ids the RM scores for each row, how many were cut to the RM's max_length)."""
-        from stages.rm import fit_reward_input, reward_input_from_text, reward_input_ids
+        from stages.scoring import fit_reward_input, reward_input_from_text, reward_input_ids
 
         if self.rm_scoring == "token_ids":
             bos = self.tokenizer.bos_token_id
@@ -231,7 +231,7 @@ class RewardSources:
     @torch.no_grad()
     def rm_scores(self, batch: Responses) -> tuple[torch.Tensor, int]:
         """-> ((B,) fp32 RM scores read at each sequence's last token, rows cut to the RM's max_length)."""
-        from stages.rm import score_token_ids
+        from stages.scoring import score_token_ids
 
         seqs, cut = self.rm_inputs(batch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):

@@ -10,9 +10,10 @@ two-process run comparable to a one-process run on the same global batch, and re
 
 Layout. Prompts are left-padded (``generate`` needs it), responses right-padded; the sequence fed to
 the policy, the reference and the critic is ``[prompt (left-padded) | response (right-padded)]`` with
-position ids from the attention mask, so padding never shifts positions. The reward model scores
-the same ids, unpadded: the prompt ids followed by the response up to and including its eos
-(:func:`response_rows`; the layout itself lives in ``stages.rm.reward_input_ids``, DESIGN §3).
+position ids from the attention mask (``stages.chat.position_ids_from_mask``), so padding never shifts
+positions. The reward model scores the same ids, unpadded: the prompt ids followed by the response up
+to and including its eos (:func:`response_rows`; the layout itself lives in
+``stages.scoring.reward_input_ids``, DESIGN §3).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from stages.chat import prompt_ids, with_system
 
 
 # ----------------------------------------------------------------------------------------- prompts
@@ -45,11 +47,8 @@ def encode_prompts(tokenizer: Any, examples: Sequence[Any], max_prompt_length: i
     """
     out = []
     for ex in examples:
-        messages = list(ex.prompt)
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}] + messages
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        messages = with_system(ex.prompt, system_prompt)
+        ids = prompt_ids(tokenizer, messages)
         truncated = len(ids) > max_prompt_length
         out.append(EncodedPrompt(messages, ids[-max_prompt_length:], ex.reference, truncated))
     return out
@@ -131,11 +130,6 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, t
     positions = torch.arange(T, device=responses.device).unsqueeze(0)
     mask = (positions <= first.unsqueeze(1)).long()
     return mask, has_eos
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that ignore left padding: cumsum of the mask minus one, 0 on padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
 def response_rows(responses: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:

@@ -123,14 +123,14 @@ from stages.ppo.core import (
     masked_whiten,
     per_token_rewards,
 )
-from stages.batching import left_pad
+from stages.batching import left_pad, pad_collate
+from stages.chat import position_ids_from_mask, tokenize_sft
 from stages.generation import neutral_generate, neutral_generation_config
 from stages.ppo.rewards import Responses, RewardSources, Scores
 from stages.ppo.rollout import (
     EpisodeSampler,
     encode_prompts,
     episode_uniforms,
-    position_ids,
     response_mask,
     response_rows,
 )
@@ -334,8 +334,6 @@ class PPOTrainer:
             self.eval_prompts = encode_prompts(tokenizer, eval_examples, p.max_prompt_length, cfg.chat.system_prompt)
         self.ptx_rows: list[dict[str, Any]] = []
         if p.ptx_coef > 0:
-            from stages.sft import tokenize_sft
-
             source = p.ptx_data or cfg.sft.data
             if source is None:
                 raise DataError("ppo.ptx_coef > 0 needs SFT data: set ppo.ptx_data (or sft.data)")
@@ -409,7 +407,7 @@ class PPOTrainer:
         if not (any(r.kind == "rm" for r in p.rewards) or p.critic_from == "rm"):
             return None, None, None
         if p.reward_model is None:
-            from stages.rm import load_reward_model
+            from stages.scoring import load_reward_model
 
             rm_dir = self.run.parent_dir("rm")
             rm, _ = load_reward_model(rm_dir, cfg.model)
@@ -593,7 +591,7 @@ class PPOTrainer:
     def policy_logits(self, model: Any, ids: torch.Tensor, att: torch.Tensor, T: int) -> torch.Tensor:
         """(B, T, V) logits predicting the T response tokens (scaled by 1/temperature)."""
         with self._autocast():
-            out = model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), use_cache=False,
+            out = model(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att), use_cache=False,
                         logits_to_keep=T + 1)
         logits = out.logits[:, :T].float()
         return logits if self.p.temperature == 1.0 else logits / self.p.temperature
@@ -601,7 +599,7 @@ class PPOTrainer:
     def critic_values(self, model: Any, ids: torch.Tensor, att: torch.Tensor, T: int) -> torch.Tensor:
         """(B, T) fp32 values of the state before each response token."""
         with self._autocast():
-            out = model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), use_cache=False)
+            out = model(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att), use_cache=False)
         S = ids.size(1)
         return out.logits[:, S - T - 1:S - 1, 0].float()
 
@@ -725,8 +723,6 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------- update
     def _ptx_batch(self) -> dict[str, torch.Tensor]:
-        from stages.sft import pad_collate
-
         n = len(self.ptx_rows)
         start = (self.ptx_pos * self.dist.world_size + self.dist.rank) * self.micro
         rows = [self.ptx_rows[(start + i) % n] for i in range(self.micro)]

@@ -29,6 +29,7 @@ from pipeline.config import RunConfig
 from pipeline.manifest import atomic_write_text
 from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
 from pipeline.stage import StageRun
+from stages.chat import prompt_ids
 
 from .judges import JudgeError, build_judge
 
@@ -56,15 +57,6 @@ def _policy_dirs(cfg: RunConfig, run: StageRun) -> tuple[str, str, str]:
         return str(model_dir), str(stage), "sft"
     base = prepare_base(cfg.model)
     return base, base, "base"
-
-
-def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]], system_prompt: str | None) -> list[int]:
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
 
 
 def sample_responses(model: Any, tokenizer: Any, prompts: list[list[int]], num_responses: int,
@@ -124,7 +116,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         encoded, kept_examples = [], []
         too_long = 0
         for ex in examples:
-            ids = _prompt_ids(tokenizer, ex.prompt, cfg.chat.system_prompt)
+            ids = prompt_ids(tokenizer, ex.prompt, cfg.chat.system_prompt)
             if len(ids) > lc.max_prompt_length:
                 too_long += 1
                 continue

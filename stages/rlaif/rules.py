@@ -42,7 +42,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from data.make_demo import ANTONYMS, CAPITALS
+from data.demo_tasks import ANTONYMS, CAPITALS
 
 CONCISE_WORDS = 12  # the demo's reference answers have 1-8 words
 UNKNOWN_SCORE = 0.5

@@ -1,0 +1,22 @@
+"""The demo tasks' lookup tables (capital cities, antonyms, words), without the generator: read by the
+demo-data generator (``data/make_demo.py``) and by the runtime rule judge of those tasks
+(``stages/rlaif/rules.py``), which must not import the generator."""
+
+CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+    ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Greece", "Athens"), ("Portugal", "Lisbon"),
+    ("Ireland", "Dublin"), ("Austria", "Vienna"), ("Chile", "Santiago"), ("Cuba", "Havana"),
+    ("India", "New Delhi"), ("China", "Beijing"), ("Russia", "Moscow"), ("Turkey", "Ankara"),
+    ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Belgium", "Brussels"), ("Hungary", "Budapest"),
+]
+ANTONYMS = [
+    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"), ("up", "down"),
+    ("open", "closed"), ("early", "late"), ("strong", "weak"), ("full", "empty"), ("rich", "poor"),
+    ("young", "old"), ("wet", "dry"), ("loud", "quiet"), ("near", "far"), ("hard", "soft"),
+]
+WORDS = [
+    "apple", "river", "garden", "window", "planet", "silver", "pencil", "rocket", "forest", "candle",
+    "bridge", "letter", "castle", "dragon", "mirror", "orange", "pepper", "summer", "winter", "yellow",
+    "market", "anchor", "butter", "copper", "violet", "tunnel", "harbor", "island", "meadow", "thunder",
+]
