@@ -359,7 +359,6 @@ def save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
     (Path(out_dir) / "chat_template.jinja").write_text(tokenizer.chat_template or "")
 
 
-
 # ------------------------------------------------------------------------------------ checkpoints
 class CheckpointError(RuntimeError):
     """A folder holds no loadable model (missing folder, no weights, no tokenizer)."""
