@@ -47,8 +47,8 @@ SETUPS: dict[str, dict[str, Any]] = {
             "ppo.policy_from=base",
             "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:digit_fraction', weight: 10}]",
             "ppo.eval_data={path: data/demo/prompts.jsonl, max_records: 32}",
-            "ppo.total_episodes=160", "ppo.learning_rate=5e-3", "ppo.ppo_epochs=4", "ppo.max_new_tokens=16",
-            "ppo.kl_coef=0.02", "ppo.missing_eos_penalty=0", "ppo.save_steps=1000",
+            "ppo.total_episodes=160", "ppo.train.learning_rate=5e-3", "ppo.ppo_epochs=4", "ppo.max_new_tokens=16",
+            "ppo.kl_coef=0.02", "ppo.missing_eos_penalty=0", "ppo.train.save_steps=1000",
         ],
         # figure -> absolute tolerance
         "tolerance": {"score_first": 0.75, "score_last": 1.5, "eval_score_before": 0.75, "eval_score_after": 1.5,

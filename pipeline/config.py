@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,9 +196,62 @@ class TrainConfig(_Section):
     @field_validator("deepspeed")
     @classmethod
     def _ds_exists(cls, value: str | None) -> str | None:
-        if value is not None and not resolve_path(value).exists():
-            raise ValueError(f"DeepSpeed config not found: {value}")
-        return value
+        return _deepspeed_exists(value)
+
+    def global_batch(self, world_size: int) -> int:
+        """Sequences per optimizer step over all ranks: per-device batch x grad accumulation x world size."""
+        return self.per_device_batch_size * self.gradient_accumulation_steps * world_size
+
+
+def _deepspeed_exists(value: str | None) -> str | None:
+    if value is not None and not resolve_path(value).exists():
+        raise ValueError(f"DeepSpeed config not found: {value}")
+    return value
+
+
+class PPOTrainConfig(_Section):
+    """``ppo.train``: the actor's and critic's optimisation settings, each meaning what it means under
+    ``sft.train`` / ``rm.train``. PPO's batch shape (``rollout_batch_size``, ``mini_batch_size``,
+    ``gradient_accumulation_steps``, ``ppo_epochs``) stays in ``ppo`` next to the algorithm it shapes."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+    critic_learning_rate: float | None = Field(None, gt=0, description="Default: learning_rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Schedule over each model's PPO optimizer steps (the actor's exclude "
+                                "critic_warmup_steps).")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU; fp16 is refused.")
+    save_steps: int = Field(20, gt=0, description="Write a resumable checkpoint every N PPO steps.")
+    seed: int = 0
+    deepspeed: str | None = Field(None, description="Path to a DeepSpeed JSON (configs/deepspeed/...).")
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch default).")
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _ds_exists(cls, value: str | None) -> str | None:
+        return _deepspeed_exists(value)
+
+
+#: PPO keys that moved from ``ppo.<key>`` to ``ppo.train.<key>`` (old configs still load, with a warning).
+PPO_TRAIN_KEYS = tuple(PPOTrainConfig.model_fields)
+
+
+@dataclass(frozen=True)
+class PPOSizes:
+    """PPO's batch sizes at one world size, derived once (``PPOConfig.sizes``). Per rank unless ``global_``."""
+
+    world_size: int
+    rollout_batch: int        # prompts per rollout per rank
+    global_batch: int         # episodes per PPO step, all ranks
+    mini_batch: int           # episodes per optimizer step per rank
+    grad_accum: int
+    micro_batch: int          # episodes per forward/backward
+    n_minibatches: int        # optimizer steps per PPO epoch
+    total_steps: int          # PPO steps (rollout + update)
+    optimizer_steps: int      # optimizer steps of the critic over the run
 
 
 class TuningConfig(_Section):
@@ -347,7 +403,6 @@ class PPOConfig(_Section):
         None, description="A reward model you bring; used by kind 'rm' sources instead of the rm stage's.")
     critic_from: str = Field(
         "auto", description="auto | rm | policy | <folder or hub name of a model with the policy's tokenizer>.")
-    reward_from: Literal["rm"] = "rm"
     rewards: list[RewardSourceConfig] = Field(default_factory=lambda: [RewardSourceConfig()])
     total_episodes: int = Field(256, gt=0)
     rollout_batch_size: int = Field(16, gt=0, description="Prompts per rollout per device.")
@@ -364,10 +419,6 @@ class PPOConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Must stay 1: nucleus filtering would change the sampling "
                                                       "distribution but not the log-probs used for ratios and KL "
                                                       "(refused).")
-    learning_rate: float = Field(1e-5, gt=0)
-    critic_learning_rate: float | None = Field(None, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     cliprange: float = Field(0.2, gt=0)
@@ -397,21 +448,40 @@ class PPOConfig(_Section):
                              "schedule spans only the steps after them.")
     ptx_coef: float = Field(0.0, ge=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
-    save_steps: int = Field(20, gt=0)
     log_samples_every: int = Field(10, gt=0)
-    seed: int = 0
-    deepspeed: str | None = None
     tuning: TuningConfig = Field(default_factory=TuningConfig)
-    num_threads: int | None = Field(None, gt=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="Schedule over each model's PPO optimizer steps (the actor's exclude "
-                                "critic_warmup_steps).")
+    train: PPOTrainConfig = Field(default_factory=PPOTrainConfig)
     eval_steps: int | None = Field(
         None, gt=0, description="Score eval_data prompts every N steps (always before and after training).")
     ptx_data: DataSource | None = Field(
         None, description="SFT data for the PTX loss when ptx_coef > 0 (default: sft.data).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        """Old flat optimisation keys (``ppo.learning_rate``) are read as ``ppo.train.<key>``, with a note
+        saying so; ``ppo.reward_from`` (never read: the reward is ``ppo.rewards``) is dropped, with a note."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        notes = []
+        if "reward_from" in data:
+            data.pop("reward_from")
+            notes.append("ppo.reward_from is removed (it was never read; reward sources are ppo.rewards): delete it")
+        moved = [key for key in PPO_TRAIN_KEYS if key in data]
+        if moved:
+            train = data.get("train") or {}
+            train = dict(train.model_dump(exclude_unset=True) if isinstance(train, BaseModel) else train)
+            for key in moved:
+                if key in train:
+                    raise ValueError(f"ppo.{key} and ppo.train.{key} are both set: keep ppo.train.{key} only")
+                train[key] = data.pop(key)
+            data["train"] = train
+            notes.append("moved under ppo.train (read as such; write them there): "
+                         + ", ".join(f"ppo.{k} -> ppo.train.{k}" for k in moved))
+        for note in notes:
+            warnings.warn(f"config: {note}", FutureWarning, stacklevel=2)
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -434,8 +504,8 @@ class PPOConfig(_Section):
 
     @model_validator(mode="after")
     def _checks(self) -> "PPOConfig":
-        if self.precision == "fp16":
-            raise ValueError("ppo.precision='fp16' is refused: PPO diverges in fp16; use 'bf16' or 'fp32'")
+        if self.train.precision == "fp16":
+            raise ValueError("ppo.train.precision='fp16' is refused: PPO diverges in fp16; use 'bf16' or 'fp32'")
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError(
                 f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
@@ -446,8 +516,6 @@ class PPOConfig(_Section):
                 f"ppo.mini_batch_size ({self.mini_batch_size}) must be divisible by "
                 f"ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
-        if self.deepspeed is not None and not resolve_path(self.deepspeed).exists():
-            raise ValueError(f"DeepSpeed config not found: {self.deepspeed}")
         if self.top_k != 0 or self.top_p != 1.0:
             key = f"ppo.top_k={self.top_k}" if self.top_k != 0 else f"ppo.top_p={self.top_p}"
             raise ValueError(
@@ -461,6 +529,18 @@ class PPOConfig(_Section):
                 "(logp - ref_logp) does not depend on the reference, so the loss would not pull the policy "
                 "towards it. Set ppo.kl_estimator to 'k2' (or 'k3') with kl_in_loss, or keep the KL in the reward")
         return self
+
+    def sizes(self, world_size: int) -> PPOSizes:
+        """Every derived batch size, computed here once (trainer, memory planner and orchestrator use it)."""
+        total_steps = max(1, math.ceil(self.total_episodes / (self.rollout_batch_size * world_size)))
+        n_minibatches = self.rollout_batch_size // self.mini_batch_size
+        return PPOSizes(
+            world_size=world_size, rollout_batch=self.rollout_batch_size,
+            global_batch=self.rollout_batch_size * world_size, mini_batch=self.mini_batch_size,
+            grad_accum=self.gradient_accumulation_steps,
+            micro_batch=self.mini_batch_size // self.gradient_accumulation_steps,
+            n_minibatches=n_minibatches, total_steps=total_steps,
+            optimizer_steps=total_steps * self.ppo_epochs * n_minibatches)
 
 
 class JudgeConfig(_Section):
@@ -566,14 +646,19 @@ class RunConfig(_Section):
             raise ValueError(f"run_name must be a plain folder name, got {value!r}")
         return value
 
+    @property
+    def world_size(self) -> int:
+        """Processes the launch section starts (nnodes x nproc_per_node)."""
+        return self.launch.nnodes * self.launch.nproc_per_node
+
     @model_validator(mode="after")
     def _global_batches(self) -> "RunConfig":
-        world = self.launch.nnodes * self.launch.nproc_per_node
+        world = self.world_size
         for name in ("sft", "rm"):
             train = getattr(self, name).train
             if train.global_batch_size is None:
                 continue
-            actual = train.per_device_batch_size * train.gradient_accumulation_steps * world
+            actual = train.global_batch(world)
             if actual != train.global_batch_size:
                 raise ValueError(
                     f"{name}.train.global_batch_size={train.global_batch_size} but per_device_batch_size "

@@ -484,7 +484,7 @@ _STAGES = ("sft", "rm", "ppo", "rlaif_label")
 
 
 def world_size_of(cfg: RunConfig) -> int:
-    return cfg.launch.nnodes * cfg.launch.nproc_per_node
+    return cfg.world_size
 
 
 def device_memory_bytes(cfg: RunConfig) -> int | None:
@@ -507,7 +507,7 @@ def _stage_ds_path(cfg: RunConfig, stage: str) -> str | None:
     if stage == "rm":
         return cfg.rm.train.deepspeed
     if stage == "ppo":
-        return cfg.ppo.deepspeed
+        return cfg.ppo.train.deepspeed
     return None
 
 
@@ -528,7 +528,7 @@ def _initial_knobs(cfg: RunConfig, stage: str) -> tuple[_Knobs, str]:
         ds_bf16_setting = (ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled", False)
 
     if stage == "ppo":
-        precision = cfg.ppo.precision
+        precision = cfg.ppo.train.precision
     elif stage in ("sft", "rm"):
         precision = getattr(cfg, stage).train.precision
     else:
@@ -546,8 +546,8 @@ def _initial_knobs(cfg: RunConfig, stage: str) -> tuple[_Knobs, str]:
 
     if stage == "ppo":
         tuning = cfg.ppo.tuning
-        micro = max(1, cfg.ppo.mini_batch_size // cfg.ppo.gradient_accumulation_steps)
-        grad_ckpt = cfg.ppo.gradient_checkpointing
+        micro = max(1, cfg.ppo.sizes(world_size_of(cfg)).micro_batch)
+        grad_ckpt = cfg.ppo.train.gradient_checkpointing
         rollout = cfg.ppo.rollout_batch_size
     elif stage in ("sft", "rm"):
         section = getattr(cfg, stage)
@@ -687,7 +687,7 @@ def _alternatives(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int 
     tuning_key = f"{prefix}.tuning.method"
     if stage == "ppo":
         small_batch = (f"ppo.gradient_accumulation_steps={cfg.ppo.mini_batch_size} "
-                       f"ppo.gradient_checkpointing=true")
+                       f"ppo.train.gradient_checkpointing=true")
     else:
         train = getattr(cfg, stage).train
         small_batch = (f"{prefix}.train.per_device_batch_size=1 "

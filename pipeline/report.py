@@ -515,7 +515,7 @@ def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | Non
     prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts][:n]
     references = list(references or [None] * len(prompts))[:len(prompts)]
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.ppo.num_threads or threads)
+    torch.set_num_threads(cfg.ppo.train.num_threads or threads)
     try:
         sft_texts, sft_ids = _generate(cfg, "sft", prompts, cfg.report.batch_size)
         ppo_texts, ppo_ids = _generate(cfg, "ppo", prompts, cfg.report.batch_size)

@@ -20,21 +20,27 @@ What it does:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
-from pipeline.config import TrainConfig, resolve_path
-from pipeline.manifest import atomic_write_text
+from pipeline.config import TrainConfig
+from stages.training import (
+    Checkpoints,
+    build_optimizer,
+    init_deepspeed,
+    load_trainable,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    trainable_state,
+    zero_stage_of,
+)
 
 LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -78,10 +84,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return False
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+set_seed = seed_everything  # the name rm.py and bench/ use
 
 
 def enable_activation_checkpointing(model: Any) -> None:
@@ -138,21 +141,6 @@ def group_batches(groups: Sequence[int], epoch: int, seed: int, rank: int, world
     return batches[rank::world]
 
 
-# ------------------------------------------------------------------------------------ schedules
-def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
-
-
 # ------------------------------------------------------------------------------------------ engine
 @dataclass
 class TrainResult:
@@ -185,7 +173,7 @@ class Engine:
         self.total_steps = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
         self.warmup = int(round(train.warmup_ratio * self.total_steps))
         if train.global_batch_size is not None:
-            actual = train.per_device_batch_size * self.accum * dist.world_size
+            actual = train.global_batch(dist.world_size)
             if actual != train.global_batch_size:
                 raise ValueError(
                     f"train.global_batch_size={train.global_batch_size} but per_device_batch_size "
@@ -199,13 +187,17 @@ class Engine:
         params = [p for p in model.parameters() if p.requires_grad or unfreezer is not None]
         if not params:
             raise ValueError("no trainable parameters: check the tuning method and trainable_layers")
-        self.optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(train.lr_scheduler, self.warmup, self.total_steps))
+        self.optimizer, self.scheduler = build_optimizer(params, train.learning_rate, train.weight_decay,
+                                                         train.lr_scheduler, self.warmup, self.total_steps)
         self.ds_engine = None
+        self.ds_config: dict[str, Any] | None = None
         self.ddp = None
         if train.deepspeed:
-            self._init_deepspeed()
+            self.ds_engine, self.optimizer, self.scheduler, self.ds_config = init_deepspeed(
+                self.model, self.optimizer, self.scheduler, train.deepspeed,
+                micro_batch=train.per_device_batch_size, grad_accum=self.accum, world_size=dist.world_size,
+                lr=train.learning_rate, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
+                bf16=self.bf16)
         elif dist.world_size > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
@@ -214,41 +206,13 @@ class Engine:
         self.micro_in_epoch = 0
         self.history: list[dict[str, Any]] = []
 
-    # ----------------------------------------------------------------------------- deepspeed
-    def _init_deepspeed(self) -> None:
-        import deepspeed
-
-        from pipeline.deepspeed_check import fill_auto, needs_ds_cpu_adam
-
-        raw = json.loads(resolve_path(self.train.deepspeed).read_text())
-        if needs_ds_cpu_adam(raw):
-            # optimizer offload only accepts DeepSpeed's CPU Adam (compiled on first use, ~2 min)
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            self.optimizer = DeepSpeedCPUAdam(params, lr=self.train.learning_rate,
-                                              weight_decay=self.train.weight_decay, adamw_mode=True)
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, lr_lambda(self.train.lr_scheduler, self.warmup, self.total_steps))
-        ds_config = fill_auto(
-            raw, micro_batch=self.train.per_device_batch_size, grad_accum=self.accum,
-            world_size=self.dist.world_size, lr=self.train.learning_rate,
-            max_grad_norm=self.train.max_grad_norm, bf16=self.bf16,
-        )
-        self.ds_engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_config,
-        )
-        self.ds_config = ds_config
-
     @property
     def forward_model(self) -> Any:
         return self.ds_engine or self.ddp or self.model
 
     @property
     def zero_stage(self) -> int:
-        if self.ds_engine is None:
-            return 0
-        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        return zero_stage_of(self.ds_config)
 
     # ---------------------------------------------------------------------------------- data
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -261,93 +225,50 @@ class Engine:
         return {k: v.to(self.dist.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ---------------------------------------------------------------------------- checkpoints
-    def _rng_state(self) -> dict[str, Any]:
-        return {
-            "python": random.getstate(),
-            "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
-
-    def _set_rng_state(self, state: dict[str, Any]) -> None:
-        py = state["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        np_state = state["numpy"]
-        np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-        torch.set_rng_state(state["torch"])
-        if state.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
     def _client_state(self) -> dict[str, Any]:
         return {
             "global_step": self.global_step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
-            "rng": self._rng_state(), "unfreezer": self.unfreezer.state_dict() if self.unfreezer else None,
+            "rng": rng_state(), "unfreezer": self.unfreezer.state_dict() if self.unfreezer else None,
             "history_len": len(self.history),
         }
 
+    @property
+    def checkpoints(self) -> Checkpoints:
+        return Checkpoints(self.run.checkpoints, self.dist.is_main, self.dist.world_size)
+
     def save_checkpoint(self) -> Path:
-        """Write checkpoints/step-N atomically (tmp folder + rename), then point ``latest`` at it."""
-        root = self.run.checkpoints
-        root.mkdir(parents=True, exist_ok=True)
-        tag = f"step-{self.global_step}"
-        final = root / tag
+        """checkpoints/step-N (see ``stages.training.Checkpoints``): DeepSpeed's sharded files (written by
+        every rank) or ``state.pt`` (rank 0: trainable weights, optimizer, scheduler, client state)."""
+        ckpt = self.checkpoints
+        tmp = ckpt.stage(self.global_step)
         if self.ds_engine is not None:
-            # DeepSpeed writes its own sharded files (collective); the tag is only published afterwards.
-            tmp_tag = f".tmp-{tag}"
-            self.ds_engine.save_checkpoint(str(root), tag=tmp_tag, client_state=self._client_state(),
+            self.ds_engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=self._client_state(),
                                            save_latest=False)
-            if self.dist.world_size > 1:
-                torch.distributed.barrier()
-            if self.dist.is_main:
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(root / tmp_tag, final)
         elif self.dist.is_main:
-            tmp = root / f".tmp-{tag}"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-            trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
-            if self.unfreezer is not None:  # everything that may train must come back on resume
-                trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters()}
-            torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "client": self._client_state()},
-                       tmp / "state.pt")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        if self.dist.is_main:
-            atomic_write_text(root / "latest", tag)
-            for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
-                shutil.rmtree(old, ignore_errors=True)
-        if self.dist.world_size > 1:
-            torch.distributed.barrier()
-        return final
+            torch.save({"model": trainable_state(self.model, everything=self.unfreezer is not None),
+                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "client": self._client_state()}, tmp / "state.pt")
+        return ckpt.publish(self.global_step)
 
     def maybe_resume(self) -> bool:
-        root = self.run.checkpoints
-        latest = root / "latest"
-        if not latest.exists():
+        folder = self.checkpoints.latest()
+        if folder is None:
             return False
-        tag = latest.read_text().strip()
         if self.ds_engine is not None:
-            _, client = self.ds_engine.load_checkpoint(str(root), tag=tag)
+            _, client = self.ds_engine.load_checkpoint(str(folder.parent), tag=folder.name)
         else:
-            state = torch.load(root / tag / "state.pt", map_location="cpu", weights_only=False)
-            named = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for name, value in state["model"].items():
-                    named[name].copy_(value)
+            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+            load_trainable(self.model, state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             client = state["client"]
         self.global_step, self.epoch = client["global_step"], client["epoch"]
         self.micro_in_epoch = client["micro_in_epoch"]
-        self._set_rng_state(client["rng"])
+        set_rng_state(client["rng"])
         if self.unfreezer is not None and client.get("unfreezer"):
             self.unfreezer.load_state_dict(client["unfreezer"])
         if self.dist.is_main:
-            print(f"[alignpipe] resumed {self.desc} from {root / tag} (step {self.global_step})", flush=True)
+            print(f"[alignpipe] resumed {self.desc} from {folder} (step {self.global_step})", flush=True)
         return True
 
     # ---------------------------------------------------------------------------------- loop
@@ -463,11 +384,5 @@ class Engine:
         return metrics
 
     # ---------------------------------------------------------------------------------- save
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The model's full weights for saving; gathers ZeRO-3 shards (collective: call on every rank)."""
-        if self.zero_stage == 3:
-            return self.ds_engine._zero3_consolidated_16bit_state_dict()
-        return None
-
     def unwrap(self) -> Any:
         return self.model

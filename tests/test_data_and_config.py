@@ -142,6 +142,21 @@ def test_impossible_values_fail_before_any_model_is_loaded(override, message):
     assert message in str(err.value)
 
 
+def test_old_flat_ppo_optimisation_keys_are_read_as_ppo_train_with_a_note():
+    """PPO's optimisation settings live in ppo.train (the shape of sft.train / rm.train); the old flat
+    keys still load, with a FutureWarning naming where each went; ppo.reward_from is dropped with a note."""
+    with pytest.warns(FutureWarning, match=r"ppo.weight_decay -> ppo.train.weight_decay"):
+        cfg = load_config(REPO / "configs" / "tiny.yaml", ["ppo.weight_decay=0.5", "ppo.precision=fp32"])
+    assert cfg.ppo.train.weight_decay == 0.5 and cfg.ppo.train.precision == "fp32"
+    assert cfg.ppo.train.save_steps == 2, "the file's ppo.train keys stay"
+    with pytest.warns(FutureWarning, match="ppo.reward_from is removed"):
+        load_config(REPO / "configs" / "tiny.yaml", ["ppo.reward_from=rm"])
+    with pytest.raises(ConfigError, match="ppo.save_steps and ppo.train.save_steps are both set"):
+        load_config(REPO / "configs" / "tiny.yaml", ["ppo.save_steps=3"])
+    sizes = load_config(REPO / "configs" / "tiny.yaml", ["ppo.gradient_accumulation_steps=2"]).ppo.sizes(2)
+    assert (sizes.micro_batch, sizes.n_minibatches, sizes.global_batch, sizes.total_steps) == (4, 2, 32, 2)
+
+
 def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config(REPO / "configs" / "tiny.yaml", ["sft.train.max_steps"])

@@ -126,7 +126,7 @@ def test_plan_that_fits_passes_check() -> None:
 
 
 def test_ppo_roles_reference_kv_cache_and_frozen_models() -> None:
-    cfg = tiny("ppo.precision=fp32")
+    cfg = tiny("ppo.train.precision=fp32")
     plan = estimate(cfg, "ppo")
     assert [r.role for r in plan.roles] == ["actor", "critic", "reference", "reward_model", "kv_cache"]
     actor, critic, ref, rm, kv = plan.roles
@@ -137,7 +137,7 @@ def test_ppo_roles_reference_kv_cache_and_frozen_models() -> None:
     # 2 (k, v) x layers x kv_heads x head_dim x (prompt 64 + new 16) x rollout 16 x 4 bytes
     assert kv.other == 2 * 2 * 2 * 16 * (64 + 16) * 16 * 4
 
-    lora = estimate(tiny("ppo.precision=fp32", "ppo.tuning.method=lora"), "ppo")
+    lora = estimate(tiny("ppo.train.precision=fp32", "ppo.tuning.method=lora"), "ppo")
     assert lora.role("reference").total == 0  # the base with the adapter disabled
     assert lora.role("actor").trainable == 16_384
 

@@ -134,7 +134,7 @@ def test_fp16_refused(tiny_cfg):
     from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match="fp16"):
-        tiny_cfg("ppo.precision=fp16")
+        tiny_cfg("ppo.train.precision=fp16")
 
 
 # -------------------------------------------------------------------------------------- learning
@@ -145,8 +145,8 @@ def test_reward_rises_eval_improves_and_high_kl_stays_near_reference(tiny_cfg, t
 
     # the missing-eos penalty (on by default) is a second reward that pulls towards eos under any KL
     # coefficient; off here, so the KL comparison is about the digit reward alone
-    common = _base_overrides(EVAL, "ppo.total_episodes=160", "ppo.learning_rate=5e-3", "ppo.ppo_epochs=4",
-                             "ppo.save_steps=1000", "ppo.missing_eos_penalty=0")
+    common = _base_overrides(EVAL, "ppo.total_episodes=160", "ppo.train.learning_rate=5e-3", "ppo.ppo_epochs=4",
+                             "ppo.train.save_steps=1000", "ppo.missing_eos_penalty=0")
     cfg = tiny_cfg(*common, "ppo.kl_coef=0.02")
     final = trainer.run(cfg)
     rows = _train_rows(cfg.stage_dir("ppo"))
@@ -181,7 +181,7 @@ def test_rm_reward_critic_from_rm_and_lora_reference(tiny_cfg):
     from stages.ppo.trainer import PPOTrainer
 
     cfg = tiny_cfg("stages=[rm, ppo]", "rm.init_from=base", "rm.train.max_steps=20", "ppo.policy_from=base",
-                   "ppo.total_episodes=32", "ppo.tuning.method=lora", "ppo.learning_rate=1e-3",
+                   "ppo.total_episodes=32", "ppo.tuning.method=lora", "ppo.train.learning_rate=1e-3",
                    "ppo.missing_eos_penalty=1.0", "ppo.log_samples_every=1")
     run_stage("rm", cfg)
     dist = init_distributed()
@@ -230,10 +230,10 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_cfg, tmp_path):
     from stages.ppo import trainer
 
     overrides = _base_overrides(
-        "ppo.total_episodes=64", "ppo.save_steps=2", "ppo.ppo_epochs=2", "ppo.gradient_accumulation_steps=2",
-        "ppo.learning_rate=5e-3", "ppo.adaptive_kl=true", "ppo.target_kl=0.5", "ppo.kl_horizon=100",
+        "ppo.total_episodes=64", "ppo.train.save_steps=2", "ppo.ppo_epochs=2", "ppo.gradient_accumulation_steps=2",
+        "ppo.train.learning_rate=5e-3", "ppo.adaptive_kl=true", "ppo.target_kl=0.5", "ppo.kl_horizon=100",
         "ppo.normalize_reward=true", "ppo.reward_clip=3", "ppo.ema_decay=0.5", "ppo.missing_eos_penalty=0.5",
-        "ppo.lr_scheduler=linear", "ppo.ptx_coef=0.1", "ppo.critic_warmup_steps=1")
+        "ppo.train.lr_scheduler=linear", "ppo.ptx_coef=0.1", "ppo.critic_warmup_steps=1")
     straight = tiny_cfg(*overrides, "run_name=straight")
     trainer.run(straight)
 
@@ -246,12 +246,8 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_cfg, tmp_path):
         if step == 2:
             raise Killed("simulated kill after the step-2 checkpoint")
 
-    trainer.after_step_hook = kill
-    try:
-        with pytest.raises(Killed):
-            trainer.run(resumed)
-    finally:
-        trainer.after_step_hook = None
+    with pytest.raises(Killed):
+        trainer.run(resumed, on_step_end=kill)
     out = resumed.stage_dir("ppo")
     assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
     assert (out / "checkpoints" / "latest").read_text() == "step-2"
@@ -280,15 +276,15 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_cfg):
     """Checkpointing is really on during the update (train mode, dropout off) and changes nothing."""
     from stages.ppo import trainer
 
-    common = _base_overrides("ppo.total_episodes=16", "ppo.learning_rate=5e-3")
-    plain, ckpt = tiny_cfg(*common, "run_name=plain"), tiny_cfg(*common, "run_name=ckpt", "ppo.gradient_checkpointing=true")
+    common = _base_overrides("ppo.total_episodes=16", "ppo.train.learning_rate=5e-3")
+    plain, ckpt = tiny_cfg(*common, "run_name=plain"), tiny_cfg(*common, "run_name=ckpt", "ppo.train.gradient_checkpointing=true")
     seen = []
     real = trainer.PPOTrainer.update
 
-    def update(self, ro):
+    def update(self, rollout):
         layers = [m for m in self.actor.modules() if hasattr(m, "gradient_checkpointing")]
         seen.append(self.actor.training and self.critic.training and any(m.gradient_checkpointing for m in layers))
-        return real(self, ro)
+        return real(self, rollout)
 
     trainer.run(plain)
     trainer.PPOTrainer.update = update
@@ -304,15 +300,15 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_cfg):
 
 # --------------------------------------------------------------------------------- failure modes
 def test_nan_loss_stops_with_the_batch_saved(tiny_cfg, monkeypatch):
-    from stages.ppo import trainer
+    from stages.ppo import trainer, update
 
-    real = trainer.clipped_policy_loss
+    real = update.clipped_policy_loss
 
     def poisoned(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
         return loss * float("nan"), stats
 
-    monkeypatch.setattr(trainer, "clipped_policy_loss", poisoned)
+    monkeypatch.setattr(update, "clipped_policy_loss", poisoned)
     cfg = tiny_cfg(*_base_overrides("ppo.total_episodes=32"))
     with pytest.raises(FloatingPointError, match="non-finite loss.*saved to"):
         trainer.run(cfg)
@@ -341,7 +337,7 @@ def nan_reward(prompts, responses, references):
 def test_exploding_ratio_minibatches_are_skipped_and_counted(tiny_cfg):
     from stages.ppo import trainer
 
-    cfg = tiny_cfg(*_base_overrides("ppo.total_episodes=32", "ppo.ppo_epochs=4", "ppo.learning_rate=2e-2",
+    cfg = tiny_cfg(*_base_overrides("ppo.total_episodes=32", "ppo.ppo_epochs=4", "ppo.train.learning_rate=2e-2",
                                     "ppo.ratio_skip_threshold=1.05", "ppo.kl_in_loss=true", "ppo.kl_estimator=k3"))
     trainer.run(cfg)
     rows = _train_rows(cfg.stage_dir("ppo"))
@@ -414,18 +410,18 @@ def test_sampling_filters_and_k1_kl_loss_are_refused(tiny_cfg):
 
 def test_first_minibatch_ratio_is_one_in_fp32(tiny_cfg, monkeypatch):
     """One PPO epoch, dropout off: the first minibatch sees the policy that sampled the rollout."""
-    from stages.ppo import trainer
+    from stages.ppo import trainer, update
 
     seen = []
-    real = trainer.clipped_policy_loss
+    real = update.clipped_policy_loss
 
     def record(logp, old_logp, advantages, mask, cliprange):
         seen.append((logp.detach().clone(), old_logp.clone(), mask.clone()))
         return real(logp, old_logp, advantages, mask, cliprange)
 
-    monkeypatch.setattr(trainer, "clipped_policy_loss", record)
-    trainer.run(tiny_cfg(*_base_overrides("ppo.total_episodes=16", "ppo.ppo_epochs=1", "ppo.precision=fp32",
-                                          "ppo.learning_rate=1e-2")))
+    monkeypatch.setattr(update, "clipped_policy_loss", record)
+    trainer.run(tiny_cfg(*_base_overrides("ppo.total_episodes=16", "ppo.ppo_epochs=1", "ppo.train.precision=fp32",
+                                          "ppo.train.learning_rate=1e-2")))
     logp, old_logp, mask = seen[0]
     assert logp.dtype == old_logp.dtype == torch.float32
     ratio = torch.exp(logp - old_logp)[mask.bool()]
@@ -437,7 +433,7 @@ def test_first_minibatch_ratio_is_one_in_fp32(tiny_cfg, monkeypatch):
 def test_left_padded_logprobs_and_values_equal_unpadded_rows(tiny_cfg):
     from stages.ppo.core import logprobs_from_logits
 
-    with _ppo_trainer(tiny_cfg, "ppo.precision=fp32") as tr:
+    with _ppo_trainer(tiny_cfg, "ppo.train.precision=fp32") as tr:
         prompts = sorted(tr.prompts[:6], key=lambda x: len(x.ids))[::2]  # three lengths
         assert len({len(x.ids) for x in prompts}) > 1
         query, query_mask, response, mask, _ = tr.generate([x.ids for x in prompts], [0, 1, 2], stream=0)
@@ -459,14 +455,14 @@ def test_left_padded_logprobs_and_values_equal_unpadded_rows(tiny_cfg):
 
 def test_truncated_response_has_no_eos_and_gets_the_missing_eos_penalty(tiny_cfg):
     with _ppo_trainer(tiny_cfg, "ppo.max_new_tokens=4", "ppo.missing_eos_penalty=2.0") as tr:
-        ro = tr.make_rollout(0, {})
+        rollout = tr.make_rollout(0, {})
     eos = tr.tokenizer.eos_token_id
-    cut = ~ro.has_eos
+    cut = ~rollout.has_eos
     assert cut.any(), "a random tiny model rarely says eos within 4 tokens"
-    assert ro.response.size(1) == 4 and ro.mask[cut].sum(1).eq(4).all()
-    assert not (ro.response[cut] == eos).any()
-    torch.testing.assert_close(ro.reward[cut], ro.score[cut] - 2.0)
-    torch.testing.assert_close(ro.reward[~cut], ro.score[~cut])
+    assert rollout.response_ids.size(1) == 4 and rollout.response_mask[cut].sum(1).eq(4).all()
+    assert not (rollout.response_ids[cut] == eos).any()
+    torch.testing.assert_close(rollout.reward[cut], rollout.score[cut] - 2.0)
+    torch.testing.assert_close(rollout.reward[~cut], rollout.score[~cut])
 
 
 def test_checkpoint_generation_config_does_not_change_sampling(tiny_cfg):
@@ -488,9 +484,9 @@ def test_checkpoint_generation_config_does_not_change_sampling(tiny_cfg):
         assert torch.equal(plain, shipped)
         assert tr.actor.generation_config.repetition_penalty == 1.5, "the checkpoint's own config stays"
 
-        tok, p = tr.tokenizer, tr.p
+        tok, p = tr.tokenizer, tr.cfg.ppo
         query, query_mask = left_pad(prompt_ids, tok.pad_token_id)
-        sampler = EpisodeSampler(episode_uniforms(p.seed, 0, positions, p.max_new_tokens), query.size(1),
+        sampler = EpisodeSampler(episode_uniforms(p.train.seed, 0, positions, p.max_new_tokens), query.size(1),
                                  p.temperature, p.top_k, p.top_p)
         old_cfg = GenerationConfig(max_new_tokens=p.max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.pad_token_id)
@@ -513,7 +509,7 @@ def test_checkpoint_generation_config_does_not_change_sampling(tiny_cfg):
 
 
 def test_bf16_heads_run_in_fp32_and_the_reference_matches_the_actor(tiny_cfg):
-    """ppo.precision=bf16 (autocast on CPU too): the lm_head, value head and RM score head compute in
+    """ppo.train.precision=bf16 (autocast on CPU too): the lm_head, value head and RM score head compute in
     fp32 from their (bf16) inputs; the separate reference gives the actor's log-probs at step 0."""
     from pipeline.models import load_model
     from stages.scoring import find_score_head, token_scores
@@ -526,16 +522,16 @@ def test_bf16_heads_run_in_fp32_and_the_reference_matches_the_actor(tiny_cfg):
             seen["in"], seen["out"] = args[0], output
         return seen, head.register_forward_hook(hook)
 
-    with _ppo_trainer(tiny_cfg, "ppo.precision=bf16") as tr:
+    with _ppo_trainer(tiny_cfg, "ppo.train.precision=bf16") as tr:
         assert tr.bf16 and tr.ref is not None
-        ro = tr.make_rollout(0, {})
-        m = ro.mask.bool()
-        assert ro.logp.dtype == ro.ref_logp.dtype == ro.values.dtype == torch.float32
-        assert torch.equal(ro.logp, ro.ref_logp) and ro.kl.eq(0).all(), "reference = actor numerics at step 0"
-        v = ro.values[m]
+        rollout = tr.make_rollout(0, {})
+        m = rollout.response_mask.bool()
+        assert rollout.old_logp.dtype == rollout.ref_logp.dtype == rollout.old_values.dtype == torch.float32
+        assert torch.equal(rollout.old_logp, rollout.ref_logp) and rollout.kl.eq(0).all(), "reference = actor numerics at step 0"
+        v = rollout.old_values[m]
         assert (v != v.bfloat16().float()).any(), "values are not rounded to bf16"
-        ids, att = ro.sequences(slice(0, 4))
-        T = ro.response.size(1)
+        ids, att = rollout.sequences(slice(0, 4))
+        T = rollout.response_ids.size(1)
         for model, head, run in ((tr.actor, tr.actor.get_output_embeddings(),
                                   lambda: tr.policy_logits(tr.actor, ids, att, T)),
                                  (tr.critic, tr.critic.score, lambda: tr.critic_values(tr.critic, ids, att, T))):
@@ -559,8 +555,8 @@ def test_bf16_heads_run_in_fp32_and_the_reference_matches_the_actor(tiny_cfg):
 def test_actor_lr_schedule_skips_critic_warmup_and_manifest_has_run_throughput(tiny_cfg):
     from stages.ppo import trainer
 
-    cfg = tiny_cfg(*_base_overrides("ppo.total_episodes=64", "ppo.critic_warmup_steps=2", "ppo.lr_scheduler=linear",
-                                    "ppo.learning_rate=1e-3", "ppo.save_steps=1000"))
+    cfg = tiny_cfg(*_base_overrides("ppo.total_episodes=64", "ppo.critic_warmup_steps=2", "ppo.train.lr_scheduler=linear",
+                                    "ppo.train.learning_rate=1e-3", "ppo.train.save_steps=1000"))
     metrics = trainer.run(cfg)
     rows = _train_rows(cfg.stage_dir("ppo"))
     # 4 steps x 2 minibatches: the critic's linear schedule spans 8 optimizer steps, the actor's only
@@ -583,8 +579,8 @@ def _free_port() -> int:
 
 
 DIST_OVERRIDES = _base_overrides(
-    "ppo.total_episodes=16", "ppo.ppo_epochs=2", "ppo.learning_rate=1e-3", "ppo.precision=fp32",
-    "ppo.save_steps=1000", "ppo.adaptive_kl=true")
+    "ppo.total_episodes=16", "ppo.ppo_epochs=2", "ppo.train.learning_rate=1e-3", "ppo.train.precision=fp32",
+    "ppo.train.save_steps=1000", "ppo.adaptive_kl=true")
 
 
 def _launch(tmp_path: Path, tag: str, extra: list[str]) -> subprocess.CompletedProcess:
@@ -602,7 +598,7 @@ def test_two_process_deepspeed_zero2_matches_one_process(tiny_cfg, tmp_path):
     an unsynchronised run (each rank alone) fails the same check (negative control)."""
     from stages.ppo import trainer
 
-    proc = _launch(tmp_path, "ds", ["ppo.deepspeed=configs/deepspeed/zero2.json", "ppo.rollout_batch_size=4",
+    proc = _launch(tmp_path, "ds", ["ppo.train.deepspeed=configs/deepspeed/zero2.json", "ppo.rollout_batch_size=4",
                                     "ppo.mini_batch_size=4"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     info = [json.loads((tmp_path / "ds" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -643,8 +639,8 @@ def test_two_process_deepspeed_zero2_matches_one_process(tiny_cfg, tmp_path):
 def test_two_process_deepspeed_resume_equals_uninterrupted(tmp_path):
     """DeepSpeed checkpoints (both engines + per-rank client state): kill after the step-1 checkpoint,
     relaunch, and the final weights equal an uninterrupted two-process run."""
-    args = ["ppo.deepspeed=configs/deepspeed/zero2.json", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
-            "ppo.save_steps=1", "ppo.total_episodes=24"]
+    args = ["ppo.train.deepspeed=configs/deepspeed/zero2.json", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
+            "ppo.train.save_steps=1", "ppo.total_episodes=24"]
     proc = _launch(tmp_path, "straight", args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     proc = _launch(tmp_path, "resumed", [*args, "--kill-at=1"])
@@ -669,7 +665,7 @@ def test_two_process_deepspeed_zero3_generates_and_saves_gathered_weights(tiny_c
     the saved policy is the gathered full model, equal to a 1-process run on the same global batch."""
     from stages.ppo import trainer
 
-    proc = _launch(tmp_path, "z3", ["ppo.deepspeed=configs/deepspeed/zero3.json", "ppo.rollout_batch_size=4",
+    proc = _launch(tmp_path, "z3", ["ppo.train.deepspeed=configs/deepspeed/zero3.json", "ppo.rollout_batch_size=4",
                                     "ppo.mini_batch_size=4"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     info = [json.loads((tmp_path / "z3" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -690,7 +686,7 @@ def _one_process_prompts(cfg) -> list[int]:
     from stages.engine import epoch_order
 
     n = len(load_examples(cfg.ppo.data, "prompt")[0])
-    batches = epoch_order(n, 0, cfg.ppo.seed, 0, 1, cfg.ppo.rollout_batch_size)
+    batches = epoch_order(n, 0, cfg.ppo.train.seed, 0, 1, cfg.ppo.rollout_batch_size)
     return batches[0] + batches[1]
 
 
@@ -704,26 +700,24 @@ def _worker(argv: list[str]) -> None:
     from pipeline.config import load_config
     from pipeline.stage import StageRun
     from stages.engine import init_distributed
-    from stages.ppo import trainer as trainer_module
     from stages.ppo.trainer import PPOTrainer
 
     rank = int(os.environ["RANK"])
+    kill = None
     if kill_at is not None:
         def kill(step: int) -> None:
             if step == kill_at:
                 raise RuntimeError(f"simulated kill after step {step}")
-
-        trainer_module.after_step_hook = kill
     if unsync:  # the classic silent failure: every process believes it is alone
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.pop(key)
-        overrides.append(f"ppo.seed={rank}")
+        overrides.append(f"ppo.train.seed={rank}")
     root = out / (f"alone{rank}" if unsync else "run")
     cfg = load_config(REPO / "configs" / "tiny.yaml",
                       [f"output_root={root}", "logging.progress_bar=false", *DIST_OVERRIDES, *overrides])
     dist = init_distributed()
     with StageRun(cfg, "ppo", is_main=dist.is_main) as run:
-        tr = PPOTrainer(cfg, run, dist)
+        tr = PPOTrainer(cfg, run, dist, on_step_end=kill)
         prompts = tr.step_prompts(0)[0] + tr.step_prompts(1)[0]
         tr.train()
         params = {n: p.detach().float().clone() for n, p in tr.actor.named_parameters()}

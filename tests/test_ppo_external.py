@@ -98,16 +98,16 @@ def test_the_rollout_scores_the_ids_it_generated_and_penalises_missing_eos(tiny_
         tr = PPOTrainer(cfg, run, init_distributed())
         assert tr.rewards.rm_scoring == "token_ids"
         indices, _ = tr.step_prompts(0)
-        ro = tr.make_rollout(0, {})
+        rollout = tr.make_rollout(0, {})
     eos = tr.tokenizer.eos_token_id
-    expected = [tr.prompts[i].ids + ro.response[j][ro.mask[j].bool()].tolist() for j, i in enumerate(indices)]
+    expected = [tr.prompts[i].ids + rollout.response_ids[j][rollout.response_mask[j].bool()].tolist() for j, i in enumerate(indices)]
     assert seen == expected, "the RM scores exactly the ids the policy generated"
-    assert not bool(ro.has_eos.all()), "3-token responses of a random model: some are cut off"
-    for ids, finished in zip(seen, ro.has_eos.tolist()):
+    assert not bool(rollout.has_eos.all()), "3-token responses of a random model: some are cut off"
+    for ids, finished in zip(seen, rollout.has_eos.tolist()):
         assert (ids[-1] == eos) == finished, "a cut-off response is never scored as finished"
-    penalty = torch.where(ro.has_eos, 0.0, 1.0)
-    torch.testing.assert_close(ro.reward, ro.score - penalty)
-    assert ro.reward_stats["missing_eos_penalty"] == pytest.approx(float(penalty.mean()))
+    penalty = torch.where(rollout.has_eos, 0.0, 1.0)
+    torch.testing.assert_close(rollout.reward, rollout.score - penalty)
+    assert rollout.reward_stats["missing_eos_penalty"] == pytest.approx(float(penalty.mean()))
 
 
 def eos_aware_reward(prompts, responses, references, has_eos, response_ids):

@@ -48,10 +48,10 @@ def test_deepspeed_jsons_validate_at_the_configs_world_size(path: Path) -> None:
         if train.deepspeed:
             checks.append((train.deepspeed, train.per_device_batch_size, train.gradient_accumulation_steps,
                            train.learning_rate, train.precision == "bf16", train.max_grad_norm))
-    if cfg.ppo.deepspeed:
-        ppo = cfg.ppo
-        checks.append((ppo.deepspeed, ppo.mini_batch_size // ppo.gradient_accumulation_steps,
-                       ppo.gradient_accumulation_steps, ppo.learning_rate, ppo.precision == "bf16", ppo.max_grad_norm))
+    if cfg.ppo.train.deepspeed:
+        train, sizes = cfg.ppo.train, cfg.ppo.sizes(world)
+        checks.append((train.deepspeed, sizes.micro_batch, sizes.grad_accum, train.learning_rate,
+                       train.precision == "bf16", train.max_grad_norm))
     for ds_path, micro, accum, lr, bf16, clip in checks:
         problems = validate_ds_config(ds_path, world, micro, accum, lr, bf16, max_grad_norm=clip)
         assert problems == [], "\n".join(problems)

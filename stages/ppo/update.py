@@ -1,0 +1,188 @@
+"""The PPO update (``PPOUpdate``, a part of ``PPOTrainer``): ``ppo_epochs`` passes over a ``Rollout`` in
+minibatches, each split into micro-batches.
+
+A micro-step (``_micro_step``) computes the clipped value loss and (after the critic warm-up) the clipped
+policy loss (+ the KL loss with ``kl_in_loss``, + PTX), each weighted by the micro-batch's share of the
+global minibatch's response tokens, and back-propagates them. Its statistics stay tensors; they are
+summed as tensors and turned into numbers once, when ``update`` returns its means for the step's log
+row. The micro-step synchronises the ranks only where a decision needs every rank: whether all losses
+are finite, and the largest ratio (a micro-batch over ``ratio_skip_threshold`` on any rank contributes
+no policy gradient).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.batching import pad_collate
+from stages.ppo.core import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+)
+from stages.ppo.experience import Rollout
+
+Stats = dict[str, torch.Tensor]
+
+
+class PPOUpdate:
+    """Minibatch loop, micro-steps, optimiser steps, EMA and PTX; mixed into ``PPOTrainer``."""
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """PPO epochs over the rollout; returns this rank's mean statistics (plus ``ratio_max`` over all
+        ranks and ``skipped_minibatches``)."""
+        ppo, sizes = self.cfg.ppo, self.sizes
+        train_actor = self.step >= ppo.critic_warmup_steps
+        sums: Stats = {}
+        n_micro, ratio_max, skipped = 0, 0.0, 0
+        for epoch in range(ppo.ppo_epochs):
+            for minibatch, n_tokens in self._minibatches(rollout, epoch):
+                mb_skipped = 0
+                for idx in minibatch.view(sizes.grad_accum, sizes.micro_batch):
+                    stats, micro_ratio_max, was_skipped = self._micro_step(rollout, idx, n_tokens, train_actor, epoch)
+                    ratio_max = max(ratio_max, micro_ratio_max)
+                    mb_skipped += was_skipped
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_micro += 1
+                self._optimizer_step(self.critic_engine, self.critic_params, self.critic_opt, self.critic_sched, False)
+                if train_actor:
+                    self._optimizer_step(self.actor_engine, self.actor_params, self.actor_opt, self.actor_sched,
+                                         skip=mb_skipped == sizes.grad_accum)
+                    skipped += bool(mb_skipped)
+                    if self.ema is not None and mb_skipped < sizes.grad_accum:
+                        self._ema_update()
+        out = {k: float(v) / max(n_micro, 1) for k, v in sums.items()}  # the one conversion, for the log row
+        out["ratio_max"] = ratio_max
+        out["skipped_minibatches"] = float(skipped)
+        return out
+
+    def _minibatches(self, rollout: Rollout, epoch: int) -> list[tuple[torch.Tensor, float]]:
+        """This epoch's minibatches (index tensors of ``mini_batch_size`` rows, a seeded permutation) with
+        the global number of response tokens in each (each micro-batch's loss is weighted by its share)."""
+        ppo, sizes = self.cfg.ppo, self.sizes
+        g = torch.Generator().manual_seed(ppo.train.seed * 1_000_003 + self.step * 1_009 + epoch)
+        order = torch.randperm(ppo.rollout_batch_size, generator=g)
+        minibatches = order.view(sizes.n_minibatches, sizes.mini_batch)
+        counts = self.comm.sum(torch.stack([rollout.response_mask[mb].sum() for mb in minibatches]).double())
+        return list(zip(minibatches, counts.tolist()))
+
+    def _losses(self, rollout: Rollout, idx: torch.Tensor, weight: float,
+                train_actor: bool) -> tuple[torch.Tensor, torch.Tensor | None, Stats]:
+        """-> (weighted value loss x vf_coef, weighted policy loss or None during the critic warm-up, stats)."""
+        ppo, T, dev = self.cfg.ppo, rollout.response_ids.size(1), self.device
+        ids, att = (x.to(dev) for x in rollout.sequences(idx))
+        mask = rollout.response_mask[idx].to(dev)
+        values = self.critic_values(self.critic_engine or self.critic, ids, att, T)
+        vf_loss, vf_stats = clipped_value_loss(values, rollout.old_values[idx].to(dev), rollout.returns[idx].to(dev),
+                                               mask, ppo.cliprange_value)
+        stats: Stats = {"value_loss": vf_loss.detach().double(), "vf_clipfrac": vf_stats["vf_clipfrac"].double()}
+        if not train_actor:
+            return ppo.vf_coef * vf_loss * weight, None, stats
+        actor_fw = self.actor_engine or self.actor
+        logits = self.policy_logits(actor_fw, ids, att, T)
+        logp = logprobs_from_logits(logits, rollout.response_ids[idx].to(dev))
+        pg_loss, pg_stats = clipped_policy_loss(logp, rollout.old_logp[idx].to(dev), rollout.advantages[idx].to(dev),
+                                                mask, ppo.cliprange)
+        stats.update({k: torch.as_tensor(v).detach().double() for k, v in pg_stats.items()})
+        stats["policy_loss"] = pg_loss.detach().double()
+        with torch.no_grad():
+            stats["entropy"] = entropy_from_logits(logits.detach(), mask).double()
+        if ppo.kl_in_loss:
+            kl_term = masked_mean(kl_penalty(logp, rollout.ref_logp[idx].to(dev), ppo.kl_estimator), mask)
+            stats["kl_loss"] = kl_term.detach().double()
+            pg_loss = pg_loss + self.kl_ctl.value * kl_term
+        pg_loss = pg_loss * weight
+        if ppo.ptx_coef > 0:
+            with self._autocast():
+                ptx = actor_fw(**self._ptx_batch(), use_cache=False).loss.float()
+            stats["ptx_loss"] = ptx.detach().double()
+            pg_loss = pg_loss + ppo.ptx_coef * ptx
+        return ppo.vf_coef * vf_loss * weight, pg_loss, stats
+
+    def _micro_step(self, rollout: Rollout, idx: torch.Tensor, n_tokens: float, train_actor: bool,
+                    epoch: int) -> tuple[Stats, float, bool]:
+        """Losses and backward passes of one micro-batch -> (stats as tensors, max ratio over ranks, skipped)."""
+        world, accum = self.dist.world_size, self.sizes.grad_accum
+        weight = float(rollout.response_mask[idx].sum()) * accum * world / max(n_tokens, 1.0)
+        vf_total, pg_loss, stats = self._losses(rollout, idx, weight, train_actor)
+        # NaN / inf: stop with the batch saved (sync point: every rank agrees before anyone raises)
+        finite = torch.tensor([float(torch.isfinite(vf_total)) * (
+            1.0 if pg_loss is None else float(torch.isfinite(pg_loss)))])
+        if float(self.comm.sum(finite)[0]) < world:
+            self._raise_non_finite(rollout, idx, stats, epoch)
+        self._backward(self.critic_engine, vf_total)
+        if self.critic_engine is not None:
+            self.critic_engine.step()
+        if pg_loss is None:
+            return stats, 0.0, False
+        # sync point: the largest ratio on any rank decides whether this micro-batch's policy gradient counts
+        ratio_max = float(self.comm.max(stats["ratio_max"].float().reshape(1).cpu())[0])
+        skipped = ratio_max > self.cfg.ppo.ratio_skip_threshold
+        if skipped:
+            pg_loss = pg_loss * 0.0  # keeps DeepSpeed's accumulation bookkeeping intact
+            if self.actor_engine is None:
+                pg_loss = None
+        if pg_loss is not None:
+            self._backward(self.actor_engine, pg_loss)
+        if self.actor_engine is not None:
+            self.actor_engine.step()
+        return stats, ratio_max, skipped
+
+    def _raise_non_finite(self, rollout: Rollout, idx: torch.Tensor, stats: Stats, epoch: int) -> None:
+        losses = {k: float(v) for k, v in stats.items() if k in ("policy_loss", "value_loss")}
+        path = self._save_bad_batch(rollout, idx, losses)
+        raise FloatingPointError(
+            f"ppo: non-finite loss at step {self.step} (epoch {epoch}); policy_loss={losses.get('policy_loss')}, "
+            f"value_loss={losses.get('value_loss')}. The micro-batch is saved to {path} (load with torch.load). "
+            "Lower ppo.train.learning_rate, check the reward scale (ppo.normalize_reward / reward_clip) or use "
+            "bf16/fp32 (never fp16).")
+
+    def _ptx_batch(self) -> dict[str, torch.Tensor]:
+        n, micro = len(self.ptx_rows), self.sizes.micro_batch
+        start = (self.ptx_pos * self.dist.world_size + self.dist.rank) * micro
+        rows = [self.ptx_rows[(start + i) % n] for i in range(micro)]
+        self.ptx_pos += 1
+        return {k: v.to(self.device) for k, v in pad_collate(self.tokenizer.pad_token_id)(rows).items()}
+
+    def _backward(self, engine: Any, loss: torch.Tensor) -> None:
+        if engine is not None:
+            engine.backward(loss)
+        else:
+            (loss / self.sizes.grad_accum).backward()
+
+    def _optimizer_step(self, engine: Any, params: list[torch.nn.Parameter], opt: Any, sched: Any, skip: bool) -> None:
+        if engine is not None:
+            return  # DeepSpeed steps inside engine.step() at its accumulation boundary
+        if skip:
+            opt.zero_grad(set_to_none=True)
+            return
+        if self.cfg.ppo.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.ppo.train.max_grad_norm, foreach=True)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        decay = self.cfg.ppo.ema_decay
+        for name, param in self.actor.named_parameters():
+            if name in self.ema:
+                self.ema[name].mul_(decay).add_(param.detach().float(), alpha=1.0 - decay)
+
+    def _save_bad_batch(self, rollout: Rollout, idx: torch.Tensor, losses: dict[str, float]) -> Path:
+        path = self.run.dir / f"nan_batch_step{self.step}_rank{self.dist.rank}.pt"
+        ids, att = rollout.sequences(idx)
+        torch.save({"step": self.step, "losses": losses, "input_ids": ids, "attention_mask": att,
+                    "response": rollout.response_ids[idx], "mask": rollout.response_mask[idx],
+                    "old_logp": rollout.old_logp[idx], "ref_logp": rollout.ref_logp[idx],
+                    "values": rollout.old_values[idx], "advantages": rollout.advantages[idx],
+                    "returns": rollout.returns[idx], "reward": rollout.reward[idx],
+                    "texts": [rollout.response_texts[i] for i in idx.tolist()]}, path)
+        return path
