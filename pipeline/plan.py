@@ -149,10 +149,10 @@ def _stage_deepspeed(cfg: RunConfig, stage: str) -> tuple[str, int, int, float, 
         if train.deepspeed:
             return (train.deepspeed, train.per_device_batch_size, train.gradient_accumulation_steps,
                     train.learning_rate, train.precision, train.max_grad_norm)
-    if stage == "ppo" and cfg.ppo.deepspeed:
-        ppo = cfg.ppo
-        return (ppo.deepspeed, ppo.mini_batch_size // ppo.gradient_accumulation_steps, ppo.gradient_accumulation_steps,
-                ppo.learning_rate, ppo.precision, ppo.max_grad_norm)
+    if stage == "ppo" and cfg.ppo.train.deepspeed:
+        train, sizes = cfg.ppo.train, cfg.ppo.sizes(cfg.world_size)
+        return (train.deepspeed, sizes.micro_batch, sizes.grad_accum, train.learning_rate, train.precision,
+                train.max_grad_norm)
     return None
 
 
