@@ -15,7 +15,9 @@ import torch
 IGNORE = -100  # label of a token that is not a target (the loss skips it)
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (ids (B, P), attention_mask (B, P)), left-padded to ``length`` (default: the longest row)."""
     longest = max(max(len(r) for r in rows), length or 0)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)

@@ -265,7 +265,9 @@ def load_preferences(cfg: RunConfig, source: DataSource | None = None,
         return pairs, eval_pairs, info
     # split by prompt: all pairs of one prompt (a K-wise ranking, several judged pairs from rlaif_label,
     # or a prompt repeated in the data) stay on one side, so held-out accuracy is on unseen prompts
-    prompt_key = lambda pair: json.dumps(pair.prompt, sort_keys=True)
+    def prompt_key(pair: PreferencePair) -> str:
+        return json.dumps(pair.prompt, sort_keys=True)
+
     prompts = list(dict.fromkeys(prompt_key(p) for p in pairs))
     _, eval_prompts = split_eval(prompts, rm.eval_fraction, cfg.seed)
     held = set(eval_prompts)
@@ -327,10 +329,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         eval_rows, eval_enc = encode_pairs(tokenizer, eval_pairs, rm.max_length, system)
         for split, enc in (("train", train_enc), ("eval", eval_enc)):
             if dist.is_main and (enc.skipped_too_long or enc.prompt_truncated):
+                first = f" (first: {enc.first_skipped})" if enc.first_skipped else ""
                 print(f"[alignpipe] rm: {split}: {enc.prompt_truncated} of {enc.pairs} pairs had their prompt cut "
                       f"from the left, {enc.skipped_too_long} skipped because the responses do not fit in "
-                      f"rm.max_length={rm.max_length}" + (f" (first: {enc.first_skipped})" if enc.first_skipped else ""),
-                      flush=True)
+                      f"rm.max_length={rm.max_length}{first}", flush=True)
         if not train_rows:
             raise DataError(f"{source.path}: no training pairs fit in rm.max_length={rm.max_length} "
                             f"({train_enc.skipped_too_long} skipped as too long); raise max_length")

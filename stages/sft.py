@@ -3,9 +3,9 @@
 Loss on assistant tokens only; every assistant turn's closing eos is a trained target, the newline the
 template puts after it is not (DESIGN §3). Masks are computed from character spans of the rendered chat
 template (prefix renders of the conversation), so they are exact whatever the tokenizer merges at the
-boundaries (``stages.chat.tokenize_sft``, the one home of the chat layout). Optional packing puts several conversations in one row with position ids restarting at
-each conversation and no attention mask, so transformers builds a block-diagonal mask (each
-conversation attends only to itself; verified in tests).
+boundaries (``stages.chat.tokenize_sft``, the one home of the chat layout). Optional packing puts several
+conversations in one row with position ids restarting at each conversation and no attention mask, so
+transformers builds a block-diagonal mask (each conversation attends only to itself; verified in tests).
 
 Metrics (metrics.jsonl, one row per logged optimizer step): ``loss`` (mean token cross-entropy over the
 micro-batches of the step), ``lr``, ``grad_norm``, ``tokens_per_s`` (non-pad input tokens per second,
@@ -121,10 +121,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             train_examples = examples
         else:
             train_examples, eval_examples = split_eval(examples, sft.eval_fraction, cfg.seed)
-        encode = lambda ex: tokenize_sft(tokenizer, ex.messages, sft.max_length, cfg.chat.system_prompt)
+        def encode(ex):
+            return tokenize_sft(tokenizer, ex.messages, sft.max_length, cfg.chat.system_prompt)
+
         train_rows = [encode(ex) for ex in train_examples]
         eval_rows = [encode(ex) for ex in eval_examples]
-        no_target = [ex.where for ex, r in zip(train_examples, train_rows) if all(l == IGNORE for l in r["labels"])]
+        no_target = [ex.where for ex, r in zip(train_examples, train_rows)
+                     if all(label == IGNORE for label in r["labels"])]
         if no_target:
             raise DataError(f"{no_target[0]}: no assistant tokens left within sft.max_length={sft.max_length} "
                             f"({len(no_target)} such records); raise max_length")

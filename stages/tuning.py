@@ -85,8 +85,8 @@ def quantization_kwargs(tuning: TuningConfig) -> dict[str, Any]:
     if tuning.method != "qlora":
         return {}
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise ImportError("tuning.method='qlora' needs bitsandbytes: pip install bitsandbytes") from exc
     return {

@@ -277,7 +277,8 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_cfg):
     from stages.ppo import trainer
 
     common = _base_overrides("ppo.total_episodes=16", "ppo.train.learning_rate=5e-3")
-    plain, ckpt = tiny_cfg(*common, "run_name=plain"), tiny_cfg(*common, "run_name=ckpt", "ppo.train.gradient_checkpointing=true")
+    plain = tiny_cfg(*common, "run_name=plain")
+    ckpt = tiny_cfg(*common, "run_name=ckpt", "ppo.train.gradient_checkpointing=true")
     seen = []
     real = trainer.PPOTrainer.update
 
@@ -512,8 +513,8 @@ def test_bf16_heads_run_in_fp32_and_the_reference_matches_the_actor(tiny_cfg):
     """ppo.train.precision=bf16 (autocast on CPU too): the lm_head, value head and RM score head compute in
     fp32 from their (bf16) inputs; the separate reference gives the actor's log-probs at step 0."""
     from pipeline.models import load_model
-    from stages.scoring import find_score_head, token_scores
     from stages.ppo.trainer import head_in_fp32
+    from stages.scoring import find_score_head, token_scores
 
     def fp32_reference(head):
         seen = {}
@@ -527,14 +528,14 @@ def test_bf16_heads_run_in_fp32_and_the_reference_matches_the_actor(tiny_cfg):
         rollout = tr.make_rollout(0, {})
         m = rollout.response_mask.bool()
         assert rollout.old_logp.dtype == rollout.ref_logp.dtype == rollout.old_values.dtype == torch.float32
-        assert torch.equal(rollout.old_logp, rollout.ref_logp) and rollout.kl.eq(0).all(), "reference = actor numerics at step 0"
+        assert torch.equal(rollout.old_logp, rollout.ref_logp) and rollout.kl.eq(0).all(), \
+            "reference = actor numerics at step 0"
         v = rollout.old_values[m]
         assert (v != v.bfloat16().float()).any(), "values are not rounded to bf16"
         ids, att = rollout.sequences(slice(0, 4))
         T = rollout.response_ids.size(1)
-        for model, head, run in ((tr.actor, tr.actor.get_output_embeddings(),
-                                  lambda: tr.policy_logits(tr.actor, ids, att, T)),
-                                 (tr.critic, tr.critic.score, lambda: tr.critic_values(tr.critic, ids, att, T))):
+        for head, run in ((tr.actor.get_output_embeddings(), lambda: tr.policy_logits(tr.actor, ids, att, T)),
+                          (tr.critic.score, lambda: tr.critic_values(tr.critic, ids, att, T))):
             seen, handle = fp32_reference(head)
             with torch.no_grad():
                 run()
@@ -555,8 +556,9 @@ def test_bf16_heads_run_in_fp32_and_the_reference_matches_the_actor(tiny_cfg):
 def test_actor_lr_schedule_skips_critic_warmup_and_manifest_has_run_throughput(tiny_cfg):
     from stages.ppo import trainer
 
-    cfg = tiny_cfg(*_base_overrides("ppo.total_episodes=64", "ppo.critic_warmup_steps=2", "ppo.train.lr_scheduler=linear",
-                                    "ppo.train.learning_rate=1e-3", "ppo.train.save_steps=1000"))
+    cfg = tiny_cfg(*_base_overrides("ppo.total_episodes=64", "ppo.critic_warmup_steps=2",
+                                    "ppo.train.lr_scheduler=linear", "ppo.train.learning_rate=1e-3",
+                                    "ppo.train.save_steps=1000"))
     metrics = trainer.run(cfg)
     rows = _train_rows(cfg.stage_dir("ppo"))
     # 4 steps x 2 minibatches: the critic's linear schedule spans 8 optimizer steps, the actor's only

@@ -100,7 +100,8 @@ def test_the_rollout_scores_the_ids_it_generated_and_penalises_missing_eos(tiny_
         indices, _ = tr.step_prompts(0)
         rollout = tr.make_rollout(0, {})
     eos = tr.tokenizer.eos_token_id
-    expected = [tr.prompts[i].ids + rollout.response_ids[j][rollout.response_mask[j].bool()].tolist() for j, i in enumerate(indices)]
+    expected = [tr.prompts[i].ids + rollout.response_ids[j][rollout.response_mask[j].bool()].tolist()
+                for j, i in enumerate(indices)]
     assert seen == expected, "the RM scores exactly the ids the policy generated"
     assert not bool(rollout.has_eos.all()), "3-token responses of a random model: some are cut off"
     for ids, finished in zip(seen, rollout.has_eos.tolist()):
@@ -248,7 +249,8 @@ def test_a_tokenizer_without_chat_template_stops_with_the_hint(tiny_cfg, tmp_pat
     # validate: reports the template in force, and stops on the bare tokenizer before any model loads
     config = tmp_path / "run.yaml"
     config.write_text(f"output_root: {tmp_path / 'out'}\nstages: [ppo]\n"
-                      f"ppo:\n  data: {{path: data/demo/prompts.jsonl}}\n  policy: {{path: {base}, tokenizer: {bare}}}\n"
+                      "ppo:\n  data: {path: data/demo/prompts.jsonl}\n"
+                      f"  policy: {{path: {base}, tokenizer: {bare}}}\n"
                       "  rewards: [{kind: function, function: 'stages.ppo.rewards:digit_fraction'}]\n")
     assert main(["validate", str(config)]) == 2
     assert "chat.template" in capsys.readouterr().err

@@ -192,8 +192,8 @@ def test_judge_win_rate_in_report_and_evaluation_json(tmp_path):
     from pipeline.report import judge_win_rate, sample_generations
 
     judges = ("rlaif:\n  judges:\n"
-              f"    short: {{kind: function, function: 'tests.test_report:prefers_shorter'}}\n"
-              f"    biased: {{kind: function, function: 'tests.test_report:always_first'}}\n"
+              "    short: {kind: function, function: 'tests.test_report:prefers_shorter'}\n"
+              "    biased: {kind: function, function: 'tests.test_report:always_first'}\n"
               "rlaif_label: {judge: short}\n")
     cfg = load_config(write_config(tmp_path, "  max_new_tokens: 12\n" + judges))
     base = prepare_base(cfg.model)

@@ -12,8 +12,8 @@ import torch
 from data.formats import DataError, PreferencePair
 from pipeline.manifest import ManifestError
 from stages import rm as rm_stage
-from stages.engine import group_batches
 from stages.chat import encode_sequence, last_token_index
+from stages.engine import group_batches
 from stages.rm import encode_pair, encode_pairs, load_preferences, margin_buckets, pairwise_loss
 from stages.scoring import (
     REWARD_LAYOUT,
@@ -74,12 +74,13 @@ def test_score_at_eos_pure():
 def test_pairwise_loss_hand_worked():
     rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
     loss, m = pairwise_loss(rc, rr)
-    expected = (-torch.nn.functional.logsigmoid(torch.tensor(1.0)) - torch.nn.functional.logsigmoid(torch.tensor(-1.0))) / 2
+    logsigmoid = torch.nn.functional.logsigmoid
+    expected = (-logsigmoid(torch.tensor(1.0)) - logsigmoid(torch.tensor(-1.0))) / 2
     assert torch.isclose(loss, expected)
     assert m["accuracy"] == 0.5 and m["margin"] == 0.0
     # margin shifts the difference; centring adds c * mean((rc + rr)^2) = 0.1 * (9 + 1) / 2
     loss_m, _ = pairwise_loss(rc, rr, torch.tensor([1.0, 0.0]), center_coef=0.1)
-    expected_m = (-torch.nn.functional.logsigmoid(torch.tensor(0.0)) - torch.nn.functional.logsigmoid(torch.tensor(-1.0))) / 2 + 0.5
+    expected_m = (-logsigmoid(torch.tensor(0.0)) - logsigmoid(torch.tensor(-1.0))) / 2 + 0.5
     assert torch.isclose(loss_m, expected_m)
     assert loss.dtype == torch.float32
 
@@ -110,7 +111,8 @@ def test_sequence_ends_at_eos_and_strips_template_tail(tiny_parts):
 def test_score_index_is_eos_with_left_and_right_context(tiny_parts):
     tok, model = tiny_parts
     pad = tok.pad_token_id
-    a = encode_sequence(tok, msgs("user", "Reverse the word 'apple'."), msgs("assistant", "The reversed word is 'elppa'.")).ids
+    a = encode_sequence(tok, msgs("user", "Reverse the word 'apple'."),
+                        msgs("assistant", "The reversed word is 'elppa'.")).ids
     b = encode_sequence(tok, msgs("user", "What is 6 times 7?"), msgs("assistant", "42")).ids
     width = max(len(a), len(b)) + 3
     # row 0: two pads before (left context), pads after; row 1: right padding only
@@ -160,10 +162,12 @@ def test_head_runs_in_fp32_under_bf16_autocast(tiny_parts):
 def test_truncation_and_skip_counts(tiny_parts):
     tok, _ = tiny_parts
     long_prompt = " ".join(WORDS * 3)
-    short = PreferencePair(msgs("user", "What is 1 plus 1?"), msgs("assistant", "2"), msgs("assistant", "3"), None, 0, "f:1")
+    short = PreferencePair(msgs("user", "What is 1 plus 1?"), msgs("assistant", "2"), msgs("assistant", "3"),
+                           None, 0, "f:1")
     cut = PreferencePair(msgs("user", long_prompt), msgs("assistant", "apple river"), msgs("assistant", "no"),
                          1.5, 1, "f:2")
-    too_long = PreferencePair(msgs("user", "Say it."), msgs("assistant", long_prompt), msgs("assistant", "no"), None, 2, "f:3")
+    too_long = PreferencePair(msgs("user", "Say it."), msgs("assistant", long_prompt), msgs("assistant", "no"),
+                              None, 2, "f:3")
     max_length = 40
     rows, report = encode_pairs(tok, [short, cut, too_long], max_length)
     assert (report.pairs, report.kept, report.prompt_truncated, report.skipped_too_long) == (3, 2, 1, 1)

@@ -99,7 +99,8 @@ class PPOSetup:
         """``prompts`` (ppo.data), ``eval_prompts`` (ppo.eval_data) and ``ptx_rows`` (SFT rows for PTX)."""
         cfg, ppo = self.cfg, self.cfg.ppo
         if ppo.data is None:
-            raise DataError("ppo.data is not set: point it at a prompt file (JSONL with 'prompt', optional 'reference')")
+            raise DataError("ppo.data is not set: point it at a prompt file "
+                            "(JSONL with 'prompt', optional 'reference')")
         examples, self.data_report = load_examples(ppo.data, "prompt")
         self.prompts = encode_prompts(tokenizer, examples, ppo.max_prompt_length, cfg.chat.system_prompt)
         self.eval_prompts = []
@@ -247,8 +248,8 @@ class PPOSetup:
         try:
             theirs = AutoTokenizer.from_pretrained(location, trust_remote_code=self.cfg.model.trust_remote_code)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"ppo.critic_from={self.cfg.ppo.critic_from!r}: cannot load its tokenizer ({exc}); the critic "
-                             "must come with the policy's tokenizer") from exc
+            raise ValueError(f"ppo.critic_from={self.cfg.ppo.critic_from!r}: cannot load its tokenizer ({exc}); "
+                             "the critic must come with the policy's tokenizer") from exc
         ours = {t: i for t, i in tokenizer.get_vocab().items() if t != tokenizer.pad_token}
         mine = {t: i for t, i in theirs.get_vocab().items() if t != theirs.pad_token}
         if ours != mine or theirs.eos_token_id != tokenizer.eos_token_id:
