@@ -12,8 +12,10 @@ from stages.ppo.core import (
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
+    discounted_returns,
     entropy_from_logits,
     explained_variance,
+    grpo_advantages,
     kl_k1,
     kl_k2,
     kl_k3,
@@ -23,6 +25,7 @@ from stages.ppo.core import (
     masked_var,
     masked_whiten,
     per_token_rewards,
+    rloo_advantages,
 )
 
 torch.set_num_threads(1)
@@ -146,6 +149,62 @@ def test_gae_rejects_bad_inputs_with_helpful_messages():
 
 # ---------------------------------------------------------------------------------------------
 # masked statistics
+
+
+# ---------------------------------------------------------------------------------------------
+# critic-free estimators (GRPO, RLOO, REINFORCE++)
+
+
+def test_grpo_hand_example_equal_group_is_zero_and_padding_stays_zero():
+    # K = 3, two groups. Group 0: r = [1, 2, 3], mean 2, unbiased std sqrt(((1)+(0)+(1))/2) = 1
+    #   A = [-1, 0, 1] / (1 + eps)
+    # Group 1: r = [5, 5, 5]: all equal -> A = 0 (no NaN)
+    scores = T([1, 2, 3, 5, 5, 5])
+    mask = T([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    adv = grpo_advantages(scores, mask, group_size=3, eps=0.0)
+    close(adv, [[-1, -1, 0], [0, 0, 0], [1, 1, 1], [0, 0, 0], [0, 0, 0], [0, 0, 0]])
+    assert torch.isfinite(grpo_advantages(scores, mask, 3)).all() and not adv.requires_grad
+    # K = 2: r = [0, 4]: mean 2, std sqrt((4 + 4) / 1) = 2.828..., A = -+2 / 2.828 = -+0.7071
+    adv2 = grpo_advantages(T([0.0, 4.0]), T([[1, 0], [1, 1]]), group_size=2, eps=0.0)
+    close(adv2, [[-1 / math.sqrt(2), 0.0], [1 / math.sqrt(2), 1 / math.sqrt(2)]])
+
+
+def test_rloo_leave_one_out_hand_example():
+    # K = 3, r = [1, 2, 6]: baselines (mean of the others) = [4, 3.5, 1.5] -> A = [-3, -1.5, 4.5]
+    # = K/(K-1) * (r - mean) = 1.5 * ([1, 2, 6] - 3) (sum of a group's advantages is 0)
+    # group 2: r = [7, 7, 7] -> 0
+    scores = T([1, 2, 6, 7, 7, 7])
+    mask = T([[1, 1], [1, 0], [1, 1], [1, 1], [1, 1], [1, 0]])
+    adv = rloo_advantages(scores, mask, group_size=3)
+    close(adv, [[-3, -3], [-1.5, 0], [4.5, 4.5], [0, 0], [0, 0], [0, 0]])
+    # no std normalisation: scaling the rewards scales the advantages
+    close(rloo_advantages(scores * 10, mask, 3), adv * 10, atol=1e-5)
+
+
+def test_group_estimators_reject_bad_groups():
+    mask = T([[1], [1], [1]])
+    with pytest.raises(ValueError, match="group_size"):
+        grpo_advantages(T([1, 2, 3]), mask, group_size=1)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        rloo_advantages(T([1, 2, 3]), mask, group_size=2)
+    with pytest.raises(ValueError, match="batch size"):
+        rloo_advantages(T([1, 2]), mask, group_size=2)
+
+
+def test_discounted_returns_reinforce_pp_token_level_kl():
+    # REINFORCE++ per-token rewards, beta = 0.1, KL = [1, 2, 3] on a row that ends after 3 tokens, score 5:
+    #   r = [-0.1, -0.2, 5 - 0.3] ; G (gamma 1) = [4.4, 4.5, 4.7, 0]  (garbage in padding ignored)
+    kl = T([[1, 2, 3, 9], [0, 0, 0, 0]])
+    mask = T([[1, 1, 1, 0], [1, 1, 0, 0]])
+    rewards = per_token_rewards(T([5, 1]), kl, mask, 0.1)
+    rewards[0, 3] = 123.0
+    ret = discounted_returns(rewards, mask, gamma=1.0)
+    close(ret, [[4.4, 4.5, 4.7, 0], [1, 1, 0, 0]], atol=1e-5)
+    # gamma = 0.5 on row 1 (r = [0, 1]): G = [0.5, 1]
+    close(discounted_returns(rewards, mask, 0.5)[1], [0.5, 1, 0, 0])
+    # equal to GAE with zero values and lam = 1
+    adv, _ = compute_gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
+    close(ret, adv, atol=1e-6)
 
 
 def test_masked_mean_and_var_hand_values():

@@ -26,6 +26,9 @@ import torch
 
 __all__ = [
     "compute_gae",
+    "discounted_returns",
+    "grpo_advantages",
+    "rloo_advantages",
     "masked_mean",
     "masked_var",
     "masked_whiten",
@@ -271,6 +274,99 @@ def compute_gae(
         next_value = v[:, t]
     returns = advantages + v
     return advantages, returns
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Reward-to-go ``G_t = sum_{s >= t} gamma^(s - t) * r_s`` over each row's real tokens (no critic).
+
+    REINFORCE++ (Hu 2025) uses it with the per-token rewards of :func:`per_token_rewards`
+    (``-beta * KL_s`` on every token, the score at the last one), so ``G_t = score - beta * sum_{s >= t} KL_s``
+    at ``gamma = 1``; its baseline is global: the caller whitens ``G`` over the whole (global) batch.
+    Equal to :func:`compute_gae` with ``values = 0`` and ``lam = 1``.
+
+    Args:
+        rewards: ``(B, T)`` per-token rewards.
+        mask: ``(B, T)`` 0/1, each row 1s then 0s.
+        gamma: discount in [0, 1].
+
+    Returns:
+        ``(B, T)`` fp32 (fp64 if rewards are fp64), detached, 0 where ``mask`` is 0 (rewards in padding
+        are ignored).
+    """
+    fn = "discounted_returns"
+    _require_ndim(fn, "rewards", rewards, 2, "(batch, response_len)")
+    _require_same_shape(fn, "rewards", rewards, mask=mask)
+    gamma = _check_unit_interval(fn, "gamma", gamma)
+    m = _as_bool_mask(fn, mask)
+    _require_prefix_mask(fn, m)
+    dtype = _float_dtype(rewards)
+    r = torch.where(m, rewards.detach().to(dtype), torch.zeros((), dtype=dtype, device=rewards.device))
+    out = torch.zeros_like(r)
+    running = torch.zeros(r.size(0), dtype=dtype, device=r.device)
+    for t in range(r.size(1) - 1, -1, -1):
+        running = r[:, t] + gamma * running
+        out[:, t] = running
+    return torch.where(m, out, torch.zeros((), dtype=dtype, device=r.device))
+
+
+def _grouped(fn: str, scores: torch.Tensor, mask: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (scores as (G, K) in fp32/fp64, mask as bool (B, T)) after the checks the group estimators share."""
+    _require_tensor(fn, "scores", scores)
+    _require_ndim(fn, "mask", mask, 2, "(batch, response_len)")
+    if scores.dim() != 1 or scores.size(0) != mask.size(0):
+        raise ValueError(f"{fn}: `scores` must be 1-D (batch,) matching mask's batch size {mask.size(0)}; "
+                         f"got scores {_shape(scores)} and mask {_shape(mask)}")
+    k = int(group_size)
+    if k < 2:
+        raise ValueError(f"{fn}: `group_size` must be >= 2 (a group baseline needs other samples), got {k}")
+    if scores.size(0) % k:
+        raise ValueError(f"{fn}: batch size {scores.size(0)} is not a multiple of group_size {k}; rows must be "
+                         "whole groups, each prompt's K samples consecutive")
+    m = _as_bool_mask(fn, mask)
+    return scores.detach().to(_float_dtype(scores)).view(-1, k), m
+
+
+def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath): the group-normalised score, the same on every token.
+
+    Rows come in groups of ``K = group_size`` consecutive samples of one prompt. For sample ``i`` of group
+    ``g``::
+
+        A_i = (r_i - mean_g(r)) / (std_g(r) + eps)        std unbiased (Bessel, divides by K - 1)
+
+    A group whose rewards are all equal gives 0 (no signal, no NaN).
+
+    Args:
+        scores: ``(B,)`` sequence rewards, ``B = G * K``.
+        mask: ``(B, T)`` 0/1 response mask; the advantage is put on every real token.
+        group_size: ``K >= 2``.
+        eps: added to the std (keeps a near-constant group finite).
+
+    Returns:
+        ``(B, T)`` fp32 (fp64 if scores are fp64), detached, 0 where ``mask`` is 0.
+    """
+    grouped, m = _grouped("grpo_advantages", scores, mask, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    scale = grouped.std(dim=1, unbiased=True, keepdim=True) + float(eps)
+    # an equal group is exactly 0 whatever eps (0 / 0 with eps = 0)
+    adv = torch.where(centred == 0, torch.zeros_like(centred), centred / scale).reshape(-1)
+    return torch.where(m, adv.unsqueeze(1).expand(m.shape), torch.zeros((), dtype=adv.dtype, device=adv.device))
+
+
+def rloo_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): the score minus the mean of the *other* samples of
+    its prompt, no std normalisation, the same on every token::
+
+        A_i = r_i - (sum_g(r) - r_i) / (K - 1)  =  K / (K - 1) * (r_i - mean_g(r))
+
+    The baseline does not depend on ``r_i``, so the estimator stays unbiased. Shapes and layout as in
+    :func:`grpo_advantages`.
+    """
+    grouped, m = _grouped("rloo_advantages", scores, mask, group_size)
+    k = grouped.size(1)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    adv = (grouped - baseline).reshape(-1)
+    return torch.where(m, adv.unsqueeze(1).expand(m.shape), torch.zeros((), dtype=adv.dtype, device=adv.device))
 
 
 # --------------------------------------------------------------------------------------------
