@@ -20,6 +20,7 @@ import io
 import json
 import re
 import string
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -74,10 +75,101 @@ class LoadReport:
 
 
 # ------------------------------------------------------------------------------------------- reading
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+# Files as real tools write them: a UTF-8 byte-order mark (Windows tools, Excel's "CSV UTF-8") is skipped,
+# CRLF line ends are accepted, bytes that are not UTF-8 and damaged .gz / Parquet files are one DataError
+# naming the file (and the line or the last good record) instead of a UnicodeDecodeError or EOFError.
+_BOM = b"\xef\xbb\xbf"
+_DAMAGED = (EOFError, OSError, zlib.error)  # gzip: cut short (EOFError), corrupt (BadGzipFile, zlib.error, CRC)
+
+
+def _not_utf8(shown: str, lineno: int, raw: bytes, exc: UnicodeDecodeError) -> DataError:
+    column = len(raw[:exc.start].decode("utf-8", errors="replace")) + 1
+    return DataError(f"{shown}:{lineno}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); "
+                     "save the file as UTF-8")
+
+
+def _damaged_gzip(shown: str, exc: BaseException, good_lines: int | None) -> DataError:
+    if isinstance(exc, EOFError):
+        what = "cut short (it ends before the end of the compressed stream)"
+    else:
+        what = f"corrupt ({exc})"
+    if good_lines is None:
+        where = ""
+    elif good_lines:
+        where = f"; the last good record is line {good_lines}"
+    else:
+        where = "; no record could be read"
+    return DataError(f"{shown}: damaged gzip file: {what}{where}. Re-download or re-compress it")
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+
+
+def _text_lines(path: Path, shown: str) -> Iterator[tuple[int, str]]:
+    """``(line number, decoded line with its line end)``; a BOM on the first line is dropped."""
+    lineno = 0
+    with _open_binary(path) as fh:
+        try:
+            for raw in fh:
+                lineno += 1
+                if lineno == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM):]
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8(shown, lineno, raw, exc) from None
+                yield lineno, line
+        except _DAMAGED as exc:
+            raise _damaged_gzip(shown, exc, lineno) from None
+
+
+def _read_text(path: Path, shown: str) -> str:
+    """The whole file decoded (BOM dropped); errors as in ``_text_lines``."""
+    try:
+        with _open_binary(path) as fh:
+            data = fh.read()
+    except _DAMAGED as exc:
+        raise _damaged_gzip(shown, exc, None) from None
+    data = data[len(_BOM):] if data.startswith(_BOM) else data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        end = data.find(b"\n", exc.start)
+        raw = data[start:end if end >= 0 else len(data)]
+        local = UnicodeDecodeError(exc.encoding, raw, exc.start - start, exc.end - start, exc.reason)
+        raise _not_utf8(shown, data.count(b"\n", 0, exc.start) + 1, raw, local) from None
+
+
+def _parquet_rows(path: Path, shown: str) -> Iterator[dict[str, Any]]:
+    """Rows of a (possibly gzipped) Parquet file, one row group at a time, so a damaged group names the
+    last good row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    errors = (pa.ArrowException, OSError, EOFError, zlib.error)
+    try:
+        source: Any = path
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                source = io.BytesIO(fh.read())
+        parquet = pq.ParquetFile(source)
+    except errors as exc:
+        if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+            raise _damaged_gzip(shown, exc, None) from None
+        raise DataError(f"{shown}: damaged Parquet file, no record could be read ({exc}). "
+                        "Re-download or re-write it") from None
+    rows = 0
+    for group in range(parquet.num_row_groups):
+        try:
+            batch = parquet.read_row_group(group).to_pylist()
+        except errors as exc:
+            last = f"the last good record is row {rows - 1}" if rows else "no record could be read"
+            raise DataError(f"{shown}: damaged Parquet file: row group {group} cannot be read ({exc}); {last}. "
+                            "Re-download or re-write it") from None
+        yield from batch
+        rows += len(batch)
 
 
 def _base_suffix(path: Path) -> str:
@@ -102,41 +194,35 @@ def iter_records(path_or_hub: str, split: str = "train", display: str | None = N
         raise DataError(f"{shown}: file not found")
     kind = _base_suffix(path)
     if kind == ".jsonl":
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield Record(f"{shown}:{lineno}", {"__error__": f"invalid JSON ({exc.msg} at column {exc.colno})"})
-                    continue
-                if not isinstance(obj, dict):
-                    error = f"expected a JSON object, got {type(obj).__name__}"
-                    yield Record(f"{shown}:{lineno}", {"__error__": error})
-                    continue
-                yield Record(f"{shown}:{lineno}", obj)
-    elif kind == ".json":
-        with _open_text(path) as fh:
+        for lineno, line in _text_lines(path, shown):
+            if not line.strip():
+                continue
             try:
-                obj = json.load(fh)
+                obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{shown}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+                yield Record(f"{shown}:{lineno}", {"__error__": f"invalid JSON ({exc.msg} at column {exc.colno})"})
+                continue
+            if not isinstance(obj, dict):
+                error = f"expected a JSON object, got {type(obj).__name__}"
+                yield Record(f"{shown}:{lineno}", {"__error__": error})
+                continue
+            yield Record(f"{shown}:{lineno}", obj)
+    elif kind == ".json":
+        try:
+            obj = json.loads(_read_text(path, shown))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{shown}:{exc.lineno}: invalid JSON ({exc.msg})") from None
         rows = obj.get("data", obj) if isinstance(obj, dict) else obj
         if not isinstance(rows, list):
             raise DataError(f"{shown}: expected a JSON list of records (or {{'data': [...]}})")
         for i, row in enumerate(rows):
             yield Record(f"{shown}:record {i}", row if isinstance(row, dict) else {"__error__": "not an object"})
     elif kind == ".csv":
-        with _open_text(path) as fh:
-            reader = csv.DictReader(fh)
-            for row in reader:
-                yield Record(f"{shown}:{reader.line_num}", dict(row))
+        reader = csv.DictReader(line for _, line in _text_lines(path, shown))
+        for row in reader:
+            yield Record(f"{shown}:{reader.line_num}", dict(row))
     elif kind == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        for i, row in enumerate(table.to_pylist()):
+        for i, row in enumerate(_parquet_rows(path, shown)):
             yield Record(f"{shown}:row {i}", row)
     else:
         raise DataError(f"{shown}: unsupported file type {kind!r}; use .jsonl, .json, .csv or .parquet "
