@@ -86,9 +86,13 @@ def house_answer(sentence: str) -> str:
     return json.dumps({"answer": sentence})
 
 
-def make_house_task(rng: random.Random) -> tuple[str, str | int, str | int, str, str]:
+HOUSE_KINDS = ("add", "sub", "mul", "reverse", "upper", "count", "antonym", "capital")
+HOUSE_EVAL_PER_KIND = 12  # held-out prompts per task kind: 96 in all, every kind equally represented
+
+
+def make_house_task(rng: random.Random, kind: str | None = None) -> tuple[str, str | int, str | int, str, str]:
     """(prompt, right answer value, a plausible wrong value, right plain sentence, wrong plain sentence)."""
-    kind = rng.choice(["add", "sub", "mul", "reverse", "upper", "count", "antonym", "capital"])
+    kind = kind or rng.choice(HOUSE_KINDS)
     if kind in ("add", "sub", "mul"):
         if kind == "add":
             a, b = rng.randint(1, 50), rng.randint(1, 50)
@@ -165,14 +169,22 @@ def make_house(seed: int = 4321) -> dict[str, list[dict]]:
         rng.shuffle(order)
         ranks.append({"prompt": prompt, "responses": [responses[j] for j in order],
                       "ranking": sorted(range(4), key=lambda k: order[k])})
+    # held-out prompts first, the same number of each kind (the word tasks have few distinct prompts, so
+    # drawing them last would leave mostly arithmetic); PPO's training prompts never repeat one of them
     seen: set[str] = set()
-    for target, n in ((prompts, 200), (eval_prompts, 96)):
-        while len(target) < n:
-            prompt, value, _, _, _ = make_house_task(rng)
-            if prompt in seen:  # held-out prompts never appear among the PPO training prompts
-                continue
+    for kind in HOUSE_KINDS:
+        drawn = 0
+        while drawn < HOUSE_EVAL_PER_KIND:
+            prompt, value, _, _, _ = make_house_task(rng, kind)
+            if prompt not in seen:
+                seen.add(prompt)
+                eval_prompts.append({"prompt": prompt, "reference": value})
+                drawn += 1
+    while len(prompts) < 200:
+        prompt, value, _, _, _ = make_house_task(rng)
+        if prompt not in seen:
             seen.add(prompt)
-            target.append({"prompt": prompt, "reference": value})
+            prompts.append({"prompt": prompt, "reference": value})
     return {"sft": sft, "preferences": prefs, "rankings": ranks, "prompts": prompts, "eval_prompts": eval_prompts}
 
 
