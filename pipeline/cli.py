@@ -24,7 +24,7 @@ from .config import ConfigError, load_config
 from .launch import has_cuda
 from .manifest import ManifestError
 from .memory import MemoryPlanError
-from .models import describe_chat_templates
+from .models import check_model_sources, describe_chat_templates
 from .orchestrator import StageFailed, format_status, run_pipeline, status_json
 from .plan import check_deepspeed, memory_plans, select_stages
 from .report import report_for
@@ -112,6 +112,7 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     stages = select_stages(cfg, args.stages)
+    check_model_sources(cfg, stages)  # a model that is not there: exit 2 before "valid"
     print(f"{args.config}: valid. run '{cfg.run_name}' -> {cfg.run_dir()}; stages {' -> '.join(stages)}; "
           f"launcher {cfg.launch.launcher}")
     for line in describe_chat_templates(cfg):

