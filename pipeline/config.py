@@ -441,7 +441,22 @@ class PPOConfig(_Section):
         1.0, description="Subtracted from the sequence reward of a response that ends without eos (its absolute "
                          "value: 1 and -1 mean the same); 0 or null turns it off. Applied after normalisation "
                          "and clipping, so on the normalised scale when normalize_reward is on.")
-    whiten_advantages: bool = True
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field(
+        "gae", description="gae: PPO with a critic (GAE, gamma/lam). Critic-free (no critic is built or loaded; "
+                           "critic_from, vf_coef, cliprange_value, critic_warmup_steps unused): grpo: each "
+                           "prompt's num_samples_per_prompt samples, A = (r - group mean) / (group std + eps); "
+                           "rloo: A = r - mean of the prompt's other samples (leave-one-out, no std); "
+                           "reinforce_pp: REINFORCE++, per-token rewards (-beta * KL_t, score at the end), "
+                           "A_t = reward-to-go whitened over the global batch (a global baseline). With the KL in "
+                           "the reward, grpo/rloo use r = reward - beta * sum_t KL_t; kl_in_loss (k2/k3) works "
+                           "with all four. See docs/PPO.md.")
+    num_samples_per_prompt: int = Field(
+        1, ge=1, description="Responses sampled per prompt (K). rollout_batch_size counts episodes, so each "
+                             "rollout takes rollout_batch_size / K prompts per device; grpo and rloo need K >= 2.")
+    group_std_eps: float = Field(1e-6, gt=0, description="grpo: added to the group std.")
+    whiten_advantages: bool = Field(
+        True, description="Whiten advantages over the global batch (gae; reinforce_pp always does: it is its "
+                          "baseline). grpo is normalised per group and rloo is used as it is.")
     ratio_skip_threshold: float = Field(10.0, gt=1, description="Skip minibatches whose max ratio exceeds this.")
     critic_warmup_steps: int = Field(
         0, ge=0, description="First PPO steps in which only the critic trains; the actor's learning-rate "
@@ -523,12 +538,33 @@ class PPOConfig(_Section):
                 "but not the log-probs used for the ratio and the KL, so the data would "
                 "come from another policy than the one optimised. Use ppo.top_k=0 and ppo.top_p=1 (ppo.temperature "
                 "is supported: the log-probs use it too)")
+        if self.advantage_estimator in ("grpo", "rloo") and self.num_samples_per_prompt < 2:
+            raise ValueError(
+                f"ppo.advantage_estimator={self.advantage_estimator!r} needs ppo.num_samples_per_prompt >= 2 (its "
+                f"baseline is the other samples of the same prompt), got {self.num_samples_per_prompt}. Set "
+                "ppo.num_samples_per_prompt (e.g. 4), or use advantage_estimator gae or reinforce_pp")
+        if self.rollout_batch_size % self.num_samples_per_prompt:
+            raise ValueError(
+                f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
+                f"ppo.num_samples_per_prompt ({self.num_samples_per_prompt}): it counts episodes, whole groups")
+        if not self.uses_critic:
+            if self.critic_warmup_steps:
+                raise ValueError(f"ppo.critic_warmup_steps={self.critic_warmup_steps} but "
+                                 f"ppo.advantage_estimator={self.advantage_estimator!r} has no critic; set it to 0")
+            if self.critic_from != "auto":
+                raise ValueError(f"ppo.critic_from={self.critic_from!r} but ppo.advantage_estimator="
+                                 f"{self.advantage_estimator!r} builds no critic; drop ppo.critic_from")
         if self.kl_in_loss and self.kl_estimator == "k1":
             raise ValueError(
                 "ppo.kl_in_loss=true with ppo.kl_estimator='k1' is refused: the gradient of the k1 estimate "
                 "(logp - ref_logp) does not depend on the reference, so the loss would not pull the policy "
                 "towards it. Set ppo.kl_estimator to 'k2' (or 'k3') with kl_in_loss, or keep the KL in the reward")
         return self
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the advantage estimator needs a critic (only ``gae``)."""
+        return self.advantage_estimator == "gae"
 
     def sizes(self, world_size: int) -> PPOSizes:
         """Every derived batch size, computed here once (trainer, memory planner and orchestrator use it)."""

@@ -646,10 +646,13 @@ def _estimate(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int | No
         seq = ppo.max_prompt_length + ppo.max_new_tokens
         # Actor and critic backward passes happen one after the other; the larger one is the peak.
         actor_acts = _train_activations(dims, knobs, seq, knobs.micro_batch, lm_head=True)
-        critic_acts = _train_activations(dims, knobs, seq, knobs.micro_batch, lm_head=False)
+        critic_acts = _train_activations(dims, knobs, seq, knobs.micro_batch, lm_head=False) if ppo.uses_critic else 0
         roles.append(_model_role("actor", dims, lm_total, trainable(lm_total, "causal_lm"), knobs, world,
                                  activations=max(actor_acts, critic_acts)))
-        roles.append(_model_role("critic", dims, cls_total, trainable(cls_total, "seq_cls"), knobs, world))
+        if ppo.uses_critic:
+            roles.append(_model_role("critic", dims, cls_total, trainable(cls_total, "seq_cls"), knobs, world))
+        else:
+            notes.append(f"no critic: ppo.advantage_estimator={ppo.advantage_estimator} is critic-free")
         if knobs.tuning.is_peft:
             roles.append(RoleMemory("reference", lm_total, 0))
             notes.append("reference = actor base with the adapter disabled: no extra weights (DESIGN §4)")

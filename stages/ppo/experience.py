@@ -18,7 +18,15 @@ from stages.batching import left_pad
 from stages.chat import position_ids_from_mask
 from stages.engine import epoch_order
 from stages.generation import neutral_generate, neutral_generation_config
-from stages.ppo.core import compute_gae, kl_penalty, logprobs_from_logits, per_token_rewards
+from stages.ppo.core import (
+    compute_gae,
+    discounted_returns,
+    grpo_advantages,
+    kl_penalty,
+    logprobs_from_logits,
+    per_token_rewards,
+    rloo_advantages,
+)
 from stages.ppo.distributed import global_whiten
 from stages.ppo.rewards import Responses, Scores
 from stages.ppo.rollout import EpisodeSampler, episode_uniforms, response_mask, response_rows
@@ -32,7 +40,9 @@ class Rollout:
     ``response_mask`` (B, T) 1 on real response tokens (eos included); ``has_eos`` (B,) bool.
     Policy at sampling time: ``old_logp`` (B, T) fp32 log-probs of the sampled tokens; ``ref_logp`` (B, T)
     fp32 under the frozen reference; ``kl`` (B, T) per-token KL estimate to the reference (0 after the end).
-    Critic at sampling time: ``old_values`` (B, T) fp32.
+    Critic at sampling time: ``old_values`` (B, T) fp32 (zeros with a critic-free estimator).
+    With ``num_samples_per_prompt`` K > 1 the rows come in groups: rows ``g*K .. g*K + K - 1`` are the K
+    samples of one prompt (each with its own sampling stream).
     Outcome: ``score`` (B,) weighted sum of the reward sources; ``reward_parts`` each source's (B,) score;
     ``reward`` (B,) the sequence reward used for RL (normalised, clipped, minus the missing-eos penalty);
     ``advantages`` (B, T) fp32 (whitened when configured); ``returns`` (B, T) fp32.
@@ -97,12 +107,17 @@ class PPORollout:
 
     # ------------------------------------------------------------------------------ rollout
     def step_prompts(self, step: int) -> tuple[list[int], list[int]]:
-        """(dataset indices, global positions) of this rank's prompts for PPO step ``step``."""
-        seed, batch, d = self.cfg.ppo.train.seed, self.cfg.ppo.rollout_batch_size, self.dist
+        """(dataset indices, global episode positions) of this rank's episodes for PPO step ``step``:
+        ``rollout_batch_size / K`` prompts, each repeated K = ``num_samples_per_prompt`` times in a row (a
+        group stays on one rank); the prompt at global position p gives episodes p*K .. p*K + K - 1."""
+        ppo, d = self.cfg.ppo, self.dist
+        seed, k = ppo.train.seed, ppo.num_samples_per_prompt
+        batch = ppo.rollout_batch_size // k
         per_epoch = len(epoch_order(len(self.prompts), 0, seed, d.rank, d.world_size, batch))
         epoch, index = divmod(step, per_epoch)
-        indices = epoch_order(len(self.prompts), epoch, seed, d.rank, d.world_size, batch)[index]
-        positions = [d.rank + d.world_size * j for j in range(len(indices))]
+        prompt_indices = epoch_order(len(self.prompts), epoch, seed, d.rank, d.world_size, batch)[index]
+        indices = [i for i in prompt_indices for _ in range(k)]
+        positions = [(d.rank + d.world_size * j) * k + s for j in range(len(prompt_indices)) for s in range(k)]
         return indices, positions
 
     @torch.no_grad()
@@ -153,8 +168,10 @@ class PPORollout:
             c_ids, c_att, c_resp = ids[s:s + chunk], att[s:s + chunk], response[s:s + chunk]
             logp.append(logprobs_from_logits(self.policy_logits(self.actor, c_ids, c_att, T), c_resp))
             ref_logp.append(logprobs_from_logits(self.reference_logits(c_ids, c_att, T), c_resp))
-            values.append(self.critic_values(self.critic, c_ids, c_att, T))
-        return torch.cat(logp).cpu(), torch.cat(ref_logp).cpu(), torch.cat(values).cpu()
+            if self.critic is not None:
+                values.append(self.critic_values(self.critic, c_ids, c_att, T))
+        old_values = torch.cat(values).cpu() if values else torch.zeros(B, T)
+        return torch.cat(logp).cpu(), torch.cat(ref_logp).cpu(), old_values
 
     def _sequence_reward(self, scores: Scores, has_eos: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """(B,) reward used for RL: the score normalised (running moments over all ranks) and/or clipped,
@@ -181,7 +198,7 @@ class PPORollout:
         1. Take this rank's prompts of step ``step`` and sample responses (per-episode random streams).
         2. Score the sampled tokens: policy and reference log-probs, critic values.
         3. Score the responses with the reward sources; sequence reward (normalise, clip, eos penalty).
-        4. Per-token rewards (``-beta * KL_t`` + the reward at the last token), GAE, whitened advantages.
+        4. Advantages (``advantages``): GAE on per-token rewards, or a critic-free estimator.
         """
         ppo = self.cfg.ppo
         # 1. prompts and sampling
@@ -199,17 +216,39 @@ class PPORollout:
         scores, texts = self.score_responses(prompts, response, mask, has_eos)
         t3 = time.perf_counter()
         reward, reward_stats = self._sequence_reward(scores, has_eos)
-        # 4. per-token rewards, advantages, returns
+        # 4. advantages, returns
         kl = kl_penalty(old_logp, ref_logp, ppo.kl_estimator)
-        beta = 0.0 if ppo.kl_in_loss else self.kl_ctl.value
-        rewards = per_token_rewards(reward, kl, mask, beta)
-        advantages, returns = compute_gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
-        if ppo.whiten_advantages:
-            advantages = global_whiten(advantages, mask, self.comm)
+        advantages, returns = self.advantages(reward, kl, old_values, mask)
         timings.update(time_generate=t1 - t0, time_forward=t2 - t1, time_score=t3 - t2)
         return Rollout(query, query_mask, response, mask, has_eos, old_logp, ref_logp, old_values, advantages,
                        returns, scores.total, reward, kl * mask, texts, [x.messages for x in prompts], scores.parts,
                        sum(x.truncated for x in prompts), reward_stats=reward_stats)
+
+    def advantages(self, reward: torch.Tensor, kl: torch.Tensor, old_values: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (advantages, returns), (B, T) fp32, by ``ppo.advantage_estimator``; ``reward`` (B,) sequence
+        rewards, ``kl`` (B, T) per-token KL estimates, ``old_values`` (B, T), ``mask`` (B, T).
+
+        The KL term is in the reward unless ``kl_in_loss``: per token for gae and reinforce_pp
+        (``-beta * KL_t``, the reward at the last token), summed over the sequence for grpo and rloo
+        (``reward - beta * sum_t KL_t``, then the group baseline). ``returns`` are the critic's targets
+        (gae) or the reward-to-go (the others; for logs only)."""
+        ppo = self.cfg.ppo
+        beta = 0.0 if ppo.kl_in_loss else self.kl_ctl.value
+        rewards = per_token_rewards(reward, kl, mask, beta)
+        if ppo.advantage_estimator == "gae":
+            advantages, returns = compute_gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
+            if ppo.whiten_advantages:
+                advantages = global_whiten(advantages, mask, self.comm)
+            return advantages, returns
+        returns = discounted_returns(rewards, mask, ppo.gamma)
+        if ppo.advantage_estimator == "reinforce_pp":  # global baseline: whitened over all ranks' episodes
+            return global_whiten(returns, mask, self.comm), returns
+        sequence_reward = reward - beta * (kl * mask).sum(1)
+        k = ppo.num_samples_per_prompt
+        if ppo.advantage_estimator == "grpo":
+            return grpo_advantages(sequence_reward, mask, k, ppo.group_std_eps), returns
+        return rloo_advantages(sequence_reward, mask, k), returns
 
     def score_responses(self, prompts: list[Any], response: torch.Tensor, mask: torch.Tensor,
                         has_eos: torch.Tensor) -> tuple[Scores, list[str]]:

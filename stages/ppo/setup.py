@@ -56,13 +56,18 @@ class PPOSetup:
         self._load_actor(policy_dir, tokenizer)
         # reward model (the rm stage's or one you bring) and critic (ppo.critic_from)
         rm, rm_tokenizer, rm_location = self._load_reward_model(tokenizer)
-        critic = self._load_critic(tokenizer, rm, rm_tokenizer, rm_location)
         self.rm = self._frozen(rm) if rm is not None else None
-        self.critic = self._no_dropout(self._critic_trainable(critic)).to(self.device).eval()
+        if self.cfg.ppo.uses_critic:
+            critic = self._load_critic(tokenizer, rm, rm_tokenizer, rm_location)
+            self.critic = self._no_dropout(self._critic_trainable(critic)).to(self.device).eval()
+        else:  # critic-free estimators (grpo, rloo, reinforce_pp): no critic is built or loaded
+            self.critic, self.critic_from = None, None
+            self.critic_source = f"none ({self.cfg.ppo.advantage_estimator}: critic-free)"
         self.rewards = RewardSources(self.cfg.ppo.rewards, self.cfg, tokenizer, self.rm, self.rm_max_length,
                                      self.device, autocast_bf16=self.bf16,
                                      batch_size=max(self.sizes.micro_batch, 8), rm_tokenizer=rm_tokenizer)
-        self.run.update(policy_source=self.policy_source, critic_from=self.critic_from,
+        self.run.update(policy_source=self.policy_source, advantage_estimator=self.cfg.ppo.advantage_estimator,
+                        critic_from=self.critic_from,
                         critic_source=self.critic_source, rm_source=rm_location,
                         rm_scoring=self.rewards.rm_scoring if self.rm is not None else None)
 
@@ -311,8 +316,8 @@ class PPOSetup:
         """AdamW + schedule per model (``stages.training``); DeepSpeed engines when ``ppo.train.deepspeed``."""
         train, sizes = self.cfg.ppo.train, self.sizes
         actor_params = [q for q in self.actor.parameters() if q.requires_grad or self.unfreezer is not None]
-        critic_params = [q for q in self.critic.parameters() if q.requires_grad]
-        if not actor_params or not critic_params:
+        critic_params = [q for q in self.critic.parameters() if q.requires_grad] if self.critic is not None else None
+        if not actor_params or critic_params == []:
             raise ValueError("no trainable parameters in the actor or critic: check ppo.tuning")
         # fused AdamW (one kernel for all tensors; CPU and CUDA) unless DeepSpeed manages the step, then
         # foreach (the CPU default would loop over tensors in Python)
@@ -324,8 +329,10 @@ class PPOSetup:
         actor_steps = max(1, sizes.optimizer_steps - warmup_steps * sizes.n_minibatches)
         self.actor_opt, self.actor_sched = build_optimizer(actor_params, train.learning_rate, train.weight_decay,
                                                            train.lr_scheduler, 0, actor_steps, **fast)
-        self.critic_opt, self.critic_sched = build_optimizer(critic_params, critic_lr, train.weight_decay,
-                                                             train.lr_scheduler, 0, sizes.optimizer_steps, **fast)
+        self.critic_opt = self.critic_sched = None
+        if self.critic is not None:
+            self.critic_opt, self.critic_sched = build_optimizer(critic_params, critic_lr, train.weight_decay,
+                                                                 train.lr_scheduler, 0, sizes.optimizer_steps, **fast)
         self.actor_engine = self.critic_engine = None
         self.zero_stage = 0
         if not train.deepspeed:
@@ -335,9 +342,10 @@ class PPOSetup:
         self.actor_engine, self.actor_opt, self.actor_sched, ds_config = init_deepspeed(
             self.actor, self.actor_opt, self.actor_sched, train.deepspeed, lr=train.learning_rate,
             hidden_size=getattr(self.actor.config, "hidden_size", None), **ds_kwargs)
-        self.critic_engine, self.critic_opt, self.critic_sched, _ = init_deepspeed(
-            self.critic, self.critic_opt, self.critic_sched, train.deepspeed, lr=critic_lr,
-            hidden_size=getattr(self.critic.config, "hidden_size", None), **ds_kwargs)
         self.actor_engine.module.eval()
-        self.critic_engine.module.eval()
+        if self.critic is not None:
+            self.critic_engine, self.critic_opt, self.critic_sched, _ = init_deepspeed(
+                self.critic, self.critic_opt, self.critic_sched, train.deepspeed, lr=critic_lr,
+                hidden_size=getattr(self.critic.config, "hidden_size", None), **ds_kwargs)
+            self.critic_engine.module.eval()
         self.zero_stage = zero_stage_of(ds_config)

@@ -167,7 +167,8 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
         """Train mode only matters for gradient checkpointing (dropout is off); generation stays in eval."""
         if self.cfg.ppo.train.gradient_checkpointing:
             for model in (self.actor, self.critic):
-                model.train(on)
+                if model is not None:  # no critic with a critic-free estimator
+                    model.train(on)
 
     # --------------------------------------------------------------------------- checkpoints
     @property
@@ -187,14 +188,17 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
         tmp = ckpt.stage(self.step)
         if self.actor_engine is not None:
             self.actor_engine.save_checkpoint(str(tmp), tag="actor", save_latest=False)
-            self.critic_engine.save_checkpoint(str(tmp), tag="critic", save_latest=False)
+            if self.critic_engine is not None:
+                self.critic_engine.save_checkpoint(str(tmp), tag="critic", save_latest=False)
             torch.save(self._client_state(), tmp / f"client-rank{self.dist.rank}.pt")
         elif self.dist.is_main:
-            torch.save({"actor": trainable_state(self.actor, everything=self.unfreezer is not None),
-                        "critic": trainable_state(self.critic),
-                        "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
-                        "actor_sched": self.actor_sched.state_dict(), "critic_sched": self.critic_sched.state_dict(),
-                        "client": self._client_state()}, tmp / "state.pt")
+            state = {"actor": trainable_state(self.actor, everything=self.unfreezer is not None),
+                     "actor_opt": self.actor_opt.state_dict(), "actor_sched": self.actor_sched.state_dict(),
+                     "client": self._client_state()}
+            if self.critic is not None:
+                state.update(critic=trainable_state(self.critic), critic_opt=self.critic_opt.state_dict(),
+                             critic_sched=self.critic_sched.state_dict())
+            torch.save(state, tmp / "state.pt")
         return ckpt.publish(self.step)
 
     def maybe_resume(self) -> bool:
@@ -203,13 +207,17 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
             return False
         if self.actor_engine is not None:
             self.actor_engine.load_checkpoint(str(folder), tag="actor")
-            self.critic_engine.load_checkpoint(str(folder), tag="critic")
+            if self.critic_engine is not None:
+                self.critic_engine.load_checkpoint(str(folder), tag="critic")
             client = torch.load(folder / f"client-rank{self.dist.rank}.pt", map_location="cpu", weights_only=False)
         else:
             state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
             load_trainable(self.actor, state["actor"])
-            load_trainable(self.critic, state["critic"])
-            for name in ("actor_opt", "critic_opt", "actor_sched", "critic_sched"):
+            names = ["actor_opt", "actor_sched"]
+            if self.critic is not None:
+                load_trainable(self.critic, state["critic"])
+                names += ["critic_opt", "critic_sched"]
+            for name in names:
                 getattr(self, name).load_state_dict(state[name])
             client = state["client"]
         self.step, self.episodes, self.ptx_pos = client["step"], client["episodes"], client["ptx_pos"]
@@ -251,7 +259,6 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
             "score": float(rollout.score.mean()), "reward": float(rollout.reward.mean()),
             "kl": float(seq_kl.mean()),
             "non_score_reward": 0.0 if self.cfg.ppo.kl_in_loss else float((-kl_coef * seq_kl).mean()),
-            "explained_variance": float(explained_variance(rollout.old_values, rollout.returns, mask)),
             "response_length": float(mask.sum(1).float().mean()),
             "eos_rate": float(rollout.has_eos.float().mean()),
             "truncated_prompts": float(rollout.truncated_prompts),
@@ -259,10 +266,12 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
             **rollout.reward_stats,
             **{k: v for k, v in stats.items() if k not in ("ratio_max", "skipped_minibatches")},
         }
+        if self.critic is not None:
+            local["explained_variance"] = float(explained_variance(rollout.old_values, rollout.returns, mask))
         row = self.comm.mean_dict(local)
         row["ratio_max"] = stats["ratio_max"]  # already a max over ranks
         row["skipped_minibatches"] = stats["skipped_minibatches"]  # identical on every rank
-        if not math.isfinite(row["explained_variance"]):
+        if not math.isfinite(row.get("explained_variance", 0.0)):
             row["explained_variance"] = 0.0
         row["kl_coef"] = kl_coef
         return row
@@ -288,8 +297,9 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
         if self.unfreezer is not None:
             self.unfreezer.step(self.step)
         self.episodes += episodes
-        row.update(episodes=self.episodes, lr=self.actor_sched.get_last_lr()[0],
-                   critic_lr=self.critic_sched.get_last_lr()[0])
+        row.update(episodes=self.episodes, lr=self.actor_sched.get_last_lr()[0])
+        if self.critic_sched is not None:
+            row["critic_lr"] = self.critic_sched.get_last_lr()[0]
         row["step_seconds"] = time.perf_counter() - start
         row["episodes_per_s"] = episodes / max(row["step_seconds"], 1e-9)
         row["time_cpu"] = time.process_time() - cpu_start  # this process's CPU seconds (all threads)

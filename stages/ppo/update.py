@@ -51,7 +51,9 @@ class PPOUpdate:
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
                     n_micro += 1
-                self._optimizer_step(self.critic_engine, self.critic_params, self.critic_opt, self.critic_sched, False)
+                if self.critic is not None:
+                    self._optimizer_step(self.critic_engine, self.critic_params, self.critic_opt, self.critic_sched,
+                                         False)
                 if train_actor:
                     self._optimizer_step(self.actor_engine, self.actor_params, self.actor_opt, self.actor_sched,
                                          skip=mb_skipped == sizes.grad_accum)
@@ -74,17 +76,22 @@ class PPOUpdate:
         return list(zip(minibatches, counts.tolist()))
 
     def _losses(self, rollout: Rollout, idx: torch.Tensor, weight: float,
-                train_actor: bool) -> tuple[torch.Tensor, torch.Tensor | None, Stats]:
-        """-> (weighted value loss x vf_coef, weighted policy loss or None during the critic warm-up, stats)."""
+                train_actor: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, Stats]:
+        """-> (weighted value loss x vf_coef, or None without a critic; weighted policy loss, or None during the
+        critic warm-up; stats)."""
         ppo, T, dev = self.cfg.ppo, rollout.response_ids.size(1), self.device
         ids, att = (x.to(dev) for x in rollout.sequences(idx))
         mask = rollout.response_mask[idx].to(dev)
-        values = self.critic_values(self.critic_engine or self.critic, ids, att, T)
-        vf_loss, vf_stats = clipped_value_loss(values, rollout.old_values[idx].to(dev), rollout.returns[idx].to(dev),
-                                               mask, ppo.cliprange_value)
-        stats: Stats = {"value_loss": vf_loss.detach().double(), "vf_clipfrac": vf_stats["vf_clipfrac"].double()}
+        stats: Stats = {}
+        vf_loss = None
+        if self.critic is not None:
+            values = self.critic_values(self.critic_engine or self.critic, ids, att, T)
+            vf_loss, vf_stats = clipped_value_loss(values, rollout.old_values[idx].to(dev),
+                                                   rollout.returns[idx].to(dev), mask, ppo.cliprange_value)
+            stats = {"value_loss": vf_loss.detach().double(), "vf_clipfrac": vf_stats["vf_clipfrac"].double()}
+            vf_loss = ppo.vf_coef * vf_loss * weight
         if not train_actor:
-            return ppo.vf_coef * vf_loss * weight, None, stats
+            return vf_loss, None, stats
         actor_fw = self.actor_engine or self.actor
         logits = self.policy_logits(actor_fw, ids, att, T)
         logp = logprobs_from_logits(logits, rollout.response_ids[idx].to(dev))
@@ -104,7 +111,7 @@ class PPOUpdate:
                 ptx = actor_fw(**self._ptx_batch(), use_cache=False).loss.float()
             stats["ptx_loss"] = ptx.detach().double()
             pg_loss = pg_loss + ppo.ptx_coef * ptx
-        return ppo.vf_coef * vf_loss * weight, pg_loss, stats
+        return vf_loss, pg_loss, stats
 
     def _micro_step(self, rollout: Rollout, idx: torch.Tensor, n_tokens: float, train_actor: bool,
                     epoch: int) -> tuple[Stats, float, bool]:
@@ -113,13 +120,14 @@ class PPOUpdate:
         weight = float(rollout.response_mask[idx].sum()) * accum * world / max(n_tokens, 1.0)
         vf_total, pg_loss, stats = self._losses(rollout, idx, weight, train_actor)
         # NaN / inf: stop with the batch saved (sync point: every rank agrees before anyone raises)
-        finite = torch.tensor([float(torch.isfinite(vf_total)) * (
+        finite = torch.tensor([(1.0 if vf_total is None else float(torch.isfinite(vf_total))) * (
             1.0 if pg_loss is None else float(torch.isfinite(pg_loss)))])
         if float(self.comm.sum(finite)[0]) < world:
             self._raise_non_finite(rollout, idx, stats, epoch)
-        self._backward(self.critic_engine, vf_total)
-        if self.critic_engine is not None:
-            self.critic_engine.step()
+        if vf_total is not None:
+            self._backward(self.critic_engine, vf_total)
+            if self.critic_engine is not None:
+                self.critic_engine.step()
         if pg_loss is None:
             return stats, 0.0, False
         # sync point: the largest ratio on any rank decides whether this micro-batch's policy gradient counts
