@@ -17,7 +17,7 @@ export DS_ACCELERATOR ?= $(if $(HAS_CUDA),cuda,cpu)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install demo pipeline sft rm ppo rlaif status report slurm serve validate lint test test-all bench bench-quality clean
+.PHONY: help install demo pipeline sft rm ppo best_of_n rlaif status report slurm serve validate lint test test-all bench bench-quality clean
 
 help:
 	@echo "make demo                      whole pipeline (sft -> rm -> ppo) on the embedded SmolLM2 default"
@@ -46,6 +46,9 @@ pipeline: $(VENV)/.installed
 
 sft rm ppo: $(VENV)/.installed
 	$(PY) -m pipeline run $(CONFIG) $(ARGS) --stages $@
+
+best_of_n: $(VENV)/.installed
+	$(PY) -m pipeline run $(CONFIG) $(ARGS) --stages best_of_n
 
 rlaif: $(VENV)/.installed
 	$(PY) -m pipeline run $(CONFIG) $(ARGS) --stages sft rlaif_label rm ppo

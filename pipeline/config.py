@@ -607,6 +607,28 @@ class RLAIFLabelConfig(_Section):
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch default).")
 
 
+class BestOfNConfig(_Section):
+    """``best_of_n``: rejection sampling. For each prompt of ``data`` the policy (``policy_from``: the sft
+    stage's model or the base) samples ``n`` responses; every reward source scores them; the best is kept
+    (only when its score is >= ``threshold``, if set) and written as SFT data (``messages``) with its score
+    and provenance to ``best_of_n/data.jsonl``, which an ``sft`` stage of a next run trains on (RAFT/ReST:
+    see docs/PPO.md)."""
+
+    data: DataSource | None = None
+    policy_from: Literal["sft", "base"] = "sft"
+    n: int = Field(4, ge=1, description="Responses sampled per prompt.")
+    threshold: float | None = Field(None, description="Keep the best response only when its score is >= this.")
+    require_eos: bool = Field(True, description="Only responses that ended with eos (finished) are candidates.")
+    max_prompt_length: int = Field(128, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    rewards: list[RewardSourceConfig] = Field(
+        default_factory=list, description="Reward sources (as ppo.rewards: rm, function, judge); required.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate call (each gives n sequences).")
+    seed: int = 0
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch default).")
+
+
 class RLAIFConfig(_Section):
     judges: dict[str, JudgeConfig] = Field(default_factory=lambda: {"default": JudgeConfig()})
 
@@ -669,7 +691,9 @@ class RunConfig(_Section):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     rlaif_label: RLAIFLabelConfig = Field(default_factory=RLAIFLabelConfig)
     rlaif: RLAIFConfig = Field(default_factory=RLAIFConfig)
-    stages: list[Literal["sft", "rlaif_label", "rm", "ppo"]] = Field(default_factory=lambda: ["sft", "rm", "ppo"])
+    best_of_n: BestOfNConfig = Field(default_factory=BestOfNConfig)
+    stages: list[Literal["sft", "rlaif_label", "rm", "ppo", "best_of_n"]] = Field(
+        default_factory=lambda: ["sft", "rm", "ppo"])
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -723,6 +747,25 @@ class RunConfig(_Section):
             raise ValueError(
                 f"ppo.policy_from is 'sft' but stages {self.stages} do not include 'sft'. Add 'sft' to stages " + reuse
                 + ", or set ppo.policy.path to a policy folder or hub name, or ppo.policy_from: base")
+        return self
+
+    @model_validator(mode="after")
+    def _best_of_n_has_its_models(self) -> "RunConfig":
+        """best_of_n needs a reward source, and the stages its policy and RM come from."""
+        if "best_of_n" not in self.stages:
+            return self
+        bon = self.best_of_n
+        if not bon.rewards:
+            raise ValueError("best_of_n.rewards is empty: best-of-N needs a reward source to pick the best, e.g. "
+                             "best_of_n.rewards=[{kind: rm}] (with the rm stage) or [{kind: function, function: "
+                             "'module:function'}] or [{kind: judge, judge: <name>}]")
+        if bon.data is None:
+            raise ValueError("best_of_n.data is not set: point it at a prompt file (a 'prompt' per record)")
+        if any(r.kind == "rm" for r in bon.rewards) and "rm" not in self.stages:
+            raise ValueError(f"best_of_n.rewards has a kind 'rm' source but stages {self.stages} do not include 'rm'")
+        if bon.policy_from == "sft" and "sft" not in self.stages:
+            raise ValueError(f"best_of_n.policy_from is 'sft' but stages {self.stages} do not include 'sft'; add it "
+                             "or set best_of_n.policy_from: base")
         return self
 
     def run_dir(self) -> Path:

@@ -480,7 +480,7 @@ def _count(n: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------- estimate
-_STAGES = ("sft", "rm", "ppo", "rlaif_label")
+_STAGES = ("sft", "rm", "ppo", "rlaif_label", "best_of_n")
 
 
 def world_size_of(cfg: RunConfig) -> int:
@@ -540,7 +540,7 @@ def _initial_knobs(cfg: RunConfig, stage: str) -> tuple[_Knobs, str]:
     bf16 = precision == "bf16"
     deepspeed_bf16 = ds_path is not None and bf16 and ds_bf16_setting in (True, "auto")
     weight_bytes = _dtype_bytes(cfg.model.dtype)
-    if stage == "rlaif_label" and bf16:
+    if stage in ("rlaif_label", "best_of_n") and bf16:
         weight_bytes = 2  # inference only: loaded in bf16 on accelerators
     act_bytes = 2 if bf16 else 4
 
@@ -556,7 +556,8 @@ def _initial_knobs(cfg: RunConfig, stage: str) -> tuple[_Knobs, str]:
         grad_ckpt = section.train.gradient_checkpointing
         rollout = 0
     else:
-        tuning, micro, grad_ckpt, rollout = TuningConfig(), 0, False, cfg.rlaif_label.batch_size
+        batch = cfg.best_of_n.batch_size * cfg.best_of_n.n if stage == "best_of_n" else cfg.rlaif_label.batch_size
+        tuning, micro, grad_ckpt, rollout = TuningConfig(), 0, False, batch
     knobs = _Knobs(zero_stage, offload_opt, offload_param, deepspeed_bf16, weight_bytes, act_bytes, tuning,
                    micro, grad_ckpt, rollout)
     return knobs, precision
@@ -662,6 +663,14 @@ def _estimate(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int | No
             roles.append(_model_role("reward_model", dims, cls_total, 0, knobs, world))
         kv_bytes = 2 if precision == "bf16" else 4
         kv = 2 * dims.layers * dims.kv_heads * dims.head_dim * seq * knobs.rollout_batch * kv_bytes
+        roles.append(RoleMemory("kv_cache", other=kv))
+    elif stage == "best_of_n":
+        bon = cfg.best_of_n
+        seq = bon.max_prompt_length + bon.max_new_tokens
+        roles.append(_model_role("policy", dims, lm_total, 0, knobs, world))
+        if any(r.kind == "rm" for r in bon.rewards):
+            roles.append(_model_role("reward_model", dims, cls_total, 0, knobs, world))
+        kv = 2 * dims.layers * dims.kv_heads * dims.head_dim * seq * knobs.rollout_batch * knobs.act_bytes
         roles.append(RoleMemory("kv_cache", other=kv))
     elif stage == "rlaif_label":
         lab = cfg.rlaif_label

@@ -32,7 +32,7 @@ from .manifest import (
 )
 
 # Which stage folders a stage reads, by config (the InstructGPT order of DESIGN §1).
-STAGE_ORDER = ("sft", "rlaif_label", "rm", "ppo")
+STAGE_ORDER = ("sft", "rlaif_label", "rm", "best_of_n", "ppo")
 
 
 def parents_of(cfg: RunConfig, stage: str) -> list[str]:
@@ -45,6 +45,10 @@ def parents_of(cfg: RunConfig, stage: str) -> list[str]:
         if "rlaif_label" in cfg.stages:
             parents.append("rlaif_label")
         return parents
+    if stage == "best_of_n":
+        bon = cfg.best_of_n
+        return (["sft"] if bon.policy_from == "sft" else []) + (["rm"] if any(r.kind == "rm" for r in bon.rewards)
+                                                                 else [])
     if stage == "ppo":
         ppo = cfg.ppo
         parents = ["sft"] if ppo.policy_from == "sft" else []
@@ -58,7 +62,7 @@ def parents_of(cfg: RunConfig, stage: str) -> list[str]:
 def stage_section(cfg: RunConfig, stage: str) -> dict[str, Any]:
     data = cfg.to_dict()
     section = {"model": data["model"], "chat": data["chat"], stage: data[stage], "seed": data["seed"]}
-    if stage in ("rlaif_label", "ppo"):
+    if stage in ("rlaif_label", "ppo", "best_of_n"):
         section["rlaif"] = data["rlaif"]
     return section
 

@@ -15,6 +15,7 @@ STAGE_MODULES = {
     "rm": "stages.rm",
     "ppo": "stages.ppo.trainer",
     "rlaif_label": "stages.rlaif.label",
+    "best_of_n": "stages.best_of_n",
 }
 
 
