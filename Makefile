@@ -17,7 +17,7 @@ export DS_ACCELERATOR ?= $(if $(HAS_CUDA),cuda,cpu)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install demo pipeline sft rm ppo best_of_n rlaif status report slurm serve validate lint test test-all bench bench-quality clean
+.PHONY: help install demo pipeline sft rm ppo best_of_n rlaif status report slurm serve validate lint test test-all bench bench-quality gpu-bundle gpu-check-dry clean
 
 help:
 	@echo "make demo                      whole pipeline (sft -> rm -> ppo) on the embedded SmolLM2 default"
@@ -74,6 +74,14 @@ test-all: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/sft.py
+
+# GPU check (README "GPU check"): the wheels/sdists the device image lacks, into .gpu-bundle/ (carried by the call)
+gpu-bundle: $(VENV)/.installed
+	bash bench/gpu_bundle.sh
+
+# the same steps as the device call's `bash bench/gpu_check.sh`, on CPU with tiny sizes (< 3 min)
+gpu-check-dry: $(VENV)/.installed
+	GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh
 
 # learning regression benchmark: tiny PPO + the SmolLM2 demo against bench/reference/*.json (~10-15 min)
 bench-quality: $(VENV)/.installed

@@ -142,6 +142,36 @@ def hint_command(stage: str) -> str:
     return f"make {stage} CONFIG=<your config>  (or: python -m pipeline run CONFIG --stages {stage})"
 
 
+def _current_rss_bytes() -> int | None:
+    """Resident set size of this process now (Linux /proc; None elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_memory(rss_start: int | None = None) -> dict[str, Any]:
+    """This process's peak memory, for the manifest (bench/gpu_check.py compares it with pipeline/memory.py):
+    ``rss_peak_bytes`` (ru_maxrss: the whole process's life), ``rss_start_bytes`` (when the stage began, after
+    the imports: the runtime's own share), and on CUDA ``cuda_max_allocated_bytes`` / ``cuda_max_reserved_bytes``
+    of the current device (torch's allocator; rank 0's, as only rank 0 writes the manifest)."""
+    import sys
+
+    out: dict[str, Any] = {"rss_start_bytes": rss_start}
+    try:
+        import resource
+
+        out["rss_peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    except (ImportError, OSError):
+        out["rss_peak_bytes"] = None
+    torch = sys.modules.get("torch")  # never import torch here: the control plane runs without it
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_device"] = torch.cuda.get_device_name()
+        out["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+        out["cuda_max_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+    return out
+
+
 class StageRun:
     """Context manager for one stage run: manifest, metrics.jsonl, parents, optional wandb/TensorBoard."""
 
@@ -186,6 +216,7 @@ class StageRun:
             self.manifest["external_models"] = {key: {"location": loc, "fingerprint": model_fingerprint(loc)}
                                                 for key, loc in models.items()}
         self.manifest["resumed"] = self.resuming
+        self._rss_start = _current_rss_bytes()
         if self.is_main:
             write_manifest(self.dir, self.manifest)
             self._open_loggers()
@@ -193,6 +224,7 @@ class StageRun:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.manifest["wall_time_s"] = round(time.time() - self.started, 3)
+        self.manifest["peak_memory"] = peak_memory(getattr(self, "_rss_start", None))
         if exc is None:
             self.manifest["status"] = "complete"
             if self.is_main and self.checkpoints.exists():
