@@ -172,6 +172,7 @@ def test_reward_rises_eval_improves_and_high_kl_stays_near_reference(tiny_cfg, t
 
 
 # ------------------------------------------------------------------------- RM, critic, LoRA reference
+@pytest.mark.gpu
 def test_rm_reward_critic_from_rm_and_lora_reference(tiny_cfg):
     """RM stage output as reward (read at eos) and critic init (value head = RM score head); a LoRA
     actor uses the adapter-disabled policy as reference (no second copy); outputs follow the contract."""
@@ -409,6 +410,7 @@ def test_sampling_filters_and_k1_kl_loss_are_refused(tiny_cfg):
     assert tiny_cfg("ppo.kl_in_loss=true", "ppo.kl_estimator=k2").ppo.kl_estimator == "k2"
 
 
+@pytest.mark.gpu
 def test_first_minibatch_ratio_is_one_in_fp32(tiny_cfg, monkeypatch):
     """One PPO epoch, dropout off: the first minibatch sees the policy that sampled the rollout."""
     from stages.ppo import trainer, update
@@ -509,6 +511,7 @@ def test_checkpoint_generation_config_does_not_change_sampling(tiny_cfg):
             assert torch.equal(outs[0], outs[1]), kw
 
 
+@pytest.mark.gpu
 def test_bf16_heads_run_in_fp32_and_the_reference_matches_the_actor(tiny_cfg):
     """ppo.train.precision=bf16 (autocast on CPU too): the lm_head, value head and RM score head compute in
     fp32 from their (bf16) inputs; the separate reference gives the actor's log-probs at step 0."""

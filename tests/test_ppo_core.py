@@ -360,6 +360,7 @@ def test_policy_loss_clipping_hand_example():
     close(logp.grad, [[0.0, 1.5 / 4, -0.5 / 4, 0.0]])
 
 
+@pytest.mark.gpu
 def test_policy_loss_bf16_inputs_give_fp32_and_shape_errors():
     logp = torch.zeros(2, 3, dtype=torch.bfloat16)
     loss, stats = clipped_policy_loss(logp, logp, torch.ones(2, 3), torch.ones(2, 3), 0.2)

@@ -137,6 +137,7 @@ def test_score_index_is_eos_with_left_and_right_context(tiny_parts):
     assert find_score_head(model) is model.score
 
 
+@pytest.mark.gpu
 def test_head_runs_in_fp32_under_bf16_autocast(tiny_parts):
     tok, model = tiny_parts
     ids = torch.tensor([encode_sequence(tok, msgs("user", "What is 6 times 7?"), msgs("assistant", "42")).ids])

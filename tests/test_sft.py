@@ -29,6 +29,7 @@ def tiny_tokenizer():
     return load_tokenizer(base, cfg.model, cfg.chat), base, cfg
 
 
+@pytest.mark.gpu
 def test_loss_goes_down_and_outputs_follow_the_contract(tiny_cfg):
     cfg = tiny_cfg("sft.train.max_steps=40")
     metrics = sft.run(cfg)
@@ -160,6 +161,7 @@ def test_gradual_unfreeze_opens_layers_on_schedule(tiny_cfg):
     assert trainable() == [True, True]
 
 
+@pytest.mark.gpu
 def test_gradient_checkpointing_gives_the_same_loss(tiny_cfg):
     plain = sft.run(tiny_cfg("run_name=plain", "sft.train.max_steps=3", "sft.eval_fraction=0"))
     ckpt = sft.run(tiny_cfg("run_name=ckpt", "sft.train.max_steps=3", "sft.eval_fraction=0",

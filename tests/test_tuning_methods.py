@@ -11,6 +11,8 @@ from pipeline.models import load_tokenizer
 from stages import sft
 from stages.tuning import MERGEABLE, load_adapters, load_trained
 
+pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these on the GPU (QLoRA needs CUDA there)
+
 METHODS = ["full", "freeze", "gradual_unfreeze", "lora", "dora", "rslora", "qlora", "adalora", "ia3",
            "prefix", "prompt", "ptuning", "llama_adapter"]
 

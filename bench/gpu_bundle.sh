@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# make gpu-bundle: the packages bench/gpu_check.sh needs that the device image lacks, as files pip can install
+# offline there (python3 3.12, x86-64 manylinux; README "GPU check"). Written into .gpu-bundle/ (git-ignored),
+# which the device call carries. Versions are this project's .venv's, so the GPU runs the code as tested here.
+#
+# Needed there (the image has torch, transformers, peft, accelerate, tokenizers, safetensors, pyyaml, pandas, ...):
+#   pydantic + pydantic-core + annotated-types + typing-inspection + typing-extensions   (pipeline/config.py)
+#   deepspeed (an sdist: installs with DS_BUILD_OPS=0 and --no-build-isolation without compiling; the JIT ops are
+#     not used by the ZeRO-2 runs, whose optimizer is torch's AdamW) + hjson (its one dependency the image lacks)
+#   bitsandbytes (QLoRA test; manylinux wheel with its CUDA 13.0 library, ~43 MB: the largest file)
+#   trl + datasets + dill + multiprocess (project dependencies; nothing in the check imports them)
+#   peft (the image has one; gpu_check.sh installs this one only if the image's is older than the project needs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DEST=${GPU_BUNDLE_DIR:-.gpu-bundle}
+PYVER=${GPU_PYTHON_VERSION:-3.12}
+ver() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
+rm -rf "$DEST.tmp" && mkdir -p "$DEST.tmp"
+WHEELS=()
+for pkg in pydantic pydantic_core annotated-types typing-inspection typing_extensions hjson bitsandbytes trl datasets \
+           dill multiprocess peft; do
+  WHEELS+=("$pkg==$(ver "$pkg")")
+done
+"$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version "$PYVER" \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+  --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux1_x86_64 -d "$DEST.tmp" "${WHEELS[@]}"
+# deepspeed publishes no wheel: its sdist, installed there with DS_BUILD_OPS=0 (no compiler run; checked here)
+"$PY" -m pip download -q --disable-pip-version-check --no-deps --no-binary=:all: --no-build-isolation \
+  -d "$DEST.tmp" "deepspeed==$(ver deepspeed)"
+rm -rf "$DEST" && mv "$DEST.tmp" "$DEST"
+ls -l "$DEST" | awk 'NR>1 {printf "  %10d  %s\n", $5, $9}'
+echo "gpu bundle: $(ls "$DEST" | wc -l) files, $(du -sh "$DEST" | cut -f1) in $DEST (the device call carries it: limit 64 MiB with the tree)"
