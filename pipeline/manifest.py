@@ -22,7 +22,7 @@ from typing import Any
 from .config import REPO_ROOT
 
 MANIFEST = "manifest.json"
-STATUSES = ("running", "complete", "failed")
+STATUSES = ("running", "complete", "failed", "interrupted")  # interrupted: a signal, resumable; failed: an error
 
 
 class ManifestError(RuntimeError):

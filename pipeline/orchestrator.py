@@ -11,7 +11,9 @@ stage, then for each requested stage decides what to do from its manifest:
 - ``running`` and its process is alive on this host: refuse, another run is in progress;
 - ``running`` and its process is gone: run again; the stage resumes from its checkpoints by itself
   (``StageRun`` sees the interrupted manifest and the ``checkpoints/`` folder);
-- ``failed``: run again (it resumes from checkpoints where the config is unchanged).
+- ``interrupted`` (Ctrl-C or SIGTERM inside the stage; ``running`` with its process gone reads the same):
+  resume from the step ``checkpoints/latest`` names, or run again when there is no checkpoint;
+- ``failed`` (an error in the stage): run again (it resumes from checkpoints where the config is unchanged).
 
 Before launching a stage, its parents must be ``complete`` with matching chat-format fingerprints, or the
 run stops with a message naming the stage and why. A stage's output (stdout and stderr) goes to the
@@ -51,7 +53,7 @@ from .plan import (
 from .procs import RunLock, free_port, process_state, run_process
 from .report import write_report
 from .slurm import format_job_states
-from .stage import STAGE_ORDER, parents_of, stage_identity
+from .stage import STAGE_ORDER, parents_of, resume_step, stage_identity
 
 
 class StageFailed(RuntimeError):
@@ -167,13 +169,22 @@ def stage_status(cfg: RunConfig, stage: str, stale_parents: Sequence[str] = ()) 
     row["status"] = status
     row["metrics"] = manifest.get("metrics") or {}
     row["wall_time_s"] = manifest.get("wall_time_s")
+    step = resume_step(stage_dir)
+    resumes = (f"a re-run resumes from step {step}" if step is not None
+               else "a re-run resumes from its last checkpoint" if (stage_dir / "checkpoints").exists()
+               else "a re-run starts over (no checkpoint)")
     if status == "running":
         state = process_state(manifest)
-        row["detail"] = {"alive": f"in progress (pid {manifest.get('pid')})",
-                         "dead": f"interrupted (pid {manifest.get('pid')} is gone); re-run to resume",
-                         "other-host": f"running on {manifest.get('host')} (pid {manifest.get('pid')})"}[state]
+        if state == "dead":  # killed (SIGKILL, out of memory, node failure): its process vanished
+            row["status"] = "interrupted"
+            row["detail"] = f"pid {manifest.get('pid')} is gone; {resumes}"
+        else:
+            row["detail"] = {"alive": f"in progress (pid {manifest.get('pid')})",
+                             "other-host": f"running on {manifest.get('host')} (pid {manifest.get('pid')})"}[state]
+    elif status == "interrupted":
+        row["detail"] = f"by {manifest.get('interrupted_by') or 'a signal'}; {resumes}"
     elif status == "failed":
-        row["detail"] = manifest.get("error") or ""
+        row["detail"] = f"{manifest.get('error') or 'no error recorded'}; {resumes}"
     else:
         config_hash, input_hash = stage_identity(cfg, stage)
         if manifest.get("config_hash") != config_hash:

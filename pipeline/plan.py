@@ -30,7 +30,7 @@ from .manifest import (
     require_complete_parent,
 )
 from .procs import process_state
-from .stage import STAGE_ORDER, hint_command, parents_of, stage_identity
+from .stage import STAGE_ORDER, hint_command, parents_of, resume_step, stage_identity
 
 Printer = Callable[[str], None]
 
@@ -89,16 +89,16 @@ def decide(cfg: RunConfig, stage: str, force: bool = False) -> Decision:
                 f"stage '{stage}' says it is running ({where}, {stage_dir / MANIFEST}) on another host, which "
                 "this machine cannot check. If that process is gone, re-run with --force."
             )
-        if force:
-            return Decision(stage, "run", f"--force (an interrupted run by {where} is discarded)")
-        if (stage_dir / "checkpoints").exists():
-            return Decision(stage, "resume", f"interrupted ({where} is gone); resuming from its last checkpoint")
-        return Decision(stage, "rerun", f"interrupted ({where} is gone) before its first checkpoint")
+        return _interrupted(stage, stage_dir, f"{where} is gone", force)
+    if status == "interrupted":
+        return _interrupted(stage, stage_dir, f"by {manifest.get('interrupted_by') or 'a signal'}", force)
     if force:
         return Decision(stage, "run", "--force")
     if status == "failed":
         error = manifest.get("error") or "no error recorded"
-        return Decision(stage, "rerun", f"the previous run failed ({error})")
+        step = resume_step(stage_dir)
+        resumes = f"; resuming from step {step} where the config is unchanged" if step is not None else ""
+        return Decision(stage, "rerun", f"the previous run failed ({error}){resumes}")
     if status == "complete":
         config_hash, input_hash = stage_identity(cfg, stage)
         if manifest.get("config_hash") != config_hash:
@@ -107,6 +107,18 @@ def decide(cfg: RunConfig, stage: str, force: bool = False) -> Decision:
             return Decision(stage, "run", "its inputs changed since it completed (a parent stage or a data file)")
         return Decision(stage, "skip", "complete, config and inputs unchanged")
     raise ManifestError(f"{stage_dir / MANIFEST}: unknown status {status!r}; delete the file or re-run with --force")
+
+
+def _interrupted(stage: str, stage_dir: Path, how: str, force: bool) -> Decision:
+    """An interrupted stage (a signal, or its process vanished): resume from ``checkpoints/latest``."""
+    if force:
+        return Decision(stage, "run", f"--force (the run interrupted {how} is discarded)")
+    step = resume_step(stage_dir)
+    if step is not None:
+        return Decision(stage, "resume", f"interrupted ({how}); resuming from step {step}, its last checkpoint")
+    if (stage_dir / "checkpoints").exists():
+        return Decision(stage, "resume", f"interrupted ({how}); resuming from its last checkpoint")
+    return Decision(stage, "rerun", f"interrupted ({how}) before its first checkpoint")
 
 
 def check_parents(cfg: RunConfig, stage: str, ran_now: set[str], warn: Printer) -> None:
@@ -144,7 +156,7 @@ def memory_plans(cfg: RunConfig, stages: Sequence[str], out: Printer, check: boo
 
 def _stage_deepspeed(cfg: RunConfig, stage: str) -> tuple[str, int, int, float, str, float | None] | None:
     """(json path, micro batch, grad accum, lr, precision, max grad norm) of a stage that names a DeepSpeed JSON."""
-    if stage in ("sft", "rm"):
+    if stage in ("sft", "rm", "dpo"):
         train = getattr(cfg, stage).train
         if train.deepspeed:
             return (train.deepspeed, train.per_device_batch_size, train.gradient_accumulation_steps,

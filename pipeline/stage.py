@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -32,7 +34,7 @@ from .manifest import (
 )
 
 # Which stage folders a stage reads, by config (the InstructGPT order of DESIGN §1).
-STAGE_ORDER = ("sft", "rlaif_label", "rm", "best_of_n", "ppo")
+STAGE_ORDER = ("sft", "rlaif_label", "rm", "best_of_n", "ppo", "dpo")
 
 
 def parents_of(cfg: RunConfig, stage: str) -> list[str]:
@@ -40,8 +42,8 @@ def parents_of(cfg: RunConfig, stage: str) -> list[str]:
         return []
     if stage == "rlaif_label":
         return ["sft"] if "sft" in cfg.stages else []
-    if stage == "rm":
-        parents = ["sft"] if cfg.rm.init_from == "sft" else []
+    if stage in ("rm", "dpo"):
+        parents = ["sft"] if getattr(cfg, stage).init_from == "sft" else []
         if "rlaif_label" in cfg.stages:
             parents.append("rlaif_label")
         return parents
@@ -74,7 +76,7 @@ def data_sources(cfg: RunConfig, stage: str) -> list[str]:
     section = getattr(cfg, stage)
     out = []
     names = ("data", "eval_data", "ptx_data")
-    if stage == "rm" and "rlaif_label" in cfg.stages:
+    if stage in ("rm", "dpo") and "rlaif_label" in cfg.stages:
         names = ("eval_data",)
     for name in names:
         source = getattr(section, name, None)
@@ -138,6 +140,30 @@ def stage_identity(cfg: RunConfig, stage: str) -> tuple[str, str]:
     return config_hash, input_hash
 
 
+def resume_step(stage_dir: str | os.PathLike) -> int | None:
+    """The step a re-run of the stage resumes from: the checkpoint ``checkpoints/latest`` names (None: none)."""
+    checkpoints = Path(stage_dir) / "checkpoints"
+    try:
+        tag = (checkpoints / "latest").read_text().strip()
+    except OSError:
+        return None
+    if not tag.startswith("step-") or not (checkpoints / tag).is_dir():
+        return None
+    try:
+        return int(tag.removeprefix("step-"))
+    except ValueError:
+        return None
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """SIGTERM inside a stage (a scheduler's or a launcher's stop, a node going away): like Ctrl-C, the stage
+    ends ``interrupted``, resumable, not ``failed``."""
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise StageInterrupted(signal.Signals(signum).name)
+
+
 def hint_command(stage: str) -> str:
     return f"make {stage} CONFIG=<your config>  (or: python -m pipeline run CONFIG --stages {stage})"
 
@@ -197,7 +223,7 @@ class StageRun:
         check_fingerprints(self.stage, {p: m.get("chat_fingerprint") for p, m in self.parents.items()})
         config_hash, input_hash = stage_identity(self.cfg, self.stage)
         previous = read_manifest(self.dir)
-        self.resuming = bool(previous and previous.get("status") in ("running", "failed")
+        self.resuming = bool(previous and previous.get("status") in ("running", "failed", "interrupted")
                              and previous.get("config_hash") == config_hash and self.checkpoints.exists())
         if not self.resuming and self.is_main and self.checkpoints.exists():
             # a different config or a finished stage: stale training state must not leak into this run
@@ -217,6 +243,9 @@ class StageRun:
                                                 for key, loc in models.items()}
         self.manifest["resumed"] = self.resuming
         self._rss_start = _current_rss_bytes()
+        self._old_sigterm: Any = False  # False: not installed (not the main thread)
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
         if self.is_main:
             write_manifest(self.dir, self.manifest)
             self._open_loggers()
@@ -230,9 +259,16 @@ class StageRun:
             if self.is_main and self.checkpoints.exists():
                 # training state is kept only until the stage completes (DESIGN §1)
                 shutil.rmtree(self.checkpoints, ignore_errors=True)
+        elif isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM: resumable, not an error of the stage
+            self.manifest["status"] = "interrupted"
+            self.manifest["interrupted_by"] = str(exc) if isinstance(exc, StageInterrupted) else "SIGINT (Ctrl-C)"
+            self.manifest["resume_step"] = resume_step(self.dir)
         else:
             self.manifest["status"] = "failed"
             self.manifest["error"] = "".join(traceback.format_exception_only(exc_type, exc)).strip()
+            self.manifest["resume_step"] = resume_step(self.dir)
+        if getattr(self, "_old_sigterm", False) is not False:
+            signal.signal(signal.SIGTERM, self._old_sigterm if self._old_sigterm is not None else signal.SIG_DFL)
         if self.is_main:
             write_manifest(self.dir, self.manifest)
             self._close_loggers()

@@ -345,3 +345,85 @@ def test_models_a_run_does_not_load_are_not_checked(tmp_path):
 
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+# ------------------------------------------------------------------------ interrupted vs failed
+def _stage_with_checkpoint(cfg, step: int | None):
+    from pipeline.stage import StageRun
+
+    run = StageRun(cfg, "sft").__enter__()
+    if step is not None:
+        (run.checkpoints / f"step-{step}").mkdir(parents=True)
+        (run.checkpoints / "latest").write_text(f"step-{step}")
+    return run
+
+
+@pytest.mark.parametrize("exc, status, detail", [
+    (KeyboardInterrupt(), "interrupted", "by SIGINT (Ctrl-C); a re-run resumes from step 20"),
+    ("sigterm", "interrupted", "by SIGTERM; a re-run resumes from step 20"),
+    (RuntimeError("loss is NaN"), "failed", "RuntimeError: loss is NaN; a re-run resumes from step 20"),
+], ids=["ctrl-c", "sigterm", "error"])
+def test_interrupted_and_failed_stages_in_the_manifest_status_and_decision(tiny_cfg, exc, status, detail):
+    import os
+    import signal
+
+    from pipeline.manifest import read_manifest
+    from pipeline.orchestrator import stage_status
+    from pipeline.plan import decide
+
+    cfg = tiny_cfg()
+    before = signal.getsignal(signal.SIGTERM)
+    run = _stage_with_checkpoint(cfg, 20)
+    try:
+        if exc == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise exc
+    except BaseException as caught:  # noqa: BLE001 - what the stage process would see
+        run.__exit__(type(caught), caught, caught.__traceback__)
+    assert signal.getsignal(signal.SIGTERM) == before  # the stage's SIGTERM handler is gone again
+    manifest = read_manifest(cfg.stage_dir("sft"))
+    assert manifest["status"] == status and manifest["resume_step"] == 20
+    row = stage_status(cfg, "sft")
+    assert (row["status"], row["detail"]) == (status, detail)
+    decision = decide(cfg, "sft")
+    if status == "interrupted":
+        how = "SIGTERM" if exc == "sigterm" else "SIGINT (Ctrl-C)"
+        assert (decision.action, decision.reason) == ("resume", f"interrupted (by {how}); resuming from step 20, "
+                                                                "its last checkpoint")
+    else:
+        assert (decision.action, decision.reason) == ("rerun", "the previous run failed (RuntimeError: loss is NaN); "
+                                                               "resuming from step 20 where the config is unchanged")
+    assert decide(cfg, "sft", force=True).action == "run"
+
+
+def test_interrupted_before_the_first_checkpoint_starts_over(tiny_cfg):
+    from pipeline.orchestrator import stage_status
+    from pipeline.plan import decide
+
+    cfg = tiny_cfg()
+    run = _stage_with_checkpoint(cfg, None)
+    run.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert stage_status(cfg, "sft")["detail"] == "by SIGINT (Ctrl-C); a re-run starts over (no checkpoint)"
+    decision = decide(cfg, "sft")
+    assert (decision.action, decision.reason) == ("rerun", "interrupted (by SIGINT (Ctrl-C)) before its first "
+                                                           "checkpoint")
+
+
+def test_a_stage_whose_process_vanished_is_interrupted(tiny_cfg):
+    from pipeline.manifest import read_manifest, write_manifest
+    from pipeline.orchestrator import format_status, stage_status
+    from pipeline.plan import decide
+
+    cfg = tiny_cfg()
+    _stage_with_checkpoint(cfg, 7)  # never exits: killed with SIGKILL, out of memory, node lost
+    manifest = read_manifest(cfg.stage_dir("sft"))
+    manifest["pid"] = 2 ** 22 + 12345  # no such process
+    write_manifest(cfg.stage_dir("sft"), manifest)
+    row = stage_status(cfg, "sft")
+    assert (row["status"], row["detail"]) == ("interrupted", f"pid {manifest['pid']} is gone; a re-run resumes "
+                                                             "from step 7")
+    status_text = format_status(cfg)
+    assert f"sft          interrupted (pid {manifest['pid']} is gone; a re-run resumes from step 7)" in status_text
+    decision = decide(cfg, "sft")
+    assert decision.action == "resume"
+    assert decision.reason.endswith("is gone); resuming from step 7, its last checkpoint")

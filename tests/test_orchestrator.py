@@ -162,7 +162,7 @@ def test_ctrl_c_then_resume(fake, tmp_path):
     assert proc.returncode == 130, (out, err)
     assert "interrupted: re-run the same command to resume" in err
     m = manifest(config, "rm")
-    assert m["status"] in ("failed", "running") and m["status"] != "complete"
+    assert m["status"] in ("interrupted", "running")  # Ctrl-C is an interruption, not a failure of the stage
     result = run(config)
     assert actions(result)["sft"] == "skip" and actions(result)["rm"] in ("rerun", "resume")
     assert manifest(config, "rm")["metrics"]["resumed_from"] >= 2

@@ -118,7 +118,7 @@ def test_interrupted_stage_resumes_to_the_same_weights(tiny_cfg, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         sft.run(cfg)
     manifest = json.loads((cfg.stage_dir("sft") / "manifest.json").read_text())
-    assert manifest["status"] == "failed"
+    assert manifest["status"] == "interrupted" and manifest["resume_step"] == 6
     assert (cfg.stage_dir("sft") / "checkpoints" / "latest").read_text() == "step-6"
     monkeypatch.setattr(Engine, "save_checkpoint", original)
     sft.run(cfg)
