@@ -27,6 +27,13 @@ offload (ZeRO-3) moves weights there, leaving roughly two layers gathered on the
 
 Numbers are estimates: allocator fragmentation, CUDA context and communication buffers are covered by
 ``check``'s headroom, not itemised.
+
+Measured accuracy (``bench/planner_accuracy.py [CONFIG]``: estimate vs the stage process's RSS growth since the
+stage began, CPU; on a GPU ``bench/gpu_check.sh`` compares with torch's max allocated). configs/tiny.yaml: SFT
+16.6 MiB planned vs 186 MiB measured (-91%), RM 18.6 vs 224 (-92%), PPO 14.4 vs 189 (-92%): on a model of
+~0.1M parameters the runtime's own allocations (imports after the stage starts, tokenizer, data, allocator
+arenas) are the whole footprint and the planner does not model them. configs/demo.yaml (SmolLM2-135M, LoRA):
+not measured yet. Target: within 25% for SFT and RM, within 40% for PPO.
 """
 
 from __future__ import annotations
