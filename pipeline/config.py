@@ -644,6 +644,13 @@ class LaunchConfig(_Section):
     rdzv_backend: Literal["c10d", "static"] = "c10d"
     gpu_memory_gib: float | None = Field(None, gt=0, description="Per-device memory for the planner.")
     offload: bool = False
+    cpu_wait_policy: Literal["passive", "inherit"] = Field(
+        "passive", description="CPU stage processes: 'passive' sets OMP_WAIT_POLICY=PASSIVE and KMP_BLOCKTIME=0 "
+        "(idle OpenMP threads sleep instead of spinning on cores other processes need); 'inherit' leaves them.")
+    cpu_threads: int | Literal["available", "inherit"] = Field(
+        "available", description="CPU stage processes: OMP_NUM_THREADS = the cores this process may use "
+        "(CPU affinity and cgroup quota) / processes per node ('available'), a number, or 'inherit'. "
+        "Variables already set in the environment win; a stage's train.num_threads overrides in-process.")
 
 
 class SlurmConfig(_Section):

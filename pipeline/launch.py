@@ -26,6 +26,7 @@ the tests use it to run quick fake stages through the real launchers and Slurm.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import sys
@@ -161,15 +162,71 @@ def stage_command(cfg: RunConfig, stage: str, config_file: str | os.PathLike, py
 
 
 def stage_env(cfg: RunConfig, base: Mapping[str, str] | None = None, cpu: bool = True) -> dict[str, str]:
-    """Environment of a stage process: ``base`` plus the repo on PYTHONPATH and, on CPU, DS_ACCELERATOR=cpu."""
+    """Environment of a stage process: ``base`` plus the repo on PYTHONPATH and, on CPU, DS_ACCELERATOR=cpu
+    and the thread settings of ``cpu_thread_env`` (variables ``base`` already sets are kept)."""
     env = dict(os.environ if base is None else base)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(REPO_ROOT) not in paths:
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
     if cpu:
         env["DS_ACCELERATOR"] = "cpu"
+        for key, value in cpu_thread_env(cfg.launch.cpu_wait_policy, cfg.launch.cpu_threads,
+                                         cfg.launch.nproc_per_node).items():
+            env.setdefault(key, value)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def cpu_thread_env(wait_policy: str = "passive", threads: int | str = "available",
+                   processes: int = 1) -> dict[str, str]:
+    """OpenMP settings for a CPU stage process; they must be in its environment before torch is imported.
+
+    On a machine whose cores are shared, OpenMP threads that spin-wait between parallel regions (the
+    default) hold cores other processes need, and torch with one thread per core can run several times
+    slower beside a single other busy process; passive waiting (``OMP_WAIT_POLICY=PASSIVE`` for GNU
+    OpenMP, ``KMP_BLOCKTIME=0`` for Intel's) puts them to sleep instead. ``threads="available"`` sizes
+    the pool from the cores this process may actually use (``available_cpus``), shared by ``processes``
+    processes per node, instead of every core the machine has. bench/busy.py measures both.
+    """
+    env: dict[str, str] = {}
+    if wait_policy == "passive":
+        env.update(OMP_WAIT_POLICY="PASSIVE", KMP_BLOCKTIME="0")
+    if threads == "available":
+        env["OMP_NUM_THREADS"] = str(max(1, available_cpus() // max(1, processes)))
+    elif threads != "inherit":
+        if int(threads) < 1:
+            raise ConfigError(f"launch.cpu_threads={threads!r}: use a number of threads >= 1, 'available' or 'inherit'")
+        env["OMP_NUM_THREADS"] = str(int(threads))
+    return env
+
+
+def available_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers, Slurm)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs the cgroup quota allows (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``);
+    None when there is no quota."""
+    try:
+        v2 = root / "cpu.max"
+        if v2.exists():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = root / "cpu" / "cpu.cfs_quota_us"
+        if v1.exists():
+            quota = int(v1.read_text())
+            return None if quota <= 0 else quota / int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+    return None
 
 
 def has_cuda() -> bool:

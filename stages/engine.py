@@ -34,11 +34,16 @@ from stages.training import (
     Checkpoints,
     build_optimizer,
     init_deepspeed,
+    load_state,
     load_trainable,
+    load_weights,
     rng_state,
+    save_state,
+    save_weights,
     seed_everything,
     set_rng_state,
     trainable_state,
+    trim_logs_after,
     zero_stage_of,
 )
 
@@ -238,27 +243,32 @@ class Engine:
 
     def save_checkpoint(self) -> Path:
         """checkpoints/step-N (see ``stages.training.Checkpoints``): DeepSpeed's sharded files (written by
-        every rank) or ``state.pt`` (rank 0: trainable weights, optimizer, scheduler, client state)."""
-        ckpt = self.checkpoints
-        tmp = ckpt.stage(self.global_step)
-        if self.ds_engine is not None:
-            self.ds_engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=self._client_state(),
-                                           save_latest=False)
-        elif self.dist.is_main:
-            torch.save({"model": trainable_state(self.model, everything=self.unfreezer is not None),
-                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "client": self._client_state()}, tmp / "state.pt")
-        return ckpt.publish(self.global_step)
+        every rank) and ``client-rankR.{json,safetensors}`` per rank, or (rank 0) ``weights.safetensors``
+        (trainable weights) and ``state.{json,safetensors}`` (optimizer, scheduler, client state)."""
+
+        def write(folder: Path) -> None:
+            if self.ds_engine is not None:
+                self.ds_engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+                save_state(folder, f"client-rank{self.dist.rank}", self._client_state())
+            elif self.dist.is_main:
+                save_weights(folder, "weights", trainable_state(self.model, everything=self.unfreezer is not None))
+                save_state(folder, "state", {"optimizer": self.optimizer.state_dict(),
+                                             "scheduler": self.scheduler.state_dict(),
+                                             "client": self._client_state()})
+
+        return self.checkpoints.save(self.global_step, write)
 
     def maybe_resume(self) -> bool:
         folder = self.checkpoints.latest()
         if folder is None:
             return False
         if self.ds_engine is not None:
-            _, client = self.ds_engine.load_checkpoint(str(folder.parent), tag=folder.name)
+            # DeepSpeed unpickles its own files: only folders of this run's checkpoints/ that match their index
+            self.ds_engine.load_checkpoint(str(folder.parent), tag=folder.name)
+            client = load_state(folder, f"client-rank{self.dist.rank}")
         else:
-            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
-            load_trainable(self.model, state["model"])
+            load_trainable(self.model, load_weights(folder, "weights"))
+            state = load_state(folder, "state")
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             client = state["client"]
@@ -268,6 +278,7 @@ class Engine:
         if self.unfreezer is not None and client.get("unfreezer"):
             self.unfreezer.load_state_dict(client["unfreezer"])
         if self.dist.is_main:
+            trim_logs_after(self.run.dir, self.global_step)
             print(f"[alignpipe] resumed {self.desc} from {folder} (step {self.global_step})", flush=True)
         return True
 

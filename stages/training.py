@@ -3,7 +3,16 @@
 One home for what is not the algorithm:
 
 - ``Checkpoints``: ``checkpoints/step-N`` folders written under a temporary name (``.tmp-step-N``),
-  renamed into place, ``latest`` naming the newest, only the last two kept;
+  indexed (``index.json``: size + SHA-256 of every file), renamed into place, only the last two kept;
+  resume takes the newest folder that matches its index (falling back to the previous one, saying so);
+  a save that cannot write (full disk) keeps the previous checkpoint and stops with
+  ``CheckpointWriteError``;
+- ``save_state`` / ``load_state``, ``save_weights`` / ``load_weights``: the project's resumable state
+  as JSON + safetensors, loaded without unpickling anything. One exception, a library's: DeepSpeed
+  writes its engine checkpoints (``mp_rank_*_model_states.pt``, ``*_optim_states.pt``) with
+  ``torch.save`` and reads them back with ``torch.load``, unpickling (``weights_only`` off). We hand
+  it only folders under the run's own ``checkpoints/`` that match the index written when they were
+  saved (docs/ARCHITECTURE.md, "Checkpoints");
 - ``rng_state`` / ``set_rng_state``: python, numpy, torch and CUDA generator states (per rank);
 - ``trainable_state`` / ``load_trainable``: the weights a checkpoint keeps and puts back;
 - ``build_optimizer``: AdamW + a warm-up/cosine/linear/constant ``LambdaLR`` schedule;
@@ -14,6 +23,7 @@ One home for what is not the algorithm:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,6 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from pipeline.config import resolve_path
 from pipeline.manifest import atomic_write_text
@@ -32,9 +43,21 @@ KEEP_CHECKPOINTS = 2
 
 
 # ------------------------------------------------------------------------------------ checkpoints
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, ...); the previous checkpoint is kept."""
+
+
 class Checkpoints:
-    """``root/step-N`` folders, published atomically. Collective when ``world_size > 1``: every rank
-    calls ``stage`` and ``publish`` (rank 0 touches the file system, the others wait at barriers)."""
+    """``root/step-N`` folders, published atomically and verified on resume. Collective when
+    ``world_size > 1``: every rank calls ``save`` (or ``stage`` and ``publish``) and ``latest`` (rank 0
+    touches the file system, the others wait at barriers).
+
+    A save writes into ``.tmp-step-N``; ``publish`` adds ``index.json`` (the size and SHA-256 of every
+    file in the folder), renames the folder to ``step-N``, points ``latest`` at it and keeps the newest
+    two. ``latest()`` returns the newest ``step-N`` whose files all match its index, saying which newer
+    ones it skipped and why, so a kill at any point of a save, or a damaged file, falls back to the
+    previous checkpoint.
+    """
 
     def __init__(self, root: Path, is_main: bool, world_size: int):
         self.root, self.is_main, self.world_size = Path(root), is_main, world_size
@@ -52,32 +75,251 @@ class Checkpoints:
         tmp = self.root / f".tmp-{self.tag(step)}"
         if self.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            for stale in self.root.glob(".tmp-step-*"):  # left by a save that was killed
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         self._barrier()
         return tmp
 
     def publish(self, step: int) -> Path:
-        """Rename the staged folder to ``step-N``, point ``latest`` at it, drop all but the newest two."""
+        """Index the staged folder, rename it to ``step-N``, point ``latest`` at it, drop all but the newest two."""
         tag = self.tag(step)
         final = self.root / tag
         self._barrier()  # every rank has finished writing
         if self.is_main:
+            tmp = self.root / f".tmp-{tag}"
+            _write_index(tmp, step)
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(self.root / f".tmp-{tag}", final)
-            atomic_write_text(self.root / "latest", tag)
-            steps = sorted(self.root.glob("step-*"), key=lambda q: int(q.name.split("-")[1]))
-            for old in steps[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
+            _rename(tmp, final)
+            _point_latest(self.root, tag)
+            _prune(self.root)
         self._barrier()
         return final
 
+    def save(self, step: int, write: Callable[[Path], None]) -> Path:
+        """``write(folder)`` on every rank into a staged folder, then ``publish``. A failure to write (a full
+        disk) removes the staged folder, keeps the previous checkpoint and raises ``CheckpointWriteError``
+        on every rank with what happened."""
+        tmp = self.stage(step)
+        error: BaseException | None = None
+        try:
+            write(tmp)
+        except OSError as exc:
+            error = exc
+        if self.world_size > 1:  # a rank that failed must not leave the others waiting at a barrier
+            flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and error is None:
+                error = OSError("another rank could not write its part of the checkpoint")
+        if error is None:
+            try:
+                return self.publish(step)
+            except OSError as exc:
+                error = exc
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = self._newest_tag()
+        kept = f"the previous checkpoint {previous} is kept" if previous else "there is no earlier checkpoint"
+        raise CheckpointWriteError(
+            getattr(error, "errno", None) or 0,
+            f"could not write checkpoint {self.tag(step)} under {self.root}: {error}; {kept} and the run "
+            f"resumes from it when started again (free disk space first if the disk is full)") from error
+
+    def _newest_tag(self) -> str | None:
+        steps = _step_folders(self.root)
+        return steps[0].name if steps else None
+
     def latest(self) -> Path | None:
-        """The folder ``latest`` names, or None when there is no checkpoint."""
-        pointer = self.root / "latest"
-        return self.root / pointer.read_text().strip() if pointer.exists() else None
+        """The newest ``step-N`` folder whose files match its index, or None when there is none. Rank 0
+        verifies and tells the others."""
+        choice: list[str | None] = [None]
+        if self.is_main:
+            found = self._verified()
+            choice[0] = found.name if found is not None else None
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(choice, src=0)
+        return self.root / choice[0] if choice[0] else None
+
+    def _verified(self) -> Path | None:
+        for folder in _step_folders(self.root):
+            problem = verify_checkpoint(folder)
+            if problem is None:
+                return folder
+            print(f"[alignpipe] checkpoint {folder} is incomplete or damaged ({problem}); "
+                  "falling back to the previous one", flush=True)
+        return None
+
+
+INDEX = "index.json"
+INDEX_FORMAT = 1
+
+
+def _step_folders(root: Path) -> list[Path]:
+    """``root/step-N`` folders (real folders inside ``root``, no links), newest first."""
+    if not root.is_dir():
+        return []
+    found = [q for q in root.glob("step-*") if q.is_dir() and not q.is_symlink() and q.name[5:].isdigit()]
+    return sorted(found, key=lambda q: int(q.name[5:]), reverse=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(q for q in folder.rglob("*") if q.is_file() and q.name != INDEX)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_index(folder: Path, step: int) -> None:
+    """``folder/index.json``: size and SHA-256 of every file (flushed to disk first)."""
+    files = {}
+    for path in _files(folder):
+        _fsync(path)
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    _write_json(folder / INDEX, {"format": INDEX_FORMAT, "step": step, "files": files})
+    _fsync(folder)
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None when every file ``folder/index.json`` lists is there with its size and SHA-256, else what is wrong."""
+    try:
+        index = json.loads((folder / INDEX).read_text())
+        files = index["files"]
+    except FileNotFoundError:
+        return f"no {INDEX}"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {INDEX}: {exc}"
+    if index.get("format") != INDEX_FORMAT:
+        return f"{INDEX} format {index.get('format')!r}, expected {INDEX_FORMAT}"
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the index says {want['bytes']}"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+# The steps of a publish, as functions so that tests can stop a save between any two of them.
+def _rename(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+    _fsync(dst.parent)
+
+
+def _point_latest(root: Path, tag: str) -> None:
+    atomic_write_text(root / "latest", tag)  # informational: ``latest()`` picks the newest verified folder
+
+
+def _prune(root: Path) -> None:
+    for old in _step_folders(root)[KEEP_CHECKPOINTS:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def trim_logs_after(folder: Path, step: int, names: tuple[str, ...] = ("metrics.jsonl",)) -> None:
+    """Drop the rows of ``folder/NAME`` logged after ``step``: on resume they belong to the lost part of
+    the run (a kill after logging, or a fallback to an older checkpoint) and are logged again."""
+    for name in names:
+        path = folder / name
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+# ------------------------------------------------------------------ state files: JSON + safetensors
+# Resumable state (optimiser and schedule state dicts, RNG states, counters, controllers) is a tree of
+# dicts, lists, tuples, numbers, strings and tensors. ``save_state`` writes its tensors to
+# ``NAME.safetensors`` and the rest to ``NAME.json`` (a tensor becomes {"__tensor__": key}, a tuple
+# {"__tuple__": [...]}, a dict with non-string keys {"__items__": [[key, value], ...]}); ``load_state``
+# rebuilds it. Nothing is unpickled.
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file(tensors, str(path))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh)
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{where}.{k}") for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}[{k!r}]")]
+                              for k, v in obj.items()]}
+    raise TypeError(f"checkpoint state {where}: {type(obj).__name__} cannot be written as JSON/safetensors")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode_key(k): _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def _decode_key(key: Any) -> Any:
+    return tuple(key["__tuple__"]) if isinstance(key, dict) and "__tuple__" in key else key
+
+
+def save_state(folder: Path, name: str, state: Any) -> None:
+    """Write ``state`` as ``folder/NAME.safetensors`` (its tensors) + ``folder/NAME.json`` (the rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(state, tensors, name)
+    _write_tensors(folder / f"{name}.safetensors", tensors)
+    _write_json(folder / f"{name}.json", {"format": INDEX_FORMAT, "state": tree})
+
+
+def load_state(folder: Path, name: str) -> Any:
+    """The state ``save_state(folder, name, ...)`` wrote (tensors on the CPU)."""
+    tensors = load_file(str(folder / f"{name}.safetensors"))
+    return _decode(json.loads((folder / f"{name}.json").read_text())["state"], tensors)
+
+
+def save_weights(folder: Path, name: str, weights: dict[str, torch.Tensor]) -> None:
+    """Named weights (``trainable_state``) as ``folder/NAME.safetensors``."""
+    _write_tensors(folder / f"{name}.safetensors", {k: v.contiguous() for k, v in weights.items()})
+
+
+def load_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / f"{name}.safetensors"))
 
 
 # -------------------------------------------------------------------------------------- RNG state

@@ -101,7 +101,6 @@ from typing import Any, Callable
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.manifest import atomic_write_text
 from pipeline.stage import StageRun
 from stages.engine import DistInfo, init_distributed, use_bf16
 from stages.ppo.core import AdaptiveKLController, FixedKLController, RunningMoments, explained_variance
@@ -111,12 +110,17 @@ from stages.ppo.setup import PPOSetup, head_in_fp32  # noqa: F401  (re-exported 
 from stages.ppo.update import PPOUpdate
 from stages.training import (
     Checkpoints,
+    load_state,
     load_trainable,
+    load_weights,
     rng_state,
     save_final_model,
+    save_state,
+    save_weights,
     seed_everything,
     set_rng_state,
     trainable_state,
+    trim_logs_after,
 )
 from stages.tuning import trainable_summary
 
@@ -182,41 +186,45 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
                 "unfreezer": self.unfreezer.state_dict() if self.unfreezer is not None else None}
 
     def save_checkpoint(self) -> Path:
-        """checkpoints/step-N (``stages.training.Checkpoints``): both DeepSpeed engines' checkpoints and a
-        client state per rank, or ``state.pt`` (trainable weights, optimisers, schedulers, client state)."""
-        ckpt = self.checkpoints
-        tmp = ckpt.stage(self.step)
-        if self.actor_engine is not None:
-            self.actor_engine.save_checkpoint(str(tmp), tag="actor", save_latest=False)
-            if self.critic_engine is not None:
-                self.critic_engine.save_checkpoint(str(tmp), tag="critic", save_latest=False)
-            torch.save(self._client_state(), tmp / f"client-rank{self.dist.rank}.pt")
-        elif self.dist.is_main:
-            state = {"actor": trainable_state(self.actor, everything=self.unfreezer is not None),
-                     "actor_opt": self.actor_opt.state_dict(), "actor_sched": self.actor_sched.state_dict(),
-                     "client": self._client_state()}
-            if self.critic is not None:
-                state.update(critic=trainable_state(self.critic), critic_opt=self.critic_opt.state_dict(),
-                             critic_sched=self.critic_sched.state_dict())
-            torch.save(state, tmp / "state.pt")
-        return ckpt.publish(self.step)
+        """checkpoints/step-N (``stages.training.Checkpoints``): both DeepSpeed engines' checkpoints and
+        ``client-rankR.{json,safetensors}`` per rank, or (rank 0) ``actor.safetensors`` and
+        ``critic.safetensors`` (trainable weights) and ``state.{json,safetensors}`` (optimisers,
+        schedulers, client state)."""
+
+        def write(folder: Path) -> None:
+            if self.actor_engine is not None:
+                self.actor_engine.save_checkpoint(str(folder), tag="actor", save_latest=False)
+                if self.critic_engine is not None:
+                    self.critic_engine.save_checkpoint(str(folder), tag="critic", save_latest=False)
+                save_state(folder, f"client-rank{self.dist.rank}", self._client_state())
+            elif self.dist.is_main:
+                save_weights(folder, "actor", trainable_state(self.actor, everything=self.unfreezer is not None))
+                state = {"actor_opt": self.actor_opt.state_dict(), "actor_sched": self.actor_sched.state_dict(),
+                         "client": self._client_state()}
+                if self.critic is not None:
+                    save_weights(folder, "critic", trainable_state(self.critic))
+                    state.update(critic_opt=self.critic_opt.state_dict(), critic_sched=self.critic_sched.state_dict())
+                save_state(folder, "state", state)
+
+        return self.checkpoints.save(self.step, write)
 
     def maybe_resume(self) -> bool:
         folder = self.checkpoints.latest() if self.run.resuming else None
         if folder is None:
             return False
         if self.actor_engine is not None:
+            # DeepSpeed unpickles its own files: only folders of this run's checkpoints/ that match their index
             self.actor_engine.load_checkpoint(str(folder), tag="actor")
             if self.critic_engine is not None:
                 self.critic_engine.load_checkpoint(str(folder), tag="critic")
-            client = torch.load(folder / f"client-rank{self.dist.rank}.pt", map_location="cpu", weights_only=False)
+            client = load_state(folder, f"client-rank{self.dist.rank}")
         else:
-            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
-            load_trainable(self.actor, state["actor"])
+            load_trainable(self.actor, load_weights(folder, "actor"))
             names = ["actor_opt", "actor_sched"]
             if self.critic is not None:
-                load_trainable(self.critic, state["critic"])
+                load_trainable(self.critic, load_weights(folder, "critic"))
                 names += ["critic_opt", "critic_sched"]
+            state = load_state(folder, "state")
             for name in names:
                 getattr(self, name).load_state_dict(state[name])
             client = state["client"]
@@ -228,13 +236,8 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
         if self.unfreezer is not None and client.get("unfreezer"):
             self.unfreezer.load_state_dict(client["unfreezer"])
         set_rng_state(client["rng"])
-        if self.dist.is_main:  # rows written after the checkpoint belong to the lost part of the run
-            for name in ("metrics.jsonl", "samples.jsonl"):
-                path = self.run.dir / name
-                if path.exists():
-                    keep = [line for line in path.read_text().splitlines()
-                            if line and json.loads(line).get("step", 0) <= self.step]
-                    atomic_write_text(path, "".join(line + "\n" for line in keep))
+        if self.dist.is_main:
+            trim_logs_after(self.run.dir, self.step, ("metrics.jsonl", "samples.jsonl"))
             print(f"[alignpipe] ppo: resumed from {folder} (step {self.step})", flush=True)
         return True
 
