@@ -17,13 +17,13 @@ export DS_ACCELERATOR ?= $(if $(HAS_CUDA),cuda,cpu)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install demo pipeline sft rm ppo best_of_n rlaif status report slurm serve validate lint test test-all bench bench-quality gpu-bundle gpu-check-dry clean
+.PHONY: help install demo pipeline sft rm ppo dpo best_of_n rlaif status report slurm serve validate lint test test-all bench bench-quality gpu-bundle gpu-check-dry clean
 
 help:
 	@echo "make demo                      whole pipeline (sft -> rm -> ppo) on the embedded SmolLM2 default"
 	@echo "make test                      lint, then the test suite (slow tests excluded; make test-all for all)"
 	@echo "make lint                      ruff (lint + import order; configured in pyproject.toml)"
-	@echo "make sft|rm|ppo|pipeline|rlaif CONFIG=configs/x.yaml ARGS='key=value ...'"
+	@echo "make sft|rm|ppo|dpo|pipeline|rlaif CONFIG=configs/x.yaml ARGS='key=value ...'"
 	@echo "make status|report|slurm|validate CONFIG=...   make serve CHECKPOINT=outputs/<run>/<stage>"
 	@echo "make bench-quality             learning regression benchmark (tiny PPO + the demo vs stored references)"
 
@@ -44,7 +44,7 @@ demo: $(VENV)/.installed
 pipeline: $(VENV)/.installed
 	$(PY) -m pipeline run $(CONFIG) $(ARGS)
 
-sft rm ppo: $(VENV)/.installed
+sft rm ppo dpo: $(VENV)/.installed
 	$(PY) -m pipeline run $(CONFIG) $(ARGS) --stages $@
 
 best_of_n: $(VENV)/.installed

@@ -320,6 +320,37 @@ class RMConfig(_Section):
     tuning: TuningConfig = Field(default_factory=TuningConfig)
 
 
+class DPOConfig(_Section):
+    """``dpo``: direct preference optimisation on the same preference data as ``rm`` (stages/dpo/).
+
+    loss: ``sigmoid`` (DPO), ``ipo`` (IPO, on per-token mean log-probs), ``cdpo`` (conservative DPO:
+    labels flipped with probability ``label_smoothing``). The reference is the starting policy (the SFT
+    model, or the base): its log-probs are computed once before training (with a PEFT method, on the
+    same model with the adapter disabled), so no second copy of the model is held.
+    """
+
+    data: DataSource | None = None
+    eval_data: DataSource | None = None
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    init_from: Literal["sft", "base"] = "sft"
+    max_length: int = Field(512, gt=8)
+    loss: Literal["sigmoid", "ipo", "cdpo"] = "sigmoid"
+    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward beta * (logp - ref_logp).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo only: probability that a label is flipped.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(learning_rate=5e-6))
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+
+    @model_validator(mode="after")
+    def _smoothing_only_for_cdpo(self) -> "DPOConfig":
+        if self.loss == "cdpo" and self.label_smoothing == 0:
+            raise ValueError("dpo.loss='cdpo' needs dpo.label_smoothing > 0 (e.g. 0.1); with 0 it is plain "
+                             "sigmoid DPO")
+        if self.loss != "cdpo" and self.label_smoothing != 0:
+            raise ValueError(f"dpo.label_smoothing={self.label_smoothing} is only used by dpo.loss='cdpo' "
+                             f"(got loss {self.loss!r}); set dpo.loss=cdpo or label_smoothing=0")
+        return self
+
+
 class RewardSourceConfig(_Section):
     """One term of the PPO reward: the RM, a Python function ``module:function``, or an AI judge."""
 
@@ -695,11 +726,12 @@ class RunConfig(_Section):
     chat: ChatConfig = Field(default_factory=ChatConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rm: RMConfig = Field(default_factory=RMConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     rlaif_label: RLAIFLabelConfig = Field(default_factory=RLAIFLabelConfig)
     rlaif: RLAIFConfig = Field(default_factory=RLAIFConfig)
     best_of_n: BestOfNConfig = Field(default_factory=BestOfNConfig)
-    stages: list[Literal["sft", "rlaif_label", "rm", "ppo", "best_of_n"]] = Field(
+    stages: list[Literal["sft", "rlaif_label", "rm", "ppo", "dpo", "best_of_n"]] = Field(
         default_factory=lambda: ["sft", "rm", "ppo"])
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
@@ -721,7 +753,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _global_batches(self) -> "RunConfig":
         world = self.world_size
-        for name in ("sft", "rm"):
+        for name in ("sft", "rm", "dpo"):
             train = getattr(self, name).train
             if train.global_batch_size is None:
                 continue
@@ -732,6 +764,24 @@ class RunConfig(_Section):
                     f"({train.per_device_batch_size}) x gradient_accumulation_steps "
                     f"({train.gradient_accumulation_steps}) x world size ({world}, from launch) = {actual}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_has_its_inputs(self) -> "RunConfig":
+        """DPO needs preference data (dpo.data or rlaif_label's pairs) and its starting policy (before any
+        model loads)."""
+        if "dpo" not in self.stages:
+            return self
+        if self.dpo.data is None and "rlaif_label" not in self.stages:
+            raise ValueError(
+                "dpo.data is not set: point it at a preference file (prompt/chosen/rejected, HH transcripts, or "
+                "prompt/responses/ranking) or hub:name, or add rlaif_label to the run's stages to train on "
+                "AI-judged pairs of SFT samples")
+        if self.dpo.init_from == "sft" and "sft" not in self.stages:
+            raise ValueError(
+                f"dpo.init_from is 'sft' but stages {self.stages} do not include 'sft'. Add 'sft' to stages (a "
+                "complete stage of this run_name with the same config is skipped, not retrained), or set "
+                "dpo.init_from: base")
         return self
 
     @model_validator(mode="after")

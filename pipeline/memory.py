@@ -487,7 +487,7 @@ def _count(n: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------- estimate
-_STAGES = ("sft", "rm", "ppo", "rlaif_label", "best_of_n")
+_STAGES = ("sft", "rm", "ppo", "rlaif_label", "dpo", "best_of_n")
 
 
 def world_size_of(cfg: RunConfig) -> int:
@@ -513,6 +513,8 @@ def _stage_ds_path(cfg: RunConfig, stage: str) -> str | None:
         return cfg.sft.train.deepspeed
     if stage == "rm":
         return cfg.rm.train.deepspeed
+    if stage == "dpo":
+        return cfg.dpo.train.deepspeed
     if stage == "ppo":
         return cfg.ppo.train.deepspeed
     return None
@@ -536,7 +538,7 @@ def _initial_knobs(cfg: RunConfig, stage: str) -> tuple[_Knobs, str]:
 
     if stage == "ppo":
         precision = cfg.ppo.train.precision
-    elif stage in ("sft", "rm"):
+    elif stage in ("sft", "rm", "dpo"):
         precision = getattr(cfg, stage).train.precision
     else:
         precision = "auto"
@@ -556,7 +558,7 @@ def _initial_knobs(cfg: RunConfig, stage: str) -> tuple[_Knobs, str]:
         micro = max(1, cfg.ppo.sizes(world_size_of(cfg)).micro_batch)
         grad_ckpt = cfg.ppo.train.gradient_checkpointing
         rollout = cfg.ppo.rollout_batch_size
-    elif stage in ("sft", "rm"):
+    elif stage in ("sft", "rm", "dpo"):
         section = getattr(cfg, stage)
         tuning = section.tuning
         micro = section.train.per_device_batch_size
@@ -649,6 +651,17 @@ def _estimate(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int | No
         acts = _train_activations(dims, knobs, cfg.rm.max_length, 2 * knobs.micro_batch, lm_head=False)
         roles.append(_model_role("reward_model", dims, cls_total, trainable(cls_total, "seq_cls"), knobs, world,
                                  activations=acts))
+    elif stage == "dpo":
+        # Each pair is two sequences (chosen, rejected) in one forward, through the LM head.
+        acts = _train_activations(dims, knobs, cfg.dpo.max_length, 2 * knobs.micro_batch, lm_head=True)
+        roles.append(_model_role("policy", dims, lm_total, trainable(lm_total, "causal_lm"), knobs, world,
+                                 activations=acts))
+        roles.append(RoleMemory("reference", lm_total, 0))
+        if knobs.tuning.is_peft:
+            notes.append("reference = the policy with the adapter disabled: no extra weights (DESIGN §7)")
+        else:
+            notes.append("reference log-probs are computed once by the starting policy before training: "
+                         "no reference copy of the weights")
     elif stage == "ppo":
         ppo = cfg.ppo
         seq = ppo.max_prompt_length + ppo.max_new_tokens
@@ -699,7 +712,7 @@ def _estimate(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int | No
 def _alternatives(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int | None, knobs: _Knobs,
                   precision: str) -> list[tuple[str, MemoryPlan]]:
     """Re-estimate the plan under the usual ways out of an OOM, each with the override that does it."""
-    prefix = {"sft": "sft", "rm": "rm", "ppo": "ppo"}.get(stage)
+    prefix = {"sft": "sft", "rm": "rm", "ppo": "ppo", "dpo": "dpo"}.get(stage)
     if prefix is None:
         return []
     ds_key = f"{prefix}.deepspeed" if stage == "ppo" else f"{prefix}.train.deepspeed"

@@ -39,103 +39,32 @@ Metrics
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from data.formats import DataError, PreferencePair, load_examples
+from data.formats import DataError, PreferencePair
 from pipeline.config import DataSource, RunConfig
 from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
 from pipeline.stage import StageRun
-from stages.batching import right_pad_batch, split_eval
-from stages.chat import cut_prompt, encode_sequence
 from stages.engine import Engine, init_distributed, set_seed
+from stages.preferences import (  # noqa: F401  (EncodedPair, encode_pair: re-exported for callers of stages.rm)
+    EncodedPair,
+    encode_pair,
+    encode_pairs,
+    load_preference_split,
+    pair_collate,
+    preference_source,
+    print_encode_reports,
+)
 from stages.saving import save_stage_model
 from stages.scoring import REWARD_LAYOUT, score_sequences
 from stages.tuning import apply_tuning, quantization_kwargs, trainable_summary
 
 HISTOGRAM_FILE = "score_histogram.png"
-
-
-# ------------------------------------------------------------------------------------------ layout
-@dataclass
-class EncodedPair:
-    chosen: list[int]
-    rejected: list[int]
-    margin: float
-    group: int
-    where: str
-    truncated: int = 0  # prompt tokens removed from the left
-
-
-def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int,
-                system_prompt: str | None = None) -> EncodedPair | None:
-    """Encode one pair within ``max_length``; None when the responses do not fit (caller counts it).
-
-    The prompt is cut from the left by the same number of tokens in both sequences, so chosen and
-    rejected always see the same context.
-    """
-    c = encode_sequence(tokenizer, pair.prompt, pair.chosen, system_prompt)
-    r = encode_sequence(tokenizer, pair.prompt, pair.rejected, system_prompt)
-    overflow = max(len(c.ids), len(r.ids)) - max_length
-    margin = float(pair.margin) if pair.margin is not None else 0.0
-    if overflow <= 0:
-        return EncodedPair(c.ids, r.ids, margin, pair.group, pair.where)
-    bos = tokenizer.bos_token_id
-    keep_first = bos is not None and c.ids[0] == bos and r.ids[0] == bos
-    # what must stay: (bos) + assistant header + response
-    cuttable = min(s.prompt_tokens - s.header_tokens for s in (c, r)) - (1 if keep_first else 0)
-    if overflow > cuttable:
-        return None
-    return EncodedPair(cut_prompt(c, overflow, keep_first), cut_prompt(r, overflow, keep_first), margin,
-                       pair.group, pair.where, truncated=overflow)
-
-
-@dataclass
-class EncodeReport:
-    pairs: int = 0
-    kept: int = 0
-    prompt_truncated: int = 0
-    skipped_too_long: int = 0
-    first_skipped: str | None = None
-
-
-def encode_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], max_length: int,
-                 system_prompt: str | None = None) -> tuple[list[EncodedPair], EncodeReport]:
-    """Encode many pairs; count truncated prompts and skipped (too long) pairs."""
-    report = EncodeReport()
-    rows: list[EncodedPair] = []
-    for pair in pairs:
-        report.pairs += 1
-        try:
-            row = encode_pair(tokenizer, pair, max_length, system_prompt)
-        except ValueError as exc:
-            raise DataError(f"{pair.where}: {exc}") from None
-        if row is None:
-            report.skipped_too_long += 1
-            report.first_skipped = report.first_skipped or pair.where
-            continue
-        report.prompt_truncated += row.truncated > 0
-        rows.append(row)
-    report.kept = len(rows)
-    return rows, report
-
-
-def pair_collate(pad_id: int) -> Callable[[list[EncodedPair]], dict[str, torch.Tensor]]:
-    """-> input_ids/attention_mask (2B, T): the B chosen rows, then the B rejected rows; margin (B,)."""
-
-    def collate(rows: list[EncodedPair]) -> dict[str, torch.Tensor]:
-        seqs = [r.chosen for r in rows] + [r.rejected for r in rows]
-        batch = right_pad_batch(seqs, pad_id)
-        batch["margin"] = torch.tensor([r.margin for r in rows], dtype=torch.float32)
-        return batch
-
-    return collate
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -251,27 +180,8 @@ def make_eval_fn(rows: list[EncodedPair], collate: Callable[[list[EncodedPair]],
 def load_preferences(cfg: RunConfig, source: DataSource | None = None,
                      ) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
     """``source`` (default rm.data) (+ rm.eval_data, or a held-out split by prompt of rm.eval_fraction)
-    -> (train, eval, report)."""
-    rm = cfg.rm
-    source = source or rm.data
-    if source is None:
-        raise DataError("rm.data is not set: point it at a preference file (prompt/chosen/rejected, "
-                        "HH transcripts, or prompt/responses/ranking) or hub:name")
-    pairs, report = load_examples(source, "preference")
-    info: dict[str, Any] = {"train": report.as_dict()}
-    if rm.eval_data is not None:
-        eval_pairs, eval_report = load_examples(rm.eval_data, "preference")
-        info["eval"] = eval_report.as_dict()
-        return pairs, eval_pairs, info
-    # split by prompt: all pairs of one prompt (a K-wise ranking, several judged pairs from rlaif_label,
-    # or a prompt repeated in the data) stay on one side, so held-out accuracy is on unseen prompts
-    def prompt_key(pair: PreferencePair) -> str:
-        return json.dumps(pair.prompt, sort_keys=True)
-
-    prompts = list(dict.fromkeys(prompt_key(p) for p in pairs))
-    _, eval_prompts = split_eval(prompts, rm.eval_fraction, cfg.seed)
-    held = set(eval_prompts)
-    return [p for p in pairs if prompt_key(p) not in held], [p for p in pairs if prompt_key(p) in held], info
+    -> (train, eval, report); see ``stages.preferences.load_preference_split``."""
+    return load_preference_split(cfg.rm, cfg.seed, source, "rm")
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -309,30 +219,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         run.update(reward_layout=dict(REWARD_LAYOUT))
 
         # offline RLAIF: with rlaif_label among the stages, its labelled pairs replace rm.data
-        source = rm.data
-        if "rlaif_label" in run.parents:
-            from pipeline.manifest import hash_file
-            from stages.rlaif.label import labelled_preferences
-
-            labelled = labelled_preferences(run.parent_dir("rlaif_label"))
-            source, digest = DataSource(path=str(labelled)), hash_file(labelled)
-            run.manifest["data_files"][str(labelled)] = digest
-            run.update(preference_data={"from": "rlaif_label", "path": str(labelled), "hash": digest})
-            if rm.data is not None and dist.is_main:
-                print(f"[alignpipe] rm: training on {labelled} (rlaif_label is among the stages); "
-                      f"rm.data ({rm.data.path}) is not used", flush=True)
-        else:
-            run.update(preference_data={"from": "rm.data", "path": rm.data.path})
+        source = preference_source(cfg, run, "rm", dist.is_main)
         train_pairs, eval_pairs, data_info = load_preferences(cfg, source)
         system = cfg.chat.system_prompt
         train_rows, train_enc = encode_pairs(tokenizer, train_pairs, rm.max_length, system)
         eval_rows, eval_enc = encode_pairs(tokenizer, eval_pairs, rm.max_length, system)
-        for split, enc in (("train", train_enc), ("eval", eval_enc)):
-            if dist.is_main and (enc.skipped_too_long or enc.prompt_truncated):
-                first = f" (first: {enc.first_skipped})" if enc.first_skipped else ""
-                print(f"[alignpipe] rm: {split}: {enc.prompt_truncated} of {enc.pairs} pairs had their prompt cut "
-                      f"from the left, {enc.skipped_too_long} skipped because the responses do not fit in "
-                      f"rm.max_length={rm.max_length}{first}", flush=True)
+        if dist.is_main:
+            print_encode_reports("rm", rm.max_length, {"train": train_enc, "eval": eval_enc})
         if not train_rows:
             raise DataError(f"{source.path}: no training pairs fit in rm.max_length={rm.max_length} "
                             f"({train_enc.skipped_too_long} skipped as too long); raise max_length")

@@ -179,5 +179,5 @@ def test_dims_from_param_count_reach_the_count() -> None:
 
 
 def test_unknown_stage_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown stage 'dpo'"):
-        estimate(tiny(), "dpo")
+    with pytest.raises(ValueError, match="unknown stage 'no_such_stage'"):
+        estimate(tiny(), "no_such_stage")

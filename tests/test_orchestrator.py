@@ -262,7 +262,7 @@ def test_stages_outside_config_are_added(fake, tmp_path):
     assert select_stages(cfg, ["ppo", "sft"]) == ["sft", "ppo"]
     assert cfg.stages == ["sft", "rm", "ppo"]
     with pytest.raises(ConfigError, match="unknown stage"):
-        select_stages(cfg, ["dpo"])
+        select_stages(cfg, ["no_such_stage"])
 
 
 def test_status_shows_state_and_staleness(fake, tmp_path):
@@ -321,8 +321,8 @@ def test_cli_config_errors_are_clear(fake, tmp_path, capsys):
     assert main(["status", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
 
-    assert main(["run", str(config), "--stages", "dpo"]) == 2
-    assert "unknown stage(s) dpo" in capsys.readouterr().err
+    assert main(["run", str(config), "--stages", "no_such_stage"]) == 2
+    assert "unknown stage(s) no_such_stage" in capsys.readouterr().err
 
     assert main(["run", str(config), "not-an-override"]) == 2
     assert "override 'not-an-override' is not of the form key=value" in capsys.readouterr().err

@@ -1,0 +1,270 @@
+"""DPO stage: preferences -> a policy (``AutoModelForCausalLM``), on the shared training engine.
+
+Why the engine and not TRL's ``DPOTrainer``: it is the loop SFT and RM train on (one checkpoint format,
+one exact-resume path, DeepSpeed ZeRO-1/2/3 and DDP tested on CPU), it uses our chat layout
+(``stages.preferences``: pad != eos, prompts cut from the left and counted, never dropped silently) and
+it measured faster at equal settings (``bench/dpo.py``). The loss math is ``stages.dpo.core``.
+
+1. The starting policy: the SFT stage's ``model/`` (``dpo.init_from: sft``) or the base model.
+2. Pairs: ``dpo.data`` or ``rlaif_label``'s ``preferences.jsonl`` (``stages.preferences``), held out by
+   prompt; each pair is prompt + response ending at the response's closing eos, chosen and rejected
+   sharing the same (left-cut) prompt. The log-prob of a response sums its tokens including the eos.
+3. The reference is the starting policy. Its log-probs are computed once, before the first step (and
+   again, identically, on resume), in eval mode, under the run's autocast; with a PEFT method on the
+   same model with the adapter disabled (DESIGN §7). No second copy of the weights is ever held.
+4. Train ``mean(preference_loss)`` with the engine; evaluate on held-out pairs every ``eval_steps`` and
+   at the end; save ``model/`` (+ ``adapter/``) like every policy stage, so ``serve``, the report and
+   later stages load it.
+
+Metrics
+- metrics.jsonl, one row per logged optimizer step: ``loss``, ``reward_chosen``, ``reward_rejected``
+  (mean implicit rewards β (logp - ref_logp)), ``margin`` (their mean difference), ``accuracy``
+  (fraction with reward_chosen > reward_rejected), ``logp_chosen``, ``logp_rejected`` (policy, as the
+  loss uses them), ``pairs``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``epoch``; eval rows:
+  ``eval_loss``, ``eval_reward_chosen``, ``eval_reward_rejected``, ``eval_margin``, ``eval_accuracy``
+  (held-out preference accuracy of the implicit reward), ``eval_logp_margin`` / ``eval_logp_accuracy``
+  (the policy's own log-prob of chosen minus rejected, and how often it is > 0), ``eval_pairs``.
+- manifest ``metrics``: the last training row and final eval row, ``reference_eval_logp_margin`` /
+  ``reference_eval_logp_accuracy`` (the same two on the starting policy: what DPO moved), ``steps``,
+  ``train_pairs``, ``eval_pairs``, truncation/skip counts, ``skipped_records``, ``world_size``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from data.formats import DataError
+from pipeline.config import RunConfig
+from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
+from pipeline.stage import StageRun
+from stages.batching import right_pad
+from stages.dpo.core import preference_loss, preference_metrics, sequence_logprobs
+from stages.engine import Engine, init_distributed, set_seed, use_bf16
+from stages.preferences import (
+    EncodedPair,
+    encode_pairs,
+    load_preference_split,
+    preference_source,
+    print_encode_reports,
+)
+from stages.saving import save_stage_model
+from stages.tuning import apply_tuning, quantization_kwargs, trainable_summary
+
+
+# ------------------------------------------------------------------------------------------ layout
+@dataclass
+class DPORow:
+    """One encoded pair and the reference's log-probs of its two responses (in the loss's form)."""
+
+    pair: EncodedPair
+    ref_chosen: float = 0.0
+    ref_rejected: float = 0.0
+
+
+def response_mask(rows: list[list[int]], prompt_lengths: list[int], width: int) -> torch.Tensor:
+    """(N, width) 1 on response tokens (after each row's prompt, up to its end), 0 on prompt and padding."""
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, start) in enumerate(zip(rows, prompt_lengths)):
+        mask[i, start:len(ids)] = 1
+    return mask
+
+
+def dpo_collate(pad_id: int) -> Callable[[list[DPORow]], dict[str, torch.Tensor]]:
+    """-> input_ids / attention_mask / response_mask (2B, T): the B chosen rows then the B rejected rows,
+    right-padded; ref_chosen / ref_rejected (B,) fp32."""
+
+    def collate(rows: list[DPORow]) -> dict[str, torch.Tensor]:
+        seqs = [r.pair.chosen for r in rows] + [r.pair.rejected for r in rows]
+        starts = [r.pair.chosen_prompt for r in rows] + [r.pair.rejected_prompt for r in rows]
+        ids, att = right_pad(seqs, pad_id)
+        return {"input_ids": ids, "attention_mask": att, "response_mask": response_mask(seqs, starts, ids.shape[1]),
+                "ref_chosen": torch.tensor([r.ref_chosen for r in rows], dtype=torch.float32),
+                "ref_rejected": torch.tensor([r.ref_rejected for r in rows], dtype=torch.float32)}
+
+    return collate
+
+
+def policy_logps(model: Any, batch: dict[str, torch.Tensor], mean: bool) -> torch.Tensor:
+    """(2B,) fp32 log-probs of each row's response: sums, or per-token means when ``mean`` (IPO)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    total, count = sequence_logprobs(out.logits, batch["input_ids"], batch["response_mask"])
+    return total / count.clamp(min=1) if mean else total
+
+
+# ------------------------------------------------------------------------------------- reference
+def reference_context(model: Any) -> Any:
+    """The reference forward: a PEFT model with its adapter disabled, any other model as it is (at step 0
+    the policy *is* the reference)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def compute_reference(model: Any, rows: list[DPORow], collate: Callable[[list[DPORow]], dict[str, torch.Tensor]],
+                      batch_size: int, device: torch.device, bf16: bool, mean: bool) -> None:
+    """Fill ``ref_chosen`` / ``ref_rejected`` of ``rows`` with the reference's log-probs (eval mode)."""
+    was_training = model.training
+    model.eval()
+    with reference_context(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            logp = policy_logps(model, batch, mean).cpu()
+            n = len(chunk)
+            for row, c, r in zip(chunk, logp[:n].tolist(), logp[n:].tolist()):
+                row.ref_chosen, row.ref_rejected = c, r
+    model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def make_loss_fn(beta: float, loss_type: str, label_smoothing: float):
+    mean = loss_type == "ipo"
+
+    def loss_fn(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logp = policy_logps(model, batch, mean)
+        n = batch["ref_chosen"].shape[0]
+        losses, reward_c, reward_r = preference_loss(logp[:n], logp[n:], batch["ref_chosen"], batch["ref_rejected"],
+                                                     beta, loss_type, label_smoothing)
+        stats = preference_metrics(reward_c, reward_r)
+        stats["logp_chosen"], stats["logp_rejected"] = logp[:n].detach().mean(), logp[n:].detach().mean()
+        return losses.mean(), {**{k: float(v) for k, v in stats.items()}, "pairs": float(n)}
+
+    return loss_fn
+
+
+def logp_agreement(logp_c: torch.Tensor, logp_r: torch.Tensor) -> dict[str, float]:
+    """How often and by how much a model's own log-prob prefers the chosen response (length-biased: a
+    check of what DPO moved, not a metric to optimise)."""
+    diff = (logp_c - logp_r).double()
+    return {"logp_margin": float(diff.mean()), "logp_accuracy": float((diff > 0).double().mean())}
+
+
+def make_eval_fn(rows: list[DPORow], collate: Callable[[list[DPORow]], dict[str, torch.Tensor]], batch_size: int,
+                 device: torch.device, beta: float, loss_type: str, label_smoothing: float):
+    mean = loss_type == "ipo"
+
+    def evaluate(model: Any) -> dict[str, float]:
+        if not rows:
+            return {}
+        logp_c, logp_r = [], []
+        for i in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size]).items()}
+            logp = policy_logps(model, batch, mean).float().cpu()
+            n = batch["ref_chosen"].shape[0]
+            logp_c.append(logp[:n])
+            logp_r.append(logp[n:])
+        pc, pr = torch.cat(logp_c), torch.cat(logp_r)
+        rc = torch.tensor([r.ref_chosen for r in rows])
+        rr = torch.tensor([r.ref_rejected for r in rows])
+        losses, reward_c, reward_r = preference_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
+        out = {f"eval_{k}": float(v) for k, v in preference_metrics(reward_c, reward_r).items()}
+        out.update({f"eval_{k}": v for k, v in logp_agreement(pc, pr).items()})
+        return {"eval_loss": float(losses.mean()), **out, "eval_pairs": len(rows)}
+
+    return evaluate
+
+
+# ----------------------------------------------------------------------------------------------- run
+def _starting_policy(cfg: RunConfig, run: StageRun, dist: Any) -> tuple[str, Any, str]:
+    """(model folder, tokenizer, what it is) of the policy DPO starts from (and takes as reference)."""
+    if cfg.dpo.init_from == "sft":
+        sft_dir = run.parent_dir("sft")
+        if not (sft_dir / "model").exists():
+            method = run.parents["sft"].get("tuning_method")
+            raise FileNotFoundError(
+                f"{sft_dir}/model not found: the sft stage (tuning method {method!r}) saved only an adapter, and "
+                "DPO needs a full or merged SFT model to start from. Re-run sft with a mergeable method (full, "
+                "lora, dora, ...) or set dpo.init_from=base.")
+        return str(sft_dir / "model"), load_tokenizer(str(sft_dir), cfg.model, cfg.chat), f"sft stage ({sft_dir})"
+    base = prepare_base(cfg.model) if dist.is_main else None
+    if dist.world_size > 1:  # rank 0 builds/converts the base once; the others wait for it
+        holder = [base]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        base = holder[0]
+    return base, load_tokenizer(base, cfg.model, cfg.chat), f"base model ({base})"
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    dpo = cfg.dpo
+    if dpo.data is None and "rlaif_label" not in cfg.stages:
+        raise DataError("dpo.data is not set: point it at a preference file (prompt/chosen/rejected, HH "
+                        "transcripts, or prompt/responses/ranking) or hub:name, or add rlaif_label to the run's "
+                        "stages to train on AI-judged pairs of SFT samples")
+    dist = init_distributed()
+    with StageRun(cfg, "dpo", is_main=dist.is_main) as run:
+        t = dpo.train
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        # 1. the starting policy and the chat format
+        init_path, tokenizer, policy_source = _starting_policy(cfg, run, dist)
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError("the tokenizer's pad must differ from eos for DPO (set model.pad_token; DESIGN §3)")
+        fmt = chat_format(tokenizer, cfg.chat)
+        run.set_chat_format(fmt, chat_fingerprint(fmt))
+
+        # 2. pairs
+        source = preference_source(cfg, run, "dpo", dist.is_main)
+        train_pairs, eval_pairs, data_info = load_preference_split(dpo, cfg.seed, source, "dpo")
+        system = cfg.chat.system_prompt
+        train_enc_rows, train_enc = encode_pairs(tokenizer, train_pairs, dpo.max_length, system)
+        eval_enc_rows, eval_enc = encode_pairs(tokenizer, eval_pairs, dpo.max_length, system)
+        if dist.is_main:
+            print_encode_reports("dpo", dpo.max_length, {"train": train_enc, "eval": eval_enc})
+        if not train_enc_rows:
+            raise DataError(f"{source.path}: no training pairs fit in dpo.max_length={dpo.max_length} "
+                            f"({train_enc.skipped_too_long} skipped as too long); raise max_length")
+        train_rows = [DPORow(p) for p in train_enc_rows]
+        eval_rows = [DPORow(p) for p in eval_enc_rows]
+
+        steps_guess = t.max_steps or max(1, math.ceil(
+            t.epochs * len(train_rows) / (t.per_device_batch_size * dist.world_size * t.gradient_accumulation_steps)))
+        set_seed(t.seed)
+        model = load_model(init_path, cfg.model, tokenizer, kind="causal_lm", **quantization_kwargs(dpo.tuning))
+        model.config.use_cache = False
+        model, unfreezer = apply_tuning(model, dpo.tuning, "causal_lm", steps_guess)
+        params = trainable_summary(model)
+        model = model.to(dist.device)
+
+        # 3. reference log-probs, once, from the starting policy (adapter disabled for PEFT)
+        collate = dpo_collate(tokenizer.pad_token_id)
+        bf16 = use_bf16(t.precision, dist.device)
+        mean = dpo.loss == "ipo"
+        for rows in (train_rows, eval_rows):
+            compute_reference(model, rows, collate, t.per_device_batch_size, dist.device, bf16, mean)
+        reference = ("the starting policy with the adapter disabled" if dpo.tuning.is_peft
+                     else "the starting policy before the first step")
+        run.update(policy_source=policy_source, reference=f"{reference}: log-probs computed once",
+                   dpo_loss={"loss": dpo.loss, "beta": dpo.beta, "label_smoothing": dpo.label_smoothing})
+        if dist.is_main:
+            print(f"[alignpipe] dpo: {len(train_rows)} train pairs, {len(eval_rows)} eval, from {policy_source}, "
+                  f"loss {dpo.loss} (beta {dpo.beta}), method {dpo.tuning.method}, trainable "
+                  f"{params['params_trainable']:,} / {params['params_total']:,}", flush=True)
+
+        # 4. train, evaluate, save
+        engine = Engine(
+            model, t, run, dist, train_rows, collate, make_loss_fn(dpo.beta, dpo.loss, dpo.label_smoothing),
+            unfreezer=unfreezer, desc="dpo",
+            eval_fn=make_eval_fn(eval_rows, collate, t.per_device_batch_size, dist.device, dpo.beta, dpo.loss,
+                                 dpo.label_smoothing) if eval_rows else None,
+        )
+        result = engine.fit()
+        save_stage_model(engine, tokenizer, run, dpo.tuning, init_path, cfg, "causal_lm")
+
+        metrics: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        if eval_rows:
+            before = logp_agreement(torch.tensor([r.ref_chosen for r in eval_rows]),
+                                    torch.tensor([r.ref_rejected for r in eval_rows]))
+            metrics.update({f"reference_eval_{k}": v for k, v in before.items()})
+        metrics.update(
+            steps=result.global_step, train_pairs=len(train_rows), eval_pairs=len(eval_rows),
+            prompt_truncated=train_enc.prompt_truncated + eval_enc.prompt_truncated,
+            skipped_too_long=train_enc.skipped_too_long + eval_enc.skipped_too_long,
+            skipped_records=sum(d.get("skipped", 0) for d in data_info.values()), world_size=dist.world_size,
+        )
+        run.update(data=data_info, params=params)
+        run.manifest["metrics"] = metrics
+        return metrics

@@ -1,0 +1,169 @@
+"""Preference pairs for every stage that trains on them (``rm``, ``dpo``): where they come from, the
+held-out split, and their token layout.
+
+- :func:`preference_source`: the section's ``data``, or ``rlaif_label``'s ``preferences.jsonl`` when that
+  stage is among the run's stages (recorded in the manifest either way);
+- :func:`load_preference_split`: load (``data.formats.load_examples(..., "preference")``: pairs, K-wise
+  rankings expanded to pairs, HH transcripts; bad records as ``file:line: ...``) and hold out
+  ``eval_data`` or a seeded fraction *by prompt*, so no prompt is on both sides;
+- :func:`encode_pair` / :func:`encode_pairs`: prompt + response in the reward layout of
+  ``stages.chat.encode_sequence`` (ending at the response's closing eos); a pair longer than
+  ``max_length`` has its shared prompt cut from the left (the same number of tokens in chosen and
+  rejected, bos and the assistant header kept), a pair whose responses cannot fit is skipped and counted;
+- :func:`pair_collate`: the B chosen rows then the B rejected rows, right-padded (pad != eos).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from data.formats import DataError, PreferencePair, load_examples
+from pipeline.config import DataSource, RunConfig
+from pipeline.stage import StageRun
+from stages.batching import right_pad_batch, split_eval
+from stages.chat import cut_prompt, encode_sequence
+
+NO_DATA_HINT = ("point it at a preference file (prompt/chosen/rejected, HH transcripts, or "
+                "prompt/responses/ranking) or hub:name")
+
+
+# ------------------------------------------------------------------------------------------ source
+def preference_source(cfg: RunConfig, run: StageRun, section: str, is_main: bool = True) -> DataSource:
+    """``<section>.data``, or the labelled pairs of ``rlaif_label`` when it is a parent of this stage."""
+    data = getattr(cfg, section).data
+    if "rlaif_label" in run.parents:
+        from pipeline.manifest import hash_file
+        from stages.rlaif.label import labelled_preferences
+
+        labelled = labelled_preferences(run.parent_dir("rlaif_label"))
+        digest = hash_file(labelled)
+        run.manifest["data_files"][str(labelled)] = digest
+        run.update(preference_data={"from": "rlaif_label", "path": str(labelled), "hash": digest})
+        if data is not None and is_main:
+            print(f"[alignpipe] {section}: training on {labelled} (rlaif_label is among the stages); "
+                  f"{section}.data ({data.path}) is not used", flush=True)
+        return DataSource(path=str(labelled))
+    if data is None:
+        raise DataError(f"{section}.data is not set: {NO_DATA_HINT}")
+    run.update(preference_data={"from": f"{section}.data", "path": data.path})
+    return data
+
+
+def load_preference_split(section: Any, seed: int, source: DataSource | None = None, name: str = "rm",
+                          ) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
+    """``source`` (default ``section.data``) (+ ``section.eval_data``, or a held-out split by prompt of
+    ``section.eval_fraction``) -> (train, eval, report). ``name`` is the config section, for messages."""
+    source = source or section.data
+    if source is None:
+        raise DataError(f"{name}.data is not set: {NO_DATA_HINT}")
+    pairs, report = load_examples(source, "preference")
+    info: dict[str, Any] = {"train": report.as_dict()}
+    if section.eval_data is not None:
+        eval_pairs, eval_report = load_examples(section.eval_data, "preference")
+        info["eval"] = eval_report.as_dict()
+        return pairs, eval_pairs, info
+    # split by prompt: all pairs of one prompt (a K-wise ranking, several judged pairs from rlaif_label,
+    # or a prompt repeated in the data) stay on one side, so held-out accuracy is on unseen prompts
+    def prompt_key(pair: PreferencePair) -> str:
+        return json.dumps(pair.prompt, sort_keys=True)
+
+    prompts = list(dict.fromkeys(prompt_key(p) for p in pairs))
+    _, eval_prompts = split_eval(prompts, section.eval_fraction, seed)
+    held = set(eval_prompts)
+    return [p for p in pairs if prompt_key(p) not in held], [p for p in pairs if prompt_key(p) in held], info
+
+
+# ------------------------------------------------------------------------------------------ layout
+@dataclass
+class EncodedPair:
+    """One pair in the reward layout. ``chosen_prompt`` / ``rejected_prompt``: how many leading ids of
+    ``chosen`` / ``rejected`` are prompt (after any cut; the response, ending at eos, follows)."""
+
+    chosen: list[int]
+    rejected: list[int]
+    margin: float
+    group: int
+    where: str
+    truncated: int = 0  # prompt tokens removed from the left
+    chosen_prompt: int = 0
+    rejected_prompt: int = 0
+
+
+def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int,
+                system_prompt: str | None = None) -> EncodedPair | None:
+    """Encode one pair within ``max_length``; None when the responses do not fit (caller counts it).
+
+    The prompt is cut from the left by the same number of tokens in both sequences, so chosen and
+    rejected always see the same context.
+    """
+    c = encode_sequence(tokenizer, pair.prompt, pair.chosen, system_prompt)
+    r = encode_sequence(tokenizer, pair.prompt, pair.rejected, system_prompt)
+    overflow = max(len(c.ids), len(r.ids)) - max_length
+    margin = float(pair.margin) if pair.margin is not None else 0.0
+    if overflow <= 0:
+        return EncodedPair(c.ids, r.ids, margin, pair.group, pair.where, 0, c.prompt_tokens, r.prompt_tokens)
+    bos = tokenizer.bos_token_id
+    keep_first = bos is not None and c.ids[0] == bos and r.ids[0] == bos
+    # what must stay: (bos) + assistant header + response
+    cuttable = min(s.prompt_tokens - s.header_tokens for s in (c, r)) - (1 if keep_first else 0)
+    if overflow > cuttable:
+        return None
+    return EncodedPair(cut_prompt(c, overflow, keep_first), cut_prompt(r, overflow, keep_first), margin,
+                       pair.group, pair.where, truncated=overflow, chosen_prompt=c.prompt_tokens - overflow,
+                       rejected_prompt=r.prompt_tokens - overflow)
+
+
+@dataclass
+class EncodeReport:
+    pairs: int = 0
+    kept: int = 0
+    prompt_truncated: int = 0
+    skipped_too_long: int = 0
+    first_skipped: str | None = None
+
+
+def encode_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], max_length: int,
+                 system_prompt: str | None = None) -> tuple[list[EncodedPair], EncodeReport]:
+    """Encode many pairs; count truncated prompts and skipped (too long) pairs."""
+    report = EncodeReport()
+    rows: list[EncodedPair] = []
+    for pair in pairs:
+        report.pairs += 1
+        try:
+            row = encode_pair(tokenizer, pair, max_length, system_prompt)
+        except ValueError as exc:
+            raise DataError(f"{pair.where}: {exc}") from None
+        if row is None:
+            report.skipped_too_long += 1
+            report.first_skipped = report.first_skipped or pair.where
+            continue
+        report.prompt_truncated += row.truncated > 0
+        rows.append(row)
+    report.kept = len(rows)
+    return rows, report
+
+
+def print_encode_reports(name: str, max_length: int, reports: dict[str, EncodeReport]) -> None:
+    """One line per split that had prompts cut or pairs skipped (nothing is dropped silently)."""
+    for split, enc in reports.items():
+        if enc.skipped_too_long or enc.prompt_truncated:
+            first = f" (first: {enc.first_skipped})" if enc.first_skipped else ""
+            print(f"[alignpipe] {name}: {split}: {enc.prompt_truncated} of {enc.pairs} pairs had their prompt cut "
+                  f"from the left, {enc.skipped_too_long} skipped because the responses do not fit in "
+                  f"{name}.max_length={max_length}{first}", flush=True)
+
+
+def pair_collate(pad_id: int) -> Callable[[list[EncodedPair]], dict[str, torch.Tensor]]:
+    """-> input_ids/attention_mask (2B, T): the B chosen rows, then the B rejected rows; margin (B,)."""
+
+    def collate(rows: list[EncodedPair]) -> dict[str, torch.Tensor]:
+        seqs = [r.chosen for r in rows] + [r.rejected for r in rows]
+        batch = right_pad_batch(seqs, pad_id)
+        batch["margin"] = torch.tensor([r.margin for r in rows], dtype=torch.float32)
+        return batch
+
+    return collate
