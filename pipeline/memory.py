@@ -239,7 +239,7 @@ def model_dims(cfg: RunConfig, param_count: int | None = None) -> ModelDims:
         return ModelDims.from_param_count(param_count)
     raise ValueError(
         f"cannot read the model config of {where} (not cached, not a well-known model, offline); "
-        "pass param_count= to the planner, or prepare the base once (python -m pipeline prepare ...)"
+        "pass param_count= to the planner, or point model.path at a folder with its config.json"
     )
 
 
