@@ -32,19 +32,26 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("config", nargs="?", default="configs/tiny.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value overrides")
+    ap.add_argument("--run-dir", help="read the peaks of an existing, complete run folder (e.g. the demo run of "
+                                      "bench/quality.py) instead of running the stages again")
     args = ap.parse_args(argv)
     from pipeline.config import load_config
     from pipeline.models import prepare_base
 
     name = f"planner-accuracy-{Path(args.config).stem}"
     root = REPO / "outputs" / "planner-accuracy"
-    overrides = [f"run_name={name}", f"output_root={root}", "logging.progress_bar=false", *args.overrides]
-    prepare_base(load_config(REPO / args.config, overrides).model)
     t0 = time.time()
-    cmd = [sys.executable, "-m", "pipeline", "run", args.config, "--force", "--no-report", "--stages", *STAGES,
-           *overrides]
-    code = subprocess.run(cmd, cwd=REPO).returncode
-    rows = {s: stage_figures(root / name, s) for s in STAGES}
+    if args.run_dir:
+        run_dir, code = Path(args.run_dir).resolve(), 0
+    else:
+        overrides = [f"run_name={name}", f"output_root={root}", "logging.progress_bar=false", *args.overrides]
+        prepare_base(load_config(REPO / args.config, overrides).model)
+        cmd = [sys.executable, "-m", "pipeline", "run", args.config, "--force", "--no-report", "--stages", *STAGES,
+               *overrides]
+        code = subprocess.run(cmd, cwd=REPO).returncode
+        run_dir = root / name
+    root.mkdir(parents=True, exist_ok=True)
+    rows = {s: stage_figures(run_dir, s) for s in STAGES}
     print(f"\nplanner accuracy, {args.config} ({time.time() - t0:.0f} s, exit {code}); measured = RSS growth of the "
           "stage process since the stage began")
     print(f"{'stage':6} {'planner MiB':>12} {'measured MiB':>13} {'error':>8} {'target':>7}  verdict")

@@ -37,7 +37,7 @@ from .manifest import MANIFEST, atomic_write_json, atomic_write_text, hash_file,
 Printer = Callable[[str], None]
 PPO_KEYS = ("score", "kl", "response_length", "entropy", "eos_rate", "kl_coef")
 STAGE_TITLES = {"sft": "SFT", "rlaif_label": "RLAIF labels", "rm": "Reward model", "ppo": "PPO"}
-SAMPLES_VERSION = 3  # 3: verifier, judge and RM comparisons with intervals
+SAMPLES_VERSION = 4  # 4: the verifier's per-sample parts (3: verifier, judge and RM comparisons with intervals)
 EVALUATION_FILE = "evaluation.json"
 
 
@@ -434,17 +434,25 @@ def outcome_comparison(outcomes: Sequence[str]) -> dict[str, Any]:
 
 
 def verifier_scores(cfg: RunConfig, prompts: list[list[dict[str, str]]], responses: list[str],
-                    references: list[Any]) -> list[float]:
-    """``report.verifier`` (reward-function signature) on the last user message of each prompt."""
+                    references: list[Any]) -> tuple[list[float], dict[str, list[float | None]]]:
+    """``report.verifier`` (reward-function signature) on the last user message of each prompt.
+
+    Returns (scores, per-sample metrics): the verifier returns a list of scores, or ``{"scores": [...],
+    "metrics": {name: [one number or None per response]}}`` (the reward-function form) whose metrics
+    (e.g. "correct", "house_format") the report shows for each policy."""
     from stages.ppo.rewards import import_function
 
     fn = import_function(cfg.report.verifier)
     users = [next((m["content"] for m in reversed(p) if m.get("role") == "user"), "") for p in prompts]
-    scores = [float(x) for x in fn(users, list(responses), list(references))]
-    if len(scores) != len(responses):
-        raise ValueError(f"report.verifier {cfg.report.verifier!r} returned {len(scores)} scores for "
-                         f"{len(responses)} responses")
-    return scores
+    result = fn(users, list(responses), list(references))
+    raw_metrics = result.get("metrics") or {} if isinstance(result, dict) else {}
+    scores = [float(x) for x in (result["scores"] if isinstance(result, dict) else result)]
+    metrics = {str(k): [None if v is None else float(v) for v in values] for k, values in raw_metrics.items()}
+    for name, values in [("scores", scores), *metrics.items()]:
+        if len(values) != len(responses):
+            raise ValueError(f"report.verifier {cfg.report.verifier!r} returned {len(values)} {name} for "
+                             f"{len(responses)} responses")
+    return scores, metrics
 
 
 def judge_win_rate(cfg: RunConfig, rows: list[dict[str, Any]], judge_name: str | None = None) -> dict[str, Any]:
@@ -525,10 +533,13 @@ def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | Non
         ]
         result: dict[str, Any] = {"rows": rows}
         if cfg.report.verifier:
-            v_sft = verifier_scores(cfg, prompts, sft_texts, references)
-            v_ppo = verifier_scores(cfg, prompts, ppo_texts, references)
-            for row, a, b in zip(rows, v_sft, v_ppo):
+            (v_sft, m_sft), (v_ppo, m_ppo) = (verifier_scores(cfg, prompts, texts, references)
+                                              for texts in (sft_texts, ppo_texts))
+            for i, (row, a, b) in enumerate(zip(rows, v_sft, v_ppo)):
                 row["verifier_sft"], row["verifier_ppo"] = a, b
+                if m_sft:
+                    row["verifier_metrics_sft"] = {k: v[i] for k, v in m_sft.items()}
+                    row["verifier_metrics_ppo"] = {k: v[i] for k, v in m_ppo.items()}
         rm_manifest = read_manifest(cfg.stage_dir("rm"))
         if rm_manifest is not None and rm_manifest.get("status") == "complete":
             rm_sft = score_responses(cfg, prompts, sft_ids)
@@ -544,6 +555,11 @@ def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | Non
         torch.set_num_threads(threads)
 
 
+def _mean_known(values: Sequence[float | None]) -> float | None:
+    known = [float(v) for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 def add_comparisons(cfg: RunConfig, result: dict[str, Any]) -> dict[str, Any]:
     """``result["comparisons"]``: ``paired_comparison`` of PPO against SFT for each check the rows carry
     (``verifier_*``, ``rm_*`` scores; ``judge`` verdicts), keyed "verifier", "judge", "rm"."""
@@ -552,6 +568,11 @@ def add_comparisons(cfg: RunConfig, result: dict[str, Any]) -> dict[str, Any]:
     if rows and all("verifier_sft" in r and "verifier_ppo" in r for r in rows):
         comparisons["verifier"] = {"check": f"verifier {cfg.report.verifier}", **paired_comparison(
             [r["verifier_ppo"] for r in rows], [r["verifier_sft"] for r in rows])}
+        if all("verifier_metrics_sft" in r for r in rows):
+            comparisons["verifier"]["metrics"] = {
+                name: {policy: _mean_known([r[f"verifier_metrics_{policy}"].get(name) for r in rows])
+                       for policy in ("sft", "ppo")}
+                for name in rows[0]["verifier_metrics_sft"]}
     if "judge_win_rate" in result and all("judge" in r for r in rows):
         outcomes = [{"ppo": "policy", "sft": "parent"}.get(r["judge"], "tie") for r in rows]
         comparisons["judge"] = {"check": f"judge {result['judge']} ({result.get('judge_kind')}), both orders",
@@ -659,6 +680,11 @@ def verdict_lines(result: dict[str, Any] | None, source: str) -> list[str]:
                       f"{c['ci_low']:.3f} to {c['ci_high']:.3f}", f"**{c['verdict']}**", mean])
     lines += md_table(["check", "prompts", "PPO wins", "SFT wins", "ties", "win rate", "95% CI", "verdict",
                        "mean score SFT -> PPO"], table)
+    parts = (comparisons.get("verifier") or {}).get("metrics") or {}
+    if parts:
+        lines += ["", "Verifier parts, mean over the same prompts (SFT -> PPO): " + "; ".join(
+            f"{name} {m['sft']:.3f} -> {m['ppo']:.3f}" for name, m in parts.items()
+            if m["sft"] is not None and m["ppo"] is not None) + "."]
     lines += ["", "Win rate: ties count half; the interval is Wilson's score interval over prompts; a result whose "
               "interval includes 0.5 is \"no measurable difference\". The verifier and judge are checks the reward "
               "model cannot see; the RM row is the reward PPO optimised.", ""]

@@ -266,3 +266,30 @@ def test_wilson_interval_and_paired_comparison_hand_worked():
     assert outcome_comparison(["parent"] * 20)["verdict"] == "parent better"
     with pytest.raises(ValueError):
         paired_comparison([], [])
+
+
+def verifier_with_parts(prompts, responses, references):
+    """A verifier in the reward-function form with per-sample parts (for the test below)."""
+    correct = [float(r == ref) for r, ref in zip(responses, references)]
+    short = [float(len(r) < 4) for r in responses]
+    return {"scores": [c + 0.5 * s for c, s in zip(correct, short)], "metrics": {"correct": correct, "short": short}}
+
+
+def test_verifier_parts_reach_the_verdict(tmp_path):
+    """report.verifier may return parts; they are averaged per policy and shown under the verdict table."""
+    from pipeline.report import add_comparisons, verdict_lines, verifier_scores
+
+    cfg = load_config(write_config(tmp_path, "report: {verifier: 'tests.test_report:verifier_with_parts'}\n"))
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    scores, parts = verifier_scores(cfg, prompts, ["a", "bbbb", "c", "dddd"], ["a", "x", "x", "dddd"])
+    assert scores == [1.5, 0.0, 0.5, 1.0] and parts == {"correct": [1, 0, 0, 1], "short": [1, 0, 1, 0]}
+    rows = [{"verifier_sft": 0.0, "verifier_ppo": s, "verifier_metrics_sft": {"correct": 0.0, "short": 0.0},
+             "verifier_metrics_ppo": {"correct": c, "short": h}}
+            for s, c, h in zip(scores, parts["correct"], parts["short"])]
+    result = add_comparisons(cfg, {"rows": rows})
+    verifier = result["comparisons"]["verifier"]
+    assert verifier["wins"] == 3 and verifier["ties"] == 1
+    assert verifier["metrics"] == {"correct": {"sft": 0.0, "ppo": 0.5}, "short": {"sft": 0.0, "ppo": 0.5}}
+    text = "\n".join(verdict_lines(result, "test"))
+    assert ("Verifier parts, mean over the same prompts (SFT -> PPO): correct 0.000 -> 0.500; "
+            "short 0.000 -> 0.500.") in text

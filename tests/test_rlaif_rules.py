@@ -140,13 +140,14 @@ def test_house_format_value(response: str, ok: bool, value: object) -> None:
 def test_house_format_verifier_scores_correctness_then_format() -> None:
     responses = ['{"answer": "3 times 4 is 12."}', "3 times 4 is 12.", '{"answer": "3 times 4 is 13."}',
                  "3 times 4 is 13.", '{"answer": "12"}', "", '{"answer": "3 times 4 is 12']
-    scores = house_format_verifier(["What is 3 times 4?"] * len(responses), responses, [12] * len(responses))
-    assert scores == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0, 1.0, 0.0, 2 / 3])
+    result = house_format_verifier(["What is 3 times 4?"] * len(responses), responses, [12] * len(responses))
+    assert result["scores"] == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0, 1.0, 0.0, 2 / 3])
+    assert result["metrics"] == {"correct": [1, 1, 0, 0, 1, 0, 1], "house_format": [1, 0, 1, 0, 1, 0, 0]}
     # words: case-insensitive, except an all-capitals reference (the capital-letters task)
     assert house_format_verifier(["q"] * 4, ['{"answer": "The capital of Peru is lima."}', "CANDLE", "Candle",
-                                             '{"answer": "Lisbon"}'], ["Lima", "CANDLE", "CANDLE", "Lima"]) \
+                                             '{"answer": "Lisbon"}'], ["Lima", "CANDLE", "CANDLE", "Lima"])["scores"] \
         == pytest.approx([1.0, 2 / 3, 0.0, 1 / 3])
-    assert house_format_verifier(["q"], ["anything"], [None]) == [0.0]  # no ground truth, no credit
+    assert house_format_verifier(["q"], ["anything"], [None])["scores"] == [0.0]  # no ground truth, no credit
 
 
 def test_house_format_judge_orders_format_and_correctness() -> None:
@@ -173,7 +174,7 @@ def test_house_format_data_agrees_with_its_verifier_and_judge() -> None:
     assert len(held_out) >= 64 and not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
     for r in train + held_out:  # the reference is the ground truth the verifier checks
         task = parse_task(r["prompt"])
-        assert task is not None and house_format_verifier([r["prompt"]], [str(r["reference"])], [r["reference"]]) \
-            == pytest.approx([2 / 3]), r
+        assert task is not None and house_format_verifier([r["prompt"]], [str(r["reference"])], [r["reference"]])[
+            "scores"] == pytest.approx([2 / 3]), r
     shares = [m["content"].startswith("{") for r in rows("sft") for m in r["messages"] if m["role"] == "assistant"]
     assert 0.2 < sum(shares) / len(shares) < 0.4  # the SFT demonstrations mostly answer in prose

@@ -283,19 +283,22 @@ def house_format_check(response: str, reference: object) -> tuple[bool, bool]:
     return ok, matches_reference("" if answer is None else str(answer), reference)
 
 
-def house_format_verifier(prompts: list[str], responses: list[str], references: list[object]) -> list[float]:
+def house_format_verifier(prompts: list[str], responses: list[str], references: list[object]) -> dict:
     """The demo's rule verifier of the ground truth, in the reward-function signature (``ppo.rewards``
     ``kind: function`` and ``report.verifier`` both take it).
 
     Score per response in [0, 1]: ``2/3`` for the right answer (the data set's ``reference``), ``1/3`` for
     the house format. So: right in the house format 1, right in prose 2/3, wrong in the house format 1/3,
-    wrong in prose 0 — correctness first, then the format.
+    wrong in prose 0 — correctness first, then the format. Returns ``{"scores": [...], "metrics":
+    {"correct": [0/1 ...], "house_format": [0/1 ...]}}`` so a report (or a PPO log) shows both parts.
     """
-    scores = []
+    scores, correct_flags, format_flags = [], [], []
     for response, reference in zip(responses, references):
         in_format, correct = house_format_check(response, reference)
         scores.append(VERIFIER_CORRECT * correct + VERIFIER_FORMAT * in_format)
-    return scores
+        correct_flags.append(float(correct))
+        format_flags.append(float(in_format))
+    return {"scores": scores, "metrics": {"correct": correct_flags, "house_format": format_flags}}
 
 
 def house_format_score(prompt: str, response: str) -> float:
