@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="name of the environment variable holding the bearer token clients must send")
     serve.add_argument("--model-name", default=None, help="the model id to serve under")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--best-of", type=int, default=0, metavar="N",
+                       help="answer each choice with the best of N samples by --best-of-rm (sampled requests only)")
+    serve.add_argument("--best-of-rm", default=None, metavar="DIR", help="the rm stage folder that picks")
     return parser
 
 
@@ -131,7 +134,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.checkpoint_opt and args.checkpoint_pos and args.checkpoint_opt != args.checkpoint_pos:
         raise ConfigError(f"serve got two checkpoints ({args.checkpoint_pos} and --checkpoint {args.checkpoint_opt})")
     namespace = argparse.Namespace(checkpoint=checkpoint, host=args.host, port=args.port,
-                                   api_key_env=args.api_key_env, model_name=args.model_name, dtype=args.dtype)
+                                   api_key_env=args.api_key_env, model_name=args.model_name, dtype=args.dtype,
+                                   best_of=args.best_of, best_of_rm=args.best_of_rm)
     return int(serve.main(namespace) or 0)
 
 

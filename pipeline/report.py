@@ -36,7 +36,9 @@ from .manifest import MANIFEST, atomic_write_json, atomic_write_text, hash_file,
 
 Printer = Callable[[str], None]
 PPO_KEYS = ("score", "kl", "response_length", "entropy", "eos_rate", "kl_coef")
-STAGE_TITLES = {"sft": "SFT", "rlaif_label": "RLAIF labels", "rm": "Reward model", "ppo": "PPO"}
+DPO_KEYS = ("loss", "eval_loss", "margin", "eval_margin", "accuracy", "eval_accuracy")
+STAGE_TITLES = {"sft": "SFT", "rlaif_label": "RLAIF labels", "rm": "Reward model", "ppo": "PPO", "dpo": "DPO"}
+POLICY_STAGES = ("ppo", "dpo")  # stages whose output is a policy the report compares with its SFT parent
 SAMPLES_VERSION = 4  # 4: the verifier's per-sample parts (3: verifier, judge and RM comparisons with intervals)
 EVALUATION_FILE = "evaluation.json"
 
@@ -288,6 +290,18 @@ def _ppo_section(cfg: RunConfig, plots: Path) -> list[str]:
     return lines
 
 
+def _dpo_section(cfg: RunConfig, plots: Path) -> list[str]:
+    manifest = _stage_manifest(cfg, "dpo")
+    lines = ["## DPO", ""]
+    if (missing := _not_run("dpo", manifest)) is not None:
+        return lines + missing
+    rows = read_metrics(cfg.stage_dir("dpo"))
+    png = plot_grid(plots / "dpo_curves.png", "DPO", {k: series(rows, k) for k in DPO_KEYS})
+    lines += [f"![DPO curves]({png.relative_to(cfg.run_dir())})", ""] if png else ["no DPO metrics logged", ""]
+    lines += _metrics_table(manifest.get("metrics") or {}) + [""]
+    return lines
+
+
 # ----------------------------------------------------------------------------------- sample generations
 def held_out_examples(cfg: RunConfig, n: int) -> list[Any]:
     """``n`` held-out ``PromptExample`` rows (prompt + reference): the head of ``report.eval_data``, else of
@@ -455,8 +469,9 @@ def verifier_scores(cfg: RunConfig, prompts: list[list[dict[str, str]]], respons
     return scores, metrics
 
 
-def judge_win_rate(cfg: RunConfig, rows: list[dict[str, Any]], judge_name: str | None = None) -> dict[str, Any]:
-    """The judge's verdicts of PPO against SFT on sample rows ``{prompt, sft, ppo}``.
+def judge_win_rate(cfg: RunConfig, rows: list[dict[str, Any]], judge_name: str | None = None,
+                   policy: str = "ppo") -> dict[str, Any]:
+    """The judge's verdicts of ``policy`` (PPO by default) against SFT on sample rows ``{prompt, sft, ppo}``.
 
     The judge is ``rlaif.judges[judge_name or rlaif_label.judge]`` (``stages.rlaif.judges.build_judge``,
     its cache included); every pair is asked in both orders (PPO's response shown first, then SFT's), and
@@ -471,12 +486,12 @@ def judge_win_rate(cfg: RunConfig, rows: list[dict[str, Any]], judge_name: str |
         raise ValueError("no sample rows to judge")
     judge = build_judge(cfg, name)
     try:
-        verdicts = judge.judge_pairs([(r["prompt"], r["ppo"] or "", r["sft"] or "") for r in rows])
+        verdicts = judge.judge_pairs([(r["prompt"], r[policy] or "", r["sft"] or "") for r in rows])
         stats = judge.stats.as_dict()
     finally:
         judge.close()
     for row, verdict in zip(rows, verdicts):
-        row["judge"] = {"A": "ppo", "B": "sft"}.get(verdict.choice, "tie")
+        row["judge"] = {"A": policy, "B": "sft"}.get(verdict.choice, "tie")
     wins = sum(v.choice == "A" for v in verdicts)
     losses = sum(v.choice == "B" for v in verdicts)
     ties = len(verdicts) - wins - losses
@@ -486,7 +501,7 @@ def judge_win_rate(cfg: RunConfig, rows: list[dict[str, Any]], judge_name: str |
             "judge_prompts": len(verdicts)}
 
 
-def _judge_or_reason(cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _judge_or_reason(cfg: RunConfig, rows: list[dict[str, Any]], policy: str = "ppo") -> dict[str, Any]:
     """``judge_win_rate``, or ``{judge, judge_error}`` when the judge cannot be built or fails (the report
     must still be written; the reason is shown in it). A config that defines no ``rlaif`` section gets
     ``judge_error`` too rather than the built-in default (an HF judge on the base model, which costs
@@ -498,14 +513,16 @@ def _judge_or_reason(cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, An
     if name not in cfg.rlaif.judges:
         return {"judge": name, "judge_error": f"no judge named {name!r} under rlaif.judges"}
     try:
-        return judge_win_rate(cfg, rows, name)
+        return judge_win_rate(cfg, rows, name, policy)
     except Exception as exc:  # noqa: BLE001 - any judge failure is reported, not fatal
         return {"judge": name, "judge_error": f"{type(exc).__name__}: {exc}"}
 
 
 def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | None = None,
-                       n: int | None = None, judge: bool = True, references: list[Any] | None = None) -> dict[str, Any]:
-    """Greedy generations of the SFT and PPO policies on the same held-out prompts, compared three ways.
+                       n: int | None = None, judge: bool = True, references: list[Any] | None = None,
+                       policy: str = "ppo") -> dict[str, Any]:
+    """Greedy generations of the SFT policy and ``policy`` (a stage in POLICY_STAGES: PPO by default) on the same
+    held-out prompts, compared three ways; the row keys below name the policy ("ppo", "dpo").
 
     ``prompts``: message lists (or plain strings, taken as one user turn); None picks ``n`` (default
     ``report.n_prompts``) held-out prompts with their references (``held_out_examples``). Returns
@@ -526,9 +543,9 @@ def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | Non
     torch.set_num_threads(cfg.ppo.train.num_threads or threads)
     try:
         sft_texts, sft_ids = _generate(cfg, "sft", prompts, cfg.report.batch_size)
-        ppo_texts, ppo_ids = _generate(cfg, "ppo", prompts, cfg.report.batch_size)
+        ppo_texts, ppo_ids = _generate(cfg, policy, prompts, cfg.report.batch_size)
         rows: list[dict[str, Any]] = [
-            {"prompt": p, "reference": r, "sft": s, "ppo": q}
+            {"prompt": p, "reference": r, "sft": s, policy: q}
             for p, r, s, q in zip(prompts, references, sft_texts, ppo_texts)
         ]
         result: dict[str, Any] = {"rows": rows}
@@ -536,21 +553,21 @@ def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | Non
             (v_sft, m_sft), (v_ppo, m_ppo) = (verifier_scores(cfg, prompts, texts, references)
                                               for texts in (sft_texts, ppo_texts))
             for i, (row, a, b) in enumerate(zip(rows, v_sft, v_ppo)):
-                row["verifier_sft"], row["verifier_ppo"] = a, b
+                row["verifier_sft"], row[f"verifier_{policy}"] = a, b
                 if m_sft:
                     row["verifier_metrics_sft"] = {k: v[i] for k, v in m_sft.items()}
-                    row["verifier_metrics_ppo"] = {k: v[i] for k, v in m_ppo.items()}
+                    row[f"verifier_metrics_{policy}"] = {k: v[i] for k, v in m_ppo.items()}
         rm_manifest = read_manifest(cfg.stage_dir("rm"))
         if rm_manifest is not None and rm_manifest.get("status") == "complete":
             rm_sft = score_responses(cfg, prompts, sft_ids)
             rm_ppo = score_responses(cfg, prompts, ppo_ids)
             for row, a, b in zip(rows, rm_sft, rm_ppo):
-                row["rm_sft"], row["rm_ppo"] = a, b
-            result.update(rm_win_rate=win_rate(rm_ppo, rm_sft), rm_mean_sft=sum(rm_sft) / len(rm_sft),
-                          rm_mean_ppo=sum(rm_ppo) / len(rm_ppo))
+                row["rm_sft"], row[f"rm_{policy}"] = a, b
+            result.update({"rm_win_rate": win_rate(rm_ppo, rm_sft), "rm_mean_sft": sum(rm_sft) / len(rm_sft),
+                           f"rm_mean_{policy}": sum(rm_ppo) / len(rm_ppo)})
         if judge:
-            result.update(_judge_or_reason(cfg, rows))
-        return add_comparisons(cfg, result)
+            result.update(_judge_or_reason(cfg, rows, policy))
+        return add_comparisons(cfg, result, policy)
     finally:
         torch.set_num_threads(threads)
 
@@ -560,45 +577,46 @@ def _mean_known(values: Sequence[float | None]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
-def add_comparisons(cfg: RunConfig, result: dict[str, Any]) -> dict[str, Any]:
-    """``result["comparisons"]``: ``paired_comparison`` of PPO against SFT for each check the rows carry
+def add_comparisons(cfg: RunConfig, result: dict[str, Any], policy: str = "ppo") -> dict[str, Any]:
+    """``result["comparisons"]``: ``paired_comparison`` of ``policy`` against SFT for each check the rows carry
     (``verifier_*``, ``rm_*`` scores; ``judge`` verdicts), keyed "verifier", "judge", "rm"."""
     rows = result["rows"]
     comparisons: dict[str, Any] = {}
-    if rows and all("verifier_sft" in r and "verifier_ppo" in r for r in rows):
+    if rows and all("verifier_sft" in r and f"verifier_{policy}" in r for r in rows):
         comparisons["verifier"] = {"check": f"verifier {cfg.report.verifier}", **paired_comparison(
-            [r["verifier_ppo"] for r in rows], [r["verifier_sft"] for r in rows])}
-        if all("verifier_metrics_sft" in r for r in rows):
+            [r[f"verifier_{policy}"] for r in rows], [r["verifier_sft"] for r in rows])}
+        if all("verifier_metrics_sft" in r and f"verifier_metrics_{policy}" in r for r in rows):
             comparisons["verifier"]["metrics"] = {
-                name: {policy: _mean_known([r[f"verifier_metrics_{policy}"].get(name) for r in rows])
-                       for policy in ("sft", "ppo")}
+                name: {side: _mean_known([r[f"verifier_metrics_{who}"].get(name) for r in rows])
+                       for side, who in (("sft", "sft"), ("policy", policy))}
                 for name in rows[0]["verifier_metrics_sft"]}
     if "judge_win_rate" in result and all("judge" in r for r in rows):
-        outcomes = [{"ppo": "policy", "sft": "parent"}.get(r["judge"], "tie") for r in rows]
+        outcomes = [{policy: "policy", "sft": "parent"}.get(r["judge"], "tie") for r in rows]
         comparisons["judge"] = {"check": f"judge {result['judge']} ({result.get('judge_kind')}), both orders",
                                 **outcome_comparison(outcomes)}
-    if rows and all("rm_sft" in r and "rm_ppo" in r for r in rows):
+    if rows and all("rm_sft" in r and f"rm_{policy}" in r for r in rows):
         comparisons["rm"] = {"check": "reward model (rm stage)", **paired_comparison(
-            [r["rm_ppo"] for r in rows], [r["rm_sft"] for r in rows])}
+            [r[f"rm_{policy}"] for r in rows], [r["rm_sft"] for r in rows])}
     result["comparisons"] = comparisons
     return result
 
 
-def _samples_key(cfg: RunConfig, n: int) -> str:
+def _samples_key(cfg: RunConfig, n: int, policy: str = "ppo") -> str:
     hashes = {s: hash_file(cfg.stage_dir(s) / MANIFEST) if (cfg.stage_dir(s) / MANIFEST).exists() else None
-              for s in ("sft", "rm", "ppo")}
+              for s in ("sft", "rm", policy)}
     judge = cfg.rlaif.judges.get(cfg.rlaif_label.judge)
-    return hash_json({"v": SAMPLES_VERSION, "n": n, "manifests": hashes, "ppo": cfg.ppo.model_dump(mode="json"),
+    return hash_json({"v": SAMPLES_VERSION, "n": n, "manifests": hashes, "policy": policy,
+                      "ppo": cfg.ppo.model_dump(mode="json"),
                       "report": cfg.report.model_dump(mode="json"),
                       "chat": cfg.chat.model_dump(mode="json"), "judge": cfg.rlaif_label.judge,
                       "judge_config": judge.model_dump(mode="json") if judge is not None else None})
 
 
 def _load_samples(cfg: RunConfig, plots: Path, generate: bool, n: int,
-                  out: Printer) -> tuple[dict[str, Any] | None, str]:
-    """Sample rows and where they came from, or (None, why not)."""
+                  out: Printer, policy: str = "ppo") -> tuple[dict[str, Any] | None, str]:
+    """Sample rows of SFT and ``policy`` and where they came from, or (None, why not)."""
     ppo_file = cfg.stage_dir("ppo") / "samples.jsonl"
-    if ppo_file.exists():
+    if policy == "ppo" and ppo_file.exists():
         rows = [json.loads(line) for line in ppo_file.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if isinstance(r, dict) and "sft" in r and "ppo" in r]
         if rows:
@@ -612,10 +630,11 @@ def _load_samples(cfg: RunConfig, plots: Path, generate: bool, n: int,
         folder = cfg.stage_dir(stage)
         return (folder / "model" / "config.json").exists() or (folder / "adapter" / "adapter_config.json").exists()
 
-    if not (has_model("sft") and has_model("ppo")):
-        return None, "the SFT or PPO stage has no model to sample from"
-    cache = plots / "samples.json"
-    key = _samples_key(cfg, n)
+    if not (has_model("sft") and has_model(policy)):
+        return None, f"the SFT or {STAGE_TITLES[policy]} stage has no model to sample from"
+    suffix = "" if policy == "ppo" else f"_{policy}"
+    cache = plots / f"samples{suffix}.json"
+    key = _samples_key(cfg, n, policy)
     if cache.exists():
         try:
             cached = json.loads(cache.read_text())
@@ -625,21 +644,22 @@ def _load_samples(cfg: RunConfig, plots: Path, generate: bool, n: int,
             pass
     if not generate:
         return None, "not generated (run `python -m pipeline report CONFIG` to generate them)"
-    out(f"report: generating {n} samples from the SFT and PPO policies ...")
+    out(f"report: generating {n} samples from the SFT and {STAGE_TITLES[policy]} policies ...")
     try:
-        result = sample_generations(cfg, None, n)
+        result = sample_generations(cfg, None, n, policy=policy)
     except Exception as exc:  # the report must still be written; the reason is shown in it
         return None, f"sample generation failed: {type(exc).__name__}: {exc}"
     atomic_write_json(cache, {"key": key, "result": result})
-    with open(plots / "samples.jsonl", "w") as fh:
+    with open(plots / f"samples{suffix}.jsonl", "w") as fh:
         for row in result["rows"]:
             fh.write(json.dumps(row) + "\n")
     return result, "greedy decoding"
 
 
-def _samples_section(cfg: RunConfig, result: dict[str, Any] | None, source: str) -> list[str]:
-    lines = ["## Sample generations: SFT vs PPO", ""]
-    ppo = _stage_manifest(cfg, "ppo")
+def _samples_section(cfg: RunConfig, result: dict[str, Any] | None, source: str, policy: str = "ppo") -> list[str]:
+    title = STAGE_TITLES[policy]
+    lines = [f"## Sample generations: SFT vs {title}", ""]
+    ppo = _stage_manifest(cfg, policy)
     if result is None:
         return lines + [source, ""]
     rows = result["rows"]
@@ -650,49 +670,63 @@ def _samples_section(cfg: RunConfig, result: dict[str, Any] | None, source: str)
     judge = {k: v for k, v in (((ppo or {}).get("metrics") or {}).items()) if "win_rate" in k}
     if judge:
         rates = ", ".join(f"{k} = {md_cell(v)}" for k, v in judge.items())
-        lines += [f"Win rates recorded by the PPO stage: {rates}", ""]
+        lines += [f"Win rates recorded by the {title} stage: {rates}", ""]
     lines += [f"The verdict's figures are in `{EVALUATION_FILE}`.", ""]
-    has_scores = all("rm_sft" in r and "rm_ppo" in r for r in rows)
-    has_verifier = all("verifier_sft" in r and "verifier_ppo" in r for r in rows)
+    has_scores = all("rm_sft" in r and f"rm_{policy}" in r for r in rows)
+    has_verifier = all("verifier_sft" in r and f"verifier_{policy}" in r for r in rows)
     has_judge = all("judge" in r for r in rows)
-    header = (["prompt", "SFT", "PPO"] + (["verifier SFT", "verifier PPO"] if has_verifier else [])
-              + (["RM SFT", "RM PPO"] if has_scores else []) + (["judge"] if has_judge else []))
-    table = [[_prompt_text(r.get("prompt")), r.get("sft"), r.get("ppo")]
-             + ([r["verifier_sft"], r["verifier_ppo"]] if has_verifier else [])
-             + ([r["rm_sft"], r["rm_ppo"]] if has_scores else []) + ([r["judge"]] if has_judge else []) for r in rows]
+    header = (["prompt", "SFT", title] + (["verifier SFT", f"verifier {title}"] if has_verifier else [])
+              + (["RM SFT", f"RM {title}"] if has_scores else []) + (["judge"] if has_judge else []))
+    table = [[_prompt_text(r.get("prompt")), r.get("sft"), r.get(policy)]
+             + ([r["verifier_sft"], r[f"verifier_{policy}"]] if has_verifier else [])
+             + ([r["rm_sft"], r[f"rm_{policy}"]] if has_scores else []) + ([r["judge"]] if has_judge else [])
+             for r in rows]
     return lines + md_table(header, table) + [""]
 
 
-def verdict_lines(result: dict[str, Any] | None, source: str) -> list[str]:
-    """The report's first answer: did PPO beat SFT on held-out prompts, check by check, with intervals."""
-    lines = ["## Verdict: PPO policy against its parent (SFT) on held-out prompts", ""]
-    comparisons = (result or {}).get("comparisons") or {}
-    if not comparisons:
-        return lines + [f"No comparison available ({source}).", ""]
-    table = []
-    for name in ("verifier", "judge", "rm"):
-        c = comparisons.get(name)
-        if c is None:
+def verdict_lines(results: dict[str, tuple[dict[str, Any] | None, str]]) -> list[str]:
+    """The report's first answer, one table for every policy the run produced: did it beat its parent (SFT)
+    on the same held-out prompts, check by check (verifier, judge, RM), with intervals.
+
+    ``results``: policy stage -> (sample_generations result or None, where it came from / why not)."""
+    lines = ["## Verdict: each policy against its parent (SFT) on held-out prompts", ""]
+    table, notes, parts_lines = [], [], []
+    for policy, (result, source) in results.items():
+        title = STAGE_TITLES[policy]
+        comparisons = (result or {}).get("comparisons") or {}
+        if not comparisons:
+            notes.append(f"{title}: no comparison available ({source}).")
             continue
-        mean = (f"{c['mean_parent']:.3f} -> {c['mean_policy']:.3f} (diff {c['mean_diff']:+.3f}, 95% CI "
-                f"{c['diff_ci_low']:+.3f} to {c['diff_ci_high']:+.3f})") if name != "judge" else ""
-        table.append([c["check"], c["n"], c["wins"], c["losses"], c["ties"], f"{c['win_rate']:.3f}",
-                      f"{c['ci_low']:.3f} to {c['ci_high']:.3f}", f"**{c['verdict']}**", mean])
-    lines += md_table(["check", "prompts", "PPO wins", "SFT wins", "ties", "win rate", "95% CI", "verdict",
-                       "mean score SFT -> PPO"], table)
-    parts = (comparisons.get("verifier") or {}).get("metrics") or {}
-    if parts:
-        lines += ["", "Verifier parts, mean over the same prompts (SFT -> PPO): " + "; ".join(
-            f"{name} {m['sft']:.3f} -> {m['ppo']:.3f}" for name, m in parts.items()
-            if m["sft"] is not None and m["ppo"] is not None) + "."]
-    lines += ["", "Win rate: ties count half; the interval is Wilson's score interval over prompts; a result whose "
-              "interval includes 0.5 is \"no measurable difference\". The verifier and judge are checks the reward "
-              "model cannot see; the RM row is the reward PPO optimised.", ""]
-    return lines
+        for name in ("verifier", "judge", "rm"):
+            c = comparisons.get(name)
+            if c is None:
+                continue
+            mean = (f"{c['mean_parent']:.3f} -> {c['mean_policy']:.3f} (diff {c['mean_diff']:+.3f}, 95% CI "
+                    f"{c['diff_ci_low']:+.3f} to {c['diff_ci_high']:+.3f})") if name != "judge" else ""
+            table.append([title, c["check"], c["n"], c["wins"], c["losses"], c["ties"], f"{c['win_rate']:.3f}",
+                          f"{c['ci_low']:.3f} to {c['ci_high']:.3f}", f"**{c['verdict']}**", mean])
+        parts = (comparisons.get("verifier") or {}).get("metrics") or {}
+        known = [f"{name} {m['sft']:.3f} -> {m['policy']:.3f}" for name, m in parts.items()
+                 if m["sft"] is not None and m["policy"] is not None]
+        if known:
+            parts_lines.append(f"Verifier parts, {title}, mean over the same prompts (SFT -> {title}): "
+                               + "; ".join(known) + ".")
+    if table:
+        lines += md_table(["policy", "check", "prompts", "policy wins", "SFT wins", "ties", "win rate", "95% CI",
+                           "verdict", "mean score SFT -> policy"], table)
+    for line in parts_lines + notes:
+        lines += ["", line]
+    if table:
+        lines += ["", "Win rate: ties count half; the interval is Wilson's score interval over prompts; a result "
+                  "whose interval includes 0.5 is \"no measurable difference\". The verifier and judge are checks "
+                  "the reward model cannot see; the RM row is the reward PPO optimised."]
+    return lines + [""]
 
 
-def write_evaluation(cfg: RunConfig, result: dict[str, Any], source: str) -> Path:
-    """``outputs/<run>/evaluation.json``: PPO vs SFT on held-out prompts, by the RM and by the judge.
+def write_evaluation(cfg: RunConfig, result: dict[str, Any] | None, source: str,
+                     others: dict[str, tuple[dict[str, Any] | None, str]] | None = None) -> Path:
+    """``outputs/<run>/evaluation.json``: PPO vs SFT on held-out prompts, by the RM and by the judge; every
+    other policy stage (``others``: DPO ...) under ``policies.<stage>`` with its source and comparisons.
 
     Keys: ``n_prompts``, ``source`` (where the generations came from), ``rm_win_rate``, ``rm_mean_sft``,
     ``rm_mean_ppo`` (when there is an RM), ``judge``, ``judge_kind``, ``judge_win_rate``, ``judge_wins``,
@@ -700,8 +734,12 @@ def write_evaluation(cfg: RunConfig, result: dict[str, Any], source: str) -> Pat
     """
     keys = ("rm_win_rate", "rm_mean_sft", "rm_mean_ppo", "judge", "judge_kind", "judge_win_rate", "judge_wins",
             "judge_losses", "judge_ties", "judge_inconsistent", "judge_malformed", "judge_error", "comparisons")
+    result = result or {"rows": []}
     evaluation = {"run_name": cfg.run_name, "policy": "ppo", "baseline": "sft", "n_prompts": len(result["rows"]),
                   "source": source, **{k: result[k] for k in keys if k in result},
+                  "policies": {stage: {"source": src, "n_prompts": len((res or {}).get("rows") or []),
+                                       "comparisons": (res or {}).get("comparisons") or {}}
+                               for stage, (res, src) in (others or {}).items()},
                   "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path = cfg.run_dir() / EVALUATION_FILE
     atomic_write_json(path, evaluation)
@@ -719,16 +757,22 @@ def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = 
     plots = run_dir / "report"
     plots.mkdir(parents=True, exist_ok=True)
     stages = list(cfg.stages) + [s for s in STAGE_TITLES if s not in cfg.stages and cfg.stage_dir(s).exists()]
-    result, source = None, "not run (needs a complete PPO stage)"
-    ppo = _stage_manifest(cfg, "ppo")
-    if "ppo" in stages and ppo is not None and ppo.get("status") == "complete":
-        result, source = _load_samples(cfg, plots, generate_samples, n_samples or cfg.report.n_prompts, out)
-        if result is not None:
-            write_evaluation(cfg, result, source)
+    results: dict[str, tuple[dict[str, Any] | None, str]] = {}
+    for policy in POLICY_STAGES:
+        manifest = _stage_manifest(cfg, policy)
+        if policy not in stages:
+            continue
+        if manifest is None or manifest.get("status") != "complete":
+            results[policy] = (None, f"not run (needs a complete {STAGE_TITLES[policy]} stage)")
+            continue
+        results[policy] = _load_samples(cfg, plots, generate_samples, n_samples or cfg.report.n_prompts, out, policy)
+    if results:
+        ppo_result, ppo_source = results.get("ppo", (None, "no PPO stage"))
+        write_evaluation(cfg, ppo_result, ppo_source, {k: v for k, v in results.items() if k != "ppo"})
     lines = [f"# alignpipe run report: {cfg.run_name}", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from `{run_dir}`.", ""]
-    if "ppo" in stages:
-        lines += verdict_lines(result, source)
+    if results:
+        lines += verdict_lines(results)
     lines += ["## Stages", ""]
     lines += _overview(cfg, stages) + [""]
     if "sft" in stages:
@@ -739,7 +783,10 @@ def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = 
         lines += _rm_section(cfg, plots)
     if "ppo" in stages:
         lines += _ppo_section(cfg, plots)
-        lines += _samples_section(cfg, result, source)
+    if "dpo" in stages:
+        lines += _dpo_section(cfg, plots)
+    for policy, (result, source) in results.items():
+        lines += _samples_section(cfg, result, source, policy)
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path

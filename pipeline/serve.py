@@ -99,11 +99,53 @@ class GenerationParams:
     top_logprobs: int = 0
 
 
+class BestOfN:
+    """Inference-time best-of-N (rejection sampling): each choice a request gets is the best of ``n`` sampled
+    candidates by a reward model, an ``rm`` stage folder (``--best-of N --best-of-rm outputs/<run>/rm``).
+
+    Candidates are scored as text in the RM's own training layout (``stages.scoring.score_responses``, so an
+    RM with another tokenizer works too); a candidate that ended with eos is preferred to one cut at the
+    length limit, whatever their scores (a cut-off answer would be scored as if it had finished).
+    """
+
+    def __init__(self, rm_dir: str | os.PathLike, n: int):
+        from stages.scoring import load_reward_model
+
+        from .config import ModelConfig
+
+        if n < 2:
+            raise CheckpointError(f"--best-of {n}: best-of-N needs at least 2 candidates per choice")
+        self.n = n
+        self.rm_dir = str(rm_dir)
+        try:
+            self.model, self.tokenizer = load_reward_model(rm_dir, ModelConfig(source="local", path=str(rm_dir)))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"--best-of-rm {rm_dir}: {exc}") from exc
+        self.system_prompt = stage_system_prompt(rm_dir)
+
+    def scores(self, messages: list[dict[str, str]], texts: list[str]) -> list[float]:
+        """(N,) RM scores of the candidate texts for one prompt."""
+        import torch
+
+        from stages.scoring import score_responses
+
+        with torch.no_grad():
+            values = score_responses(self.model, self.tokenizer, [messages] * len(texts), texts,
+                                     system_prompt=self.system_prompt)
+        return [float(v) for v in values]
+
+    def pick(self, messages: list[dict[str, str]], candidates: list["Choice"]) -> "Choice":
+        """The best candidate: finished before unfinished, then the highest RM score (first on ties)."""
+        scores = self.scores(messages, [c.text for c in candidates])
+        best = max(range(len(candidates)), key=lambda i: (candidates[i].finish_reason == "stop", scores[i], -i))
+        return candidates[best]
+
+
 class ChatModel:
-    """A causal LM + tokenizer that answers chat requests, one generate at a time."""
+    """A causal LM + tokenizer that answers chat requests, one generate at a time (optionally best-of-N)."""
 
     def __init__(self, checkpoint: str | os.PathLike, dtype: str = "auto", device: str | None = None,
-                 trust_remote_code: bool = False, name: str | None = None):
+                 trust_remote_code: bool = False, name: str | None = None, best_of: BestOfN | None = None):
         import torch
 
         from .config import ModelConfig
@@ -126,6 +168,7 @@ class ChatModel:
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.lock = threading.Lock()
         self.created = int(time.time())
+        self.best_of = best_of
 
     # -------------------------------------------------------------------------------- prompting
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -177,8 +220,10 @@ class ChatModel:
             if p.seed is not None:
                 torch.manual_seed(p.seed)
             input_ids = torch.tensor([ids], device=self.device)
-            # greedy decoding gives n identical choices: decode once and repeat it
-            samples = p.n if p.temperature > 0 else 1
+            # greedy decoding gives n identical choices: decode once and repeat it; best-of-N samples
+            # best_of.n candidates for every choice (greedy would make them identical: no choice to make)
+            per_choice = self.best_of.n if self.best_of is not None and p.temperature > 0 else 1
+            samples = p.n * per_choice if p.temperature > 0 else 1
             with torch.no_grad():
                 out = self.model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -222,6 +267,9 @@ class ChatModel:
                         entry["top_logprobs"] = []
                     entries.append(entry)
             choices.append(Choice(text, finish, len(tokens), entries))
+        if per_choice > 1:
+            choices = [self.best_of.pick(p.messages, choices[i * per_choice:(i + 1) * per_choice])
+                       for i in range(p.n)]
         return choices, len(ids)
 
     def stream(self, p: GenerationParams) -> Iterator[tuple[str, str | None]]:
@@ -229,6 +277,9 @@ class ChatModel:
         import torch
         from transformers import TextIteratorStreamer
 
+        if self.best_of is not None:
+            raise RequestError("streaming is not available on a server started with --best-of (the answer is "
+                               "chosen after all candidates are generated); send stream: false", param="stream")
         ids = self.prompt_ids(p.messages)
         new_tokens = self._limit_new_tokens(len(ids), p.max_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -543,12 +594,18 @@ class ChatHandler(BaseHTTPRequestHandler):
 def make_server(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
                 api_key: str | None = None, *, chat_model: ChatModel | None = None, model_name: str | None = None,
                 dtype: str = "auto", fail_first: int = 0, fail_statuses: Sequence[int] = (500,),
-                delay_s: float = 0.0, quiet: bool = False) -> ChatServer:
+                delay_s: float = 0.0, quiet: bool = False, best_of: int = 0,
+                best_of_rm: str | os.PathLike | None = None) -> ChatServer:
     """Load the checkpoint (unless ``chat_model`` is given) and bind a server (not yet serving).
+
+    ``best_of`` > 1 with ``best_of_rm`` (an rm stage folder): every choice is the best of that many samples.
 
     ``fail_first``/``fail_statuses``/``delay_s`` are fault injection for tests only.
     """
-    model = chat_model or ChatModel(checkpoint, dtype=dtype, name=model_name)
+    if best_of and not best_of_rm:
+        raise CheckpointError("--best-of needs --best-of-rm outputs/<run>/rm (the reward model that picks)")
+    reranker = BestOfN(best_of_rm, best_of) if best_of else None
+    model = chat_model or ChatModel(checkpoint, dtype=dtype, name=model_name, best_of=reranker)
     faults = Faults(fail_first=fail_first, fail_statuses=tuple(fail_statuses) or (500,), delay_s=delay_s)
     return ChatServer((host, port), model, api_key=api_key, faults=faults, quiet=quiet)
 
@@ -574,6 +631,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="name of an environment variable holding the bearer token clients must send")
     parser.add_argument("--model-name", default=None, help="the model id to serve under (default <run>/<stage>)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--best-of", type=int, default=0, metavar="N",
+                        help="answer each choice with the best of N samples by --best-of-rm (sampled requests only)")
+    parser.add_argument("--best-of-rm", default=None, metavar="DIR", help="the rm stage folder that picks")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -591,7 +651,8 @@ def main(args: argparse.Namespace) -> int:
                        "(set --api-key-env)", args.host)
     try:
         server = make_server(args.checkpoint, args.host, args.port, api_key,
-                             model_name=getattr(args, "model_name", None), dtype=getattr(args, "dtype", "auto"))
+                             model_name=getattr(args, "model_name", None), dtype=getattr(args, "dtype", "auto"),
+                             best_of=getattr(args, "best_of", 0) or 0, best_of_rm=getattr(args, "best_of_rm", None))
     except ServeError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"[alignpipe] serving {server.chat_model.name!r} at {server.url} "

@@ -73,7 +73,8 @@ def test_full_report_sections_and_pngs(tmp_path, quiet_env):
     # samples from ppo/samples.jsonl, with the RM comparison first (3 of 3 prompts: PPO scored higher, but
     # 3 prompts cannot show a difference: the interval includes 0.5)
     assert text.index("## Verdict") < text.index("## Stages")
-    assert "| reward model (rm stage) | 3 | 3 | 0 | 0 | 1.000 | 0.439 to 1.000 | **no measurable difference** |" in text
+    assert ("| PPO | reward model (rm stage) | 3 | 3 | 0 | 0 | 1.000 | 0.439 to 1.000 | "
+            "**no measurable difference** |") in text
     assert "question 0 \\| with pipe" in text and "ppo answer 0<br>line two" in text
     images = linked_images(report)
     names = {p.name for p in images}
@@ -160,7 +161,7 @@ def test_sample_generations_with_tiny_models(tmp_path):
     assert result["rm_win_rate"] == 0.5
 
     text = write_report(cfg, out=lambda line: None).read_text()
-    assert "| reward model (rm stage) | 8 | 0 | 0 | 8 | 0.500 |" in text and "greedy decoding" in text
+    assert "| PPO | reward model (rm stage) | 8 | 0 | 0 | 8 | 0.500 |" in text and "greedy decoding" in text
     assert result["comparisons"]["rm"]["verdict"] == "no measurable difference"
     cache = json.loads((cfg.run_dir() / "report" / "samples.json").read_text())
     rows = cache["result"]["rows"]  # the report samples 8 prompts by default
@@ -234,7 +235,7 @@ def test_judge_win_rate_in_report_and_evaluation_json(tmp_path):
     judged = evaluation["comparisons"]["judge"]
     assert judged["win_rate"] == pytest.approx(result["judge_win_rate"])
     assert (judged["wins"], judged["ties"]) == (result["judge_wins"], result["judge_ties"])
-    assert f"| judge short (function), both orders | 6 | {judged['wins']} | {judged['losses']} |" in text
+    assert f"| PPO | judge short (function), both orders | 6 | {judged['wins']} | {judged['losses']} |" in text
     assert "evaluation.json" in text
 
 
@@ -289,7 +290,32 @@ def test_verifier_parts_reach_the_verdict(tmp_path):
     result = add_comparisons(cfg, {"rows": rows})
     verifier = result["comparisons"]["verifier"]
     assert verifier["wins"] == 3 and verifier["ties"] == 1
-    assert verifier["metrics"] == {"correct": {"sft": 0.0, "ppo": 0.5}, "short": {"sft": 0.0, "ppo": 0.5}}
-    text = "\n".join(verdict_lines(result, "test"))
-    assert ("Verifier parts, mean over the same prompts (SFT -> PPO): correct 0.000 -> 0.500; "
+    assert verifier["metrics"] == {"correct": {"sft": 0.0, "policy": 0.5}, "short": {"sft": 0.0, "policy": 0.5}}
+    text = "\n".join(verdict_lines({"ppo": (result, "test"), "dpo": (None, "not run")}))
+    assert ("Verifier parts, PPO, mean over the same prompts (SFT -> PPO): correct 0.000 -> 0.500; "
             "short 0.000 -> 0.500.") in text
+    assert "DPO: no comparison available (not run)." in text
+
+
+def test_one_verdict_table_for_every_policy(tmp_path):
+    """A run with PPO and DPO: both are compared with SFT on the same held-out prompts, in one table."""
+    import torch
+
+    torch.set_num_threads(1)
+    from pipeline.models import load_tokenizer, prepare_base
+
+    extra = "  max_new_tokens: 8\nstages: [sft, rm, ppo, dpo]\ndpo: {data: {path: data/demo/preferences.jsonl}}\n"
+    cfg = load_config(write_config(tmp_path, extra))
+    base = prepare_base(cfg.model)
+    tokenizer = load_tokenizer(base, cfg.model, cfg.chat)
+    for stage, kind in (("sft", "causal_lm"), ("ppo", "causal_lm"), ("dpo", "causal_lm"), ("rm", "seq_cls")):
+        _fake_model_stage(cfg, stage, base, tokenizer, kind)
+    text = write_report(cfg, out=lambda line: None, n_samples=4).read_text()
+    verdict = text.split("## Verdict")[1].split("## Stages")[0]
+    # identical policies: every prompt a tie, for PPO and for DPO alike
+    assert "| PPO | reward model (rm stage) | 4 | 0 | 0 | 4 | 0.500 |" in verdict
+    assert "| DPO | reward model (rm stage) | 4 | 0 | 0 | 4 | 0.500 |" in verdict
+    assert "## Sample generations: SFT vs DPO" in text and "## DPO" in text
+    evaluation = json.loads((cfg.run_dir() / "evaluation.json").read_text())
+    assert evaluation["policies"]["dpo"]["comparisons"]["rm"]["ties"] == 4
+    assert evaluation["comparisons"]["rm"]["ties"] == 4  # PPO stays at the top level

@@ -181,3 +181,49 @@ def test_main_requires_the_key_env_var(tiny_base, monkeypatch) -> None:
     args = argparse.Namespace(checkpoint=tiny_base, host="127.0.0.1", port=0, api_key_env="ALIGNPIPE_TEST_UNSET_KEY")
     with pytest.raises(SystemExit, match="ALIGNPIPE_TEST_UNSET_KEY"):
         main(args)
+
+
+def _rm_stage(tmp_path: Path, tiny_base: str) -> Path:
+    """A complete rm stage folder whose model is the tiny base with a fresh one-label head."""
+    from pipeline.config import ModelConfig
+    from pipeline.models import load_model, load_tokenizer, save_tokenizer
+    from stages.scoring import REWARD_LAYOUT
+
+    stage = tmp_path / "run" / "rm"
+    cfg = ModelConfig(source="local", path=tiny_base)
+    tokenizer = load_tokenizer(tiny_base, cfg)
+    torch.manual_seed(0)
+    load_model(tiny_base, cfg, tokenizer, kind="seq_cls").save_pretrained(stage / "model", safe_serialization=True)
+    save_tokenizer(tokenizer, stage)
+    save_tokenizer(tokenizer, stage / "model")
+    (stage / "manifest.json").write_text(json.dumps({"stage": "rm", "status": "complete",
+                                                     "reward_layout": REWARD_LAYOUT}))
+    return stage
+
+
+def test_best_of_n_returns_the_best_candidate_by_the_rm(tmp_path: Path, tiny_base: str) -> None:
+    """--best-of 4: each choice is the RM's best of the 4 candidates the same seed samples without it."""
+    from pipeline.serve import BestOfN, GenerationParams
+
+    reranker = BestOfN(_rm_stage(tmp_path, tiny_base), 4)
+    plain, best = ChatModel(tiny_base, name="tiny"), ChatModel(tiny_base, name="tiny", best_of=reranker)
+    params = dict(messages=MESSAGES, max_tokens=6, temperature=1.0, top_p=1.0, seed=11)
+    candidates, _ = plain.generate(GenerationParams(**params, n=4))
+    chosen, _ = best.generate(GenerationParams(**params, n=1))
+    scores = reranker.scores(MESSAGES, [c.text for c in candidates])
+    finished = [c.finish_reason == "stop" for c in candidates]
+    expected = max(range(4), key=lambda i: (finished[i], scores[i], -i))
+    assert len(chosen) == 1 and chosen[0].text == candidates[expected].text
+    assert len(set(scores)) > 1  # the RM does tell the candidates apart
+    # two choices: each the best of its own 4 (8 samples in all, in order)
+    eight, _ = plain.generate(GenerationParams(**params, n=8))
+    two, _ = best.generate(GenerationParams(**params, n=2))
+    for k in range(2):
+        group = eight[4 * k:4 * (k + 1)]
+        s = reranker.scores(MESSAGES, [c.text for c in group])
+        pick = max(range(4), key=lambda i: (group[i].finish_reason == "stop", s[i], -i))
+        assert two[k].text == group[pick].text
+    with pytest.raises(Exception, match="streaming is not available"):
+        next(best.stream(GenerationParams(**params, n=1, stream=True)))
+    with pytest.raises(ServeError, match="at least 2"):
+        BestOfN(tmp_path / "run" / "rm", 1)
