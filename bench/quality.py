@@ -58,10 +58,13 @@ SETUPS: dict[str, dict[str, Any]] = {
         "config": "configs/demo.yaml",
         "stages": ["sft", "rm", "ppo"],
         "overrides": [],
-        "tolerance": {"sft_eval_loss": 0.1, "rm_eval_accuracy": 0.08, "score_first": 1.5, "score_last": 1.5,
-                      "kl_last": 1.5, "verifier_win_rate": 0.08, "verifier_ci_low": 0.08,
-                      "verifier_mean_sft": 0.08, "verifier_mean_ppo": 0.08, "judge_win_rate": 0.08,
-                      "rm_win_rate": 0.1},
+        # from the spread of three runs of the same config on this machine (2026-12-01: verifier win rate 0.688,
+        # 0.734, 0.615; PPO's last-steps score 2.2, 4.1, 0.7): an 8-step PPO on 2 cores is noisy, so only a
+        # move beyond that spread is flagged
+        "tolerance": {"sft_eval_loss": 0.1, "rm_eval_accuracy": 0.1, "score_first": 1.5, "score_last": 3.5,
+                      "kl_last": 1.5, "verifier_win_rate": 0.15, "verifier_ci_low": 0.15,
+                      "verifier_mean_sft": 0.1, "verifier_mean_ppo": 0.1, "judge_win_rate": 0.15,
+                      "rm_win_rate": 0.15},
     },
 }
 
