@@ -17,7 +17,7 @@ import torch
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parent.parent
-DRIVER = REPO / "tests" / "helpers" / "dist_sft_driver.py"
+DRIVER = REPO / "tests" / "helpers" / "dist_engine_driver.py"
 
 
 def _uniform_data(path: Path) -> Path:

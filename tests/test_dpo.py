@@ -21,7 +21,7 @@ from stages.dpo import trainer as dpo_stage
 from stages.dpo.core import preference_loss, preference_metrics, sequence_logprobs
 
 REPO = Path(__file__).resolve().parent.parent
-DRIVER = REPO / "tests" / "helpers" / "dist_dpo_driver.py"
+DRIVER = REPO / "tests" / "helpers" / "dist_engine_driver.py"
 WORDS = ["apple", "river", "garden", "window", "planet", "silver", "pencil", "rocket", "forest", "candle",
          "bridge", "letter", "castle", "dragon", "mirror", "orange", "pepper", "summer", "winter", "yellow"]
 
@@ -278,7 +278,7 @@ def _torchrun(out: Path, overrides: list[str], unsync: bool = False) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(DRIVER), str(REPO / "configs" / "tiny.yaml"), str(out), *overrides]
+           str(DRIVER), str(REPO / "configs" / "tiny.yaml"), str(out), "--stage=dpo", *overrides]
     if unsync:
         cmd.append("--unsync")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)

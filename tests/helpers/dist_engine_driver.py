@@ -1,6 +1,8 @@
-"""Run the SFT stage on one rank of a torchrun job and record what the distributed checks need.
+"""Run a stage on the shared engine (SFT, RM, DPO) on one rank of a torchrun job and record what the
+distributed checks need.
 
-Usage (per rank, under torchrun): python tests/helpers/dist_sft_driver.py CONFIG OUT_DIR [--unsync] [k=v ...]
+Usage (per rank, under torchrun):
+    python tests/helpers/dist_engine_driver.py CONFIG OUT_DIR [--stage=sft|rm|dpo] [--unsync] [k=v ...]
 Writes OUT_DIR/rank<R>.json (world size, engine type, item indices seen) and OUT_DIR/rank<R>.pt (final
 trainable parameters). ``--unsync`` is the negative control: no DeepSpeed and no DDP, so each rank
 trains alone on its own shard while believing the run is distributed.
@@ -22,15 +24,16 @@ torch.set_num_threads(1)
 
 from pipeline.config import load_config  # noqa: E402
 from stages import engine as engine_mod  # noqa: E402
-from stages import sft  # noqa: E402
+from stages import run_stage  # noqa: E402
 
 
 def main() -> None:
     config, out = sys.argv[1], Path(sys.argv[2])
     unsync = "--unsync" in sys.argv
-    overrides = [a for a in sys.argv[3:] if "=" in a]
+    stage = next((a.split("=", 1)[1] for a in sys.argv[3:] if a.startswith("--stage=")), "sft")
+    overrides = [a for a in sys.argv[3:] if "=" in a and not a.startswith("--")]
     if unsync:
-        overrides.append("sft.train.deepspeed=null")
+        overrides.append(f"{stage}.train.deepspeed=null")
         real_init, real_ddp = engine_mod.Engine.__init__, torch.nn.parallel.DistributedDataParallel
 
         def init_without_ddp(self, *args, **kwargs):
@@ -66,7 +69,7 @@ def main() -> None:
     engine_mod.Engine._epoch_batches = epoch_batches
     engine_mod.Engine.fit = fit
     out.mkdir(parents=True, exist_ok=True)
-    sft.run(cfg)
+    run_stage(stage, cfg)
     (out / f"rank{rank}.json").write_text(json.dumps(record))
 
 
