@@ -8,6 +8,9 @@ CONFIG ?= configs/demo.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 CHECKPOINT ?=
+# ONLY=1: `make ppo` refuses when a parent stage is not complete (default: it runs the missing parents first)
+ONLY ?=
+NO_PARENTS := $(if $(filter 1 yes true,$(ONLY)),--no-parents)
 # torch: the CPU build on hosts without a CUDA device, pip's choice elsewhere. Override TORCH_SPEC /
 # TORCH_PIP_ARGS for your host (e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu").
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -24,6 +27,7 @@ help:
 	@echo "make test                      lint, then the test suite (slow tests excluded; make test-all for all)"
 	@echo "make lint                      ruff (lint + import order; configured in pyproject.toml)"
 	@echo "make sft|rm|ppo|dpo|pipeline|rlaif CONFIG=configs/x.yaml ARGS='key=value ...'"
+	@echo "                               (make ppo runs the parents that are not complete first; ONLY=1 refuses)"
 	@echo "make status|report|slurm|validate CONFIG=...   make serve CHECKPOINT=outputs/<run>/<stage>"
 	@echo "make bench-quality             learning regression benchmark (tiny PPO + the demo vs stored references)"
 
@@ -45,10 +49,10 @@ pipeline: $(VENV)/.installed
 	$(PY) -m pipeline run $(CONFIG) $(ARGS)
 
 sft rm ppo dpo: $(VENV)/.installed
-	$(PY) -m pipeline run $(CONFIG) $(ARGS) --stages $@
+	$(PY) -m pipeline run $(CONFIG) $(ARGS) $(NO_PARENTS) --stages $@
 
 best_of_n: $(VENV)/.installed
-	$(PY) -m pipeline run $(CONFIG) $(ARGS) --stages best_of_n
+	$(PY) -m pipeline run $(CONFIG) $(ARGS) $(NO_PARENTS) --stages best_of_n
 
 rlaif: $(VENV)/.installed
 	$(PY) -m pipeline run $(CONFIG) $(ARGS) --stages sft rlaif_label rm ppo

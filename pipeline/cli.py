@@ -1,6 +1,6 @@
 """``python -m pipeline`` / ``alignpipe``: run, status, report, slurm, serve, validate.
 
-    python -m pipeline run CONFIG [--stages sft rm ...] [--force] [key=value ...]
+    python -m pipeline run CONFIG [--stages sft rm ...] [--force] [--no-parents] [key=value ...]
     python -m pipeline status CONFIG [--json] [key=value ...]
     python -m pipeline report CONFIG [--no-samples] [key=value ...]
     python -m pipeline slurm CONFIG [--submit] [--force] [--stages ...] [key=value ...]
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="re-run the requested stages from scratch even when complete and unchanged")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     run.add_argument("--quiet", action="store_true", help="do not echo stage output (it still goes to stage.log)")
+    run.add_argument("--no-parents", action="store_true",
+                     help="refuse a requested stage whose parents are not complete (default: run them first)")
 
     status = config_command("status", "each stage's state, metrics and folder, and Slurm job states")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     run_pipeline(args.config, args.overrides, stages=args.stages, force=args.force, echo=not args.quiet,
-                 report=not args.no_report)
+                 report=not args.no_report, parents=not args.no_parents)
     return 0
 
 

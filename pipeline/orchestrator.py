@@ -15,9 +15,12 @@ stage, then for each requested stage decides what to do from its manifest:
   resume from the step ``checkpoints/latest`` names, or run again when there is no checkpoint;
 - ``failed`` (an error in the stage): run again (it resumes from checkpoints where the config is unchanged).
 
-Before launching a stage, its parents must be ``complete`` with matching chat-format fingerprints, or the
-run stops with a message naming the stage and why. A stage's output (stdout and stderr) goes to the
-console and to ``outputs/<run>/<stage>/stage.log``; a non-zero exit stops the chain and names that log.
+Requested stages (``--stages``) bring along the parents they need that are not complete, as Make does
+(``plan.with_parents``: complete parents are used as they are, interrupted ones resume); ``--no-parents``
+keeps the strict behaviour. Before launching a stage, its parents must be ``complete`` with matching
+chat-format fingerprints, or the run stops with a message naming the stage and why. A stage's output
+(stdout and stderr) goes to the console and to ``outputs/<run>/<stage>/stage.log``;
+a non-zero exit stops the chain and names that log.
 At the end the run report is written (``pipeline/report.py``) and its path printed.
 
 The decisions above and the pre-flight checks (parents, memory plan, DeepSpeed JSON) live in
@@ -31,7 +34,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ from .plan import (
     decide,
     memory_plans,
     select_stages,
+    with_parents,
     write_resolved_config,
 )
 from .procs import RunLock, free_port, process_state, run_process
@@ -104,14 +108,21 @@ def launch_stage(cfg: RunConfig, stage: str, config_file: Path, decision: Decisi
 # ---------------------------------------------------------------------------------------------- run
 def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stages: Sequence[str] | None = None,
                  force: bool = False, entry: str | None = None, out: Printer = print, echo: bool = True,
-                 report: bool = True) -> PipelineResult:
+                 report: bool = True, parents: bool = True) -> PipelineResult:
     """Run the requested stages of a config (see the module doc). Returns what was done and the report path.
+
+    ``parents`` (the default): requested stages bring their incomplete parents along, as Make builds missing
+    prerequisites (``plan.with_parents``; complete parents are used, interrupted ones resume, ``force``
+    applies only to the requested stages). ``parents=False`` (``--no-parents``, ``ONLY=1``) refuses instead.
 
     Raises ConfigError (bad config/overrides), ManifestError (a parent or a concurrent run stops the
     chain), MemoryPlanError (a stage cannot fit), StageFailed (a stage process failed).
     """
     cfg = load_config(config, list(overrides))
     selected = select_stages(cfg, stages)
+    added: set[str] = set()
+    if parents and stages:
+        selected, added = with_parents(cfg, selected, out)
     check_model_sources(cfg, selected)  # before anything is written or launched
     cfg.run_dir().mkdir(parents=True, exist_ok=True)
     config_file = write_resolved_config(cfg)
@@ -121,7 +132,7 @@ def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stage
         + (f" x{launch.nproc_per_node}/node, {launch.nnodes} node(s)" if launch.launcher != "local" else ""))
     memory_plans(cfg, selected, out)
     with RunLock(cfg.run_dir()):
-        result = _run_stages(cfg, selected, config_file, force, entry, out, echo)
+        result = _run_stages(cfg, selected, config_file, force, entry, out, echo, added)
     if report:
         result.report = write_report(cfg, out=out)
         out(f"report: {result.report}")
@@ -129,12 +140,12 @@ def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stage
 
 
 def _run_stages(cfg: RunConfig, selected: Sequence[str], config_file: Path, force: bool, entry: str | None,
-                out: Printer, echo: bool) -> PipelineResult:
+                out: Printer, echo: bool, added: Set[str] = frozenset()) -> PipelineResult:
     cuda: bool | None = None
     result = PipelineResult(cfg.run_dir(), config_file)
     ran_now: set[str] = set()
     for stage in selected:
-        decision = decide(cfg, stage, force=force)
+        decision = decide(cfg, stage, force=force and stage not in added)  # added parents are never forced
         result.decisions.append(decision)
         if decision.action == "skip":
             out(f"[{stage}] skip: {decision.reason} ({cfg.stage_dir(stage)})")

@@ -66,6 +66,43 @@ def select_stages(cfg: RunConfig, requested: Sequence[str] | None) -> list[str]:
     return [s for s in cfg.stages if s in requested]
 
 
+def missing_parents(cfg: RunConfig, selected: Sequence[str]) -> dict[str, str]:
+    """The parents the selected stages need that are not complete, as Make builds missing prerequisites.
+
+    Walks ``parents_of`` from each selected stage: a parent outside ``selected`` whose manifest is not
+    ``complete`` (absent, interrupted, failed, running) is needed, and so are its own incomplete parents.
+    A complete parent is used as it is (``check_parents`` warns when its config changed) and its own
+    parents are not looked at. Returns {parent: why it is needed}, in no particular order.
+    """
+    needed: dict[str, str] = {}
+    todo = list(selected)
+    while todo:
+        stage = todo.pop()
+        for parent in parents_of(cfg, stage):
+            if parent in selected or parent in needed:
+                continue
+            manifest = read_manifest(cfg.stage_dir(parent))
+            status = None if manifest is None else manifest.get("status")
+            if status == "complete":
+                continue
+            needed[parent] = f"'{stage}' needs it and it is {'not run' if status is None else status}"
+            todo.append(parent)
+    return needed
+
+
+def with_parents(cfg: RunConfig, selected: Sequence[str], out: Printer) -> tuple[list[str], set[str]]:
+    """``selected`` plus the incomplete parents it needs (``missing_parents``), in pipeline order, saying
+    which were added and why. Returns (stages to run, the added parents)."""
+    needed = missing_parents(cfg, selected)
+    if not needed:
+        return list(selected), set()
+    stages = select_stages(cfg, [*selected, *needed])
+    for parent in stages:
+        if parent in needed:
+            out(f"[{parent}] added: {needed[parent]} (--no-parents / ONLY=1 refuses instead)")
+    return stages, set(needed)
+
+
 def decide(cfg: RunConfig, stage: str, force: bool = False) -> Decision:
     """Decide from the stage's manifest whether to skip, run, resume or re-run it (see the orchestrator's doc).
 

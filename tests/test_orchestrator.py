@@ -224,15 +224,46 @@ def test_pid_reuse_counts_as_dead(tmp_path):
 
 
 def test_refuses_incomplete_parent(fake, tmp_path):
+    """Strict mode (``--no-parents``, ``ONLY=1``): a stage whose parent is not complete is refused."""
     config = write_config(tmp_path)
     with pytest.raises(ManifestError) as err:
-        run(config, stages=["rm"])
+        run(config, stages=["rm"], parents=False)
     assert "cannot start stage 'rm'" in str(err.value) and "'sft'" in str(err.value)
     assert "does not exist" in str(err.value)
     cfg = load_config(config)
     write_manifest(cfg.stage_dir("sft"), {"stage": "sft", "status": "failed", "pid": 0, "host": "x"})
     with pytest.raises(ManifestError, match="status='failed'"):
-        run(config, stages=["rm"])
+        run(config, stages=["rm"], parents=False)
+    assert main(["run", str(config), "--no-report", "--quiet", "--no-parents", "--stages", "rm"]) == 2
+
+
+def test_requested_stage_runs_missing_parents_first(fake, tmp_path):
+    """``make ppo`` on a fresh run builds sft and rm first, says so; complete parents are skipped, an
+    interrupted one resumes, and ``--force`` re-runs only what was asked."""
+    config = write_config(tmp_path)
+    lines: list[str] = []
+    first = run(config, stages=["ppo"], out=lines.append)
+    assert [d.stage for d in first.decisions] == ["sft", "rm", "ppo"]
+    assert actions(first) == {"sft": "run", "rm": "run", "ppo": "run"}
+    assert any(line.startswith("[sft] added: 'ppo' needs it and it is not run") for line in lines)
+    assert any(line.startswith("[rm] added: 'ppo' needs it and it is not run") for line in lines)
+    # everything complete: only the requested stage is looked at
+    assert actions(run(config, stages=["ppo"])) == {"ppo": "skip"}
+    # rm interrupted by a hard crash: `make ppo` resumes rm (not forced, even with --force), then re-runs ppo
+    fake.setenv("FAKE_STEPS", "4")
+    fake.setenv("FAKE_CRASH", "rm:3")
+    with pytest.raises(StageFailed):
+        run(config, stages=["rm"], force=True)
+    fake.delenv("FAKE_CRASH")
+    again = run(config, stages=["ppo"], force=True)
+    assert actions(again) == {"rm": "resume", "ppo": "run"}
+    assert manifest(config, "rm")["metrics"]["resumed_from"] == 2
+    assert "--force" in again.decisions[1].reason
+    # the CLI does the same
+    (tmp_path / "cli").mkdir()
+    config2 = write_config(tmp_path / "cli")
+    assert main(["run", str(config2), "--no-report", "--quiet", "--stages", "rm"]) == 0
+    assert manifest(config2, "sft")["status"] == "complete" and manifest(config2, "ppo") is None
 
 
 def test_refuses_fingerprint_mismatch(fake, tmp_path):
