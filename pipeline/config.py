@@ -707,6 +707,10 @@ class ReportConfig(_Section):
         None, description="A rule verifier of the task's ground truth, 'module:function' with the reward "
                           "function signature fn(prompts, responses, references) -> scores (higher is better).")
     batch_size: int = Field(16, gt=0, description="Generation batch size for the report's greedy answers.")
+    icl_shots: int = Field(
+        0, ge=0, description="Few-shot (ICL) baseline: the base model prompted with this many (user, assistant) "
+                             "examples from sft.data (seeded, never a held-out prompt) is compared with SFT and "
+                             "each policy in the verdict. 0: off.")
 
     @field_validator("verifier")
     @classmethod

@@ -335,21 +335,35 @@ def _prompt_ids(cfg: RunConfig, tokenizer: Any, prompt: list[dict[str, str]]) ->
     return prompt_ids(tokenizer, prompt, cfg.chat.system_prompt)[-cfg.ppo.max_prompt_length:]
 
 
-def _generate(cfg: RunConfig, stage: str, prompts: list[list[dict[str, str]]], batch_size: int = 8):
-    """Greedy responses of ``stage``'s policy: (texts, token id lists up to and including the first eos)."""
+def _generate(cfg: RunConfig, stage: str, prompts: list[list[dict[str, str]]], batch_size: int = 8,
+              shots: list[dict[str, str]] | None = None):
+    """Greedy responses of ``stage``'s policy: (texts, token id lists up to and including the first eos).
+
+    ``stage`` "icl" is the base model (``prepare_base``) with ``shots`` (few-shot example turns) put before
+    each prompt's messages; that prompt is not cut to ``ppo.max_prompt_length`` (the shots would be cut)."""
     import torch
 
+    from stages.chat import prompt_ids as prompt_ids_of
     from stages.generation import neutral_generate, neutral_generation_config
     from stages.tuning import load_trained
 
-    tokenizer = _stage_tokenizer(cfg, stage)
-    model = load_trained(cfg.stage_dir(stage), cfg.model, tokenizer, kind="causal_lm")
+    if stage == "icl":
+        from .models import load_model, load_tokenizer, prepare_base
+
+        base = prepare_base(cfg.model)
+        tokenizer = load_tokenizer(base, cfg.model, cfg.chat)
+        model = load_model(base, cfg.model, tokenizer, kind="causal_lm")
+    else:
+        tokenizer = _stage_tokenizer(cfg, stage)
+        model = load_trained(cfg.stage_dir(stage), cfg.model, tokenizer, kind="causal_lm")
     model.eval()
     texts: list[str] = []
     ids: list[list[int]] = []
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     for start in range(0, len(prompts), batch_size):
-        enc = [_prompt_ids(cfg, tokenizer, p) for p in prompts[start:start + batch_size]]
+        batch = prompts[start:start + batch_size]
+        enc = ([_prompt_ids(cfg, tokenizer, p) for p in batch] if shots is None else
+               [prompt_ids_of(tokenizer, with_shots(shots, p), cfg.chat.system_prompt) for p in batch])
         width = max(len(e) for e in enc)
         input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])  # left padding
         attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
@@ -470,7 +484,7 @@ def verifier_scores(cfg: RunConfig, prompts: list[list[dict[str, str]]], respons
 
 
 def judge_win_rate(cfg: RunConfig, rows: list[dict[str, Any]], judge_name: str | None = None,
-                   policy: str = "ppo") -> dict[str, Any]:
+                   policy: str = "ppo", parent: str = "sft") -> dict[str, Any]:
     """The judge's verdicts of ``policy`` (PPO by default) against SFT on sample rows ``{prompt, sft, ppo}``.
 
     The judge is ``rlaif.judges[judge_name or rlaif_label.judge]`` (``stages.rlaif.judges.build_judge``,
@@ -486,12 +500,12 @@ def judge_win_rate(cfg: RunConfig, rows: list[dict[str, Any]], judge_name: str |
         raise ValueError("no sample rows to judge")
     judge = build_judge(cfg, name)
     try:
-        verdicts = judge.judge_pairs([(r["prompt"], r[policy] or "", r["sft"] or "") for r in rows])
+        verdicts = judge.judge_pairs([(r["prompt"], r[policy] or "", r[parent] or "") for r in rows])
         stats = judge.stats.as_dict()
     finally:
         judge.close()
     for row, verdict in zip(rows, verdicts):
-        row["judge"] = {"A": policy, "B": "sft"}.get(verdict.choice, "tie")
+        row["judge"] = {"A": policy, "B": parent}.get(verdict.choice, "tie")
     wins = sum(v.choice == "A" for v in verdicts)
     losses = sum(v.choice == "B" for v in verdicts)
     ties = len(verdicts) - wins - losses
@@ -501,7 +515,8 @@ def judge_win_rate(cfg: RunConfig, rows: list[dict[str, Any]], judge_name: str |
             "judge_prompts": len(verdicts)}
 
 
-def _judge_or_reason(cfg: RunConfig, rows: list[dict[str, Any]], policy: str = "ppo") -> dict[str, Any]:
+def _judge_or_reason(cfg: RunConfig, rows: list[dict[str, Any]], policy: str = "ppo",
+                     parent: str = "sft") -> dict[str, Any]:
     """``judge_win_rate``, or ``{judge, judge_error}`` when the judge cannot be built or fails (the report
     must still be written; the reason is shown in it). A config that defines no ``rlaif`` section gets
     ``judge_error`` too rather than the built-in default (an HF judge on the base model, which costs
@@ -513,7 +528,7 @@ def _judge_or_reason(cfg: RunConfig, rows: list[dict[str, Any]], policy: str = "
     if name not in cfg.rlaif.judges:
         return {"judge": name, "judge_error": f"no judge named {name!r} under rlaif.judges"}
     try:
-        return judge_win_rate(cfg, rows, name, policy)
+        return judge_win_rate(cfg, rows, name, policy, parent)
     except Exception as exc:  # noqa: BLE001 - any judge failure is reported, not fatal
         return {"judge": name, "judge_error": f"{type(exc).__name__}: {exc}"}
 
@@ -572,31 +587,187 @@ def sample_generations(cfg: RunConfig, prompts: list[list[dict[str, str]]] | Non
         torch.set_num_threads(threads)
 
 
+# ------------------------------------------------------------------------------------ few-shot baseline
+def with_shots(shots: Sequence[dict[str, str]], prompt: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``prompt`` with the few-shot example turns before it (a system message of the prompt stays first)."""
+    head = [m for m in prompt[:1] if m.get("role") == "system"]
+    return head + list(shots) + list(prompt[len(head):])
+
+
+def _last_user(messages: list[dict[str, str]]) -> str:
+    return next((str(m.get("content", "")) for m in reversed(messages) if m.get("role") == "user"), "")
+
+
+def icl_shots(cfg: RunConfig, held_out: Sequence[list[dict[str, str]]]) -> list[dict[str, str]]:
+    """The few-shot turns of the ICL baseline: ``report.icl_shots`` (user, assistant) pairs from ``sft.data``.
+
+    Each SFT conversation offers its first user turn with the assistant turn answering it; conversations whose
+    user turn is the last user turn of a ``held_out`` prompt are skipped (so are repeated user turns). The
+    pairs are drawn by ``random.Random(seed)`` (the run's ``seed``): the same config gives the same shots.
+    Returns the 2k messages, user/assistant alternating."""
+    import random
+
+    from data.formats import load_examples
+
+    k = cfg.report.icl_shots
+    if k <= 0:
+        return []
+    if cfg.sft.data is None:
+        raise ValueError("report.icl_shots needs sft.data: the few-shot examples come from the run's SFT data")
+    examples, _ = load_examples(cfg.sft.data, "sft")
+    banned = {_last_user(p).strip() for p in held_out}
+    pairs: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for example in examples:
+        msgs = example.messages
+        turn = next((i for i in range(len(msgs) - 1)
+                     if msgs[i].get("role") == "user" and msgs[i + 1].get("role") == "assistant"), None)
+        if turn is None:
+            continue
+        user = str(msgs[turn]["content"]).strip()
+        if user and user not in banned and user not in seen:
+            seen.add(user)
+            pairs.append((msgs[turn]["content"], msgs[turn + 1]["content"]))
+    if len(pairs) < k:
+        raise ValueError(f"report.icl_shots = {k}, but sft.data has only {len(pairs)} usable examples whose "
+                         "prompt is not held out")
+    shots: list[dict[str, str]] = []
+    for i in random.Random(cfg.seed).sample(range(len(pairs)), k):
+        shots += [{"role": "user", "content": pairs[i][0]}, {"role": "assistant", "content": pairs[i][1]}]
+    return shots
+
+
+def icl_generations(cfg: RunConfig, n: int | None = None, judge: bool = True,
+                    policies: dict[str, dict[str, Any] | None] | None = None) -> dict[str, Any]:
+    """The few-shot (ICL) baseline: greedy answers of the base model prompted with :func:`icl_shots` before each
+    held-out prompt, compared with SFT and with each policy by the same verifier, judge and RM as the verdict.
+
+    ``policies``: policy stage -> its ``sample_generations`` result; its answers (and scores) are reused when
+    its rows are the same held-out prompts, otherwise that policy is left out. Returns ``{"shots": k,
+    "examples": the shot messages, "results": {"sft"|policy: {"rows": [{prompt, reference, icl, <who>,
+    verifier_icl, verifier_<who>, rm_icl, rm_<who>, judge}], "policy": who, "parent": "icl", "comparisons",
+    judge fields}}}`` (``add_comparisons(..., parent="icl")``).
+    """
+    import torch
+
+    n = n or cfg.report.n_prompts
+    examples = held_out_examples(cfg, n)
+    prompts, references = [ex.prompt for ex in examples], [ex.reference for ex in examples]
+    shots = icl_shots(cfg, prompts)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.ppo.train.num_threads or threads)
+    try:
+        icl_texts, icl_ids = _generate(cfg, "icl", prompts, cfg.report.batch_size, shots=shots)
+        answers: dict[str, dict[str, Any]] = {}  # who -> {texts, ids or None, rm, verifier}
+        for policy, result in (policies or {}).items():
+            rows = (result or {}).get("rows") or []
+            if [r.get("prompt") for r in rows] != prompts:
+                continue
+            for who in ("sft", policy):
+                if who not in answers:
+                    answers[who] = {"texts": [r[who] for r in rows], "ids": None,
+                                    "rm": [r[f"rm_{who}"] for r in rows] if all(f"rm_{who}" in r for r in rows)
+                                    else None}
+        if "sft" not in answers:
+            sft_texts, sft_ids = _generate(cfg, "sft", prompts, cfg.report.batch_size)
+            answers = {"sft": {"texts": sft_texts, "ids": sft_ids, "rm": None}, **answers}
+        has_rm = (read_manifest(cfg.stage_dir("rm")) or {}).get("status") == "complete"
+        rm_icl = score_responses(cfg, prompts, icl_ids) if has_rm else None
+        verifier_icl = verifier_scores(cfg, prompts, icl_texts, references) if cfg.report.verifier else None
+        results: dict[str, Any] = {}
+        for who, answer in answers.items():
+            if has_rm and answer["rm"] is None and answer["ids"] is not None:
+                answer["rm"] = score_responses(cfg, prompts, answer["ids"])
+            rows = [{"prompt": p, "reference": r, "icl": a, who: b}
+                    for p, r, a, b in zip(prompts, references, icl_texts, answer["texts"])]
+            if verifier_icl is not None:
+                (v_icl, m_icl), (v_who, m_who) = verifier_icl, verifier_scores(cfg, prompts, answer["texts"],
+                                                                               references)
+                for i, row in enumerate(rows):
+                    row["verifier_icl"], row[f"verifier_{who}"] = v_icl[i], v_who[i]
+                    if m_icl:
+                        row["verifier_metrics_icl"] = {k: v[i] for k, v in m_icl.items()}
+                        row[f"verifier_metrics_{who}"] = {k: v[i] for k, v in m_who.items()}
+            if rm_icl is not None and answer["rm"] is not None:
+                for row, a, b in zip(rows, rm_icl, answer["rm"]):
+                    row["rm_icl"], row[f"rm_{who}"] = a, b
+            result = {"rows": rows, "policy": who, "parent": "icl", "shots": cfg.report.icl_shots}
+            if judge:
+                result.update(_judge_or_reason(cfg, rows, who, "icl"))
+            results[who] = add_comparisons(cfg, result, who, "icl")
+        return {"shots": cfg.report.icl_shots, "examples": shots, "results": results}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _load_icl(cfg: RunConfig, plots: Path, generate: bool, n: int, out: Printer,
+              policies: dict[str, tuple[dict[str, Any] | None, str]]) -> tuple[dict[str, Any] | None, str]:
+    """:func:`icl_generations` (cached in ``report/samples_icl.json``) and where it came from, or (None, why not)."""
+    key = hash_json({"v": SAMPLES_VERSION, "sft": _samples_key(cfg, n, "sft"),
+                     "model": cfg.model.model_dump(mode="json"), "seed": cfg.seed,
+                     "policies": {p: _samples_key(cfg, n, p) for p in policies}})
+    cache = plots / "samples_icl.json"
+    if cache.exists():
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("key") == key:
+                return cached["result"], "greedy decoding (cached)"
+        except (json.JSONDecodeError, KeyError):
+            pass
+    if not generate:
+        return None, "not generated (run `python -m pipeline report CONFIG` to generate them)"
+    out(f"report: generating {n} answers of the {cfg.report.icl_shots}-shot base model (ICL baseline) ...")
+    try:
+        result = icl_generations(cfg, n, policies={p: r for p, (r, _) in policies.items()})
+    except Exception as exc:  # the report must still be written; the reason is shown in it
+        return None, f"ICL baseline failed: {type(exc).__name__}: {exc}"
+    atomic_write_json(cache, {"key": key, "result": result})
+    return result, "greedy decoding"
+
+
+def _icl_section(cfg: RunConfig, icl: dict[str, Any] | None, source: str) -> list[str]:
+    k = cfg.report.icl_shots
+    lines = [f"## Few-shot baseline: the base model with {k} examples (ICL)", ""]
+    if icl is None:
+        return lines + [source, ""]
+    shots = icl["examples"]
+    lines += [f"The base model answers each held-out prompt after {k} (user, assistant) examples drawn from "
+              f"`sft.data` (seed {cfg.seed}; never a held-out prompt), {source}. The examples:", ""]
+    lines += md_table(["user", "assistant"], [(shots[i]["content"], shots[i + 1]["content"])
+                                              for i in range(0, len(shots), 2)]) + [""]
+    sft = icl["results"].get("sft")
+    if sft:
+        lines += md_table(["prompt", f"ICL ({k}-shot base)", "SFT"],
+                          [[_prompt_text(r["prompt"]), r["icl"], r["sft"]] for r in sft["rows"]]) + [""]
+    return lines
+
+
 def _mean_known(values: Sequence[float | None]) -> float | None:
     known = [float(v) for v in values if v is not None]
     return sum(known) / len(known) if known else None
 
 
-def add_comparisons(cfg: RunConfig, result: dict[str, Any], policy: str = "ppo") -> dict[str, Any]:
-    """``result["comparisons"]``: ``paired_comparison`` of ``policy`` against SFT for each check the rows carry
-    (``verifier_*``, ``rm_*`` scores; ``judge`` verdicts), keyed "verifier", "judge", "rm"."""
+def add_comparisons(cfg: RunConfig, result: dict[str, Any], policy: str = "ppo", parent: str = "sft") -> dict[str, Any]:
+    """``result["comparisons"]``: ``paired_comparison`` of ``policy`` against ``parent`` (SFT, or "icl": the
+    few-shot base model) for each check the rows carry (``verifier_*``, ``rm_*`` scores; ``judge`` verdicts),
+    keyed "verifier", "judge", "rm"."""
     rows = result["rows"]
     comparisons: dict[str, Any] = {}
-    if rows and all("verifier_sft" in r and f"verifier_{policy}" in r for r in rows):
+    if rows and all(f"verifier_{parent}" in r and f"verifier_{policy}" in r for r in rows):
         comparisons["verifier"] = {"check": f"verifier {cfg.report.verifier}", **paired_comparison(
-            [r[f"verifier_{policy}"] for r in rows], [r["verifier_sft"] for r in rows])}
-        if all("verifier_metrics_sft" in r and f"verifier_metrics_{policy}" in r for r in rows):
+            [r[f"verifier_{policy}"] for r in rows], [r[f"verifier_{parent}"] for r in rows])}
+        if all(f"verifier_metrics_{parent}" in r and f"verifier_metrics_{policy}" in r for r in rows):
             comparisons["verifier"]["metrics"] = {
                 name: {side: _mean_known([r[f"verifier_metrics_{who}"].get(name) for r in rows])
-                       for side, who in (("sft", "sft"), ("policy", policy))}
-                for name in rows[0]["verifier_metrics_sft"]}
+                       for side, who in ((parent, parent), ("policy", policy))}
+                for name in rows[0][f"verifier_metrics_{parent}"]}
     if "judge_win_rate" in result and all("judge" in r for r in rows):
-        outcomes = [{policy: "policy", "sft": "parent"}.get(r["judge"], "tie") for r in rows]
+        outcomes = [{policy: "policy", parent: "parent"}.get(r["judge"], "tie") for r in rows]
         comparisons["judge"] = {"check": f"judge {result['judge']} ({result.get('judge_kind')}), both orders",
                                 **outcome_comparison(outcomes)}
-    if rows and all("rm_sft" in r and f"rm_{policy}" in r for r in rows):
+    if rows and all(f"rm_{parent}" in r and f"rm_{policy}" in r for r in rows):
         comparisons["rm"] = {"check": "reward model (rm stage)", **paired_comparison(
-            [r[f"rm_{policy}"] for r in rows], [r["rm_sft"] for r in rows])}
+            [r[f"rm_{policy}"] for r in rows], [r[f"rm_{parent}"] for r in rows])}
     result["comparisons"] = comparisons
     return result
 
@@ -691,8 +862,12 @@ def verdict_lines(results: dict[str, tuple[dict[str, Any] | None, str]]) -> list
     ``results``: policy stage -> (sample_generations result or None, where it came from / why not)."""
     lines = ["## Verdict: each policy against its parent (SFT) on held-out prompts", ""]
     table, notes, parts_lines = [], [], []
-    for policy, (result, source) in results.items():
-        title = STAGE_TITLES[policy]
+    for key, (result, source) in results.items():
+        policy, parent = (result or {}).get("policy", key), (result or {}).get("parent", "sft")
+        title, parent_title = STAGE_TITLES.get(policy, policy), "SFT"
+        if parent == "icl" or key.startswith("icl_"):
+            parent_title = f"ICL ({(result or {}).get('shots', '?')}-shot base)"
+            title = f"{title} vs {parent_title}"
         comparisons = (result or {}).get("comparisons") or {}
         if not comparisons:
             notes.append(f"{title}: no comparison available ({source}).")
@@ -706,31 +881,39 @@ def verdict_lines(results: dict[str, tuple[dict[str, Any] | None, str]]) -> list
             table.append([title, c["check"], c["n"], c["wins"], c["losses"], c["ties"], f"{c['win_rate']:.3f}",
                           f"{c['ci_low']:.3f} to {c['ci_high']:.3f}", f"**{c['verdict']}**", mean])
         parts = (comparisons.get("verifier") or {}).get("metrics") or {}
-        known = [f"{name} {m['sft']:.3f} -> {m['policy']:.3f}" for name, m in parts.items()
-                 if m["sft"] is not None and m["policy"] is not None]
+        known = [f"{name} {m[parent]:.3f} -> {m['policy']:.3f}" for name, m in parts.items()
+                 if m[parent] is not None and m["policy"] is not None]
         if known:
-            parts_lines.append(f"Verifier parts, {title}, mean over the same prompts (SFT -> {title}): "
+            who = title if parent == "sft" else STAGE_TITLES.get(policy, policy)
+            parts_lines.append(f"Verifier parts, {title}, mean over the same prompts ({parent_title} -> {who}): "
                                + "; ".join(known) + ".")
     if table:
-        lines += md_table(["policy", "check", "prompts", "policy wins", "SFT wins", "ties", "win rate", "95% CI",
-                           "verdict", "mean score SFT -> policy"], table)
+        lines += md_table(["policy", "check", "prompts", "policy wins", "parent wins", "ties", "win rate",
+                           "95% CI", "verdict", "mean score parent -> policy"], table)
     for line in parts_lines + notes:
         lines += ["", line]
     if table:
         lines += ["", "Win rate: ties count half; the interval is Wilson's score interval over prompts; a result "
                   "whose interval includes 0.5 is \"no measurable difference\". The verifier and judge are checks "
                   "the reward model cannot see; the RM row is the reward PPO optimised."]
+        if any(k.startswith("icl_") for k in results):
+            lines += ["", "Rows \"X vs ICL (k-shot base)\": the fine-tuned model X (policy) against the base model "
+                      "prompted with k examples from the run's SFT data (parent), on the same prompts: did "
+                      "fine-tuning beat few-shot prompting?"]
     return lines + [""]
 
 
 def write_evaluation(cfg: RunConfig, result: dict[str, Any] | None, source: str,
-                     others: dict[str, tuple[dict[str, Any] | None, str]] | None = None) -> Path:
+                     others: dict[str, tuple[dict[str, Any] | None, str]] | None = None,
+                     icl: tuple[dict[str, Any] | None, str] | None = None) -> Path:
     """``outputs/<run>/evaluation.json``: PPO vs SFT on held-out prompts, by the RM and by the judge; every
     other policy stage (``others``: DPO ...) under ``policies.<stage>`` with its source and comparisons.
 
     Keys: ``n_prompts``, ``source`` (where the generations came from), ``rm_win_rate``, ``rm_mean_sft``,
     ``rm_mean_ppo`` (when there is an RM), ``judge``, ``judge_kind``, ``judge_win_rate``, ``judge_wins``,
     ``judge_losses``, ``judge_ties``, ``judge_inconsistent``, ``judge_malformed`` (or ``judge_error``).
+    With the few-shot baseline (``icl``: ``icl_generations`` result, source): ``icl`` = ``{shots, source,
+    examples, policies: {sft|<policy>: {n_prompts, comparisons}}}``, each against the k-shot base model.
     """
     keys = ("rm_win_rate", "rm_mean_sft", "rm_mean_ppo", "judge", "judge_kind", "judge_win_rate", "judge_wins",
             "judge_losses", "judge_ties", "judge_inconsistent", "judge_malformed", "judge_error", "comparisons")
@@ -741,6 +924,12 @@ def write_evaluation(cfg: RunConfig, result: dict[str, Any] | None, source: str,
                                        "comparisons": (res or {}).get("comparisons") or {}}
                                for stage, (res, src) in (others or {}).items()},
                   "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if icl is not None:
+        icl_result, icl_source = icl
+        evaluation["icl"] = {"shots": cfg.report.icl_shots, "source": icl_source,
+                             "examples": (icl_result or {}).get("examples"),
+                             "policies": {who: {"n_prompts": len(res["rows"]), "comparisons": res.get("comparisons")}
+                                          for who, res in ((icl_result or {}).get("results") or {}).items()}}
     path = cfg.run_dir() / EVALUATION_FILE
     atomic_write_json(path, evaluation)
     return path
@@ -766,12 +955,22 @@ def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = 
             results[policy] = (None, f"not run (needs a complete {STAGE_TITLES[policy]} stage)")
             continue
         results[policy] = _load_samples(cfg, plots, generate_samples, n_samples or cfg.report.n_prompts, out, policy)
-    if results:
+    icl: tuple[dict[str, Any] | None, str] | None = None
+    if cfg.report.icl_shots > 0 and "sft" in stages:
+        sft_manifest = _stage_manifest(cfg, "sft")
+        if sft_manifest is None or sft_manifest.get("status") != "complete":
+            icl = (None, "not run (needs a complete SFT stage)")
+        else:
+            icl = _load_icl(cfg, plots, generate_samples, n_samples or cfg.report.n_prompts, out, results)
+    if results or icl is not None:
         ppo_result, ppo_source = results.get("ppo", (None, "no PPO stage"))
-        write_evaluation(cfg, ppo_result, ppo_source, {k: v for k, v in results.items() if k != "ppo"})
+        write_evaluation(cfg, ppo_result, ppo_source, {k: v for k, v in results.items() if k != "ppo"}, icl)
     lines = [f"# alignpipe run report: {cfg.run_name}", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from `{run_dir}`.", ""]
-    if results:
+    if icl is not None:
+        icl_rows = {f"icl_{who}": (res, icl[1]) for who, res in ((icl[0] or {}).get("results") or {}).items()}
+        lines += verdict_lines({**results, **(icl_rows or {"icl_sft": (None, icl[1])})})
+    elif results:
         lines += verdict_lines(results)
     lines += ["## Stages", ""]
     lines += _overview(cfg, stages) + [""]
@@ -787,6 +986,8 @@ def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = 
         lines += _dpo_section(cfg, plots)
     for policy, (result, source) in results.items():
         lines += _samples_section(cfg, result, source, policy)
+    if icl is not None:
+        lines += _icl_section(cfg, *icl)
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
