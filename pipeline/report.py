@@ -1,11 +1,13 @@
 """The run report: ``outputs/<run>/report.md`` with PNG plots (matplotlib, Agg), DESIGN §6.
 
-Sections, each from the stage's ``metrics.jsonl`` and ``manifest.json`` (a stage that has not run says
+The answer comes first: the verdict table (each policy against its parent on held-out prompts), then the
+training signals (the RM's held-out accuracy, PPO's reward and KL at the start and end of training). Then
+sections, each from the stage's ``metrics.jsonl`` and ``manifest.json`` (a stage that has not run says
 "not run"):
 
 - overview: each stage's status, wall time and folder;
 - SFT: training ``loss`` and ``eval_loss`` curves;
-- RLAIF labels: the labelling stage's final metrics;
+- RLAIF labels: a pointer to the labelling stage's final metrics;
 - RM: accuracy curves (``accuracy``/``eval_accuracy``), held-out accuracy and mean margin, accuracy by
   margin bucket, and the score histogram the RM stage saves (``score_histogram.png``);
 - PPO: ``score``, ``kl``, ``response_length``, ``entropy``, ``eos_rate``, ``kl_coef`` curves;
@@ -17,7 +19,9 @@ Sections, each from the stage's ``metrics.jsonl`` and ``manifest.json`` (a stage
   ``rlaif_label.judge`` (``rlaif.judges``), asked in both orders (inconsistent verdicts are ties). The
   win rates go into ``outputs/<run>/evaluation.json`` (``write_evaluation``) as well as the report.
 
+Last, every stage's final metrics (its manifest's ``metrics``), each table in a collapsed ``<details>`` block.
 Plots and copied images live in ``outputs/<run>/report/``; links in the Markdown are relative.
+``report.html`` beside ``report.md`` is the same report as one self-contained page, images inlined.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ STAGE_TITLES = {"sft": "SFT", "rlaif_label": "RLAIF labels", "rm": "Reward model
 POLICY_STAGES = ("ppo", "dpo")  # stages whose output is a policy the report compares with its SFT parent
 SAMPLES_VERSION = 4  # 4: the verifier's per-sample parts (3: verifier, judge and RM comparisons with intervals)
 EVALUATION_FILE = "evaluation.json"
+FULL_METRICS_TITLE = "Full metrics"
+TREND_STEPS = 5  # the PPO trend compares the mean of the first and of the last this-many logged steps
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -219,7 +225,6 @@ def _sft_section(cfg: RunConfig, plots: Path) -> list[str]:
     png = plot_curves(plots / "sft_loss.png", "SFT loss",
                       {"train loss": series(rows, "loss"), "eval loss": series(rows, "eval_loss")}, "loss")
     lines += [f"![SFT loss]({png.relative_to(cfg.run_dir())})", ""] if png else ["no loss logged", ""]
-    lines += _metrics_table(manifest.get("metrics") or {}) + [""]
     return lines
 
 
@@ -228,7 +233,7 @@ def _rlaif_section(cfg: RunConfig) -> list[str]:
     lines = ["## RLAIF labels", ""]
     if (missing := _not_run("rlaif_label", manifest)) is not None:
         return lines + missing
-    return lines + _metrics_table(manifest.get("metrics") or {}) + [""]
+    return lines + [f"The labelling stage's final metrics are under *{FULL_METRICS_TITLE}* at the end.", ""]
 
 
 def _find_histogram(cfg: RunConfig) -> Path | None:
@@ -274,7 +279,6 @@ def _rm_section(cfg: RunConfig, plots: Path) -> list[str]:
         header = list(dict.fromkeys(k for b in buckets for k in b))
         lines += ["Accuracy by margin bucket:", ""]
         lines += md_table(header, [[b.get(h) for h in header] for b in buckets]) + [""]
-    lines += _metrics_table(metrics, skip=("accuracy_by_margin_bucket",)) + [""]
     return lines
 
 
@@ -286,7 +290,6 @@ def _ppo_section(cfg: RunConfig, plots: Path) -> list[str]:
     rows = read_metrics(cfg.stage_dir("ppo"))
     png = plot_grid(plots / "ppo_curves.png", "PPO", {k: series(rows, k) for k in PPO_KEYS})
     lines += [f"![PPO curves]({png.relative_to(cfg.run_dir())})", ""] if png else ["no PPO metrics logged", ""]
-    lines += _metrics_table(manifest.get("metrics") or {}) + [""]
     return lines
 
 
@@ -298,8 +301,63 @@ def _dpo_section(cfg: RunConfig, plots: Path) -> list[str]:
     rows = read_metrics(cfg.stage_dir("dpo"))
     png = plot_grid(plots / "dpo_curves.png", "DPO", {k: series(rows, k) for k in DPO_KEYS})
     lines += [f"![DPO curves]({png.relative_to(cfg.run_dir())})", ""] if png else ["no DPO metrics logged", ""]
-    lines += _metrics_table(manifest.get("metrics") or {}) + [""]
     return lines
+
+
+def _trend(rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float, float, float, int] | None:
+    """(first step, last step, mean of the first k values, mean of the last k values, k) of ``key``; None
+    when fewer than two steps logged it. k = min(TREND_STEPS, a quarter of the steps, at least 1)."""
+    steps, values = series(rows, key)
+    if len(values) < 2:
+        return None
+    k = max(1, min(TREND_STEPS, len(values) // 4))
+    return steps[0], steps[-1], sum(values[:k]) / k, sum(values[-k:]) / k, k
+
+
+def training_summary_lines(cfg: RunConfig, stages: Sequence[str]) -> list[str]:
+    """Under the verdict: the reward model's held-out accuracy and the PPO reward (``score``) and KL trend,
+    start of training against its end (empty when neither stage completed)."""
+    lines: list[str] = []
+    rm = (_stage_manifest(cfg, "rm") if "rm" in stages else None) or {}
+    metrics = (rm.get("metrics") or {}) if rm.get("status") == "complete" else {}
+    acc = _number(metrics.get("eval_accuracy"))
+    if acc is not None:
+        margin = _number(metrics.get("eval_mean_margin"))
+        pairs = metrics.get("eval_pairs")
+        lines.append(f"- Reward model held-out accuracy: **{acc:.3f}**"
+                     + (f" on {pairs} pairs" if isinstance(pairs, int) else "")
+                     + (f", mean margin (chosen − rejected) {margin:.3f}" if margin is not None else "")
+                     + " (0.5 is chance).")
+    ppo = _stage_manifest(cfg, "ppo") if "ppo" in stages else None
+    if (ppo or {}).get("status") == "complete":
+        rows = read_metrics(cfg.stage_dir("ppo"))
+        for key, label in (("score", "reward (score)"), ("kl", "KL to the reference")):
+            trend = _trend(rows, key)
+            if trend is None:
+                continue
+            first, last, start, end, k = trend
+            span = "step" if k == 1 else f"{k} steps"
+            lines.append(f"- PPO {label}: {start:.3f} (first {span}, from step {first:g}) -> **{end:.3f}** "
+                         f"(last {span}, to step {last:g}), change {end - start:+.3f}.")
+    if not lines:
+        return []
+    return (["### Training signals", ""] + lines
+            + ["", "PPO's reward and KL are on its training prompts; the verdict above is on held-out prompts.", ""])
+
+
+def _full_metrics(cfg: RunConfig, stages: Sequence[str]) -> list[str]:
+    """Each completed stage's final metrics (its manifest's ``metrics``) in a collapsed ``<details>`` block."""
+    blocks: list[str] = []
+    for stage in stages:
+        manifest = _stage_manifest(cfg, stage)
+        if (manifest or {}).get("status") != "complete":
+            continue
+        table = _metrics_table(manifest.get("metrics") or {}, skip=("accuracy_by_margin_bucket",))
+        if table:
+            title = STAGE_TITLES.get(stage, stage)
+            blocks += ["<details>", f"<summary>{title}: final metrics</summary>", ""] + table + ["", "</details>", ""]
+    return [f"## {FULL_METRICS_TITLE}", "", "Each stage's final metrics (`manifest.json`), collapsed.", ""] + blocks \
+        if blocks else []
 
 
 # ----------------------------------------------------------------------------------- sample generations
@@ -941,7 +999,9 @@ def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = 
     """Write ``outputs/<run>/report.md`` (+ ``report/*.png``) from whatever stages exist; return its path.
 
     The verdict (PPO against SFT on ``n_samples``, default ``report.n_prompts``, held-out prompts) comes
-    first, then each stage's section, then the sample generations."""
+    first, with the RM's held-out accuracy and the PPO reward/KL trend under it, then each stage's section
+    (plots), then the sample generations, then every stage's final metrics, collapsed. ``report.html`` beside
+    it is the same report as one self-contained page (``pipeline.report_html``)."""
     run_dir = cfg.run_dir()
     plots = run_dir / "report"
     plots.mkdir(parents=True, exist_ok=True)
@@ -972,6 +1032,7 @@ def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = 
         lines += verdict_lines({**results, **(icl_rows or {"icl_sft": (None, icl[1])})})
     elif results:
         lines += verdict_lines(results)
+    lines += training_summary_lines(cfg, stages)
     lines += ["## Stages", ""]
     lines += _overview(cfg, stages) + [""]
     if "sft" in stages:
@@ -988,8 +1049,15 @@ def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = 
         lines += _samples_section(cfg, result, source, policy)
     if icl is not None:
         lines += _icl_section(cfg, *icl)
+    lines += _full_metrics(cfg, stages)
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+    try:
+        from .report_html import write_html_report
+
+        write_html_report(path)
+    except Exception as exc:  # noqa: BLE001 - report.md stands on its own; say why there is no HTML copy
+        out(f"report: report.html not written ({type(exc).__name__}: {exc})")
     return path
 
 
