@@ -20,7 +20,7 @@ export DS_ACCELERATOR ?= $(if $(HAS_CUDA),cuda,cpu)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install demo pipeline sft rm ppo dpo best_of_n rlaif status report slurm serve validate lint test test-all bench bench-quality gpu-bundle gpu-check-dry clean
+.PHONY: help install demo pipeline sft rm ppo dpo best_of_n distill rlaif status report slurm serve validate lint test test-all bench bench-quality gpu-bundle gpu-check-dry clean
 
 help:
 	@echo "make demo                      whole pipeline (sft -> rm -> ppo) on the embedded SmolLM2 default"
@@ -53,6 +53,9 @@ sft rm ppo dpo: $(VENV)/.installed
 
 best_of_n: $(VENV)/.installed
 	$(PY) -m pipeline run $(CONFIG) $(ARGS) $(NO_PARENTS) --stages best_of_n
+
+distill: $(VENV)/.installed
+	$(PY) -m pipeline run $(CONFIG) $(ARGS) --stages distill sft
 
 rlaif: $(VENV)/.installed
 	$(PY) -m pipeline run $(CONFIG) $(ARGS) --stages sft rlaif_label rm ppo

@@ -660,6 +660,50 @@ class BestOfNConfig(_Section):
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch default).")
 
 
+class TeacherConfig(_Section):
+    """The ``distill`` teacher. kind: ``hf`` (a causal LM folder or hub name in ``model``), ``stage`` (a
+    complete stage folder of an earlier run in ``path``, e.g. outputs/big/ppo: its model/ and tokenizer),
+    ``http`` (an OpenAI-compatible endpoint at ``base_url`` serving ``model``; key from ``api_key_env``)."""
+
+    kind: Literal["hf", "stage", "http"] = "hf"
+    model: str | None = Field(None, description="hf: folder or hub name; http: the served model name.")
+    path: str | None = Field(None, description="stage: a stage folder (outputs/<run>/<stage>) with model/.")
+    base_url: str | None = Field(None, description="http: the API base, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str | None = Field(None, description="http: environment variable holding the API key.")
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    backoff_s: float = Field(0.5, ge=0, description="http: first retry delay (doubles per retry, jittered).")
+    concurrency: int = Field(4, gt=0, description="http: requests in flight.")
+
+    @model_validator(mode="after")
+    def _needs(self) -> "TeacherConfig":
+        need = {"hf": "model", "stage": "path", "http": "base_url"}[self.kind]
+        if not getattr(self, need):
+            raise ValueError(f"distill.teacher kind {self.kind!r} needs {need}")
+        return self
+
+
+class DistillConfig(_Section):
+    """``distill``: sequence-level distillation. A teacher answers every prompt of ``data``; the answers
+    (cached per prompt, so a re-run asks nothing twice), filtered by ``filter`` reward sources when set
+    (kept: total score >= ``threshold``), become SFT data with provenance in ``distill/data.jsonl``. With
+    ``distill`` and ``sft`` in one run, the sft stage trains on that file instead of ``sft.data``."""
+
+    data: DataSource | None = None
+    teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(model="base"))
+    max_new_tokens: int = Field(128, gt=0)
+    temperature: float = Field(0.0, ge=0, description="0: greedy; else plain sampling (no top-k/top-p).")
+    max_prompt_length: int = Field(256, gt=0, description="hf/stage teachers: longer prompts are skipped.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate call (hf/stage) or per cache flush (http).")
+    filter: list[RewardSourceConfig] = Field(
+        default_factory=list, description="Reward sources / verifiers (as ppo.rewards); empty: keep every answer.")
+    threshold: float = Field(0.5, description="With a filter: keep an answer whose weighted score is >= this.")
+    require_eos: bool = Field(False, description="Drop answers the teacher did not finish (cut at max_new_tokens).")
+    cache: bool = Field(True, description="Cache answers per prompt in distill/answers.sqlite (resume, re-run).")
+    seed: int = 0
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch default).")
+
+
 class RLAIFConfig(_Section):
     judges: dict[str, JudgeConfig] = Field(default_factory=lambda: {"default": JudgeConfig()})
 
@@ -735,7 +779,8 @@ class RunConfig(_Section):
     rlaif_label: RLAIFLabelConfig = Field(default_factory=RLAIFLabelConfig)
     rlaif: RLAIFConfig = Field(default_factory=RLAIFConfig)
     best_of_n: BestOfNConfig = Field(default_factory=BestOfNConfig)
-    stages: list[Literal["sft", "rlaif_label", "rm", "ppo", "dpo", "best_of_n"]] = Field(
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    stages: list[Literal["sft", "rlaif_label", "rm", "ppo", "dpo", "best_of_n", "distill"]] = Field(
         default_factory=lambda: ["sft", "rm", "ppo"])
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
@@ -827,6 +872,20 @@ class RunConfig(_Section):
         if bon.policy_from == "sft" and "sft" not in self.stages:
             raise ValueError(f"best_of_n.policy_from is 'sft' but stages {self.stages} do not include 'sft'; add it "
                              "or set best_of_n.policy_from: base")
+        return self
+
+    @model_validator(mode="after")
+    def _distill_has_its_inputs(self) -> "RunConfig":
+        """distill needs prompts; a filter of kind 'rm' needs the rm stage (it runs before distill)."""
+        if "distill" not in self.stages:
+            return self
+        if self.distill.data is None:
+            raise ValueError("distill.data is not set: point it at a prompt file (a 'prompt' per record)")
+        if "sft" in self.stages and self.stages.index("sft") < self.stages.index("distill"):
+            raise ValueError(f"stages {self.stages}: distill must come before sft (sft trains on its answers)")
+        if any(r.kind == "rm" for r in self.distill.filter):
+            raise ValueError("distill.filter has a kind 'rm' source, but distill runs before rm; filter with a "
+                             "function (verifier 'module:function') or a judge")
         return self
 
     def run_dir(self) -> Path:

@@ -34,12 +34,14 @@ from .manifest import (
 )
 
 # Which stage folders a stage reads, by config (the InstructGPT order of DESIGN §1).
-STAGE_ORDER = ("sft", "rlaif_label", "rm", "best_of_n", "ppo", "dpo")
+STAGE_ORDER = ("distill", "sft", "rlaif_label", "rm", "best_of_n", "ppo", "dpo")
 
 
 def parents_of(cfg: RunConfig, stage: str) -> list[str]:
-    if stage == "sft":
+    if stage == "distill":
         return []
+    if stage == "sft":  # with distill in the run, sft trains on the teacher's answers
+        return ["distill"] if "distill" in cfg.stages else []
     if stage == "rlaif_label":
         return ["sft"] if "sft" in cfg.stages else []
     if stage in ("rm", "dpo"):
@@ -64,7 +66,7 @@ def parents_of(cfg: RunConfig, stage: str) -> list[str]:
 def stage_section(cfg: RunConfig, stage: str) -> dict[str, Any]:
     data = cfg.to_dict()
     section = {"model": data["model"], "chat": data["chat"], stage: data[stage], "seed": data["seed"]}
-    if stage in ("rlaif_label", "ppo", "best_of_n"):
+    if stage in ("rlaif_label", "ppo", "best_of_n", "distill"):
         section["rlaif"] = data["rlaif"]
     return section
 
@@ -77,6 +79,8 @@ def data_sources(cfg: RunConfig, stage: str) -> list[str]:
     out = []
     names = ("data", "eval_data", "ptx_data")
     if stage in ("rm", "dpo") and "rlaif_label" in cfg.stages:
+        names = ("eval_data",)
+    if stage == "sft" and "distill" in cfg.stages:  # distill/data.jsonl replaces sft.data (a parent's hash)
         names = ("eval_data",)
     for name in names:
         source = getattr(section, name, None)

@@ -16,6 +16,7 @@ STAGE_MODULES = {
     "ppo": "stages.ppo.trainer",
     "rlaif_label": "stages.rlaif.label",
     "best_of_n": "stages.best_of_n",
+    "distill": "stages.distill",
     "dpo": "stages.dpo.trainer",
 }
 

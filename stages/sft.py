@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from data.formats import DataError, load_examples
-from pipeline.config import RunConfig
+from pipeline.config import DataSource, RunConfig
 from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
 from pipeline.stage import StageRun
 from stages.batching import IGNORE, pad_collate, split_eval
@@ -98,10 +98,28 @@ def make_eval_fn(rows: list[dict[str, Any]], collate, batch_size: int, device: t
     return evaluate
 
 
+def _sft_source(cfg: RunConfig, run: StageRun, is_main: bool) -> DataSource:
+    """``sft.data``, or the teacher's answers of ``distill`` when it is a parent (recorded in the manifest)."""
+    if "distill" not in run.parents:
+        return cfg.sft.data
+    from pipeline.manifest import hash_file
+    from stages.distill import distill_data
+
+    path = distill_data(run.parent_dir("distill"))
+    digest = hash_file(path)
+    run.manifest["data_files"][str(path)] = digest
+    run.update(sft_data={"from": "distill", "path": str(path), "hash": digest})
+    if cfg.sft.data is not None and is_main:
+        print(f"[alignpipe] sft: training on {path} (distill is among the stages); sft.data ({cfg.sft.data.path}) "
+              "is not used", flush=True)
+    return DataSource(path=str(path))
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     sft = cfg.sft
-    if sft.data is None:
-        raise DataError("sft.data is not set: point it at a JSONL/JSON/CSV/Parquet file or hub:name")
+    if sft.data is None and "distill" not in cfg.stages:
+        raise DataError("sft.data is not set: point it at a JSONL/JSON/CSV/Parquet file or hub:name, or add "
+                        "distill to the run's stages to train on a teacher's answers")
     dist = init_distributed()
     with StageRun(cfg, "sft", is_main=dist.is_main) as run:
         if sft.train.num_threads:
@@ -115,7 +133,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         fmt = chat_format(tokenizer, cfg.chat)
         run.set_chat_format(fmt, chat_fingerprint(fmt))
 
-        examples, report = load_examples(sft.data, "sft")
+        examples, report = load_examples(_sft_source(cfg, run, dist.is_main), "sft")
         if sft.eval_data is not None:
             eval_examples, _ = load_examples(sft.eval_data, "sft")
             train_examples = examples

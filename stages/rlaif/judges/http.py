@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import random
-import re
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, Callable
+
+from stages.http_client import ChatClient, EndpointError, EndpointRefused, EndpointUnavailable
 
 from .cache import JudgmentCache
 from .constitution import Constitution, pair_messages, score_messages
@@ -22,26 +21,6 @@ from .interface import JudgeError, JudgeUnavailable, RawPair, RawScore, parse_pa
 from .judge import Judge, _Job
 
 logger = logging.getLogger("alignpipe.judges")
-
-
-class _Secret:
-    """Holds an API key; prints as ``<hidden>`` so no repr, f-string or log line can leak it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str):
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "<hidden>"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> Any:
-        raise TypeError("an API key is not picklable")
 
 
 class HTTPJudge(Judge):
@@ -53,7 +32,6 @@ class HTTPJudge(Judge):
     """
 
     kind = "http"
-    RETRY_STATUSES = (408, 409, 425, 429, 500, 502, 503, 504)
 
     def __init__(self, base_url: str, model: str | None, constitution: Constitution | None = None,
                  cache: JudgmentCache | None = None, name: str = "http", swap: bool = True,
@@ -61,108 +39,53 @@ class HTTPJudge(Judge):
                  concurrency: int = 4, max_tokens: int = 96, backoff_s: float = 0.5, backoff_max_s: float = 30.0,
                  top_logprobs: int = 20):
         super().__init__(constitution, cache, name, swap)
-        import httpx
-
-        if not base_url or not base_url.startswith(("http://", "https://")):
-            raise JudgeError(f"judge {name!r}: base_url must be an http(s) URL, got {base_url!r}")
-        base = base_url.rstrip("/")
-        if re.fullmatch(r"https?://[^/]+", base):
-            base += "/v1"
-        self.base_url = base
-        self.url = base + "/chat/completions"
+        try:
+            self._http = ChatClient(base_url, f"judge {name!r}", api_key_env=api_key_env, timeout_s=timeout_s,
+                                    max_retries=max_retries, backoff_s=backoff_s, backoff_max_s=backoff_max_s,
+                                    count=self.stats.add, logger=logger)
+        except EndpointError as exc:
+            raise JudgeError(str(exc)) from None
+        self.base_url = self._http.base_url
+        self.url = self._http.url
         self.model = model
         self.api_key_env = api_key_env
-        self._key: _Secret | None = None
-        if api_key_env:
-            value = os.environ.get(api_key_env)
-            if not value:
-                raise JudgeError(f"judge {name!r}: the environment variable {api_key_env} (api_key_env) is not set "
-                                 f"or empty; export it with the API key for {self.base_url}")
-            self._key = _Secret(value)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.concurrency = concurrency
         self.max_tokens = max_tokens
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
         self.top_logprobs = top_logprobs
         self.use_logprobs = True
-        self._client = httpx.Client(timeout=httpx.Timeout(timeout_s))
-        self._stop = threading.Event()
+        self._stop = self._http.stop
 
     def identity(self) -> dict[str, Any]:
         return {"kind": "http", "base_url": self.base_url, "model": self.model, "max_tokens": self.max_tokens,
                 "temperature": 0}
 
     def close(self) -> None:
-        self._client.close()
+        self._http.close()
         super().close()
 
     # ------------------------------------------------------------------------------- requests
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if self._key is not None:
-            headers["Authorization"] = "Bearer " + self._key.reveal()
-        return headers
-
-    def _sleep_before_retry(self, attempt: int, retry_after: str | None) -> None:
-        delay = min(self.backoff_max_s, self.backoff_s * (2 ** attempt)) * (0.5 + random.random() / 2)
-        if retry_after:
-            try:
-                delay = max(delay, min(self.backoff_max_s, float(retry_after)))
-            except ValueError:
-                pass
-        self._stop.wait(delay)
-
     def post(self, messages: list[dict[str, str]]) -> dict[str, Any]:
-        """One chat completion with retries. Raises JudgeUnavailable or JudgeError (non-retryable 4xx)."""
-        import httpx
-
-        attempts = self.max_retries + 1
-        last = ""
-        attempt = -1
-        while attempt + 1 < attempts:
-            attempt += 1
-            if self._stop.is_set():
-                raise JudgeUnavailable(f"judge {self.name!r}: stopped after another request failed", self.url)
+        """One chat completion with retries (``stages.http_client.ChatClient``). Raises JudgeUnavailable or
+        JudgeError (non-retryable 4xx). A server that refuses logprobs is asked again without them (not a
+        retry) and is not asked for them again."""
+        while True:
             body: dict[str, Any] = {"messages": messages, "max_tokens": self.max_tokens, "temperature": 0}
             if self.model:
                 body["model"] = self.model
             if self.use_logprobs:
                 body.update(logprobs=True, top_logprobs=self.top_logprobs)
-            retry_after = None
             try:
-                response = self._client.post(self.url, json=body, headers=self._headers())
-            except httpx.TimeoutException:
-                last = f"timed out after {self.timeout_s:g} s"
-            except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            else:
-                self.stats.add("requests")
-                if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        last = "HTTP 200 with a body that is not JSON"
-                elif response.status_code == 400 and self.use_logprobs and "logprob" in response.text.lower():
+                return self._http.post(body)
+            except EndpointUnavailable as exc:
+                raise JudgeUnavailable(str(exc), exc.url, exc.attempts) from None
+            except EndpointRefused as exc:
+                if exc.status == 400 and self.use_logprobs and "logprob" in exc.body.lower():
                     logger.info("judge %r: the endpoint refuses logprobs; reading labels from text", self.name)
                     self.use_logprobs = False
-                    attempt -= 1  # asking again without logprobs is not a retry
                     continue
-                elif response.status_code in self.RETRY_STATUSES:
-                    last = f"HTTP {response.status_code}: {response.text[:200]}"
-                    retry_after = response.headers.get("Retry-After")
-                else:
-                    hint = " (check the API key in the environment variable api_key_env names)" \
-                        if response.status_code in (401, 403) else ""
-                    raise JudgeError(f"judge {self.name!r}: {self.url} answered HTTP {response.status_code}: "
-                                     f"{response.text[:300]}{hint}")
-            if attempt + 1 < attempts:
-                self.stats.add("retries")
-                logger.warning("judge %r: %s on attempt %d of %d; retrying", self.name, last, attempt + 1, attempts)
-                self._sleep_before_retry(attempt, retry_after)
-        raise JudgeUnavailable(f"judge {self.name!r}: {self.url} did not answer after {attempts} attempts "
-                               f"(last: {last})", self.url, attempts)
+                raise JudgeError(str(exc)) from None
 
     def _answer(self, job: _Job) -> RawPair | RawScore:
         c = self.constitution

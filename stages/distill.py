@@ -1,0 +1,347 @@
+"""The ``distill`` stage: sequence-level knowledge distillation into SFT data.
+
+1. Every prompt of ``distill.data`` (system prompt applied) is a question for the teacher
+   (``distill.teacher``):
+
+   - ``hf``: a causal LM folder or hub name (``model: base`` is this run's base model), answering with
+     HF ``generate`` in batches of ``batch_size`` (left padding, greedy at ``temperature: 0``, else plain
+     sampling; nothing from the checkpoint's ``generation_config``; batch ``b`` sampled under
+     ``seed + b``), in its own tokenizer and chat template;
+   - ``stage``: a complete stage folder of an earlier run (``outputs/<run>/<stage>``): its ``model/`` and
+     tokenizer, as ``hf``;
+   - ``http``: an OpenAI-compatible ``/v1/chat/completions`` endpoint (``pipeline serve``, vLLM, a hosted
+     API; key from the environment variable ``api_key_env``) through ``stages.http_client.ChatClient``:
+     ``concurrency`` requests in flight, retries with backoff on timeouts / 429 / 5xx, and an answer
+     without a text (malformed) is asked again the same number of times.
+
+2. Answers are cached per prompt (``distill/answers.sqlite``, keyed by the teacher's identity, the
+   sampling settings and the prompt; the endpoint's URL is not part of the key), written as each arrives.
+   A re-run, or a run after a teacher failure, asks only what the cache lacks. A teacher that stays down
+   stops the stage with a message naming it, what was tried, and how many answers are kept.
+3. ``distill.filter`` (reward sources as ``ppo.rewards``: ``function`` verifiers
+   ``fn(prompts, responses, references)``, judges) scores the answers; an answer is kept when the
+   weighted sum is >= ``threshold``. Unfinished (``require_eos``) and empty answers are dropped too.
+   Every dropped answer is counted in the manifest and written to ``rejected.jsonl`` with its reason.
+4. ``data.jsonl``: ``{"messages": [...prompt, {"role": "assistant", ...}], "teacher", "sampling",
+   "answered_at", "finished", "score", "scores", "source"}`` per kept answer: the SFT data contract. With
+   ``distill`` and ``sft`` in one run the sft stage trains on it (``sft.data`` is then unused).
+
+Token-level (logit) distillation is not implemented (see docs/DISTILL.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from data.formats import DataError, load_examples
+from pipeline.config import DistillConfig, RunConfig
+from pipeline.manifest import atomic_write_text
+from pipeline.stage import StageRun
+
+OUTPUT_FILE = "data.jsonl"
+REJECTED_FILE = "rejected.jsonl"
+CACHE_FILE = "answers.sqlite"
+logger = logging.getLogger("alignpipe.distill")
+
+
+def distill_data(stage_dir: str | Path) -> Path:
+    """The SFT data file a complete ``distill`` stage at ``stage_dir`` wrote."""
+    return Path(stage_dir) / OUTPUT_FILE
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teacher stayed down (or kept answering malformed output) through every retry."""
+
+
+@dataclass
+class Answer:
+    """One teacher answer: its text, whether it finished (eos / finish_reason 'stop'), when it arrived."""
+
+    text: str
+    finished: bool
+    answered_at: float
+
+
+# ------------------------------------------------------------------------------------------ teachers
+class HFTeacher:
+    """A local causal LM answering with ``generate`` (``hf`` and ``stage`` teachers)."""
+
+    def __init__(self, model_dir: str, tokenizer_dir: str, cfg: RunConfig, name: str, own_template: bool = True):
+        import torch
+
+        from pipeline.models import load_model, load_tokenizer
+
+        self.name = name
+        self.dcfg = cfg.distill
+        # the teacher's own chat template, except for this run's base model (the run's chat.template applies)
+        self.tokenizer = load_tokenizer(tokenizer_dir, cfg.model, None if own_template else cfg.chat,
+                                        template_key="distill.teacher")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(model_dir, cfg.model, self.tokenizer).to(self.device).eval()
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        from stages.chat import prompt_ids
+
+        return prompt_ids(self.tokenizer, messages)
+
+    def answer_batches(self, prompts: list[list[dict[str, str]]], done: Callable[[int, Answer], None]) -> None:
+        """Answer ``prompts`` (messages, system prompt applied) batch by batch; ``done(i, answer)`` per answer."""
+        import torch
+
+        from stages.batching import left_pad
+        from stages.generation import neutral_generate, neutral_generation_config
+
+        d, tok = self.dcfg, self.tokenizer
+        gen_cfg = neutral_generation_config(tok, d.max_new_tokens, do_sample=d.temperature > 0,
+                                            temperature=d.temperature or 1.0)
+        for b, start in enumerate(range(0, len(prompts), d.batch_size)):
+            ids, mask = left_pad([self.prompt_ids(m) for m in prompts[start:start + d.batch_size]],
+                                 tok.pad_token_id)
+            torch.manual_seed(d.seed + b)
+            with torch.no_grad():
+                out = neutral_generate(self.model, gen_cfg, input_ids=ids.to(self.device),
+                                       attention_mask=mask.to(self.device))[:, ids.shape[1]:].tolist()
+            for j, seq in enumerate(out):
+                finished = tok.eos_token_id in seq
+                seq = seq[:seq.index(tok.eos_token_id)] if finished else [t for t in seq if t != tok.pad_token_id]
+                done(start + j, Answer(tok.decode(seq, skip_special_tokens=True).strip(), finished, time.time()))
+
+    def close(self) -> None:
+        del self.model
+
+
+class HTTPTeacher:
+    """An OpenAI-compatible endpoint (``stages.http_client.ChatClient``), ``concurrency`` requests at once."""
+
+    def __init__(self, cfg: RunConfig):
+        from stages.http_client import ChatClient
+
+        t = cfg.distill.teacher
+        self.dcfg = cfg.distill
+        self.stats = {"requests": 0, "retries": 0, "malformed": 0}
+        self._lock = threading.Lock()
+        self.client = ChatClient(t.base_url, "distill teacher", api_key_env=t.api_key_env, timeout_s=t.timeout_s,
+                                 max_retries=t.max_retries, backoff_s=t.backoff_s, count=self._count, logger=logger)
+        self.name = f"{t.model or 'default model'} at {self.client.base_url}"
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.stats[name] += 1
+
+    def _ask(self, messages: list[dict[str, str]]) -> Answer:
+        from stages.http_client import EndpointUnavailable
+
+        d, t = self.dcfg, self.dcfg.teacher
+        body: dict[str, Any] = {"messages": messages, "max_tokens": d.max_new_tokens, "temperature": d.temperature}
+        if t.model:
+            body["model"] = t.model
+        problem = ""
+        for attempt in range(t.max_retries + 1):
+            data = self.client.post(body)
+            try:
+                choice = data["choices"][0]
+                text = choice["message"]["content"]
+                if not isinstance(text, str):
+                    raise TypeError("content is not a string")
+                return Answer(text.strip(), choice.get("finish_reason") in ("stop", "eos", None), time.time())
+            except (KeyError, IndexError, TypeError) as exc:
+                self._count("malformed")
+                problem = f"malformed answer ({type(exc).__name__}: {exc}): {json.dumps(data)[:200]}"
+                logger.warning("distill teacher: %s on attempt %d of %d", problem, attempt + 1, t.max_retries + 1)
+                if attempt < t.max_retries:
+                    self.client.stop.wait(min(30.0, t.backoff_s * 2 ** attempt))
+        raise EndpointUnavailable(f"distill teacher: {self.client.url} answered malformed output "
+                                  f"{t.max_retries + 1} times (last: {problem})", self.client.url, t.max_retries + 1)
+
+    def answer_batches(self, prompts: list[list[dict[str, str]]], done: Callable[[int, Answer], None]) -> None:
+        """Ask every prompt (``concurrency`` at once); ``done(i, answer)`` as each arrives. The first failure
+        stops the others before their next attempt and is raised (as EndpointUnavailable/EndpointRefused)."""
+        if not prompts:
+            return
+        lock = threading.Lock()
+
+        def work(i: int) -> None:
+            answer = self._ask(prompts[i])
+            with lock:
+                done(i, answer)
+
+        self.client.stop.clear()
+        with ThreadPoolExecutor(max_workers=min(self.dcfg.teacher.concurrency, len(prompts)),
+                                thread_name_prefix="distill-teacher") as pool:
+            futures = [pool.submit(work, i) for i in range(len(prompts))]
+            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            error = next((f.exception() for f in futures if f.done() and f.exception() is not None), None)
+            if error is not None:
+                self.client.stop.set()
+                for future in pending:
+                    future.cancel()
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def build_teacher(cfg: RunConfig) -> tuple[Any, dict[str, Any]]:
+    """-> (the teacher, its identity: what the cache key and the provenance record name)."""
+    from pipeline.manifest import read_manifest
+    from pipeline.models import prepare_base
+
+    t = cfg.distill.teacher
+    if t.kind == "http":
+        teacher = HTTPTeacher(cfg)
+        return teacher, {"kind": "http", "model": t.model, "base_url": teacher.client.base_url}
+    if t.kind == "stage":
+        folder = Path(t.path)
+        manifest = read_manifest(folder)
+        if manifest is None or manifest.get("status") != "complete" or not (folder / "model").is_dir():
+            raise DataError(f"distill.teacher.path={t.path}: not a complete stage folder with model/ "
+                            f"(status: {(manifest or {}).get('status', 'no manifest')}); run that stage first")
+        return HFTeacher(str(folder / "model"), str(folder), cfg, f"stage {folder}"), \
+            {"kind": "stage", "path": str(folder.resolve()), "stage": manifest.get("stage"),
+             "config_hash": manifest.get("config_hash")}
+    location = prepare_base(cfg.model) if t.model == "base" else t.model
+    return HFTeacher(location, location, cfg, f"model {location}", own_template=t.model != "base"), \
+        {"kind": "hf", "model": str(location)}
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def _cache_key(identity: dict[str, Any], sampling: dict[str, Any], messages: list[dict[str, str]]) -> str:
+    from stages.rlaif.judges.cache import JudgmentCache
+
+    key_identity = {k: v for k, v in identity.items() if k != "base_url"}  # a moved endpoint keeps its answers
+    return JudgmentCache.key({"distill_teacher": key_identity, "sampling": sampling, "messages": messages})
+
+
+def _filter_scores(d: DistillConfig, cfg: RunConfig, messages: list[list[dict[str, str]]], answers: list[Answer],
+                   references: list[Any]) -> tuple[list[float], list[dict[str, float]], list[str]]:
+    """-> (weighted score, score per source, source names) per answer, by ``distill.filter``."""
+    import torch
+
+    from stages.ppo.rewards import Responses, RewardSources
+
+    sources = RewardSources(d.filter, cfg, None, None, 0, torch.device("cpu"), batch_size=d.batch_size)
+    batch = Responses(messages=messages, prompt_ids=[[] for _ in answers], response_ids=[[] for _ in answers],
+                      has_eos=[a.finished for a in answers], texts=[a.text for a in answers], references=references)
+    scores = sources.score(batch)
+    parts = [{name: float(values[i]) for name, values in scores.parts.items()} for i in range(len(answers))]
+    return [float(x) for x in scores.total], parts, sources.names
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    import torch
+
+    from stages.chat import with_system
+    from stages.http_client import EndpointError, EndpointUnavailable
+    from stages.rlaif.judges.cache import JudgmentCache
+
+    d = cfg.distill
+    if d.data is None:
+        raise DataError("distill.data is not set: point it at a prompt file (a 'prompt' per record)")
+    if d.num_threads:
+        torch.set_num_threads(d.num_threads)
+    with StageRun(cfg, "distill") as run:
+        examples, report = load_examples(d.data, "prompt")
+        messages = [with_system(ex.prompt, cfg.chat.system_prompt) for ex in examples]
+        try:
+            teacher, identity = build_teacher(cfg)
+        except EndpointError as exc:
+            raise DataError(str(exc)) from None
+        sampling = {"max_new_tokens": d.max_new_tokens, "temperature": d.temperature,
+                    "seed": d.seed if d.temperature > 0 else None}
+        too_long: set[int] = set()
+        if isinstance(teacher, HFTeacher):
+            too_long = {i for i, m in enumerate(messages) if len(teacher.prompt_ids(m)) > d.max_prompt_length}
+        cache = JudgmentCache(run.dir / CACHE_FILE) if d.cache else None
+        keys = [_cache_key(identity, sampling, m) for m in messages]
+        answers: dict[int, Answer] = {}
+        from_cache: set[int] = set()
+        for i, key in enumerate(keys):
+            hit = cache.get(key) if cache is not None and i not in too_long else None
+            if hit is not None:
+                answers[i] = Answer(hit["text"], hit["finished"], hit["answered_at"])
+                from_cache.add(i)
+        todo = [i for i in range(len(messages)) if i not in answers and i not in too_long]
+
+        def done(j: int, answer: Answer) -> None:
+            i = todo[j]
+            answers[i] = answer
+            if cache is not None:
+                cache.put(keys[i], {"text": answer.text, "finished": answer.finished,
+                                    "answered_at": answer.answered_at, "teacher": identity, "sampling": sampling})
+
+        counts = {"prompts": len(messages), "prompts_too_long": len(too_long), "from_cache": len(from_cache),
+                  "asked": len(todo)}
+        print(f"[alignpipe] distill: teacher {teacher.name}: {len(from_cache)} answers from the cache, asking "
+              f"{len(todo)}", flush=True)
+        started = time.perf_counter()
+        try:
+            teacher.answer_batches([messages[i] for i in todo], done)
+        except EndpointError as exc:
+            answered = len(answers) - len(from_cache)
+            counts.update(answered=answered, failed=len(todo) - answered,
+                          **{f"teacher_{k}": v for k, v in getattr(teacher, "stats", {}).items()})
+            run.update(counts=counts, teacher=identity)
+            kept = (f"the {len(answers)} answers received so far ({len(from_cache)} from earlier runs) are kept "
+                    f"in {cache.path}; re-run to resume from them" if cache is not None
+                    else f"{answered} answers were received but distill.cache is off, so they are lost")
+            what = "stayed unavailable" if isinstance(exc, EndpointUnavailable) else "refused a request"
+            raise TeacherUnavailable(f"distill: the teacher {what}: {exc}; {kept}") from None
+        finally:
+            teacher.close()
+            if cache is not None:
+                cache.close()
+        answer_s = time.perf_counter() - started
+        teacher_stats = {f"teacher_{k}": v for k, v in getattr(teacher, "stats", {}).items()}
+
+        order = sorted(answers)
+        scores: list[float | None] = [None] * len(order)
+        parts: list[dict[str, float]] = [{} for _ in order]
+        names: list[str] = []
+        if d.filter:
+            scored, parts, names = _filter_scores(d, cfg, [messages[i] for i in order], [answers[i] for i in order],
+                                                  [examples[i].reference for i in order])
+            scores = list(scored)
+        records, rejected = [], []
+        reasons = {"empty": 0, "unfinished": 0, "filtered_out": 0}
+        for k, i in enumerate(order):
+            a = answers[i]
+            reason = ("empty" if not a.text else "unfinished" if d.require_eos and not a.finished
+                      else "filtered_out" if scores[k] is not None and scores[k] < d.threshold else None)
+            row = {"messages": [*examples[i].prompt, {"role": "assistant", "content": a.text}],
+                   "teacher": identity, "sampling": sampling,
+                   "answered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a.answered_at)),
+                   "finished": a.finished, "from_cache": i in from_cache, "score": scores[k], "scores": parts[k],
+                   "source": examples[i].where}
+            if reason is None:
+                records.append(row)
+            else:
+                reasons[reason] += 1
+                rejected.append({**row, "rejected": reason})
+        atomic_write_text(run.dir / REJECTED_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
+        if not records:
+            raise DataError(f"distill: no answer kept of {len(order)} ({reasons}); see {run.dir / REJECTED_FILE}: "
+                            "lower distill.threshold, raise max_new_tokens or set require_eos: false")
+        path = distill_data(run.dir)
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        counts.update(answered=len(order) - len(from_cache), failed=0, kept=len(records), **reasons)
+        metrics = {"kept": len(records), **counts, **teacher_stats,
+                   "finished_rate": sum(answers[i].finished for i in order) / len(order),
+                   "answer_s": answer_s}
+        if d.filter:
+            metrics["score_mean_all"] = sum(s for s in scores if s is not None) / len(order)
+        run.log(0, metrics)
+        run.update(data=report.as_dict(), output=str(path), counts=counts, teacher=identity, sampling=sampling,
+                   filter_sources=names)
+        run.manifest["metrics"] = metrics
+        print(f"[alignpipe] distill: kept {len(records)} of {len(order)} answers ({counts['from_cache']} from the "
+              f"cache, {counts['answered']} asked; {reasons['filtered_out']} filtered out, {reasons['unfinished']} "
+              f"unfinished, {reasons['empty']} empty) -> {path}", flush=True)
+        return metrics
