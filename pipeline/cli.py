@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve a stage's model with an OpenAI-compatible HTTP API",
                            description="serve a stage's model with an OpenAI-compatible HTTP API")
-    serve.add_argument("checkpoint_pos", nargs="?", metavar="CHECKPOINT",
-                       help="a stage folder (outputs/<run>/<stage>) or a Hugging Face folder")
+    serve.add_argument("checkpoint_pos", nargs="*", metavar="CHECKPOINT",
+                       help="a stage folder (outputs/<run>/<stage>) or a Hugging Face folder; several: each is "
+                            "its own model name (LoRA stages on one base share it, the adapter switched per request)")
     serve.add_argument("--checkpoint", dest="checkpoint_opt", metavar="DIR", help="same as CHECKPOINT")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -129,12 +130,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    checkpoint = args.checkpoint_opt or args.checkpoint_pos
+    positional = list(args.checkpoint_pos or [])
+    checkpoint = args.checkpoint_opt or (positional[0] if len(positional) == 1 else positional)
     if not checkpoint:
         raise ConfigError("serve needs a checkpoint: python -m pipeline serve outputs/<run>/<stage> "
                           "(or --checkpoint DIR)")
-    if args.checkpoint_opt and args.checkpoint_pos and args.checkpoint_opt != args.checkpoint_pos:
-        raise ConfigError(f"serve got two checkpoints ({args.checkpoint_pos} and --checkpoint {args.checkpoint_opt})")
+    if args.checkpoint_opt and positional and [args.checkpoint_opt] != positional:
+        raise ConfigError(f"serve got CHECKPOINT {' '.join(positional)} and --checkpoint {args.checkpoint_opt}: "
+                          "name several checkpoints as CHECKPOINT arguments only")
     namespace = argparse.Namespace(checkpoint=checkpoint, host=args.host, port=args.port,
                                    api_key_env=args.api_key_env, model_name=args.model_name, dtype=args.dtype,
                                    best_of=args.best_of, best_of_rm=args.best_of_rm)

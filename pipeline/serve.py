@@ -2,15 +2,20 @@
 
 Endpoints (JSON, the subset of the OpenAI API that chat clients and our HTTP judge use):
 
-- ``GET /v1/models``: the one model served.
+- ``GET /v1/models``: the models served (one per checkpoint; a request's ``model`` picks one, the first by
+  default).
 - ``POST /v1/chat/completions``: ``messages``, ``max_tokens`` (or ``max_completion_tokens``),
   ``temperature`` (0 = greedy), ``top_p``, ``n``, ``stop``, ``seed``, ``stream`` (server-sent events,
   ``n=1``), ``logprobs`` + ``top_logprobs`` (log-probabilities of the model's own distribution, before
   temperature/top-p, at every generated token).
 
 The checkpoint is a stage folder (``<dir>/model`` holds the weights, the tokenizer and chat template sit
-in ``<dir>``) or a plain Hugging Face folder. The chat template saved with the stage is applied to every
-request, and the stage's system prompt (from its manifest) is prepended when a request has none.
+in ``<dir>``) or a plain Hugging Face folder. Several stage folders trained with a PEFT method on the same
+base (``serve outputs/run/sft outputs/run/dpo``: each has ``adapter/`` and its manifest's ``base_model``) are
+served on one copy of the base, one adapter each, switched per request (``set_adapter``: no reload); other
+sets of checkpoints are loaded as separate models (``load_chat_models``). The chat template saved with the
+stage is applied to every request, and the stage's system prompt (from its manifest) is prepended when a
+request has none.
 
 Safety: binds 127.0.0.1 unless told otherwise; an optional bearer token is read from the environment
 variable named by ``--api-key-env`` (never from the command line, never logged). Generation runs one
@@ -33,6 +38,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .models import CheckpointError, resolve_checkpoint
@@ -322,6 +328,115 @@ class ChatModel:
         yield "", finish
 
 
+# ------------------------------------------------------------------------------- several adapters
+def stage_adapter(checkpoint: str | os.PathLike) -> tuple[Path, str] | None:
+    """(``adapter/`` folder, base model) of a stage folder trained with a PEFT method, else None.
+
+    The base is the manifest's ``base_model`` (as ``stages.tuning.load_trained`` reads it), resolved to an
+    absolute folder when it is a local path, so two stages of one run compare equal."""
+    from .config import resolve_path
+
+    folder = resolve_path(checkpoint)
+    adapter = folder / "adapter"
+    if not (adapter / "adapter_config.json").exists() or not (folder / "manifest.json").exists():
+        return None
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except json.JSONDecodeError:
+        return None
+    base = (manifest.get("metrics") or {}).get("base_model") or manifest.get("base_model")
+    if not base:
+        return None
+    local = resolve_path(base)
+    return adapter, str(local.resolve()) if local.exists() else str(base)
+
+
+def _stage_name(checkpoint: str | os.PathLike) -> str:
+    from .config import resolve_path
+
+    folder = resolve_path(checkpoint)
+    return f"{folder.parent.name}/{folder.name}"
+
+
+class _AdapterSwitch:
+    """The ``model`` of one adapter's ChatModel: ``generate`` first makes this adapter the active one on the
+    shared PEFT model. ChatModel calls it while holding the lock all the adapters share, so requests to
+    different adapters never interleave, and a switch is a pointer change (no weights move)."""
+
+    def __init__(self, peft_model: Any, adapter: str):
+        self.peft_model = peft_model
+        self.adapter = adapter
+        self.config = peft_model.config
+
+    def generate(self, **kwargs: Any) -> Any:
+        if self.peft_model.active_adapter != self.adapter:
+            self.peft_model.set_adapter(self.adapter)
+        return self.peft_model.generate(**kwargs)
+
+
+def load_adapter_models(checkpoints: Sequence[str | os.PathLike], dtype: str = "auto", device: str | None = None,
+                        trust_remote_code: bool = False) -> list[ChatModel]:
+    """One ChatModel per stage folder, all on one copy of their shared base with one adapter each
+    (``stages.tuning.load_adapters``), named ``<run>/<stage>``. CheckpointError when a folder has no
+    adapter + base_model or the bases differ."""
+    import torch
+
+    from stages.tuning import load_adapters
+
+    from .config import ModelConfig, resolve_path
+    from .models import load_model, load_tokenizer
+
+    found = [stage_adapter(c) for c in checkpoints]
+    for checkpoint, item in zip(checkpoints, found):
+        if item is None:
+            raise CheckpointError(f"{checkpoint}: no adapter/ with a base_model in its manifest, so it cannot "
+                                  "share a base with the others")
+    bases = sorted({item[1] for item in found if item is not None})
+    if len(bases) != 1:
+        raise CheckpointError(f"the adapters were trained on different bases ({', '.join(bases)})")
+    names = [_stage_name(c) for c in checkpoints]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"two checkpoints have the same name <run>/<stage>: {names}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    mcfg = ModelConfig(source="local", path=bases[0], dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(str(resolve_path(checkpoints[0])), mcfg)  # a stage folder holds its tokenizer
+    tokenizer.padding_side = "left"
+    base = load_model(bases[0], mcfg, tokenizer)
+    adapter_ids = {f"adapter_{i}": item[0] for i, item in enumerate(found) if item is not None}
+    peft_model = load_adapters(base, adapter_ids).to(device).eval()
+    lock = threading.Lock()
+    models = []
+    for checkpoint, name, adapter in zip(checkpoints, names, adapter_ids):
+        model = ChatModel.__new__(ChatModel)
+        model.device, model.tokenizer, model.model = device, tokenizer, _AdapterSwitch(peft_model, adapter)
+        model.system_prompt = stage_system_prompt(checkpoint)
+        model.name = name
+        model.max_positions = int(getattr(peft_model.config, "max_position_embeddings", 0) or 0)
+        model.lock, model.created, model.best_of = lock, int(time.time()), None
+        models.append(model)
+    return models
+
+
+def load_chat_models(checkpoints: Sequence[str | os.PathLike], dtype: str = "auto",
+                     best_of: BestOfN | None = None) -> list[ChatModel]:
+    """The models of several checkpoints: adapters on one shared base when every checkpoint is a PEFT stage
+    on the same base (``load_adapter_models``), else one full model each."""
+    try:
+        models = load_adapter_models(checkpoints, dtype=dtype)
+        logger.info("serving %d adapters on one base", len(models))
+    except CheckpointError as exc:
+        logger.info("loading %d separate models (%s)", len(checkpoints), exc)
+        models = [ChatModel(c, dtype=dtype) for c in checkpoints]
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"two checkpoints are served under the same name: {names}")
+    for model in models:
+        model.best_of = best_of
+    return models
+
+
 # ------------------------------------------------------------------------------------ validation
 def _num(body: dict[str, Any], key: str, default: Any, kind: type, lo: float | None = None,
          hi: float | None = None) -> Any:
@@ -403,9 +518,11 @@ class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], chat_model: ChatModel, api_key: str | None = None,
-                 faults: Faults | None = None, quiet: bool = False):
-        self.chat_model = chat_model
+    def __init__(self, address: tuple[str, int], chat_model: ChatModel | Sequence[ChatModel],
+                 api_key: str | None = None, faults: Faults | None = None, quiet: bool = False):
+        models = list(chat_model) if isinstance(chat_model, (list, tuple)) else [chat_model]
+        self.chat_models = {m.name: m for m in models}  # a request's "model" picks one; the first by default
+        self.chat_model = models[0]
         self._api_key = api_key
         self.faults = faults or Faults()
         self.quiet = quiet
@@ -422,6 +539,16 @@ class ChatServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/v1"
+
+    def pick(self, asked: Any) -> ChatModel:
+        """The model a request names (``model``); the first served when it names none."""
+        if asked in (None, ""):
+            return self.chat_model
+        if asked not in self.chat_models:
+            served = ", ".join(repr(n) for n in self.chat_models)
+            raise RequestError(f"model {asked!r} is not served here; this server serves {served}",
+                               status=404, err_type="model_not_found", param="model")
+        return self.chat_models[asked]
 
     def count(self, key: str) -> int:
         with self._stats_lock:
@@ -484,9 +611,9 @@ class ChatHandler(BaseHTTPRequestHandler):
         if not self._check_auth():
             return
         if path == "/v1/models":
-            m = self.server.chat_model
             self._json(200, {"object": "list", "data": [
-                {"id": m.name, "object": "model", "created": m.created, "owned_by": "alignpipe"}]})
+                {"id": m.name, "object": "model", "created": m.created, "owned_by": "alignpipe"}
+                for m in self.server.chat_models.values()]})
             return
         self._error(404, f"unknown path {path!r}; try /v1/models or POST /v1/chat/completions", "not_found")
 
@@ -522,12 +649,9 @@ class ChatHandler(BaseHTTPRequestHandler):
         model = self.server.chat_model
         try:
             params = parse_request(body)
-            asked = body.get("model")
-            if asked not in (None, "", model.name):
-                raise RequestError(f"model {asked!r} is not served here; this server serves {model.name!r}",
-                                   status=404, err_type="model_not_found", param="model")
+            model = self.server.pick(body.get("model"))
             if params.stream:
-                self._stream(params)
+                self._stream(params, model)
                 return
             choices, prompt_tokens = model.generate(params)
         except RequestError as exc:
@@ -553,8 +677,8 @@ class ChatHandler(BaseHTTPRequestHandler):
                       "total_tokens": prompt_tokens + completion_tokens},
         })
 
-    def _stream(self, params: GenerationParams) -> None:
-        model = self.server.chat_model
+    def _stream(self, params: GenerationParams, model: ChatModel | None = None) -> None:
+        model = model or self.server.chat_model
         stream_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         gen = model.stream(params)
@@ -591,7 +715,8 @@ class ChatHandler(BaseHTTPRequestHandler):
 
 
 # ----------------------------------------------------------------------------------------- entry
-def make_server(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
+def make_server(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], host: str = "127.0.0.1",
+                port: int = 8000,
                 api_key: str | None = None, *, chat_model: ChatModel | None = None, model_name: str | None = None,
                 dtype: str = "auto", fail_first: int = 0, fail_statuses: Sequence[int] = (500,),
                 delay_s: float = 0.0, quiet: bool = False, best_of: int = 0,
@@ -599,13 +724,22 @@ def make_server(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: in
     """Load the checkpoint (unless ``chat_model`` is given) and bind a server (not yet serving).
 
     ``best_of`` > 1 with ``best_of_rm`` (an rm stage folder): every choice is the best of that many samples.
+    ``checkpoint`` may be a list: every one is served (``load_chat_models``: adapters on one base when they
+    share it), each under its ``<run>/<stage>`` name.
 
     ``fail_first``/``fail_statuses``/``delay_s`` are fault injection for tests only.
     """
     if best_of and not best_of_rm:
         raise CheckpointError("--best-of needs --best-of-rm outputs/<run>/rm (the reward model that picks)")
     reranker = BestOfN(best_of_rm, best_of) if best_of else None
-    model = chat_model or ChatModel(checkpoint, dtype=dtype, name=model_name, best_of=reranker)
+    several = isinstance(checkpoint, (list, tuple)) and len(checkpoint) > 1
+    if several and model_name and chat_model is None:
+        raise CheckpointError("--model-name names one model; several checkpoints are served as <run>/<stage>")
+    if isinstance(checkpoint, (list, tuple)) and not several:
+        checkpoint = checkpoint[0]
+    model: ChatModel | list[ChatModel] = chat_model or (
+        load_chat_models(checkpoint, dtype=dtype, best_of=reranker) if several
+        else ChatModel(checkpoint, dtype=dtype, name=model_name, best_of=reranker))
     faults = Faults(fail_first=fail_first, fail_statuses=tuple(fail_statuses) or (500,), delay_s=delay_s)
     return ChatServer((host, port), model, api_key=api_key, faults=faults, quiet=quiet)
 
@@ -624,7 +758,8 @@ def start_server_in_thread(checkpoint: str | os.PathLike, host: str = "127.0.0.1
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` command's arguments (shared with ``python -m pipeline serve``)."""
-    parser.add_argument("checkpoint", help="a stage folder (outputs/<run>/<stage>) or a Hugging Face folder")
+    parser.add_argument("checkpoint", nargs="+", help="a stage folder (outputs/<run>/<stage>) or a Hugging Face "
+                        "folder; several: each served as its own model (adapters on one base when they share it)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key-env", default=None,
@@ -655,7 +790,7 @@ def main(args: argparse.Namespace) -> int:
                              best_of=getattr(args, "best_of", 0) or 0, best_of_rm=getattr(args, "best_of_rm", None))
     except ServeError as exc:
         raise SystemExit(f"error: {exc}") from None
-    print(f"[alignpipe] serving {server.chat_model.name!r} at {server.url} "
+    print(f"[alignpipe] serving {', '.join(repr(n) for n in server.chat_models)} at {server.url} "
           f"(auth {'on' if api_key else 'off'}; Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
