@@ -1,4 +1,4 @@
-"""``python -m pipeline`` / ``alignpipe``: run, status, report, slurm, serve, validate.
+"""``python -m pipeline`` / ``alignpipe``: run, status, report, slurm, serve, validate, push.
 
     python -m pipeline run CONFIG [--stages sft rm ...] [--force] [--no-parents] [key=value ...]
     python -m pipeline status CONFIG [--json] [key=value ...]
@@ -6,6 +6,7 @@
     python -m pipeline slurm CONFIG [--submit] [--force] [--stages ...] [key=value ...]
     python -m pipeline serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [--api-key-env VAR]
     python -m pipeline validate CONFIG [--stages ...] [key=value ...]
+    python -m pipeline push RUN STAGE --repo NAME [--adapter] [--dry-run] [--private] [--token-env VAR]
 
 Config, manifest and data errors print ``error: <message>`` and exit 2; a failed stage exits 1 with the
 path of its log; Ctrl-C exits 130 (re-run the same command to resume).
@@ -89,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--best-of", type=int, default=0, metavar="N",
                        help="answer each choice with the best of N samples by --best-of-rm (sampled requests only)")
     serve.add_argument("--best-of-rm", default=None, metavar="DIR", help="the rm stage folder that picks")
+
+    push = sub.add_parser("push", help="upload a stage's model (or adapter) with its model card to the hub",
+                          description="upload a stage's model (or adapter) with its model card to the hub")
+    push.add_argument("run", metavar="RUN", help="the run folder (outputs/<run>) or the run name")
+    push.add_argument("stage", metavar="STAGE", help="the stage, e.g. sft, ppo")
+    push.add_argument("--repo", required=True, metavar="NAME", help="hub repository, NAME or ORG/NAME")
+    push.add_argument("--adapter", action="store_true", help="send adapter/ instead of model/")
+    push.add_argument("--dry-run", action="store_true", help="list the files that would be sent; send nothing")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--token-env", default="HF_TOKEN", metavar="VAR",
+                      help="environment variable holding the hub token (default HF_TOKEN; never printed)")
     return parser
 
 
@@ -144,8 +156,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return int(serve.main(namespace) or 0)
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push
+
+    push(args.run, args.stage, args.repo, adapter=args.adapter, dry_run=args.dry_run, private=args.private,
+         token_env=args.token_env)
+    return 0
+
+
 COMMANDS = {"run": _cmd_run, "status": _cmd_status, "report": _cmd_report, "slurm": _cmd_slurm,
-            "validate": _cmd_validate, "serve": _cmd_serve}
+            "validate": _cmd_validate, "serve": _cmd_serve, "push": _cmd_push}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -263,6 +263,8 @@ class StageRun:
             if self.is_main and self.checkpoints.exists():
                 # training state is kept only until the stage completes (DESIGN §1)
                 shutil.rmtree(self.checkpoints, ignore_errors=True)
+            if self.is_main:
+                self._write_model_cards()
         elif isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM: resumable, not an error of the stage
             self.manifest["status"] = "interrupted"
             self.manifest["interrupted_by"] = str(exc) if isinstance(exc, StageInterrupted) else "SIGINT (Ctrl-C)"
@@ -277,6 +279,16 @@ class StageRun:
             write_manifest(self.dir, self.manifest)
             self._close_loggers()
         return False
+
+    def _write_model_cards(self) -> None:
+        """A hub-style README.md in model/ and adapter/ (``pipeline/modelcard.py``); a card that cannot be
+        written is reported, never a reason to fail a stage whose model is saved."""
+        from .modelcard import write_model_cards
+
+        try:
+            write_model_cards(self.dir, self.manifest)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            print(f"[alignpipe] warning: no model card written for '{self.stage}': {exc}", flush=True)
 
     # ---------------------------------------------------------------------------------- helpers
     def parent_dir(self, parent: str) -> Path:
