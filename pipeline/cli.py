@@ -1,4 +1,4 @@
-"""``python -m pipeline`` / ``alignpipe``: run, status, report, slurm, serve, validate, push.
+"""``python -m pipeline`` / ``alignpipe``: run, status, report, slurm, serve, validate, push, export.
 
     python -m pipeline run CONFIG [--stages sft rm ...] [--force] [--no-parents] [key=value ...]
     python -m pipeline status CONFIG [--json] [key=value ...]
@@ -7,6 +7,7 @@
     python -m pipeline serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [--api-key-env VAR]
     python -m pipeline validate CONFIG [--stages ...] [key=value ...]
     python -m pipeline push RUN STAGE --repo NAME [--adapter] [--dry-run] [--private] [--token-env VAR]
+    python -m pipeline export RUN STAGE --gguf [--quant q8_0|f16|f32] [--output FILE]
 
 Config, manifest and data errors print ``error: <message>`` and exit 2; a failed stage exits 1 with the
 path of its log; Ctrl-C exits 130 (re-run the same command to resume).
@@ -101,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository private")
     push.add_argument("--token-env", default="HF_TOKEN", metavar="VAR",
                       help="environment variable holding the hub token (default HF_TOKEN; never printed)")
+
+    export = sub.add_parser("export", help="write a stage's model as a GGUF file (llama.cpp and friends)",
+                            description="write a stage's model as a GGUF file (llama.cpp and friends)")
+    export.add_argument("run", metavar="RUN", help="the run folder (outputs/<run>) or the run name")
+    export.add_argument("stage", metavar="STAGE", help="the stage, e.g. sft, ppo")
+    export.add_argument("--gguf", action="store_true", required=True, help="GGUF (the one format for now)")
+    export.add_argument("--quant", default="q8_0", choices=["q8_0", "f16", "f32"], help="default q8_0")
+    export.add_argument("--output", default=None, metavar="FILE",
+                        help="default <stage>/export/<run>-<stage>.<quant>.gguf")
     return parser
 
 
@@ -164,8 +174,15 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_gguf
+
+    export_gguf(args.run, args.stage, quant=args.quant, output=args.output)
+    return 0
+
+
 COMMANDS = {"run": _cmd_run, "status": _cmd_status, "report": _cmd_report, "slurm": _cmd_slurm,
-            "validate": _cmd_validate, "serve": _cmd_serve, "push": _cmd_push}
+            "validate": _cmd_validate, "serve": _cmd_serve, "push": _cmd_push, "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
