@@ -192,11 +192,57 @@ class TrainConfig(_Section):
     seed: int = 0
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed JSON (configs/deepspeed/...).")
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch default).")
+    # dynamic hyper-parameters (stages.engine.Engine); each is logged per step and kept in checkpoints
+    monitor: str = Field("eval_loss", description="The held-out metric that reduce-on-plateau and early "
+                                                  "stopping watch (a key the stage's evaluation logs).")
+    monitor_mode: Literal["min", "max"] = Field("min", description="min: lower is better (a loss); max: higher.")
+    min_delta: float = Field(0.0, ge=0, description="A change of `monitor` smaller than this is no improvement.")
+    lr_plateau_factor: float | None = Field(
+        None, gt=0, lt=1, description="Reduce-on-plateau: multiply the learning rate (on top of its schedule) by "
+                                      "this after lr_plateau_patience evaluations without improvement. None: off.")
+    lr_plateau_patience: int = Field(2, gt=0, description="Evaluations without improvement before a reduction.")
+    lr_plateau_min_scale: float = Field(0.0, ge=0, lt=1, description="The reductions stop at this fraction of "
+                                                                      "the schedule's learning rate.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after this many evaluations without improvement of `monitor`, and end "
+                                "with the weights of the best evaluation. None: off.")
+    batch_ramp: dict[int, int] = Field(
+        default_factory=dict, description="Batch-size ramp-up through gradient accumulation: {optimizer step: "
+                                          "accumulation steps from that step on}, e.g. {0: 1, 50: 2, 150: 4} "
+                                          "(steps before the first key use gradient_accumulation_steps). The "
+                                          "micro-batch order does not change, so resume stays exact.")
 
     @field_validator("deepspeed")
     @classmethod
     def _ds_exists(cls, value: str | None) -> str | None:
         return _deepspeed_exists(value)
+
+    @field_validator("batch_ramp")
+    @classmethod
+    def _ramp_positive(cls, value: dict[int, int]) -> dict[int, int]:
+        bad = {k: v for k, v in value.items() if k < 0 or v < 1}
+        if bad:
+            raise ValueError(f"batch_ramp needs steps >= 0 and accumulation steps >= 1, got {bad}")
+        return dict(sorted(value.items()))
+
+    @model_validator(mode="after")
+    def _dynamic_needs(self) -> "TrainConfig":
+        watching = self.lr_plateau_factor is not None or self.early_stopping_patience is not None
+        if watching and not self.eval_steps:
+            raise ValueError("lr_plateau_factor / early_stopping_patience watch the held-out metric: set "
+                             "eval_steps (and give the stage held-out data: eval_data or eval_fraction)")
+        if (watching or self.batch_ramp) and self.deepspeed:
+            raise ValueError("lr_plateau_factor, early_stopping_patience and batch_ramp are not supported with "
+                             "deepspeed yet (DeepSpeed steps the optimiser and counts accumulation itself)")
+        return self
+
+    def accumulation_at(self, step: int) -> int:
+        """Gradient accumulation steps of optimizer step ``step`` (0-based): ``batch_ramp`` or the fixed value."""
+        value = self.gradient_accumulation_steps
+        for start, accum in self.batch_ramp.items():  # sorted by the validator
+            if step >= start:
+                value = accum
+        return value
 
     def global_batch(self, world_size: int) -> int:
         """Sequences per optimizer step over all ranks: per-device batch x grad accumulation x world size."""

@@ -12,6 +12,12 @@ What it does:
   number of micro-batches, nothing is dropped);
 - AdamW over the trainable parameters, warm-up + cosine/linear/constant schedule, gradient
   accumulation, gradient clipping, bf16 autocast where the hardware supports it (fp32 otherwise);
+- dynamic hyper-parameters (``train.*``, off by default): reduce-on-plateau of the learning rate on the
+  held-out ``monitor`` (a scale on top of the schedule, logged as ``lr_scale``), early stopping after
+  ``early_stopping_patience`` evaluations without improvement with the best evaluation's weights restored
+  (kept in ``checkpoints/best/``), and a batch-size ramp-up (``batch_ramp``: more micro-batches accumulated
+  per optimizer step, the micro-batch order unchanged; logged as ``grad_accum_steps``/``global_batch_size``);
+  their state is part of every checkpoint, so a resumed run takes the same decisions;
 - full-state checkpoints every ``save_steps`` (trainable weights, optimizer, scheduler, RNG, data
   position, unfreezer), written to a temporary folder and renamed into place; resume continues exactly
   where the interrupted run stopped;
@@ -44,6 +50,7 @@ from stages.training import (
     set_rng_state,
     trainable_state,
     trim_logs_after,
+    verify_checkpoint,
     zero_stage_of,
 )
 
@@ -175,7 +182,8 @@ class Engine:
         self.micro_per_epoch = len(self._epoch_batches(0))
         self.accum = train.gradient_accumulation_steps
         steps_per_epoch = max(1, self.micro_per_epoch // self.accum)
-        self.total_steps = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
+        self.total_steps = train.max_steps or (self._ramped_total_steps() if train.batch_ramp else
+                                               max(1, math.ceil(train.epochs * steps_per_epoch)))
         self.warmup = int(round(train.warmup_ratio * self.total_steps))
         if train.global_batch_size is not None:
             actual = train.global_batch(dist.world_size)
@@ -210,6 +218,21 @@ class Engine:
         self.epoch = 0
         self.micro_in_epoch = 0
         self.history: list[dict[str, Any]] = []
+        # the watch on the held-out metric (reduce-on-plateau, early stopping): saved in every checkpoint
+        self.watch: dict[str, Any] = {"best": None, "best_step": None, "since_best": 0, "plateau_wait": 0,
+                                      "lr_scale": 1.0, "stopped": False}
+        if (train.lr_plateau_factor is not None or train.early_stopping_patience is not None) and eval_fn is None:
+            raise ValueError(f"{desc}: lr_plateau_factor / early_stopping_patience need held-out data to watch "
+                             f"{train.monitor} (eval_data or eval_fraction)")
+
+    def _ramped_total_steps(self) -> int:
+        """Optimizer steps in ``train.epochs`` epochs when the accumulation follows ``batch_ramp``."""
+        micro_left = self.train.epochs * self.micro_per_epoch
+        steps = 0
+        while micro_left >= self.train.accumulation_at(steps):
+            micro_left -= self.train.accumulation_at(steps)
+            steps += 1
+        return max(1, steps + (1 if micro_left > 0 else 0))
 
     @property
     def forward_model(self) -> Any:
@@ -234,7 +257,7 @@ class Engine:
         return {
             "global_step": self.global_step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
             "rng": rng_state(), "unfreezer": self.unfreezer.state_dict() if self.unfreezer else None,
-            "history_len": len(self.history),
+            "history_len": len(self.history), "watch": dict(self.watch),
         }
 
     @property
@@ -277,6 +300,9 @@ class Engine:
         set_rng_state(client["rng"])
         if self.unfreezer is not None and client.get("unfreezer"):
             self.unfreezer.load_state_dict(client["unfreezer"])
+        if client.get("watch"):
+            self.watch = dict(client["watch"])
+            self._apply_lr_scale()
         if self.dist.is_main:
             trim_logs_after(self.run.dir, self.global_step)
             print(f"[alignpipe] resumed {self.desc} from {folder} (step {self.global_step})", flush=True)
@@ -300,9 +326,11 @@ class Engine:
         window_tokens, window_start = 0, time.time()
         loss_sum, metric_sums, micro_count = 0.0, {}, 0
         last_metrics: dict[str, float] = {}
-        while self.global_step < self.total_steps:
+        while self.global_step < self.total_steps and not self.watch["stopped"]:
             batches = self._epoch_batches(self.epoch)
-            while self.micro_in_epoch < len(batches) and self.global_step < self.total_steps:
+            while (self.micro_in_epoch < len(batches) and self.global_step < self.total_steps
+                   and not self.watch["stopped"]):
+                accum = t.accumulation_at(self.global_step)  # batch_ramp: more micro-batches per step later on
                 indices = batches[self.micro_in_epoch]
                 batch = self._to_device(self.collate([self.items[i] for i in indices]))
                 with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -314,14 +342,14 @@ class Engine:
                 if self.ds_engine is not None:
                     self.ds_engine.backward(loss)
                 else:
-                    (loss / self.accum).backward()
+                    (loss / accum).backward()
                 loss_sum += float(loss.detach())
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
                 micro_count += 1
                 window_tokens += self.count_tokens(batch)
                 self.micro_in_epoch += 1
-                boundary = micro_count == self.accum
+                boundary = micro_count == accum
                 if self.ds_engine is not None:
                     self.ds_engine.step()  # DeepSpeed counts accumulation itself
                 if not boundary:
@@ -333,6 +361,7 @@ class Engine:
                             [p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm))
                     self.optimizer.step()
                     self.scheduler.step()
+                    self._apply_lr_scale()
                     self.optimizer.zero_grad(set_to_none=True)
                 else:
                     grad_norm = self.ds_engine.get_global_grad_norm()
@@ -342,12 +371,17 @@ class Engine:
                     self.unfreezer.step(self.global_step)
                 elapsed = max(time.time() - window_start, 1e-9)
                 tokens_per_s = window_tokens * self.dist.world_size / elapsed
-                row = {"loss": loss_sum / micro_count, "lr": self.scheduler.get_last_lr()[0],
+                row = {"loss": loss_sum / micro_count, "lr": self.scheduler.get_last_lr()[0] * self.watch["lr_scale"],
                        "epoch": self.epoch + self.micro_in_epoch / max(1, len(batches)),
                        "tokens_per_s": tokens_per_s}
                 row.update({k: v / micro_count for k, v in metric_sums.items()})
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm
+                if t.lr_plateau_factor is not None:
+                    row["lr_scale"] = self.watch["lr_scale"]
+                if t.batch_ramp:
+                    row["grad_accum_steps"] = accum
+                    row["global_batch_size"] = accum * t.per_device_batch_size * self.dist.world_size
                 if self.world_mean_needed():
                     row["loss"] = self._mean_across_ranks(row["loss"])
                 last_metrics = row
@@ -358,7 +392,7 @@ class Engine:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 if self.eval_fn is not None and t.eval_steps and self.global_step % t.eval_steps == 0:
-                    self._evaluate()
+                    self._evaluate(watch=True)
                 if self.global_step % t.save_steps == 0 and self.global_step < self.total_steps:
                     self.save_checkpoint()
                 loss_sum, metric_sums, micro_count = 0.0, {}, 0
@@ -368,6 +402,7 @@ class Engine:
                 self.micro_in_epoch = 0
         if bar is not None:
             bar.close()
+        self._restore_best()
         final = dict(last_metrics)
         if self.eval_fn is not None:
             final.update(self._evaluate())
@@ -381,7 +416,7 @@ class Engine:
         torch.distributed.all_reduce(tensor)
         return float(tensor.item() / self.dist.world_size)
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, watch: bool = False) -> dict[str, float]:
         model = self.model
         was_training = model.training
         model.eval()
@@ -389,10 +424,78 @@ class Engine:
             metrics = self.eval_fn(self.forward_model)
         if was_training:
             model.train()
+        if watch and (self.train.lr_plateau_factor is not None or self.train.early_stopping_patience is not None):
+            metrics = {**metrics, **self._watch(metrics)}
         if metrics:
             self.run.log(self.global_step, metrics)
             self.history.append({"step": self.global_step, **metrics})
         return metrics
+
+    # ------------------------------------------------------------------------ dynamic hyper-parameters
+    def _apply_lr_scale(self) -> None:
+        """The learning rate in force: the schedule's value times the plateau scale (1 unless reduced)."""
+        if self.ds_engine is not None or self.train.lr_plateau_factor is None:
+            return
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr * self.watch["lr_scale"]
+
+    @property
+    def _best_checkpoints(self) -> Checkpoints:
+        return Checkpoints(self.run.checkpoints / "best", self.dist.is_main, self.dist.world_size)
+
+    def _watch(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Update the watch on ``train.monitor`` after an evaluation: a new best is kept (its weights too, with
+        early stopping); ``lr_plateau_patience`` evaluations without one scale the learning rate by
+        ``lr_plateau_factor``; ``early_stopping_patience`` of them stop training. Returns the fields logged."""
+        t, watch = self.train, self.watch
+        if t.monitor not in metrics:
+            raise ValueError(f"{self.desc}: train.monitor {t.monitor!r} is not among the evaluation's metrics "
+                             f"({', '.join(sorted(metrics))})")
+        value = float(metrics[t.monitor])
+        best = watch["best"]
+        improved = best is None or (value < best - t.min_delta if t.monitor_mode == "min"
+                                    else value > best + t.min_delta)
+        if improved:
+            watch.update(best=value, best_step=self.global_step, since_best=0, plateau_wait=0)
+            if t.early_stopping_patience is not None:
+                def write(folder: Path) -> None:
+                    if self.dist.is_main:
+                        save_weights(folder, "weights",
+                                     trainable_state(self.model, everything=self.unfreezer is not None))
+
+                self._best_checkpoints.save(self.global_step, write)
+        else:
+            watch["since_best"] += 1
+            watch["plateau_wait"] += 1
+            if t.lr_plateau_factor is not None and watch["plateau_wait"] >= t.lr_plateau_patience:
+                watch["lr_scale"] = max(watch["lr_scale"] * t.lr_plateau_factor, t.lr_plateau_min_scale)
+                watch["plateau_wait"] = 0
+                self._apply_lr_scale()
+            if t.early_stopping_patience is not None and watch["since_best"] >= t.early_stopping_patience:
+                watch["stopped"] = True
+                if self.dist.is_main:
+                    print(f"[alignpipe] {self.desc}: early stop at step {self.global_step}: {t.monitor} has not "
+                          f"improved for {watch['since_best']} evaluations (best {watch['best']:.6g} at step "
+                          f"{watch['best_step']})", flush=True)
+        logged = {f"best_{t.monitor}": watch["best"], "evals_since_best": watch["since_best"]}
+        if t.lr_plateau_factor is not None:
+            logged["lr_scale"] = watch["lr_scale"]
+        if watch["stopped"]:
+            logged["early_stopped"] = 1
+        return logged
+
+    def _restore_best(self) -> None:
+        """With early stopping: end with the weights of the best evaluation (``checkpoints/best/step-N``)."""
+        best_step = self.watch["best_step"]
+        if self.train.early_stopping_patience is None or best_step is None or best_step == self.global_step:
+            return
+        folder = self._best_checkpoints.root / Checkpoints.tag(best_step)
+        if verify_checkpoint(folder) is not None:
+            raise RuntimeError(f"{self.desc}: the best checkpoint {folder} is missing or damaged")
+        load_trainable(self.model, load_weights(folder, "weights"))
+        if self.dist.is_main:
+            print(f"[alignpipe] {self.desc}: restored the weights of step {best_step} "
+                  f"({self.train.monitor} {self.watch['best']:.6g})", flush=True)
 
     # ---------------------------------------------------------------------------------- save
     def unwrap(self) -> Any:
