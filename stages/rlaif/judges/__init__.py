@@ -84,13 +84,23 @@ def default_cache_path(cfg: RunConfig) -> Path:
     return resolve_path(cfg.output_root) / ".judge_cache" / "judgments.sqlite"
 
 
+def _adapter_stage(folder: Path) -> bool:
+    """A PEFT stage folder that saved only its adapter (no merged ``model/``): loaded as base + adapter."""
+    return (folder / "adapter" / "adapter_config.json").exists() and (folder / "manifest.json").exists() \
+        and not (folder / "model").exists()
+
+
 def resolve_judge_model(cfg: RunConfig, model: str | None) -> tuple[str, str]:
-    """An hf judge's ``model``: 'base' (the run's base model), a stage name ('sft', ...), or a folder."""
+    """An hf judge's ``model``: 'base' (the run's base model), a stage name ('sft', ...), or a folder. A stage
+    with only ``adapter/`` (a PEFT method that cannot be merged) is returned as the stage folder itself:
+    ``HFJudge`` loads its base with the adapter on top."""
     from pipeline.models import CheckpointError, prepare_base, resolve_checkpoint
 
     if model in (None, "", "base"):
         folder = prepare_base(cfg.model)  # a folder, or a hub name for model.source 'hub'
         return folder, folder
+    if model in ("sft", "rm", "ppo") and _adapter_stage(cfg.stage_dir(model)):
+        return str(cfg.stage_dir(model)), str(cfg.stage_dir(model))
     if model in ("sft", "rm", "ppo"):
         try:
             model_dir, tok_dir = resolve_checkpoint(cfg.stage_dir(model))
@@ -98,6 +108,8 @@ def resolve_judge_model(cfg: RunConfig, model: str | None) -> tuple[str, str]:
             raise JudgeError(f"judge model {model!r}: {exc}. Run the '{model}' stage first.") from exc
         return str(model_dir), str(tok_dir)
     path = resolve_path(model)
+    if _adapter_stage(path):
+        return str(path), str(path)
     if path.exists():
         try:
             model_dir, tok_dir = resolve_checkpoint(path)

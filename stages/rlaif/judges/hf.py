@@ -103,7 +103,14 @@ class HFJudge(Judge):
             dtype = "bfloat16" if self.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
         mcfg = ModelConfig(source="local", path=self.model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         self.tokenizer = load_tokenizer(tokenizer_path, mcfg)
-        self.model = load_model(self.model_path, mcfg, self.tokenizer).to(self.device).eval()
+        adapter_stage = (Path(self.model_path) / "adapter" / "adapter_config.json").exists() and not (
+            Path(self.model_path) / "config.json").exists()
+        if adapter_stage:
+            from stages.tuning import load_trained  # a PEFT stage folder: its base with the adapter on top
+
+            self.model = load_trained(Path(self.model_path), mcfg, self.tokenizer).to(self.device).eval()
+        else:
+            self.model = load_model(self.model_path, mcfg, self.tokenizer).to(self.device).eval()
         self.batch_size = batch_size
         self._lock = threading.Lock()
         c = self.constitution
@@ -112,6 +119,12 @@ class HFJudge(Judge):
         self.score_scorer = LabelScorer(self.tokenizer, [str(v) for v in self.score_values])
         folder = Path(self.model_path)
         self._fingerprint = _weights_fingerprint(folder) if folder.is_dir() else self.model_path
+        if adapter_stage:  # the adapter's weights and its base's make the judge's identity (cache keys)
+            manifest = json.loads((folder / "manifest.json").read_text())
+            base = str((manifest.get("metrics") or {}).get("base_model") or manifest.get("base_model") or "")
+            base_print = _weights_fingerprint(Path(base)) if base and Path(base).is_dir() else base
+            self._fingerprint = hashlib.sha256((self._fingerprint + _weights_fingerprint(folder / "adapter")
+                                                + base_print).encode()).hexdigest()
         self._template_hash = hashlib.sha256((self.tokenizer.chat_template or "").encode()).hexdigest()[:16]
 
     def identity(self) -> dict[str, Any]:
