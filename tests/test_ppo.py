@@ -652,8 +652,10 @@ def test_two_process_deepspeed_resume_equals_uninterrupted(tmp_path):
     assert proc.returncode != 0 and "simulated kill" in proc.stdout + proc.stderr
     stage = tmp_path / "resumed" / "run" / "tiny" / "ppo"
     assert (stage / "checkpoints" / "latest").read_text() == "step-1"
-    assert {p.name for p in (stage / "checkpoints" / "step-1").iterdir()} >= {"actor", "critic", "client-rank0.pt",
-                                                                              "client-rank1.pt"}
+    # DeepSpeed's own engine folders plus our per-rank state as JSON + safetensors (no pickle) and the index
+    assert {p.name for p in (stage / "checkpoints" / "step-1").iterdir()} >= {
+        "actor", "critic", "index.json", "client-rank0.json", "client-rank0.safetensors", "client-rank1.json",
+        "client-rank1.safetensors"}
     proc = _launch(tmp_path, "resumed", args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert json.loads((stage / "manifest.json").read_text())["resumed"] is True
