@@ -129,6 +129,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     path = report_for(args.config, args.overrides, generate_samples=not args.no_samples)
     print(f"report: {path}")
+    html = path.with_suffix(".html")
+    if html.exists():
+        print(f"report: {html} (one self-contained page: open it in a browser)")
     return 0
 
 

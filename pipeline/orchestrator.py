@@ -136,6 +136,8 @@ def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stage
     if report:
         result.report = write_report(cfg, out=out)
         out(f"report: {result.report}")
+        if result.report.with_suffix(".html").exists():
+            out(f"report: {result.report.with_suffix('.html')} (one self-contained page: open it in a browser)")
     return result
 
 
