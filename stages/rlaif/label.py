@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -96,15 +97,135 @@ def sample_responses(model: Any, tokenizer: Any, prompts: list[list[int]], num_r
     return out
 
 
+def _encode_prompts(cfg: RunConfig, tokenizer: Any, examples: list[Any]) -> tuple[list[list[int]], list[Any], int]:
+    """Prompt ids in the chat layout -> (ids, the examples kept, how many were too long)."""
+    label_cfg = cfg.rlaif_label
+    encoded, kept, too_long = [], [], 0
+    for ex in examples:
+        ids = prompt_ids(tokenizer, ex.prompt, cfg.chat.system_prompt)
+        if len(ids) > label_cfg.max_prompt_length:
+            too_long += 1
+            continue
+        encoded.append(ids)
+        kept.append(ex)
+    if not encoded:
+        raise DataError(f"{label_cfg.data.path}: all {len(examples)} prompts are longer than "
+                        f"rlaif_label.max_prompt_length={label_cfg.max_prompt_length} tokens; raise it")
+    return encoded, kept, too_long
+
+
+def _sample(cfg: RunConfig, model_dir: str, tokenizer: Any, encoded: list[list[int]],
+            policy: str) -> tuple[list, float]:
+    """``num_responses`` samples per prompt from the policy -> (per prompt [(text, ended_with_eos)], seconds)."""
+    import torch
+
+    label_cfg = cfg.rlaif_label
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(model_dir, cfg.model, tokenizer).to(device).eval()
+    print(f"[alignpipe] rlaif_label: sampling {label_cfg.num_responses} responses for {len(encoded)} prompts "
+          f"from the {policy} policy", flush=True)
+    started = time.time()
+    samples = sample_responses(model, tokenizer, encoded, label_cfg.num_responses, label_cfg.max_new_tokens,
+                               label_cfg.temperature, label_cfg.batch_size, label_cfg.seed, device)
+    seconds = time.time() - started
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return samples, seconds
+
+
+@dataclass
+class CandidatePairs:
+    """Every pair of distinct non-empty responses to one prompt, with where each came from."""
+
+    items: list[tuple[Any, str, str]] = field(default_factory=list)  # (prompt, response a, response b)
+    where: list[tuple[Any, int, int, bool, bool]] = field(default_factory=list)  # (example, i, j, a_eos, b_eos)
+    empty: int = 0
+    duplicate: int = 0
+    ended: int = 0
+
+
+def _distinct_pairs(examples: list[Any], samples: list[list[tuple[str, bool]]]) -> CandidatePairs:
+    pairs = CandidatePairs()
+    for ex, responses in zip(examples, samples):
+        pairs.ended += sum(e for _, e in responses)
+        unique: list[tuple[int, str]] = []
+        for k, (text, _) in enumerate(responses):
+            if not text:
+                pairs.empty += 1
+            elif any(text == u for _, u in unique):
+                pairs.duplicate += 1
+            else:
+                unique.append((k, text))
+        for (i, a), (j, b) in combinations(unique, 2):
+            pairs.items.append((ex.prompt, a, b))
+            pairs.where.append((ex, i, j, responses[i][1], responses[j][1]))
+    return pairs
+
+
+def _judge_all(cfg: RunConfig, run: StageRun, items: list[tuple[Any, str, str]]) -> tuple[list, dict, float, Any, int]:
+    """Both-order verdicts on every pair, chunk by chunk (progress, cache) -> (verdicts, stats, seconds,
+    the judge (closed), chunk size)."""
+    label_cfg = cfg.rlaif_label
+    judge = build_judge(cfg, label_cfg.judge)
+    started = time.time()
+    verdicts: list[Any] = []
+    chunk = max(label_cfg.batch_size * 4, 16)  # report progress (and let the cache absorb work) chunk by chunk
+    try:
+        for start in range(0, len(items), chunk):
+            verdicts.extend(judge.judge_pairs(items[start:start + chunk]))
+            elapsed = time.time() - started
+            if len(items) > chunk:
+                print(f"[alignpipe] rlaif_label: judged {len(verdicts)}/{len(items)} pairs "
+                      f"({len(verdicts) / max(elapsed, 1e-9):.2f} pairs/s)", flush=True)
+            run.log(1 + start // chunk, {"pairs_judged": len(verdicts), "judge_s": round(elapsed, 3),
+                                         **judge.stats.as_dict()})
+    finally:
+        seconds = time.time() - started
+        stats = judge.stats.as_dict()
+        judge.close()
+    return verdicts, stats, seconds, judge, chunk
+
+
+def _preference_records(cfg: RunConfig, pairs: CandidatePairs, verdicts: list[Any],
+                        judge_kind: str) -> tuple[list, int]:
+    """Decided pairs -> (preference records with the judge's metadata, ties dropped)."""
+    records, ties = [], 0
+    for (prompt, a, b), (ex, i, j, a_eos, b_eos), v in zip(pairs.items, pairs.where, verdicts):
+        if v.choice not in ("A", "B"):
+            ties += 1
+            continue
+        a_wins = v.choice == "A"
+        chosen, rejected = (a, b) if a_wins else (b, a)
+        records.append({
+            "prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "judge": {
+                "name": cfg.rlaif_label.judge, "kind": judge_kind,
+                "prob_chosen": v.prob_a if a_wins else 1.0 - v.prob_a,
+                "principle": v.principle, "rationale": v.rationale,
+                "responses": [i, j] if a_wins else [j, i],
+                "eos": [a_eos, b_eos] if a_wins else [b_eos, a_eos],
+            },
+            "source": ex.where,
+        })
+    return records, ties
+
+
+def _mean_chars(texts: list[str]) -> float | None:
+    return round(sum(map(len, texts)) / len(texts), 2) if texts else None
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
-    lc = cfg.rlaif_label
-    if lc.data is None:
+    """The ``rlaif_label`` stage: 1. encode the prompts, 2. sample responses from the policy, 3. pair the
+    distinct ones, 4. judge every pair in both orders, 5. keep the decided pairs as preference data."""
+    label_cfg = cfg.rlaif_label
+    if label_cfg.data is None:
         raise DataError("rlaif_label.data is not set: point it at a prompt file (a 'prompt' per record), "
                         "e.g. data/demo/prompts.jsonl")
     import torch
 
-    if lc.num_threads:
-        torch.set_num_threads(lc.num_threads)
+    if label_cfg.num_threads:
+        torch.set_num_threads(label_cfg.num_threads)
     with StageRun(cfg, "rlaif_label") as run:
         model_dir, tok_dir, policy = _policy_dirs(cfg, run)
         tokenizer = load_tokenizer(tok_dir, cfg.model, cfg.chat)
@@ -112,108 +233,42 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         fmt = chat_format(tokenizer, cfg.chat)
         run.set_chat_format(fmt, chat_fingerprint(fmt))
 
-        examples, report = load_examples(lc.data, "prompt")
-        encoded, kept_examples = [], []
-        too_long = 0
-        for ex in examples:
-            ids = prompt_ids(tokenizer, ex.prompt, cfg.chat.system_prompt)
-            if len(ids) > lc.max_prompt_length:
-                too_long += 1
-                continue
-            encoded.append(ids)
-            kept_examples.append(ex)
-        if not encoded:
-            raise DataError(f"{lc.data.path}: all {len(examples)} prompts are longer than "
-                            f"rlaif_label.max_prompt_length={lc.max_prompt_length} tokens; raise it")
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(model_dir, cfg.model, tokenizer).to(device).eval()
-        print(f"[alignpipe] rlaif_label: sampling {lc.num_responses} responses for {len(encoded)} prompts "
-              f"from the {policy} policy", flush=True)
-        started = time.time()
-        samples = sample_responses(model, tokenizer, encoded, lc.num_responses, lc.max_new_tokens,
-                                   lc.temperature, lc.batch_size, lc.seed, device)
-        sample_s = time.time() - started
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
-
-        items, where = [], []
-        empty = duplicate = ended = 0
-        for ex, responses in zip(kept_examples, samples):
-            ended += sum(e for _, e in responses)
-            unique: list[tuple[int, str]] = []
-            for k, (text, _) in enumerate(responses):
-                if not text:
-                    empty += 1
-                elif any(text == u for _, u in unique):
-                    duplicate += 1
-                else:
-                    unique.append((k, text))
-            for (i, a), (j, b) in combinations(unique, 2):
-                items.append((ex.prompt, a, b))
-                where.append((ex, i, j, responses[i][1], responses[j][1]))
-        run.log(0, {"prompts": len(kept_examples), "responses": len(kept_examples) * lc.num_responses,
-                    "pairs": len(items), "sample_s": round(sample_s, 3)})
-        if not items:
-            raise DataError(f"rlaif_label: no pair of distinct non-empty responses to judge ({empty} empty, "
-                            f"{duplicate} duplicate responses); raise temperature, max_new_tokens or num_responses")
-
-        judge = build_judge(cfg, lc.judge)
-        started = time.time()
-        verdicts = []
-        chunk = max(lc.batch_size * 4, 16)  # report progress (and let the cache absorb work) chunk by chunk
-        try:
-            for start in range(0, len(items), chunk):
-                verdicts.extend(judge.judge_pairs(items[start:start + chunk]))
-                elapsed = time.time() - started
-                if len(items) > chunk:
-                    print(f"[alignpipe] rlaif_label: judged {len(verdicts)}/{len(items)} pairs "
-                          f"({len(verdicts) / max(elapsed, 1e-9):.2f} pairs/s)", flush=True)
-                run.log(1 + start // chunk, {"pairs_judged": len(verdicts), "judge_s": round(elapsed, 3),
-                                             **judge.stats.as_dict()})
-        finally:
-            judge_s = time.time() - started
-            stats = judge.stats.as_dict()
-            judge.close()
-
-        records, ties, chosen_len, rejected_len = [], 0, [], []
-        for (prompt, a, b), (ex, i, j, a_eos, b_eos), v in zip(items, where, verdicts):
-            if v.choice not in ("A", "B"):
-                ties += 1
-                continue
-            a_wins = v.choice == "A"
-            chosen, rejected = (a, b) if a_wins else (b, a)
-            chosen_len.append(len(chosen))
-            rejected_len.append(len(rejected))
-            records.append({
-                "prompt": prompt, "chosen": chosen, "rejected": rejected,
-                "judge": {
-                    "name": lc.judge, "kind": judge.kind, "prob_chosen": v.prob_a if a_wins else 1.0 - v.prob_a,
-                    "principle": v.principle, "rationale": v.rationale,
-                    "responses": [i, j] if a_wins else [j, i],
-                    "eos": [a_eos, b_eos] if a_wins else [b_eos, a_eos],
-                },
-                "source": ex.where,
-            })
+        # 1. encode
+        examples, report = load_examples(label_cfg.data, "prompt")
+        encoded, kept_examples, too_long = _encode_prompts(cfg, tokenizer, examples)
+        # 2. sample
+        samples, sample_s = _sample(cfg, model_dir, tokenizer, encoded, policy)
+        # 3. pair
+        pairs = _distinct_pairs(kept_examples, samples)
+        n_responses = len(kept_examples) * label_cfg.num_responses
+        run.log(0, {"prompts": len(kept_examples), "responses": n_responses, "pairs": len(pairs.items),
+                    "sample_s": round(sample_s, 3)})
+        if not pairs.items:
+            raise DataError(f"rlaif_label: no pair of distinct non-empty responses to judge ({pairs.empty} empty, "
+                            f"{pairs.duplicate} duplicate responses); raise temperature, max_new_tokens or "
+                            "num_responses")
+        # 4. judge
+        verdicts, stats, judge_s, judge, chunk = _judge_all(cfg, run, pairs.items)
+        # 5. keep the decided pairs
+        records, ties = _preference_records(cfg, pairs, verdicts, judge.kind)
+        n_items = len(pairs.items)
         metrics: dict[str, Any] = {
             "policy": policy, "prompts": len(kept_examples), "prompts_too_long": too_long,
-            "responses": len(kept_examples) * lc.num_responses, "empty_responses": empty,
-            "duplicate_responses": duplicate,
-            "eos_rate": round(ended / max(1, len(kept_examples) * lc.num_responses), 4),
-            "pairs_judged": len(items), "pairs_kept": len(records), "ties_dropped": ties,
+            "responses": n_responses, "empty_responses": pairs.empty, "duplicate_responses": pairs.duplicate,
+            "eos_rate": round(pairs.ended / max(1, n_responses), 4),
+            "pairs_judged": n_items, "pairs_kept": len(records), "ties_dropped": ties,
             "inconsistent": stats["inconsistent"], "malformed": stats["malformed"],
             "judge_cache_hits": stats["cache_hits"], "judge_requests": stats["requests"],
             "judge_retries": stats["retries"], "sample_s": round(sample_s, 3), "judge_s": round(judge_s, 3),
-            "pair_judgments_per_s": round(len(items) / judge_s, 3) if judge_s > 0 else None,
-            "chosen_mean_chars": round(sum(chosen_len) / len(chosen_len), 2) if chosen_len else None,
-            "rejected_mean_chars": round(sum(rejected_len) / len(rejected_len), 2) if rejected_len else None,
+            "pair_judgments_per_s": round(n_items / judge_s, 3) if judge_s > 0 else None,
+            "chosen_mean_chars": _mean_chars([r["chosen"] for r in records]),
+            "rejected_mean_chars": _mean_chars([r["rejected"] for r in records]),
         }
-        run.log(1 + (len(items) - 1) // chunk + 1, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        run.log(1 + (n_items - 1) // chunk + 1, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if not records:
             run.manifest["metrics"] = metrics
             raise DataError(
-                f"rlaif_label: the judge {lc.judge!r} kept no pair: all {len(items)} were ties "
+                f"rlaif_label: the judge {label_cfg.judge!r} kept no pair: all {n_items} were ties "
                 f"({stats['inconsistent']} inconsistent across orders, {stats['malformed']} unreadable answers). "
                 "A judge that always prefers one position gives only ties; use a stronger judge "
                 "(rlaif.judges.<name>.model) or check its output")
@@ -221,6 +276,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         run.update(data=report.as_dict(), output=str(path), judge=repr(judge))
         run.manifest["metrics"] = metrics
-        print(f"[alignpipe] rlaif_label: kept {len(records)} of {len(items)} judged pairs "
+        print(f"[alignpipe] rlaif_label: kept {len(records)} of {n_items} judged pairs "
               f"({ties} ties dropped) -> {path}", flush=True)
         return metrics
