@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -26,6 +27,8 @@ from typing import Any
 from .config import REPO_ROOT
 from .launch import describe
 from .manifest import ManifestError
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- liveness
@@ -65,11 +68,11 @@ def process_state(manifest: dict[str, Any]) -> str:
     if not isinstance(pid, int) or pid <= 0:
         return "dead"
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0 only asks whether the pid exists
     except ProcessLookupError:
         return "dead"
-    except PermissionError:
-        pass  # exists, owned by someone else
+    except PermissionError:  # it exists but belongs to another user: still check it is the stage's process
+        logger.debug("pid %d exists but is not ours to signal", pid)
     if pid == os.getpid():
         return "alive"
     started = _process_start_time(pid)

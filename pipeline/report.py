@@ -764,7 +764,17 @@ def _load_icl(cfg: RunConfig, plots: Path, generate: bool, n: int, out: Printer,
     key = hash_json({"v": SAMPLES_VERSION, "sft": _samples_key(cfg, n, "sft"),
                      "model": cfg.model.model_dump(mode="json"), "seed": cfg.seed,
                      "policies": {p: _samples_key(cfg, n, p) for p in policies}})
-    cache = plots / "samples_icl.json"
+    return _cached_or_generated(
+        plots / "samples_icl.json", key, generate, out,
+        f"generating {n} answers of the {cfg.report.icl_shots}-shot base model (ICL baseline)", "ICL baseline",
+        lambda: icl_generations(cfg, n, policies={p: r for p, (r, _) in policies.items()}))
+
+
+def _cached_or_generated(cache: Path, key: str, generate: bool, out: Printer, doing: str, what: str,
+                         produce: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+    """The result cached under ``key`` in ``cache``, else ``produce()`` (when ``generate``) written there:
+    -> (result or None, where it came from / why not). A failure is returned as the reason (the report must
+    still be written)."""
     if cache.exists():
         try:
             cached = json.loads(cache.read_text())
@@ -774,11 +784,11 @@ def _load_icl(cfg: RunConfig, plots: Path, generate: bool, n: int, out: Printer,
             pass
     if not generate:
         return None, "not generated (run `python -m pipeline report CONFIG` to generate them)"
-    out(f"report: generating {n} answers of the {cfg.report.icl_shots}-shot base model (ICL baseline) ...")
+    out(f"report: {doing} ...")
     try:
-        result = icl_generations(cfg, n, policies={p: r for p, (r, _) in policies.items()})
+        result = produce()
     except Exception as exc:  # the report must still be written; the reason is shown in it
-        return None, f"ICL baseline failed: {type(exc).__name__}: {exc}"
+        return None, f"{what} failed: {type(exc).__name__}: {exc}"
     atomic_write_json(cache, {"key": key, "result": result})
     return result, "greedy decoding"
 
@@ -862,27 +872,15 @@ def _load_samples(cfg: RunConfig, plots: Path, generate: bool, n: int,
     if not (has_model("sft") and has_model(policy)):
         return None, f"the SFT or {STAGE_TITLES[policy]} stage has no model to sample from"
     suffix = "" if policy == "ppo" else f"_{policy}"
-    cache = plots / f"samples{suffix}.json"
-    key = _samples_key(cfg, n, policy)
-    if cache.exists():
-        try:
-            cached = json.loads(cache.read_text())
-            if cached.get("key") == key:
-                return cached["result"], "greedy decoding (cached)"
-        except (json.JSONDecodeError, KeyError):
-            pass
-    if not generate:
-        return None, "not generated (run `python -m pipeline report CONFIG` to generate them)"
-    out(f"report: generating {n} samples from the SFT and {STAGE_TITLES[policy]} policies ...")
-    try:
-        result = sample_generations(cfg, None, n, policy=policy)
-    except Exception as exc:  # the report must still be written; the reason is shown in it
-        return None, f"sample generation failed: {type(exc).__name__}: {exc}"
-    atomic_write_json(cache, {"key": key, "result": result})
-    with open(plots / f"samples{suffix}.jsonl", "w") as fh:
-        for row in result["rows"]:
-            fh.write(json.dumps(row) + "\n")
-    return result, "greedy decoding"
+    result, source = _cached_or_generated(
+        plots / f"samples{suffix}.json", _samples_key(cfg, n, policy), generate, out,
+        f"generating {n} samples from the SFT and {STAGE_TITLES[policy]} policies", "sample generation",
+        lambda: sample_generations(cfg, None, n, policy=policy))
+    if result is not None and source == "greedy decoding":  # freshly generated: the rows as JSONL too
+        with open(plots / f"samples{suffix}.jsonl", "w") as fh:
+            for row in result["rows"]:
+                fh.write(json.dumps(row) + "\n")
+    return result, source
 
 
 def _samples_section(cfg: RunConfig, result: dict[str, Any] | None, source: str, policy: str = "ppo") -> list[str]:
