@@ -651,6 +651,12 @@ def _estimate(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int | No
         acts = _train_activations(dims, knobs, cfg.sft.max_length, knobs.micro_batch, lm_head=True)
         roles.append(_model_role("policy", dims, lm_total, trainable(lm_total, "causal_lm"), knobs, world,
                                  activations=acts))
+        if cfg.distill.token_level.enabled and cfg.distill.teacher.kind != "http":
+            # a frozen forward per micro-batch: its logits in the compute dtype plus the fp32 softmax
+            logits = knobs.micro_batch * cfg.sft.max_length * dims.vocab * (knobs.act_bytes + 8)
+            roles.append(_model_role("teacher", dims, lm_total, 0, knobs, world, activations=logits))
+            notes.append("teacher (distill.token_level) sized as the student: same vocabulary; a larger teacher "
+                         "needs more")
     elif stage == "rm":
         # Each preference pair is two sequences (chosen, rejected) in one forward.
         acts = _train_activations(dims, knobs, cfg.rm.max_length, 2 * knobs.micro_batch, lm_head=False)

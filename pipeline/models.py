@@ -353,6 +353,28 @@ def chat_fingerprint(fmt: dict[str, Any]) -> str:
     return hash_json(fmt)
 
 
+def vocabulary_fingerprint(tokenizer: Any) -> str:
+    """What two models must share for one to be trained on the other's per-token distributions (token-level
+    distillation): the vocabulary (token -> id) and eos. The pad token is left out: padded positions are
+    never scored, and each side may have had its own pad added (``fix_tokenizer_and_model``)."""
+    vocab = sorted((t, i) for t, i in tokenizer.get_vocab().items() if t != tokenizer.pad_token)
+    return hash_json({"vocab": vocab, "eos_token_id": tokenizer.eos_token_id})
+
+
+def vocabulary_mismatch(student: Any, teacher: Any, teacher_key: str) -> str | None:
+    """None when ``student`` and ``teacher`` tokenizers share a vocabulary (``vocabulary_fingerprint``), else
+    one line naming ``teacher_key`` and what differs."""
+    if vocabulary_fingerprint(student) == vocabulary_fingerprint(teacher):
+        return None
+    ours, theirs = student.get_vocab(), teacher.get_vocab()
+    differ = sum(1 for t, i in theirs.items() if ours.get(t) != i and t != teacher.pad_token)
+    return (f"{teacher_key}: the teacher's tokenizer differs from the student's ({len(theirs)} vs {len(ours)} "
+            f"tokens, {differ} teacher tokens with another id or missing; eos {teacher.eos_token_id} vs "
+            f"{student.eos_token_id}); distill.token_level needs one shared vocabulary (the teacher's logits are "
+            "read on the student's token ids). Use a teacher of the student's model family, or set "
+            "distill.token_level.enabled: false (sequence-level distillation works across tokenizers)")
+
+
 def save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
     # the template in force, readable without transformers
@@ -466,6 +488,7 @@ def model_source_problems(cfg: Any, stages: list[str] | tuple[str, ...]) -> list
     uses_base = any(s != "ppo" for s in stages) or ("ppo" in stages and ppo.policy_from in ("sft", "base"))
     if uses_base:
         problems += _base_model_problems(cfg.model)
+    problems += teacher_problems(cfg, stages)
     if "ppo" not in stages:
         return problems
     checks: list[tuple[str, str, bool, str | None]] = []
@@ -486,6 +509,70 @@ def model_source_problems(cfg: Any, stages: list[str] | tuple[str, ...]) -> list
         if problem:
             problems.append(problem)
     return problems
+
+
+def _ready_base(model: ModelConfig) -> str | None:
+    """The base folder / hub name when it is there without building or converting anything, else None."""
+    if model.source in ("local", "hub"):
+        return str(resolve_path(model.path)) if model.source == "local" else model.path
+    cache = resolve_path(model.cache_dir) / f"{model.source}-{_cache_key(model)}"
+    return str(cache) if (cache / "READY").exists() else None
+
+
+def teacher_problems(cfg: Any, stages: list[str] | tuple[str, ...]) -> list[str]:
+    """Pre-flight of ``distill.teacher`` when ``stages`` load it (the distill stage, or sft with
+    ``distill.token_level``): its folder is there with config.json, safetensors and a tokenizer (a stage
+    teacher: a complete stage folder); with token-level distillation, its vocabulary is the student's (when
+    the base model is ready without a build; otherwise the sft stage checks it when it loads both)."""
+    from .manifest import read_manifest
+
+    d = cfg.distill
+    token_level = d.token_level.enabled and "sft" in stages
+    if ("distill" not in stages and not token_level) or d.teacher.kind == "http":
+        return []
+    t = d.teacher
+    if t.kind == "stage":
+        folder = resolve_path(t.path)
+        if not folder.is_dir():
+            return [f"distill.teacher.path: folder not found: {t.path} (looked at {folder}); expected a complete "
+                    "stage folder of an earlier run (outputs/<run>/<stage>, with model/); run that stage first"]
+        try:
+            status = (read_manifest(folder) or {}).get("status", "no manifest.json")
+        except Exception as exc:  # noqa: BLE001 - a corrupt manifest is reported as the problem
+            status = f"unreadable manifest.json ({exc})"
+        if status != "complete":
+            return [f"distill.teacher.path: {t.path} is not a complete stage folder (status: {status}); run that "
+                    "stage to the end first"]
+        problem = _folder_problem("distill.teacher.path", f"{t.path}/model", folder / "model", True, None)
+        if problem is None and not (_has_tokenizer(folder) or _has_tokenizer(folder / "model")):
+            problem = f"distill.teacher.path: {folder} has no tokenizer (tokenizer.json or tokenizer_config.json)"
+        if problem:
+            return [problem]
+    elif t.model != "base":
+        problem = location_problem("distill.teacher.model", t.model)
+        if problem:
+            return [problem]
+    if not token_level:
+        return []
+    base = _ready_base(cfg.model)
+    if base is None or (t.kind == "hf" and t.model == "base"):
+        return []  # the sft stage compares the vocabularies when it loads them
+    from transformers import AutoTokenizer
+
+    if t.kind == "stage":
+        key, folder = "distill.teacher.path", resolve_path(t.path)
+        tokenizer_location = str(folder if _has_tokenizer(folder) else folder / "model")
+    else:
+        key, tokenizer_location = "distill.teacher.model", t.model
+    try:
+        student = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
+        teacher = AutoTokenizer.from_pretrained(tokenizer_location, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        return [f"{key}: cannot load the tokenizers to compare for distill.token_level ({type(exc).__name__}: {exc})"]
+    for tokenizer in (student, teacher):
+        fix_tokenizer_and_model(tokenizer, None, cfg.model.pad_token)
+    problem = vocabulary_mismatch(student, teacher, key)
+    return [problem] if problem else []
 
 
 def check_model_sources(cfg: Any, stages: list[str] | tuple[str, ...]) -> None:

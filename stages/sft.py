@@ -10,6 +10,11 @@ transformers builds a block-diagonal mask (each conversation attends only to its
 Metrics (metrics.jsonl, one row per logged optimizer step): ``loss`` (mean token cross-entropy over the
 micro-batches of the step), ``lr``, ``grad_norm``, ``tokens_per_s`` (non-pad input tokens per second,
 all ranks), ``target_tokens`` (trained tokens per micro-batch), ``epoch``; eval rows: ``eval_loss``.
+
+Token-level distillation (``distill.token_level.enabled``): a frozen teacher (``distill.teacher``, same
+vocabulary) reads each batch too, and ``loss`` is ``(1 - weight) x ce_loss + weight x kd_loss`` (both
+logged; ``stages.kd``). ``eval_loss`` stays the cross-entropy. Resume needs nothing more: the teacher does
+not train and is loaded again from the config.
 """
 
 from __future__ import annotations
@@ -74,6 +79,53 @@ def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
         kwargs["use_cache"] = False  # packed rows stay separate only without a cache
     out = model(**kwargs)
     return out.loss.float(), {"target_tokens": float((batch["labels"] != IGNORE).sum())}
+
+
+def distillation_sft_loss(teacher: Any, token_level: Any):
+    """The SFT loss with token-level distillation (``distill.token_level``): ``loss_fn(model, batch)`` for the
+    engine, returning ``(1 - weight) x ce_loss + weight x kd_loss`` and both parts as metrics.
+
+    ``ce_loss``: the mean cross-entropy over the data's target tokens (what ``sft_loss`` computes);
+    ``kd_loss``: ``stages.kd.distillation_loss`` between the frozen ``teacher``'s and the student's
+    next-token distributions at the same positions (the teacher reads the student's input ids and
+    positions: one vocabulary, checked when the teacher loads)."""
+    from stages.kd import distillation_loss, trained_positions
+
+    weight = token_level.weight
+
+    def loss_fn(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if "position_ids" in inputs:
+            inputs["use_cache"] = False  # packed rows stay separate only without a cache
+        logits = model(**inputs).logits
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs).logits
+        mask = trained_positions(labels, IGNORE)  # (B, L): position t predicts the trained token t + 1
+        ce = torch.nn.functional.cross_entropy(logits[mask].float(), labels[:, 1:][mask[:, :-1]])
+        kd = distillation_loss(logits, teacher_logits, mask, token_level.loss, token_level.beta,
+                               token_level.temperature)
+        loss = (1.0 - weight) * ce + weight * kd
+        return loss, {"target_tokens": float(mask.sum()), "ce_loss": float(ce.detach()),
+                      "kd_loss": float(kd.detach())}
+
+    return loss_fn
+
+
+def load_distillation_teacher(cfg: RunConfig, tokenizer: Any) -> tuple[Any, dict[str, Any]]:
+    """``distill.teacher`` as a frozen model for token-level distillation -> (model, its identity). Refuses a
+    teacher whose vocabulary is not the student's ``tokenizer``'s (``pipeline.models.vocabulary_mismatch``)."""
+    from pipeline.models import vocabulary_mismatch
+    from stages.distill import build_teacher
+
+    teacher, identity = build_teacher(cfg)
+    key = "distill.teacher.path" if cfg.distill.teacher.kind == "stage" else "distill.teacher.model"
+    problem = vocabulary_mismatch(tokenizer, teacher.tokenizer, key)
+    if problem:
+        raise DataError(problem)
+    model = teacher.model.eval().requires_grad_(False)
+    model.config.use_cache = False
+    return model, identity
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -164,16 +216,26 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         model.config.use_cache = False
         model, unfreezer = apply_tuning(model, sft.tuning, "causal_lm", steps_guess)
         params = trainable_summary(model)
+        loss_fn, teacher = sft_loss, None
+        token_level = cfg.distill.token_level
+        if token_level.enabled:
+            teacher, teacher_identity = load_distillation_teacher(cfg, tokenizer)
+            loss_fn = distillation_sft_loss(teacher, token_level)
+            run.update(token_level={**token_level.model_dump(mode="json"), "teacher": teacher_identity})
+            if dist.is_main:
+                print(f"[alignpipe] sft: token-level distillation ({token_level.loss}, weight {token_level.weight}, "
+                      f"temperature {token_level.temperature}) from {teacher_identity}", flush=True)
         if dist.is_main:
             print(f"[alignpipe] sft: {len(train_rows)} train rows, {len(eval_rows)} eval, method "
                   f"{sft.tuning.method}, trainable {params['params_trainable']:,} / {params['params_total']:,}",
                   flush=True)
         engine = Engine(
-            model, sft.train, run, dist, train_rows, collate, sft_loss, count_tokens=count_tokens,
+            model, sft.train, run, dist, train_rows, collate, loss_fn, count_tokens=count_tokens,
             unfreezer=unfreezer, desc="sft",
             eval_fn=make_eval_fn(eval_rows, eval_collate, sft.train.per_device_batch_size, dist.device),
         )
         result = engine.fit()
+        del teacher, loss_fn  # frozen, nothing of it is saved; free its memory before the final save
         save_stage_model(engine, tokenizer, run, sft.tuning, base, cfg, "causal_lm")
         run.update(data=report.as_dict(), params=params)
         run.manifest["metrics"] = {
