@@ -769,51 +769,6 @@ class DistillConfig(_Section):
         default_factory=TokenLevelDistillConfig, description="Logit distillation in the sft stage (off by default).")
 
 
-class VLLMRolloutConfig(_Section):
-    """``rollout.vllm``: the vLLM worker (docs/ROLLOUT.md). It runs in its own process and environment
-    (``make vllm-env`` builds ``.venv-vllm``), started and stopped by the stage, or one already running at
-    ``base_url``."""
-
-    python: str = Field(".venv-vllm/bin/python", description="The interpreter of the environment with vllm "
-                                                            "installed (relative to the repository root or absolute).")
-    base_url: str | None = Field(
-        None, description="http://127.0.0.1:PORT of a worker already running (stages/rollout_backend/vllm_worker.py "
-                          "--port PORT); then nothing is started or stopped.")
-    startup_timeout_s: float = Field(900.0, gt=0, description="Seconds the worker may take to load the model.")
-    request_timeout_s: float = Field(900.0, gt=0, description="Seconds one generate / weight-sync request may take.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Engine weight dtype; auto: model.dtype (float32 on CPU keeps greedy equal to hf).")
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of the device memory vLLM takes "
-                                                                        "(GPU hosts; ignored by the CPU build).")
-    enforce_eager: bool = Field(True, description="No CUDA graphs / torch.compile (faster start, less memory).")
-    max_model_len: int | None = Field(None, gt=0, description="Engine context length (default: the stage's longest "
-                                                             "prompt + max_new_tokens).")
-    engine_args: dict[str, Any] = Field(
-        default_factory=dict, description="More vllm.LLM(...) arguments (e.g. tensor_parallel_size: 2).")
-
-
-class RolloutConfig(_Section):
-    """``rollout``: which engine samples responses from a local model in ppo (all advantage estimators),
-    rlaif_label, best_of_n and a distill hf/stage teacher. ``hf``: transformers ``generate`` in the stage's
-    process (the default and the reference for correctness); ``vllm``: a vLLM worker process. Sampling is
-    the stage's own settings either way (no model generation defaults); PPO's ratios and KL always use
-    log-probs from the trainer's own forward pass."""
-
-    backend: Literal["hf", "vllm"] = "hf"
-    vllm: VLLMRolloutConfig = Field(default_factory=VLLMRolloutConfig)
-
-    @model_validator(mode="after")
-    def _worker_reachable(self) -> "RolloutConfig":
-        if self.backend == "vllm" and self.vllm.base_url is None:
-            python = Path(self.vllm.python)
-            python = python if python.is_absolute() else REPO_ROOT / python
-            if not python.exists():
-                raise ValueError(f"rollout.backend is 'vllm' but rollout.vllm.python={self.vllm.python} does not "
-                                 "exist: run `make vllm-env` (builds .venv-vllm), point rollout.vllm.python at an "
-                                 "interpreter with vllm installed, or set rollout.vllm.base_url to a running worker")
-        return self
-
-
 class RLAIFConfig(_Section):
     judges: dict[str, JudgeConfig] = Field(default_factory=lambda: {"default": JudgeConfig()})
 
@@ -874,59 +829,6 @@ class ReportConfig(_Section):
         return value
 
 
-EVAL_TASKS_DIR = REPO_ROOT / "configs" / "eval"  # the lm-evaluation-harness tasks alignpipe ships (local data)
-
-
-def eval_task_file(task: str) -> Path:
-    """``eval.tasks`` entry -> its lm-evaluation-harness task YAML: a shipped task's name
-    (``configs/eval/<name>.yaml``) or a path to a YAML file (relative to the repository root unless absolute)."""
-    if task.endswith((".yaml", ".yml")):
-        return resolve_path(task)
-    return EVAL_TASKS_DIR / f"{task}.yaml"
-
-
-class EvalConfig(_Section):
-    """``python -m pipeline eval``: lm-evaluation-harness tasks on the base model and each complete policy
-    stage (sft, ppo, dpo), offline: every task reads local files (pipeline/standard_eval.py)."""
-
-    tasks: list[str] = Field(
-        default_factory=lambda: ["gsm8k"], min_length=1,
-        description="Shipped task names (configs/eval/<name>.yaml) or paths to lm-eval task YAML files.")
-    limit: int | None = Field(
-        None, gt=0, description="Score only the first N test records of each task (None: all of them).")
-    num_fewshot: int | None = Field(
-        None, ge=0, description="Few-shot examples per question, drawn from the task's few-shot split (None: the "
-                                "task file's num_fewshot).")
-    batch_size: int = Field(8, gt=0, description="Questions per generate call.")
-    max_gen_toks: int = Field(256, gt=0, description="Most tokens generated per answer.")
-    apply_chat_template: bool = Field(
-        False, description="Render each question (and the few-shot examples, as earlier turns) with the model's "
-                           "chat template and chat.system_prompt; false: plain text, as lm-eval's default.")
-    data: dict[str, dict[str, str]] = Field(
-        default_factory=dict, description="Per task, split -> local file replacing the task file's "
-                                          "dataset_kwargs.data_files entry, e.g. {gsm8k: {test: path}}.")
-    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch default).")
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        shipped = sorted(p.stem for p in EVAL_TASKS_DIR.glob("*.yaml"))
-        for task in tasks:
-            if not eval_task_file(task).is_file():
-                raise ValueError(f"unknown eval task {task!r} (looked at {eval_task_file(task)}); shipped tasks: "
-                                 f"{', '.join(shipped) or 'none'}, or give the path of an lm-eval task YAML file")
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"eval.tasks lists a task twice: {tasks}")
-        return tasks
-
-    @model_validator(mode="after")
-    def _data_names_a_task(self) -> "EvalConfig":
-        for task in self.data:
-            if task not in self.tasks:
-                raise ValueError(f"eval.data.{task}: {task!r} is not among eval.tasks {self.tasks}")
-        return self
-
-
 class RunConfig(_Section):
     """The whole run. See configs/tiny.yaml and configs/demo.yaml."""
 
@@ -945,12 +847,10 @@ class RunConfig(_Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     stages: list[Literal["sft", "rlaif_label", "rm", "ppo", "dpo", "best_of_n", "distill"]] = Field(
         default_factory=lambda: ["sft", "rm", "ppo"])
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("run_name")
     @classmethod
@@ -1069,19 +969,6 @@ class RunConfig(_Section):
                              "'http' (an endpoint returns text, not per-token distributions); use kind hf (a model "
                              "folder or hub name) or stage (a stage folder), or set distill.token_level.enabled: "
                              "false for sequence-level distillation only")
-        return self
-
-    @model_validator(mode="after")
-    def _vllm_rollout_supports_the_policy(self) -> "RunConfig":
-        """The vLLM backend syncs a PPO policy as full weights (full / freeze / gradual_unfreeze) or as a LoRA
-        adapter (lora / rslora); other PEFT methods have no vLLM form."""
-        if self.rollout.backend != "vllm" or "ppo" not in self.stages:
-            return self
-        method = self.ppo.tuning.method
-        if method not in ("full", "freeze", "gradual_unfreeze", "lora", "rslora"):
-            raise ValueError(f"rollout.backend 'vllm' with ppo.tuning.method={method!r} is not supported: the "
-                             "engine takes the updated policy as full weights (full, freeze, gradual_unfreeze) or a "
-                             "LoRA adapter (lora, rslora). Use one of those, or rollout.backend: hf")
         return self
 
     def run_dir(self) -> Path:
