@@ -1,8 +1,9 @@
-"""``python -m pipeline`` / ``alignpipe``: run, status, report, slurm, serve, validate, push, export.
+"""``python -m pipeline`` / ``alignpipe``: run, status, report, eval, slurm, serve, validate, push, export.
 
     python -m pipeline run CONFIG [--stages sft rm ...] [--force] [--no-parents] [key=value ...]
     python -m pipeline status CONFIG [--json] [key=value ...]
     python -m pipeline report CONFIG [--no-samples] [key=value ...]
+    python -m pipeline eval CONFIG [--stages base sft ppo ...] [--force] [key=value ...]
     python -m pipeline slurm CONFIG [--submit] [--force] [--stages ...] [key=value ...]
     python -m pipeline serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [--api-key-env VAR]
     python -m pipeline validate CONFIG [--stages ...] [key=value ...]
@@ -75,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--force", action="store_true", help="submit stages even when complete and unchanged")
 
     config_command("validate", "load the config and print the memory plan of each stage", stages=True)
+
+    evaluate = config_command("eval", "lm-evaluation-harness tasks (eval.tasks, local data) on the base model and "
+                                      "each complete policy stage -> outputs/<run>/standard_eval.json")
+    evaluate.add_argument("--stages", nargs="+", metavar="MODEL",
+                          help="models to evaluate, of base, sft, ppo, dpo (default: base and every complete one)")
+    evaluate.add_argument("--force", action="store_true",
+                          help="evaluate again models whose weights and settings already have results")
 
     serve = sub.add_parser("serve", help="serve a stage's model with an OpenAI-compatible HTTP API",
                            description="serve a stage's model with an OpenAI-compatible HTTP API")
@@ -184,8 +192,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .standard_eval import eval_for
+
+    path = eval_for(args.config, args.overrides, models=args.stages, force=args.force)
+    print(f"eval: {path} (python -m pipeline report CONFIG shows it)")
+    return 0
+
+
 COMMANDS = {"run": _cmd_run, "status": _cmd_status, "report": _cmd_report, "slurm": _cmd_slurm,
-            "validate": _cmd_validate, "serve": _cmd_serve, "push": _cmd_push, "export": _cmd_export}
+            "validate": _cmd_validate, "serve": _cmd_serve, "push": _cmd_push, "export": _cmd_export,
+            "eval": _cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

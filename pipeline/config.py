@@ -829,6 +829,59 @@ class ReportConfig(_Section):
         return value
 
 
+EVAL_TASKS_DIR = REPO_ROOT / "pipeline" / "eval_tasks"  # the lm-evaluation-harness tasks alignpipe ships (local data)
+
+
+def eval_task_file(task: str) -> Path:
+    """``eval.tasks`` entry -> its lm-evaluation-harness task YAML: a shipped task's name
+    (``pipeline/eval_tasks/<name>.yaml``) or a path to a YAML file (relative to the repository root unless absolute)."""
+    if task.endswith((".yaml", ".yml")):
+        return resolve_path(task)
+    return EVAL_TASKS_DIR / f"{task}.yaml"
+
+
+class EvalConfig(_Section):
+    """``python -m pipeline eval``: lm-evaluation-harness tasks on the base model and each complete policy
+    stage (sft, ppo, dpo), offline: every task reads local files (pipeline/standard_eval.py)."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: ["gsm8k"], min_length=1,
+        description="Shipped task names (pipeline/eval_tasks/<name>.yaml) or paths to lm-eval task YAML files.")
+    limit: int | None = Field(
+        None, gt=0, description="Score only the first N test records of each task (None: all of them).")
+    num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per question, drawn from the task's few-shot split (None: the "
+                                "task file's num_fewshot).")
+    batch_size: int = Field(8, gt=0, description="Questions per generate call.")
+    max_gen_toks: int = Field(256, gt=0, description="Most tokens generated per answer.")
+    apply_chat_template: bool = Field(
+        False, description="Render each question (and the few-shot examples, as earlier turns) with the model's "
+                           "chat template and chat.system_prompt; false: plain text, as lm-eval's default.")
+    data: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Per task, split -> local file replacing the task file's "
+                                          "dataset_kwargs.data_files entry, e.g. {gsm8k: {test: path}}.")
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch default).")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        shipped = sorted(p.stem for p in EVAL_TASKS_DIR.glob("*.yaml"))
+        for task in tasks:
+            if not eval_task_file(task).is_file():
+                raise ValueError(f"unknown eval task {task!r} (looked at {eval_task_file(task)}); shipped tasks: "
+                                 f"{', '.join(shipped) or 'none'}, or give the path of an lm-eval task YAML file")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"eval.tasks lists a task twice: {tasks}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _data_names_a_task(self) -> "EvalConfig":
+        for task in self.data:
+            if task not in self.tasks:
+                raise ValueError(f"eval.data.{task}: {task!r} is not among eval.tasks {self.tasks}")
+        return self
+
+
 class RunConfig(_Section):
     """The whole run. See configs/tiny.yaml and configs/demo.yaml."""
 
@@ -851,6 +904,7 @@ class RunConfig(_Section):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("run_name")
     @classmethod

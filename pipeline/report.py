@@ -19,6 +19,9 @@ sections, each from the stage's ``metrics.jsonl`` and ``manifest.json`` (a stage
   ``rlaif_label.judge`` (``rlaif.judges``), asked in both orders (inconsistent verdicts are ties). The
   win rates go into ``outputs/<run>/evaluation.json`` (``write_evaluation``) as well as the report.
 
+Under the training signals, the lm-evaluation-harness figures of ``python -m pipeline eval`` when it has
+run (``standard_eval.json``, read only: the report never runs lm-eval).
+
 Last, every stage's final metrics (its manifest's ``metrics``), each table in a collapsed ``<details>`` block.
 Plots and copied images live in ``outputs/<run>/report/``; links in the Markdown are relative.
 ``report.html`` beside ``report.md`` is the same report as one self-contained page, images inlined.
@@ -45,6 +48,8 @@ STAGE_TITLES = {"sft": "SFT", "rlaif_label": "RLAIF labels", "rm": "Reward model
 POLICY_STAGES = ("ppo", "dpo")  # stages whose output is a policy the report compares with its SFT parent
 SAMPLES_VERSION = 4  # 4: the verifier's per-sample parts (3: verifier, judge and RM comparisons with intervals)
 EVALUATION_FILE = "evaluation.json"
+STANDARD_EVAL_FILE = "standard_eval.json"  # lm-evaluation-harness results, written by pipeline eval
+STANDARD_EVAL_SAMPLES = "standard_eval"  # its per-question answers: <this folder>/<model>-<task>.jsonl
 FULL_METRICS_TITLE = "Full metrics"
 TREND_STEPS = 5  # the PPO trend compares the mean of the first and of the last this-many logged steps
 
@@ -343,6 +348,48 @@ def training_summary_lines(cfg: RunConfig, stages: Sequence[str]) -> list[str]:
         return []
     return (["### Training signals", ""] + lines
             + ["", "PPO's reward and KL are on its training prompts; the verdict above is on held-out prompts.", ""])
+
+
+def standard_eval_lines(cfg: RunConfig) -> list[str]:
+    """The lm-evaluation-harness figures of ``python -m pipeline eval`` (``outputs/<run>/standard_eval.json``,
+    ``pipeline.standard_eval``), base -> SFT -> PPO/DPO per task and metric; empty when it has not run. The
+    report only reads them (lm-eval takes minutes per model on a CPU)."""
+    path = cfg.run_dir() / STANDARD_EVAL_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    models = saved.get("models") or {}
+    if not models:
+        return []
+    settings = saved.get("settings") or {}
+    limit = settings.get("limit")
+    shots = settings.get("num_fewshot")
+    lines = ["## Standard evaluation (lm-evaluation-harness)", "",
+             f"`python -m pipeline eval`: lm-eval {settings.get('lm_eval_version', '?')}, "
+             f"{'the first ' + str(limit) if limit else 'all'} test questions per task, "
+             f"{'the task default' if shots is None else shots} few-shot example(s) from the task's few-shot split, "
+             f"greedy, up to {settings.get('max_gen_toks')} generated tokens, chat template "
+             f"{'on' if settings.get('apply_chat_template') else 'off'}. Interval: Wilson 95% over questions.", ""]
+    rows, stale = [], []
+    for name, entry in models.items():
+        # a stage re-run after the evaluation has a new manifest: its figures describe the old weights
+        manifest = cfg.stage_dir(name) / MANIFEST
+        if name != "base" and manifest.exists() and hash_file(manifest) != entry.get("identity"):
+            stale.append(name)
+        for task, summary in (entry.get("tasks") or {}).items():
+            for key, m in (summary.get("metrics") or {}).items():
+                ci = (f"{m['ci_low']:.3f} to {m['ci_high']:.3f}" if "ci_low" in m else "")
+                count = f"{m['correct']}/{summary.get('n')}" if "correct" in m else ""
+                stderr = f"{m['stderr']:.3f}" if isinstance(m.get("stderr"), (int, float)) else ""
+                rows.append((task, key, STAGE_TITLES.get(name, name), summary.get("n"), summary.get("num_fewshot"),
+                             f"**{m['value']:.3f}**", count, stderr, ci, entry.get("wall_time_s")))
+    rows.sort(key=lambda r: (r[0], r[1]))  # stable: the models stay in base -> SFT -> PPO order
+    lines += md_table(["task", "metric,filter", "model", "questions", "shots", "score", "correct", "stderr",
+                       "95% CI", "model's eval wall time (s)"], rows)
+    if stale:
+        lines += ["", f"Stale: {', '.join(stale)} re-ran after this evaluation; run `python -m pipeline eval` again."]
+    return lines + ["", f"Per-question answers: `{STANDARD_EVAL_SAMPLES}/<model>-<task>.jsonl`.", ""]
 
 
 def _full_metrics(cfg: RunConfig, stages: Sequence[str]) -> list[str]:
@@ -1031,6 +1078,7 @@ def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = 
     elif results:
         lines += verdict_lines(results)
     lines += training_summary_lines(cfg, stages)
+    lines += standard_eval_lines(cfg)
     lines += ["## Stages", ""]
     lines += _overview(cfg, stages) + [""]
     if "sft" in stages:
