@@ -228,7 +228,9 @@ def _sft_section(cfg: RunConfig, plots: Path) -> list[str]:
         return lines + missing
     rows = read_metrics(cfg.stage_dir("sft"))
     png = plot_curves(plots / "sft_loss.png", "SFT loss",
-                      {"train loss": series(rows, "loss"), "eval loss": series(rows, "eval_loss")}, "loss")
+                      {"train loss": series(rows, "loss"), "eval loss": series(rows, "eval_loss"),
+                       # token-level distillation: the two parts of the train loss
+                       "train CE": series(rows, "ce_loss"), "train KD": series(rows, "kd_loss")}, "loss")
     lines += [f"![SFT loss]({png.relative_to(cfg.run_dir())})", ""] if png else ["no loss logged", ""]
     return lines
 
@@ -445,14 +447,18 @@ def _generate(cfg: RunConfig, stage: str, prompts: list[list[dict[str, str]]], b
     """Greedy responses of ``stage``'s policy: (texts, token id lists up to and including the first eos).
 
     ``stage`` "icl" is the base model (``prepare_base``) with ``shots`` (few-shot example turns) put before
-    each prompt's messages; that prompt is not cut to ``ppo.max_prompt_length`` (the shots would be cut)."""
+    each prompt's messages; that prompt is not cut to ``ppo.max_prompt_length`` (the shots would be cut).
+    ``stage`` "base" is the base model without shots; "teacher" is ``distill.teacher`` (hf / stage) with its
+    own tokenizer and chat template, as the distill stage loads it (``_teacher_model``)."""
     import torch
 
     from stages.chat import prompt_ids as prompt_ids_of
     from stages.generation import neutral_generate, neutral_generation_config
     from stages.tuning import load_trained
 
-    if stage == "icl":
+    if stage == "teacher":
+        model, tokenizer = _teacher_model(cfg)
+    elif stage in ("icl", "base"):
         from .models import load_model, load_tokenizer, prepare_base
 
         base = prepare_base(cfg.model)
@@ -475,13 +481,24 @@ def _generate(cfg: RunConfig, stage: str, prompts: list[list[dict[str, str]]], b
         with torch.no_grad():
             # greedy with no checkpoint generation_config defaults (repetition penalty ...) merged in
             out = neutral_generate(model, neutral_generation_config(tokenizer, cfg.ppo.max_new_tokens),
-                                   input_ids=input_ids, attention_mask=attention)
+                                   input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device))
         for row in out[:, width:].tolist():
             row = row[: row.index(eos) + 1] if eos in row else [t for t in row if t != pad]
             ids.append(row)
             texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     del model
     return texts, ids
+
+
+def _teacher_model(cfg: RunConfig) -> tuple[Any, Any]:
+    """``distill.teacher`` as (model, tokenizer), loaded as the distill stage loads it (``build_teacher``)."""
+    if cfg.distill.teacher.kind == "http":
+        raise ValueError("distill.teacher is an http endpoint; the report answers held-out prompts with local "
+                         "models only (kind hf or stage)")
+    from stages.distill import build_teacher
+
+    teacher, _ = build_teacher(cfg)
+    return teacher.model, teacher.tokenizer
 
 
 def score_responses(cfg: RunConfig, prompts: list[list[dict[str, str]]], responses: list[list[int]]) -> list[float]:
@@ -552,12 +569,24 @@ def paired_comparison(policy: Sequence[str | float], parent: Sequence[str | floa
     low, high = wilson_interval(rate, n)
     diffs = [float(a) - float(b) for a, b in zip(policy, parent)]
     mean_diff = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean_diff) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
-    half = Z95 * sd / math.sqrt(n)
+    _, diff_low, diff_high = mean_interval(diffs)
+    half = mean_diff - diff_low
     return {"n": n, "wins": wins, "losses": losses, "ties": n - wins - losses, "win_rate": rate,
             "ci_low": low, "ci_high": high, "verdict": verdict_of(low, high),
             "mean_policy": sum(map(float, policy)) / n, "mean_parent": sum(map(float, parent)) / n,
             "mean_diff": mean_diff, "diff_ci_low": mean_diff - half, "diff_ci_high": mean_diff + half}
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of ``values`` (N,) with a normal 95% interval, mean ± Z95 x sd / sqrt(N)
+    (sample sd; a zero-width interval for N = 1)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = sum(map(float, values)) / n
+    sd = math.sqrt(sum((float(v) - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = Z95 * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
 
 
 def outcome_comparison(outcomes: Sequence[str]) -> dict[str, Any]:
@@ -857,6 +886,99 @@ def _icl_section(cfg: RunConfig, icl: dict[str, Any] | None, source: str) -> lis
     return lines
 
 
+# ------------------------------------------------------------------------------- distillation: three models
+DISTILL_MODELS = {"teacher": "distill teacher", "base": "base model (student before)", "sft": "SFT (student after)"}
+
+
+def distill_generations(cfg: RunConfig, n: int | None = None, judge: bool = True) -> dict[str, Any]:
+    """Teacher, student before and student after on the same held-out prompts (greedy, ``_generate``): the
+    ``distill.teacher``, the base model (where the sft stage starts) and the sft stage (trained on the teacher's
+    answers), scored by ``report.verifier``; the student after is compared with each of the other two as the
+    verdict compares a policy with its parent (``add_comparisons``, the judge too when one is configured).
+
+    Returns ``{"rows": [{prompt, reference, teacher, base, sft, verifier_<who>, verifier_metrics_<who>}],
+    "overlap": how many of the prompts are among distill.data's, "results": {"base"|"teacher": {"rows",
+    "policy": "sft", "parent", "comparisons", judge fields}}}``."""
+    import torch
+
+    from data.formats import load_examples
+
+    n = n or cfg.report.n_prompts
+    examples = held_out_examples(cfg, n)
+    prompts, references = [ex.prompt for ex in examples], [ex.reference for ex in examples]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.ppo.train.num_threads or threads)
+    try:
+        answers = {who: _generate(cfg, who, prompts, cfg.report.batch_size)[0] for who in DISTILL_MODELS}
+    finally:
+        torch.set_num_threads(threads)
+    rows = [{"prompt": p, "reference": r, **{who: texts[i] for who, texts in answers.items()}}
+            for i, (p, r) in enumerate(zip(prompts, references))]
+    if cfg.report.verifier:
+        for who, texts in answers.items():
+            scores, parts = verifier_scores(cfg, prompts, texts, references)
+            for i, row in enumerate(rows):
+                row[f"verifier_{who}"] = scores[i]
+                if parts:
+                    row[f"verifier_metrics_{who}"] = {k: v[i] for k, v in parts.items()}
+    results: dict[str, Any] = {}
+    for parent in ("base", "teacher"):
+        result = {"rows": [dict(r) for r in rows], "policy": "sft", "parent": parent}  # the judge marks each row
+        if judge:
+            result.update(_judge_or_reason(cfg, result["rows"], "sft", parent))
+        results[parent] = add_comparisons(cfg, result, "sft", parent)
+    trained_on: set[str] = set()
+    if cfg.distill.data is not None:
+        trained_on = {_last_user(ex.prompt).strip() for ex in load_examples(cfg.distill.data, "prompt")[0]}
+    overlap = sum(_last_user(p).strip() in trained_on for p in prompts)
+    return {"rows": rows, "overlap": overlap, "results": results}
+
+
+def _load_distill(cfg: RunConfig, plots: Path, generate: bool, n: int,
+                  out: Printer) -> tuple[dict[str, Any] | None, str]:
+    """:func:`distill_generations` (cached in ``report/samples_distill.json``) and where it came from, or (None,
+    why not)."""
+    teacher = cfg.distill.teacher
+    teacher_manifest = Path(teacher.path or "") / MANIFEST if teacher.kind == "stage" else None
+    key = hash_json({"v": SAMPLES_VERSION, "samples": _samples_key(cfg, n, "distill"),
+                     "model": cfg.model.model_dump(mode="json"), "teacher": teacher.model_dump(mode="json"),
+                     "teacher_manifest": hash_file(teacher_manifest) if teacher_manifest and teacher_manifest.exists()
+                     else None, "distill_data": cfg.distill.data.model_dump(mode="json") if cfg.distill.data else None})
+    return _cached_or_generated(
+        plots / "samples_distill.json", key, generate, out,
+        f"generating {n} answers each of the distill teacher, the base model and SFT", "distillation comparison",
+        lambda: distill_generations(cfg, n))
+
+
+def _distill_section(cfg: RunConfig, result: dict[str, Any] | None, source: str) -> list[str]:
+    lines = ["## Distillation: teacher, student before, student after", ""]
+    if result is None:
+        return lines + [source, ""]
+    rows, t = result["rows"], cfg.distill.teacher
+    teacher = {"stage": t.path, "hf": t.model, "http": t.base_url}[t.kind]
+    token_level = cfg.distill.token_level
+    how = (f" with token-level distillation ({token_level.loss}, weight {token_level.weight}, temperature "
+           f"{token_level.temperature})" if token_level.enabled else "")
+    lines += [f"{len(rows)} held-out prompts ({result['overlap']} of them among distill.data's prompts), {source}. "
+              f"Teacher: {t.kind} `{teacher}`; student before: the base model; student after: the sft stage, "
+              f"trained on the teacher's answers{how}.", ""]
+    if rows and all(f"verifier_{who}" in r for r in rows for who in DISTILL_MODELS):
+        parts = list(rows[0].get("verifier_metrics_sft") or {})
+        table = []
+        for who, title in DISTILL_MODELS.items():
+            mean, low, high = mean_interval([r[f"verifier_{who}"] for r in rows])
+            means = [_mean_known([(r.get(f"verifier_metrics_{who}") or {}).get(p) for r in rows]) for p in parts]
+            table.append([title, len(rows), f"**{mean:.3f}**", f"{low:.3f} to {high:.3f}",
+                          *[f"{m:.3f}" if m is not None else "" for m in means]])
+        lines += md_table(["model", "prompts", f"verifier {cfg.report.verifier}", "95% CI",
+                           *[f"{p} (mean)" for p in parts]], table)
+        lines += ["", "Interval: normal 95% over prompts (mean ± 1.96 sd/√n). The paired comparisons of the student "
+                  "after against the other two are in the verdict.", ""]
+    lines += md_table(["prompt", "teacher", "student before (base)", "student after (SFT)"],
+                      [[_prompt_text(r["prompt"]), r["teacher"], r["base"], r["sft"]] for r in rows])
+    return lines + [""]
+
+
 def _mean_known(values: Sequence[float | None]) -> float | None:
     known = [float(v) for v in values if v is not None]
     return sum(known) / len(known) if known else None
@@ -971,6 +1093,9 @@ def verdict_lines(results: dict[str, tuple[dict[str, Any] | None, str]]) -> list
         if parent == "icl" or key.startswith("icl_"):
             parent_title = f"ICL ({(result or {}).get('shots', '?')}-shot base)"
             title = f"{title} vs {parent_title}"
+        elif key.startswith("distill_"):  # distillation: the student after (SFT) against the teacher / its start
+            parent_title = DISTILL_MODELS[parent]
+            title = f"{title} vs {parent_title}"
         comparisons = (result or {}).get("comparisons") or {}
         if not comparisons:
             notes.append(f"{title}: no comparison available ({source}).")
@@ -1003,12 +1128,17 @@ def verdict_lines(results: dict[str, tuple[dict[str, Any] | None, str]]) -> list
             lines += ["", "Rows \"X vs ICL (k-shot base)\": the fine-tuned model X (policy) against the base model "
                       "prompted with k examples from the run's SFT data (parent), on the same prompts: did "
                       "fine-tuning beat few-shot prompting?"]
+        if any(k.startswith("distill_") for k in results):
+            lines += ["", f"Rows \"SFT vs {DISTILL_MODELS['base']}\" and \"SFT vs {DISTILL_MODELS['teacher']}\": the "
+                      "distillation student after its sft stage (policy) against itself before it and against the "
+                      "teacher (parent), on the same prompts: how much of the teacher's skill moved over?"]
     return lines + [""]
 
 
 def write_evaluation(cfg: RunConfig, result: dict[str, Any] | None, source: str,
                      others: dict[str, tuple[dict[str, Any] | None, str]] | None = None,
-                     icl: tuple[dict[str, Any] | None, str] | None = None) -> Path:
+                     icl: tuple[dict[str, Any] | None, str] | None = None,
+                 distill: tuple[dict[str, Any] | None, str] | None = None) -> Path:
     """``outputs/<run>/evaluation.json``: PPO vs SFT on held-out prompts, by the RM and by the judge; every
     other policy stage (``others``: DPO ...) under ``policies.<stage>`` with its source and comparisons.
 
@@ -1033,6 +1163,13 @@ def write_evaluation(cfg: RunConfig, result: dict[str, Any] | None, source: str,
                              "examples": (icl_result or {}).get("examples"),
                              "policies": {who: {"n_prompts": len(res["rows"]), "comparisons": res.get("comparisons")}
                                           for who, res in ((icl_result or {}).get("results") or {}).items()}}
+    if distill is not None:  # distill_generations: the student after against the teacher and against its start
+        distill_result, distill_source = distill
+        against = ((distill_result or {}).get("results") or {}).items()
+        evaluation["distill"] = {
+            "source": distill_source, "overlap": (distill_result or {}).get("overlap"),
+            "against": {parent: {"n_prompts": len(res["rows"]), "comparisons": res.get("comparisons")}
+                        for parent, res in against}}
     path = cfg.run_dir() / EVALUATION_FILE
     atomic_write_json(path, evaluation)
     return path
@@ -1067,16 +1204,26 @@ def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = 
             icl = (None, "not run (needs a complete SFT stage)")
         else:
             icl = _load_icl(cfg, plots, generate_samples, n_samples or cfg.report.n_prompts, out, results)
-    if results or icl is not None:
+    distill: tuple[dict[str, Any] | None, str] | None = None
+    if "distill" in stages and "sft" in stages:
+        complete = all((_stage_manifest(cfg, s) or {}).get("status") == "complete" for s in ("distill", "sft"))
+        distill = (_load_distill(cfg, plots, generate_samples, n_samples or cfg.report.n_prompts, out) if complete
+                   else (None, "not run (needs complete distill and SFT stages)"))
+    if results or icl is not None or distill is not None:
         ppo_result, ppo_source = results.get("ppo", (None, "no PPO stage"))
-        write_evaluation(cfg, ppo_result, ppo_source, {k: v for k, v in results.items() if k != "ppo"}, icl)
+        write_evaluation(cfg, ppo_result, ppo_source, {k: v for k, v in results.items() if k != "ppo"}, icl, distill)
     lines = [f"# alignpipe run report: {cfg.run_name}", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from `{run_dir}`.", ""]
+    verdict_rows = dict(results)
     if icl is not None:
         icl_rows = {f"icl_{who}": (res, icl[1]) for who, res in ((icl[0] or {}).get("results") or {}).items()}
-        lines += verdict_lines({**results, **(icl_rows or {"icl_sft": (None, icl[1])})})
-    elif results:
-        lines += verdict_lines(results)
+        verdict_rows.update(icl_rows or {"icl_sft": (None, icl[1])})
+    if distill is not None:
+        distill_rows = {f"distill_{parent}": (res, distill[1])
+                        for parent, res in ((distill[0] or {}).get("results") or {}).items()}
+        verdict_rows.update(distill_rows or {"distillation": (None, distill[1])})
+    if verdict_rows:
+        lines += verdict_lines(verdict_rows)
     lines += training_summary_lines(cfg, stages)
     lines += standard_eval_lines(cfg)
     lines += ["## Stages", ""]
@@ -1095,6 +1242,8 @@ def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = 
         lines += _samples_section(cfg, result, source, policy)
     if icl is not None:
         lines += _icl_section(cfg, *icl)
+    if distill is not None:
+        lines += _distill_section(cfg, *distill)
     lines += _full_metrics(cfg, stages)
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
