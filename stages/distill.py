@@ -26,7 +26,8 @@
    "answered_at", "finished", "score", "scores", "source"}`` per kept answer: the SFT data contract. With
    ``distill`` and ``sft`` in one run the sft stage trains on it (``sft.data`` is then unused).
 
-Token-level (logit) distillation is not implemented (see docs/DISTILL.md).
+Token-level (logit) distillation happens in the ``sft`` stage (``distill.token_level``; the divergences in
+``stages.kd``): the same teacher, loaded by :func:`build_teacher`, scores the student's batches there.
 """
 
 from __future__ import annotations
