@@ -797,15 +797,21 @@ def estimate(cfg: RunConfig, stage: str, param_count: int | None = None) -> Memo
                                    dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
         cfg = cfg.model_copy(update={"model": policy_model})
     teacher = cfg.distill.teacher
+    missing_teacher = None
     if stage == "distill" and teacher.kind != "http" and not (teacher.kind == "hf" and teacher.model == "base"):
         from .config import ModelConfig  # plan with the teacher's dims, not model.*
 
         location = teacher.model if teacher.kind == "hf" else str(Path(teacher.path) / "model")
         source = "local" if Path(location).is_dir() else "hub"
-        cfg = cfg.model_copy(update={"model": ModelConfig(source=source, path=location, dtype=cfg.model.dtype,
-                                                          trust_remote_code=cfg.model.trust_remote_code)})
+        if teacher.kind == "stage" and source == "hub":  # not made yet (a fresh clone): the pre-flight says so
+            missing_teacher = location
+        else:
+            cfg = cfg.model_copy(update={"model": ModelConfig(source=source, path=location, dtype=cfg.model.dtype,
+                                                              trust_remote_code=cfg.model.trust_remote_code)})
     dims = model_dims(cfg, param_count)
     knobs, precision = _initial_knobs(cfg, stage)
     plan = _estimate(cfg, stage, dims, param_count, knobs, precision)
+    if missing_teacher is not None:
+        plan.notes.append(f"teacher sized as the base model: {missing_teacher} does not exist yet")
     plan._alternatives = lambda: _alternatives(cfg, stage, dims, param_count, knobs, precision)
     return plan

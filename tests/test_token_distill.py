@@ -192,3 +192,13 @@ def test_memory_plan_counts_the_teacher(tiny_cfg):
     with_teacher = estimate(tiny_cfg(*KD, "distill.token_level.enabled=true"), "sft")
     assert [r.role for r in plain.roles] == ["policy"]
     assert [r.role for r in with_teacher.roles] == ["policy", "teacher"]
+
+
+def test_memory_plan_of_a_stage_teacher_not_made_yet(tiny_cfg, tmp_path):
+    """A config naming a teacher stage folder that does not exist yet (a fresh clone) still plans."""
+    from pipeline.memory import estimate
+
+    cfg = tiny_cfg("stages=[distill, sft]", "distill.data={path: data/demo/prompts.jsonl}",
+                   f"distill.teacher={{kind: stage, path: {tmp_path / 'later' / 'ppo'}}}")
+    plan = estimate(cfg, "distill")
+    assert plan.total_bytes > 0 and any("does not exist yet" in note for note in plan.notes)
