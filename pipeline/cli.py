@@ -8,7 +8,7 @@
     python -m pipeline serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [--api-key-env VAR]
     python -m pipeline validate CONFIG [--stages ...] [key=value ...]
     python -m pipeline push RUN STAGE --repo NAME [--adapter] [--dry-run] [--private] [--token-env VAR]
-    python -m pipeline export RUN STAGE --gguf [--quant q8_0|f16|f32] [--output FILE]
+    python -m pipeline export RUN STAGE --gguf [--quant q8_0|f16|bf16|f32] [--output FILE]
 
 Config, manifest and data errors print ``error: <message>`` and exit 2; a failed stage exits 1 with the
 path of its log; Ctrl-C exits 130 (re-run the same command to resume).
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", metavar="RUN", help="the run folder (outputs/<run>) or the run name")
     export.add_argument("stage", metavar="STAGE", help="the stage, e.g. sft, ppo")
     export.add_argument("--gguf", action="store_true", required=True, help="GGUF (the one format for now)")
-    export.add_argument("--quant", default="q8_0", choices=["q8_0", "f16", "f32"], help="default q8_0")
+    export.add_argument("--quant", default="q8_0", choices=["q8_0", "f16", "bf16", "f32"], help="default q8_0")
     export.add_argument("--output", default=None, metavar="FILE",
                         help="default <stage>/export/<run>-<stage>.<quant>.gguf")
     return parser
