@@ -769,6 +769,51 @@ class DistillConfig(_Section):
         default_factory=TokenLevelDistillConfig, description="Logit distillation in the sft stage (off by default).")
 
 
+class VLLMRolloutConfig(_Section):
+    """``rollout.vllm``: the vLLM worker (docs/ROLLOUT.md). It runs in its own process and environment
+    (``make vllm-env`` builds ``.venv-vllm``), started and stopped by the stage, or one already running at
+    ``base_url``."""
+
+    python: str = Field(".venv-vllm/bin/python", description="The interpreter of the environment with vllm "
+                                                            "installed (relative to the repository root or absolute).")
+    base_url: str | None = Field(
+        None, description="http://127.0.0.1:PORT of a worker already running (stages/rollout_backend/vllm_worker.py "
+                          "--port PORT); then nothing is started or stopped.")
+    startup_timeout_s: float = Field(900.0, gt=0, description="Seconds the worker may take to load the model.")
+    request_timeout_s: float = Field(900.0, gt=0, description="Seconds one generate / weight-sync request may take.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Engine weight dtype; auto: model.dtype (float32 on CPU keeps greedy equal to hf).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of the device memory vLLM takes "
+                                                                        "(GPU hosts; ignored by the CPU build).")
+    enforce_eager: bool = Field(True, description="No CUDA graphs / torch.compile (faster start, less memory).")
+    max_model_len: int | None = Field(None, gt=0, description="Engine context length (default: the stage's longest "
+                                                             "prompt + max_new_tokens).")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="More vllm.LLM(...) arguments (e.g. tensor_parallel_size: 2).")
+
+
+class RolloutConfig(_Section):
+    """``rollout``: which engine samples responses from a local model in ppo (all advantage estimators),
+    rlaif_label, best_of_n and a distill hf/stage teacher. ``hf``: transformers ``generate`` in the stage's
+    process (the default and the reference for correctness); ``vllm``: a vLLM worker process. Sampling is
+    the stage's own settings either way (no model generation defaults); PPO's ratios and KL always use
+    log-probs from the trainer's own forward pass."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMRolloutConfig = Field(default_factory=VLLMRolloutConfig)
+
+    @model_validator(mode="after")
+    def _worker_reachable(self) -> "RolloutConfig":
+        if self.backend == "vllm" and self.vllm.base_url is None:
+            python = Path(self.vllm.python)
+            python = python if python.is_absolute() else REPO_ROOT / python
+            if not python.exists():
+                raise ValueError(f"rollout.backend is 'vllm' but rollout.vllm.python={self.vllm.python} does not "
+                                 "exist: run `make vllm-env` (builds .venv-vllm), point rollout.vllm.python at an "
+                                 "interpreter with vllm installed, or set rollout.vllm.base_url to a running worker")
+        return self
+
+
 class RLAIFConfig(_Section):
     judges: dict[str, JudgeConfig] = Field(default_factory=lambda: {"default": JudgeConfig()})
 
@@ -900,6 +945,7 @@ class RunConfig(_Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     stages: list[Literal["sft", "rlaif_label", "rm", "ppo", "dpo", "best_of_n", "distill"]] = Field(
         default_factory=lambda: ["sft", "rm", "ppo"])
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -1023,6 +1069,19 @@ class RunConfig(_Section):
                              "'http' (an endpoint returns text, not per-token distributions); use kind hf (a model "
                              "folder or hub name) or stage (a stage folder), or set distill.token_level.enabled: "
                              "false for sequence-level distillation only")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_rollout_supports_the_policy(self) -> "RunConfig":
+        """The vLLM backend syncs a PPO policy as full weights (full / freeze / gradual_unfreeze) or as a LoRA
+        adapter (lora / rslora); other PEFT methods have no vLLM form."""
+        if self.rollout.backend != "vllm" or "ppo" not in self.stages:
+            return self
+        method = self.ppo.tuning.method
+        if method not in ("full", "freeze", "gradual_unfreeze", "lora", "rslora"):
+            raise ValueError(f"rollout.backend 'vllm' with ppo.tuning.method={method!r} is not supported: the "
+                             "engine takes the updated policy as full weights (full, freeze, gradual_unfreeze) or a "
+                             "LoRA adapter (lora, rslora). Use one of those, or rollout.backend: hf")
         return self
 
     def run_dir(self) -> Path:

@@ -68,6 +68,8 @@ def stage_section(cfg: RunConfig, stage: str) -> dict[str, Any]:
     section = {"model": data["model"], "chat": data["chat"], stage: data[stage], "seed": data["seed"]}
     if stage in ("rlaif_label", "ppo", "best_of_n", "distill"):
         section["rlaif"] = data["rlaif"]
+        if cfg.rollout.backend != "hf":  # another engine samples other responses (hf: hashes stay as they were)
+            section["rollout"] = data["rollout"]
     if stage == "sft" and cfg.distill.token_level.enabled:  # the sft stage then trains on this teacher's logits
         section["distill_token_level"] = {"teacher": data["distill"]["teacher"],
                                           "token_level": data["distill"]["token_level"]}

@@ -47,6 +47,22 @@ class Comm:
         torch.distributed.all_gather(parts, values.to(self.dist.device))
         return torch.cat([p.cpu() for p in parts])
 
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order, on every rank."""
+        if not self.on:
+            return [obj]
+        out: list[Any] = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's picklable ``obj`` on every rank (what other ranks pass is ignored)."""
+        if not self.on:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.on:
             torch.distributed.barrier()

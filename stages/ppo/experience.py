@@ -8,13 +8,14 @@ rank: prompts and responses are padded to the longest anywhere), V vocabulary.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from stages.batching import left_pad
+from stages.batching import left_pad, right_pad
 from stages.chat import position_ids_from_mask
 from stages.engine import epoch_order
 from stages.generation import neutral_generate, neutral_generation_config
@@ -29,7 +30,7 @@ from stages.ppo.core import (
 )
 from stages.ppo.distributed import global_whiten
 from stages.ppo.rewards import Responses, Scores
-from stages.ppo.rollout import EpisodeSampler, episode_uniforms, response_mask, response_rows
+from stages.ppo.rollout import EpisodeSampler, episode_seed, episode_uniforms, response_mask, response_rows
 
 
 @dataclass
@@ -105,6 +106,52 @@ class PPORollout:
         with self.actor.disable_adapter():  # LoRA: the reference is the same base, adapter off
             return self.policy_logits(self.actor, ids, att, T)
 
+    # ----------------------------------------------------------------------- rollout engine
+    def start_rollout_engine(self) -> None:
+        """``rollout.backend: vllm``: rank 0 starts a vLLM worker on the actor's weights as they are in memory
+        (written to ``rollout_engine/start`` in the stage folder: the base weights, for a LoRA actor the
+        engine gets the adapter at each sync). Every rank learns whether it started (no rank waits forever).
+        ZeRO-3 partitions the actor's parameters over ranks, so rank 0 has no full copy to send: refused."""
+        self.rollout_engine, self.engine_stale, self.engine_sync_seconds = None, False, 0.0
+        if self.cfg.rollout.backend == "hf":
+            return
+        if self.zero_stage == 3:
+            raise ValueError("rollout.backend 'vllm' with ZeRO-3 (ppo.train.deepspeed) is not supported: the engine "
+                             "needs the full actor weights on rank 0 after each update; use ZeRO-1/2 or "
+                             "rollout.backend: hf")
+        failure: Exception | None = None
+        if self.dist.is_main:
+            from stages.rollout_backend.vllm_client import VLLMBackend, peft_lora_rank, write_policy_folder
+
+            ppo, work = self.cfg.ppo, self.run.dir / "rollout_engine"
+            try:
+                # a worker already running (base_url) loaded its model itself
+                folder = work / "start" if self.cfg.rollout.vllm.base_url else write_policy_folder(self.actor,
+                                                                                                 work / "start")
+                self.rollout_engine = VLLMBackend(
+                    self.cfg.rollout.vllm, str(folder), self.tokenizer, work,
+                    max_model_len=ppo.max_prompt_length + ppo.max_new_tokens, model_dtype=self.cfg.model.dtype,
+                    lora_rank=peft_lora_rank(self.actor))
+            except Exception as exc:  # noqa: BLE001  (sent to every rank, then raised)
+                failure = exc
+        # a worker already running (rollout.vllm.base_url) holds whatever it was started on: send the actor's
+        # weights before the first rollout (a LoRA actor's base must be the one the worker was started on)
+        self.engine_stale = self.cfg.rollout.vllm.base_url is not None
+        error = self.comm.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        if error is not None:
+            from stages.rollout_backend import RolloutEngineError
+
+            raise RolloutEngineError(f"rank 0 could not start the rollout engine: {error}")
+
+    def close_rollout_engine(self) -> None:
+        """Stop the worker (rank 0) and remove the weights written for it (its log stays)."""
+        engine, self.rollout_engine = getattr(self, "rollout_engine", None), None
+        if engine is not None:
+            engine.close()
+            shutil.rmtree(self.run.dir / "rollout_engine" / "start", ignore_errors=True)
+
     # ------------------------------------------------------------------------------ rollout
     def step_prompts(self, step: int) -> tuple[list[int], list[int]]:
         """(dataset indices, global episode positions) of this rank's episodes for PPO step ``step``:
@@ -124,10 +171,31 @@ class PPORollout:
     def generate(self, prompt_ids: list[list[int]], positions: list[int], stream: int) -> tuple[torch.Tensor, ...]:
         """-> (prompt ids (B, P), prompt mask (B, P), response ids (B, T) pad after eos, response mask (B, T),
         has_eos (B,)), on the device; P and T are the longest prompt / real response on any rank."""
-        ppo, tok = self.cfg.ppo, self.tokenizer
+        tok = self.tokenizer
         longest = int(self.comm.max(torch.tensor([max(len(x) for x in prompt_ids)]))[0])
         query, query_mask = left_pad(prompt_ids, tok.pad_token_id, longest)
         query, query_mask = query.to(self.device), query_mask.to(self.device)
+        if self.cfg.rollout.backend != "hf":
+            response = right_pad(self.engine_responses(prompt_ids, positions, stream), tok.pad_token_id)[0]
+            response = response.to(self.device)
+        else:
+            response = self._hf_responses(query, query_mask, positions, stream)
+        if response.size(1) == 0:  # nothing generated (max_new_tokens reached at once): keep one pad
+            response = torch.full((query.size(0), 1), tok.pad_token_id, dtype=torch.long, device=self.device)
+        mask, has_eos = response_mask(response, tok.eos_token_id)
+        # identical shapes on every rank: pad to the longest real response anywhere
+        length = int(self.comm.max(torch.tensor([int(mask.sum(1).max())]))[0])
+        response = response[:, :length] if response.size(1) >= length else torch.cat(
+            [response, torch.full((response.size(0), length - response.size(1)), tok.pad_token_id,
+                                  dtype=torch.long, device=self.device)], dim=1)
+        mask, has_eos = response_mask(response, tok.eos_token_id)
+        response = torch.where(mask.bool(), response, torch.full_like(response, tok.pad_token_id))
+        return query, query_mask, response, mask, has_eos
+
+    def _hf_responses(self, query: torch.Tensor, query_mask: torch.Tensor, positions: list[int],
+                      stream: int) -> torch.Tensor:
+        """HF ``generate`` with the per-episode sampler -> (B, T') generated ids (pad after eos)."""
+        ppo, tok = self.cfg.ppo, self.tokenizer
         sampler = EpisodeSampler(episode_uniforms(ppo.train.seed, stream, positions, ppo.max_new_tokens),
                                  query.size(1), ppo.temperature, ppo.top_k, ppo.top_p)
         from transformers import LogitsProcessorList
@@ -142,18 +210,45 @@ class PPORollout:
             kwargs["synced_gpus"] = self.comm.on
         with self._autocast():
             out = neutral_generate(self.actor, gen_cfg, **kwargs)
-        response = out[:, query.size(1):]
-        if response.size(1) == 0:  # nothing generated (max_new_tokens reached at once): keep one pad
-            response = torch.full((query.size(0), 1), tok.pad_token_id, dtype=torch.long, device=self.device)
-        mask, has_eos = response_mask(response, tok.eos_token_id)
-        # identical shapes on every rank: pad to the longest real response anywhere
-        length = int(self.comm.max(torch.tensor([int(mask.sum(1).max())]))[0])
-        response = response[:, :length] if response.size(1) >= length else torch.cat(
-            [response, torch.full((response.size(0), length - response.size(1)), tok.pad_token_id,
-                                  dtype=torch.long, device=self.device)], dim=1)
-        mask, has_eos = response_mask(response, tok.eos_token_id)
-        response = torch.where(mask.bool(), response, torch.full_like(response, tok.pad_token_id))
-        return query, query_mask, response, mask, has_eos
+        return out[:, query.size(1):]
+
+    def engine_responses(self, prompt_ids: list[list[int]], positions: list[int], stream: int) -> list[list[int]]:
+        """The rollout engine's responses (ids up to and including eos) to this rank's prompts.
+
+        Only rank 0 talks to the engine: it gathers every rank's prompts and episode seeds, first syncs the
+        engine with the actor's weights if an update happened since the last sync, asks for all episodes in
+        one request and hands each rank its rows. Episode ``p`` of step ``stream`` samples under
+        ``episode_seed(seed, stream, p)``, so a rollout does not depend on the number of ranks. An engine
+        failure is broadcast too, so every rank raises instead of waiting for rows that never come."""
+        from stages.rollout_backend import RolloutEngineError, Sampling
+
+        ppo = self.cfg.ppo
+        seeds = [episode_seed(ppo.train.seed, stream, p) for p in positions]
+        everyone = self.comm.all_gather_objects((prompt_ids, seeds))
+        answer: dict[str, Any] = {}
+        failure: Exception | None = None
+        if self.dist.is_main:
+            try:
+                if self.engine_stale:
+                    started = time.perf_counter()
+                    self.rollout_engine.sync_weights(self.actor)
+                    self.engine_sync_seconds += time.perf_counter() - started
+                    self.engine_stale = False
+                sampling = Sampling(ppo.max_new_tokens, ppo.temperature,
+                                    prompt_seeds=[s for _, rank_seeds in everyone for s in rank_seeds])
+                rows = [g[0].token_ids for g in
+                        self.rollout_engine.generate([p for rank_ids, _ in everyone for p in rank_ids], sampling)]
+                sizes = [len(rank_ids) for rank_ids, _ in everyone]
+                starts = [sum(sizes[:r]) for r in range(len(sizes))]
+                answer = {"rows": [rows[a:a + n] for a, n in zip(starts, sizes)]}
+            except Exception as exc:  # noqa: BLE001  (sent to every rank, then raised)
+                failure, answer = exc, {"error": f"{type(exc).__name__}: {exc}"}
+        answer = self.comm.broadcast_object(answer)
+        if "error" in answer:
+            if failure is not None:
+                raise failure
+            raise RolloutEngineError(f"rank 0's rollout engine failed: {answer['error']}")
+        return answer["rows"][self.dist.rank]
 
     @torch.no_grad()
     def _score_sampled_tokens(self, ids: torch.Tensor, att: torch.Tensor,

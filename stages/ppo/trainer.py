@@ -166,6 +166,7 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
         self.step = 0
         self.episodes = 0
         self.ptx_pos = 0
+        self.start_rollout_engine()  # rollout.backend: vllm (hf: nothing to start)
 
     def _train_mode(self, on: bool) -> None:
         """Train mode only matters for gradient checkpointing (dropout is off); generation stays in eval."""
@@ -236,6 +237,7 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
         if self.unfreezer is not None and client.get("unfreezer"):
             self.unfreezer.load_state_dict(client["unfreezer"])
         set_rng_state(client["rng"])
+        self.engine_stale = True  # a vllm engine still holds the starting weights
         if self.dist.is_main:
             trim_logs_after(self.run.dir, self.step, ("metrics.jsonl", "samples.jsonl"))
             print(f"[alignpipe] ppo: resumed from {folder} (step {self.step})", flush=True)
@@ -291,6 +293,7 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
             stats = self.update(rollout)
         finally:
             self._train_mode(False)
+        self.engine_stale = True  # a vllm engine gets the updated weights before its next rollout
         timings["time_update"] = time.perf_counter() - t_update
         row = self._step_row(rollout, {**stats, **timings}, kl_coef)
         episodes = self.sizes.global_batch
@@ -385,8 +388,14 @@ def run(cfg: RunConfig, on_step_end: StepCallback | None = None) -> dict[str, An
             print(f"[alignpipe] ppo: {len(trainer.prompts)} prompts, {trainer.total_steps} steps x "
                   f"{trainer.sizes.global_batch} episodes, actor {cfg.ppo.tuning.method} "
                   f"({trainable_summary(trainer.actor)['params_trainable']:,} trainable), critic from "
-                  f"{trainer.critic_source}, rewards {', '.join(trainer.rewards.names)}", flush=True)
-        final = trainer.train()
+                  f"{trainer.critic_source}, rewards {', '.join(trainer.rewards.names)}, rollouts by "
+                  f"{cfg.rollout.backend}", flush=True)
+        try:
+            final = trainer.train()
+        finally:  # the vllm worker stops with the stage, also on errors and interrupts
+            trainer.close_rollout_engine()
+        if cfg.rollout.backend != "hf":
+            final["rollout_engine_sync_seconds"] = trainer.engine_sync_seconds
         trainer.save_policy()
         run_.update(data=trainer.data_report.as_dict(), params=trainable_summary(trainer.actor),
                     critic_source=trainer.critic_source, reward_sources=trainer.rewards.names)

@@ -1,0 +1,231 @@
+"""The rollout-backend interface without vLLM (stages/rollout_backend): the hf backend samples exactly as the
+stages' own loops did (same seeds, same ids), the helpers on hand-worked rows, the ``rollout`` config
+section, and the vllm client's failure handling against fake workers (a worker that dies, one that never
+gets ready, one that hangs on a request, one that dies mid-request): each raises a clear
+``RolloutEngineError`` within its timeout and leaves no process behind. tests/test_rollout_vllm.py runs the
+real engine."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, VLLMRolloutConfig
+from stages.rollout_backend import (
+    Generation,
+    HFBackend,
+    RolloutEngineError,
+    Sampling,
+    cut_at_eos,
+    stream_seed,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def test_cut_at_eos_keeps_the_eos_and_drops_what_follows():
+    assert cut_at_eos([5, 6, 2, 0, 0], eos_id=2, pad_id=0) == Generation([5, 6, 2], True)
+    assert cut_at_eos([5, 2, 7, 2], eos_id=2, pad_id=0) == Generation([5, 2], True)  # the first eos ends it
+    assert cut_at_eos([5, 6, 7], eos_id=2, pad_id=0) == Generation([5, 6, 7], False)  # cut at max_new_tokens
+
+
+def test_stream_seeds_are_fixed_and_distinct():
+    assert stream_seed(0, 3, 1) == stream_seed(0, 3, 1)
+    seeds = {stream_seed(s, i, k) for s in range(2) for i in range(4) for k in range(3)}
+    assert len(seeds) == 24 and all(0 <= x < 2 ** 63 for x in seeds)
+
+
+def test_sampling_refuses_what_it_cannot_mean():
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        Sampling(max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(max_new_tokens=4, temperature=-1)
+    with pytest.raises(ValueError, match="prompt_seeds"):
+        Sampling(max_new_tokens=4, n=2, prompt_seeds=[1, 2])
+
+
+# -------------------------------------------------------------------------------------- hf backend
+@pytest.fixture(scope="module")
+def tiny_model():
+    from pipeline.config import load_config
+    from pipeline.models import load_model, load_tokenizer, prepare_base
+    from stages.chat import prompt_ids
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    base = prepare_base(cfg.model)
+    tok = load_tokenizer(base, cfg.model, cfg.chat)
+    model = load_model(base, cfg.model, tok).eval()
+    prompts = [prompt_ids(tok, [{"role": "user", "content": text}], None)
+               for text in ("What is 2 + 3?", "Name a colour.", "Say hello.", "Count to five, please.", "Why?")]
+    return model, tok, prompts
+
+
+def _old_stage_loop(model, tok, prompts, n, max_new, temperature, batch_size, seed):
+    """The loop rlaif_label / best_of_n / distill ran before the interface (kept here as the reference)."""
+    from stages.batching import left_pad
+    from stages.generation import neutral_generate, neutral_generation_config
+
+    out = []
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        ids, mask = left_pad(prompts[start:start + batch_size], tok.pad_token_id)
+        torch.manual_seed(seed + b)
+        gen_cfg = neutral_generation_config(tok, max_new, do_sample=temperature > 0, temperature=temperature or 1.0,
+                                            num_return_sequences=n)
+        with torch.no_grad():
+            rows = neutral_generate(model, gen_cfg, input_ids=ids, attention_mask=mask)[:, ids.shape[1]:].tolist()
+        for i in range(ids.shape[0]):
+            group = []
+            for seq in rows[i * n:(i + 1) * n]:
+                eos = tok.eos_token_id
+                group.append(seq[:seq.index(eos) + 1] if eos in seq else [t for t in seq if t != tok.pad_token_id])
+            out.append(group)
+    return out
+
+
+@pytest.mark.parametrize("n,temperature", [(3, 1.0), (1, 0.0), (2, 0.7)])
+def test_hf_backend_samples_exactly_as_the_stages_did(tiny_model, n, temperature):
+    model, tok, prompts = tiny_model
+    backend = HFBackend(model, tok, torch.device("cpu"), batch_size=2)
+    got = backend.generate(prompts, Sampling(max_new_tokens=12, temperature=temperature, n=n, seed=5))
+    want = _old_stage_loop(model, tok, prompts, n, 12, temperature, 2, 5)
+    assert [[g.token_ids for g in group] for group in got] == want
+    assert all(g.finished == (g.token_ids[-1] == tok.eos_token_id) for group in got for g in group)
+    again = backend.generate(prompts, Sampling(max_new_tokens=12, temperature=temperature, n=n, seed=5))
+    assert again == got, "same seed, same samples"
+
+
+# ------------------------------------------------------------------------------------------- config
+def test_rollout_config_defaults_to_hf_and_leaves_stage_hashes_alone(tiny_cfg):
+    from pipeline.stage import stage_section
+
+    cfg = tiny_cfg()
+    assert cfg.rollout.backend == "hf"
+    assert "rollout" not in stage_section(cfg, "ppo")
+    fake_python = sys.executable  # any existing file passes the check; the engine is not started here
+    vllm = tiny_cfg("rollout.backend=vllm", f"rollout.vllm.python={fake_python}")
+    for stage in ("ppo", "rlaif_label", "best_of_n", "distill"):
+        assert stage_section(vllm, stage)["rollout"]["backend"] == "vllm", stage
+    assert "rollout" not in stage_section(vllm, "sft")
+
+
+def test_rollout_config_refuses_a_missing_engine_and_unsupported_policies(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"rollout.vllm.python=.*does not exist.*make vllm-env"):
+        tiny_cfg("rollout.backend=vllm", f"rollout.vllm.python={tmp_path / 'nope' / 'python'}")
+    tiny_cfg("rollout.backend=vllm", f"rollout.vllm.python={tmp_path / 'nope'}",
+             "rollout.vllm.base_url=http://127.0.0.1:9")  # a running worker needs no interpreter here
+    with pytest.raises(ConfigError, match=r"ppo.tuning.method='dora' is not supported"):
+        tiny_cfg("rollout.backend=vllm", f"rollout.vllm.python={sys.executable}", "ppo.tuning.method=dora")
+    tiny_cfg("rollout.backend=vllm", f"rollout.vllm.python={sys.executable}", "ppo.tuning.method=lora")
+    with pytest.raises(ConfigError, match="rollout.backend"):
+        tiny_cfg("rollout.backend=sglang")
+
+
+# ------------------------------------------------------------------------------- vllm client failures
+FAKE_WORKER = '''
+import json, os, sys, time, threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+mode = {mode!r}
+print("fake worker starting", file=sys.stderr, flush=True)
+if mode == "exit":
+    print("CUDA out of memory (fake)", file=sys.stderr, flush=True)
+    sys.exit(7)
+if mode == "never_ready":
+    time.sleep(600)
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path == "/generate" and mode == "hang":
+            time.sleep(600)
+        if self.path == "/generate" and mode == "die":
+            os._exit(9)
+        body = json.dumps({{"ok": True}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        if self.path == "/shutdown":
+            threading.Thread(target=server.shutdown).start()
+
+server = HTTPServer(("127.0.0.1", 0), H)
+print(json.dumps({{"ready": True, "port": server.server_address[1]}}), flush=True)
+server.serve_forever()
+'''
+
+
+def _fake_python(tmp_path: Path, mode: str) -> Path:
+    """An 'interpreter' that ignores the worker script it is given and runs a fake worker instead."""
+    script = tmp_path / f"fake_worker_{mode}.py"
+    script.write_text(textwrap.dedent(FAKE_WORKER.format(mode=mode)))
+    python = tmp_path / f"python_{mode}"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {script}\n")
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    return python
+
+
+def _backend(tmp_path: Path, mode: str, **timeouts):
+    from stages.rollout_backend.vllm_client import VLLMBackend
+
+    vcfg = VLLMRolloutConfig(python=str(_fake_python(tmp_path, mode)), **timeouts)
+    tok = SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    return VLLMBackend(vcfg, "unused-model-folder", tok, tmp_path / "work")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_worker_that_dies_at_start_raises_with_its_exit_code_and_log(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(RolloutEngineError, match=r"exited during start-up \(code 7\)(.|\n)*CUDA out of memory"):
+        _backend(tmp_path, "exit", startup_timeout_s=60)
+    assert time.monotonic() - started < 30
+
+
+def test_a_worker_that_never_gets_ready_times_out(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(RolloutEngineError, match=r"not ready within rollout.vllm.startup_timeout_s=3 s"):
+        _backend(tmp_path, "never_ready", startup_timeout_s=3)
+    assert time.monotonic() - started < 30
+
+
+def test_a_hung_request_times_out_and_the_worker_is_stopped(tmp_path):
+    backend = _backend(tmp_path, "hang", request_timeout_s=2)
+    pid = backend.proc.pid
+    started = time.monotonic()
+    with pytest.raises(RolloutEngineError, match=r"did not answer /generate within 2 s"):
+        backend.generate([[1, 5, 6]], Sampling(max_new_tokens=4, temperature=0))
+    assert time.monotonic() - started < 30
+    assert backend.proc is None and not _alive(pid), "the hung worker is stopped"
+
+
+def test_a_worker_that_dies_mid_request_raises_at_once(tmp_path):
+    backend = _backend(tmp_path, "die", request_timeout_s=60)
+    started = time.monotonic()
+    with pytest.raises(RolloutEngineError, match=r"died \(exit code 9\) during /generate"):
+        backend.generate([[1, 5, 6]], Sampling(max_new_tokens=4, temperature=0))
+    assert time.monotonic() - started < 30
+
+
+def test_close_stops_a_healthy_worker_and_is_idempotent(tmp_path):
+    backend = _backend(tmp_path, "ok")
+    pid = backend.proc.pid
+    backend.close()
+    backend.close()
+    assert not _alive(pid)
+    assert (tmp_path / "work" / "vllm_worker.log").read_text().count("fake worker starting") == 1
