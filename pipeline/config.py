@@ -72,6 +72,10 @@ class ModelConfig(_Section):
     package: str | None = None
     gguf_file: str | None = None
     revision: str | None = None
+    hub_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+        description="The hub id (org/name) this base corresponds to when it is a local or GGUF copy: the model "
+                    "cards' base_model. A hub source names it already.")
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)

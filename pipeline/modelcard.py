@@ -43,6 +43,8 @@ def base_model_id(manifest: dict[str, Any]) -> str | None:
         if isinstance(location, str) and _HUB_ID.match(location.removeprefix("hub:")):
             return location.removeprefix("hub:")
     model = config.get("model") or {}
+    if isinstance(model.get("hub_id"), str):  # a local or GGUF copy of a hub model, named in the config
+        return model["hub_id"]
     path = model.get("path")
     if model.get("source") == "hub" and isinstance(path, str):
         return path.removeprefix("hub:")
@@ -51,9 +53,30 @@ def base_model_id(manifest: dict[str, Any]) -> str | None:
     return None
 
 
+def gguf_license(model: dict[str, Any]) -> str | None:
+    """``general.license`` of a GGUF base (``model.source: gguf``), where the file records one."""
+    if model.get("source") != "gguf" or not model.get("gguf_file"):
+        return None
+    try:
+        import gguf
+
+        from .config import ModelConfig
+        from .models import gguf_folder
+
+        field = gguf.GGUFReader(gguf_folder(ModelConfig(**model)) / model["gguf_file"]).fields.get("general.license")
+        value = field.contents() if field is not None else None
+    except Exception:  # a card without a licence line is the fallback, never a failed stage
+        return None
+    return value if isinstance(value, str) and value else None
+
+
 def base_license(manifest: dict[str, Any]) -> str | None:
-    """The base model's licence, from the ``license:`` of its own card where a local folder has one."""
-    candidates = [manifest.get("base_model"), (manifest.get("config") or {}).get("model", {}).get("path")]
+    """The base model's licence: the ``license:`` of its own card where a local folder has one, or the
+    ``general.license`` of a GGUF base."""
+    model = (manifest.get("config") or {}).get("model") or {}
+    if (from_gguf := gguf_license(model)) is not None:
+        return from_gguf
+    candidates = [manifest.get("base_model"), model.get("path")]
     for folder in candidates:
         if not isinstance(folder, str):
             continue

@@ -65,7 +65,9 @@ def parents_of(cfg: RunConfig, stage: str) -> list[str]:
 
 def stage_section(cfg: RunConfig, stage: str) -> dict[str, Any]:
     data = cfg.to_dict()
-    section = {"model": data["model"], "chat": data["chat"], stage: data[stage], "seed": data["seed"]}
+    # model.hub_id only names the base in model cards: it changes no weights, so it is not part of the identity
+    model = {key: value for key, value in data["model"].items() if key != "hub_id"}
+    section = {"model": model, "chat": data["chat"], stage: data[stage], "seed": data["seed"]}
     if stage in ("rlaif_label", "ppo", "best_of_n", "distill"):
         section["rlaif"] = data["rlaif"]
         if cfg.rollout.backend != "hf":  # another engine samples other responses (hf: hashes stay as they were)

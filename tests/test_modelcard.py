@@ -20,6 +20,7 @@ from pipeline.modelcard import card_metadata, read_card_metadata, write_model_ca
 from pipeline.orchestrator import run_pipeline
 
 SECRET = "hf_secret_token_never_printed"
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
 def card_parts(path: Path) -> tuple[dict, str]:
@@ -139,3 +140,26 @@ def test_push_uploads_the_folder_with_its_card_through_hfapi(fake_run, monkeypat
     assert upload["files"] == ["README.md", "weights.txt"]
     assert "pushed: https://huggingface.co/me/sft-tiny" in captured.out
     assert json.dumps(calls).count(SECRET) == 1  # only handed to HfApi itself
+
+
+def test_card_of_a_gguf_base_names_its_hub_id_and_the_files_licence(tmp_path):
+    """A GGUF base (as the demo's SmolLM2): base_model from ``model.hub_id``, the licence from the file's
+    ``general.license``."""
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "base.gguf", "llama")
+    writer.add_license("mit")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    stage_dir = tmp_path / "sft"
+    (stage_dir / "model").mkdir(parents=True)
+    model = {"source": "gguf", "path": str(tmp_path), "gguf_file": "base.gguf", "hub_id": "org/base-model"}
+    manifest = {"stage": "sft", "status": "complete", "run_name": "r", "config": {"model": model},
+                "data_files": {}, "parents": {}, "metrics": {}}
+    write_model_cards(stage_dir, manifest)
+    meta, body = card_parts(stage_dir / "model" / "README.md")
+    assert meta["base_model"] == "org/base-model" and meta["license"] == "mit"
+    with pytest.raises(ConfigError, match="hub_id"):
+        load_config(REPO_CONFIG, ["model.hub_id=not a hub id"])
