@@ -4,7 +4,7 @@
     python -m pipeline status CONFIG [--json] [key=value ...]
     python -m pipeline report CONFIG [--no-samples] [key=value ...]
     python -m pipeline eval CONFIG [--stages base sft ppo ...] [--force] [key=value ...]
-    python -m pipeline slurm CONFIG [--submit] [--force] [--stages ...] [key=value ...]
+    python -m pipeline slurm CONFIG [--submit] [--force] [--no-parents] [--stages ...] [key=value ...]
     python -m pipeline serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [--api-key-env VAR]
     python -m pipeline validate CONFIG [--stages ...] [key=value ...]
     python -m pipeline push RUN STAGE --repo NAME [--adapter] [--dry-run] [--private] [--token-env VAR]
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                            stages=True)
     slurm.add_argument("--submit", action="store_true", help="submit the chain with sbatch (afterok dependencies)")
     slurm.add_argument("--force", action="store_true", help="submit stages even when complete and unchanged")
+    slurm.add_argument("--no-parents", action="store_true",
+                       help="refuse a requested stage whose parents are not complete (default: submit them first)")
 
     config_command("validate", "load the config and print the memory plan of each stage", stages=True)
 
@@ -144,7 +146,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_slurm(args: argparse.Namespace) -> int:
-    slurm_pipeline(args.config, args.overrides, stages=args.stages, do_submit=args.submit, force=args.force)
+    slurm_pipeline(args.config, args.overrides, stages=args.stages, do_submit=args.submit, force=args.force,
+                   parents=not args.no_parents)
     return 0
 
 

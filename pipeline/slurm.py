@@ -15,6 +15,8 @@ the ones after it instead of leaving them pending for ever), and records the job
 
 Leading stages that are already complete with an unchanged config and inputs are not submitted (unless
 ``--force``); once one stage is submitted, every later requested stage is too, since its inputs change.
+``--stages ppo`` brings the parents it needs that are not complete into the chain, as ``pipeline run`` does
+(``plan.with_parents``; ``--force`` applies to the requested stages only); ``--no-parents`` refuses instead.
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ from typing import Any
 from .config import REPO_ROOT, ConfigError, RunConfig, load_config
 from .launch import Rendezvous, stage_command
 from .manifest import ManifestError, atomic_write_json, atomic_write_text, read_manifest, require_complete_parent
-from .plan import Printer, check_deepspeed, decide, memory_plans, select_stages, write_resolved_config
+from .plan import (
+    Printer,
+    check_deepspeed,
+    decide,
+    memory_plans,
+    select_stages,
+    with_parents,
+    write_resolved_config,
+)
 from .stage import hint_command, parents_of
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
@@ -256,14 +266,16 @@ def format_job_states(cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
-def plan_submission(cfg: RunConfig, stages: Sequence[str], force: bool, out: Printer) -> list[str]:
-    """Which of ``stages`` to submit: drop leading stages that are complete and up to date (unless force).
+def plan_submission(cfg: RunConfig, stages: Sequence[str], force: bool, out: Printer,
+                    added: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Which of ``stages`` to submit: drop leading stages that are complete and up to date (unless force;
+    ``added``: parents brought in by ``with_parents``, never forced).
 
     Parents outside the submission must already be complete (ManifestError otherwise).
     """
     chosen: list[str] = []
     for stage in stages:
-        decision = decide(cfg, stage, force=force)
+        decision = decide(cfg, stage, force=force and stage not in added)
         if not chosen and decision.action == "skip":
             out(f"[{stage}] skip: {decision.reason}")
             continue
@@ -280,20 +292,25 @@ def plan_submission(cfg: RunConfig, stages: Sequence[str], force: bool, out: Pri
 
 def slurm_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stages: Sequence[str] | None = None,
                    do_submit: bool = False, force: bool = False, entry: str | None = None,
-                   env: Mapping[str, str] | None = None, out: Printer = print) -> list[dict[str, Any]]:
-    """Write the sbatch scripts of a run (and submit them with ``do_submit``). Returns the submitted jobs."""
+                   env: Mapping[str, str] | None = None, out: Printer = print,
+                   parents: bool = True) -> list[dict[str, Any]]:
+    """Write the sbatch scripts of a run (and submit them with ``do_submit``). Returns the submitted jobs.
+    ``parents``: requested stages bring their incomplete parents into the chain (see the module doc)."""
     cfg = load_config(config, list(overrides))
     selected = select_stages(cfg, stages)
+    added: set[str] = set()
+    if parents and stages:
+        selected, added = with_parents(cfg, selected, out)
     # the planner checks against launch.gpu_memory_gib (this machine is not the cluster's node)
     memory_plans(cfg, selected, out, check=cfg.launch.gpu_memory_gib is not None)
     check_deepspeed(cfg, selected, cuda=cfg.slurm.gpus_per_node > 0, out=out)
-    chosen = plan_submission(cfg, selected, force, out)
+    chosen = plan_submission(cfg, selected, force, out, added)
     if not chosen:
         out("nothing to submit: every requested stage is complete and up to date (use --force to re-run)")
         return []
     config_file = write_resolved_config(cfg, slurm_dir(cfg) / "config.resolved.json")
     if force:
-        for stage in chosen:
+        for stage in (s for s in chosen if s not in added):  # an added parent resumes; never wiped
             manifest = read_manifest(cfg.stage_dir(stage))
             if manifest is not None and (cfg.stage_dir(stage) / "checkpoints").exists():
                 shutil.rmtree(cfg.stage_dir(stage) / "checkpoints")

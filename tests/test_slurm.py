@@ -128,6 +128,15 @@ def test_plan_submission_skips_complete_leading_stages(tmp_path, monkeypatch):
 
     with pytest.raises(ManifestError, match="cannot submit stage 'rm'"):
         plan_submission(cfg, ["rm", "ppo"], force=False, out=lambda line: None)
+    # --stages ppo brings the failed sft and the missing rm into the chain, as `pipeline run` does ...
+    lines.clear()
+    slurm_pipeline(config, stages=["ppo"], force=True, out=lines.append)
+    assert [p.name for p in sorted((cfg.run_dir() / "slurm").glob("*.sbatch"))] == ["ppo.sbatch", "rm.sbatch",
+                                                                                    "sft.sbatch"]
+    assert any(line.startswith("[sft] added:") and "failed" in line for line in lines)
+    # ... and --no-parents refuses
+    with pytest.raises(ManifestError, match="cannot submit stage 'ppo'"):
+        slurm_pipeline(config, stages=["ppo"], parents=False, out=lambda line: None)
 
 
 def test_parse_scontrol():
