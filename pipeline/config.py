@@ -235,9 +235,6 @@ class TrainConfig(_Section):
         if watching and not self.eval_steps:
             raise ValueError("lr_plateau_factor / early_stopping_patience watch the held-out metric: set "
                              "eval_steps (and give the stage held-out data: eval_data or eval_fraction)")
-        if (watching or self.batch_ramp) and self.deepspeed:
-            raise ValueError("lr_plateau_factor, early_stopping_patience and batch_ramp are not supported with "
-                             "deepspeed yet (DeepSpeed steps the optimiser and counts accumulation itself)")
         return self
 
     def accumulation_at(self, step: int) -> int:

@@ -17,7 +17,10 @@ What it does:
   ``early_stopping_patience`` evaluations without improvement with the best evaluation's weights restored
   (kept in ``checkpoints/best/``), and a batch-size ramp-up (``batch_ramp``: more micro-batches accumulated
   per optimizer step, the micro-batch order unchanged; logged as ``grad_accum_steps``/``global_batch_size``);
-  their state is part of every checkpoint, so a resumed run takes the same decisions;
+  their state is part of every checkpoint, so a resumed run takes the same decisions. Under DeepSpeed too
+  (ZeRO-1/2; early stopping is refused under ZeRO-3, whose weights are sharded): the plateau scale is applied
+  to the wrapped optimiser after DeepSpeed's step, and the ramp sets DeepSpeed's accumulation count and
+  marks each step's last micro-batch as the boundary itself;
 - full-state checkpoints every ``save_steps`` (trainable weights, optimizer, scheduler, RNG, data
   position, unfreezer), written to a temporary folder and renamed into place; resume continues exactly
   where the interrupted run stopped;
@@ -221,6 +224,9 @@ class Engine:
         # the watch on the held-out metric (reduce-on-plateau, early stopping): saved in every checkpoint
         self.watch: dict[str, Any] = {"best": None, "best_step": None, "since_best": 0, "plateau_wait": 0,
                                       "lr_scale": 1.0, "stopped": False}
+        if train.early_stopping_patience is not None and self.zero_stage == 3:
+            raise ValueError(f"{desc}: early_stopping_patience is not supported with ZeRO-3 (the best weights "
+                             f"would have to be gathered from every rank); use a ZeRO-1/2 config")
         if (train.lr_plateau_factor is not None or train.early_stopping_patience is not None) and eval_fn is None:
             raise ValueError(f"{desc}: lr_plateau_factor / early_stopping_patience need held-out data to watch "
                              f"{train.monitor} (eval_data or eval_fraction)")
@@ -331,6 +337,8 @@ class Engine:
             while (self.micro_in_epoch < len(batches) and self.global_step < self.total_steps
                    and not self.watch["stopped"]):
                 accum = t.accumulation_at(self.global_step)  # batch_ramp: more micro-batches per step later on
+                if self.ds_engine is not None and t.batch_ramp:
+                    self._deepspeed_accumulation(accum, last_micro=micro_count + 1 == accum)
                 indices = batches[self.micro_in_epoch]
                 batch = self._to_device(self.collate([self.items[i] for i in indices]))
                 with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -364,6 +372,7 @@ class Engine:
                     self._apply_lr_scale()
                     self.optimizer.zero_grad(set_to_none=True)
                 else:
+                    self._apply_lr_scale()  # DeepSpeed's step has just stepped the schedule
                     grad_norm = self.ds_engine.get_global_grad_norm()
                     grad_norm = float(grad_norm) if grad_norm is not None else None
                 self.global_step += 1
@@ -434,10 +443,19 @@ class Engine:
     # ------------------------------------------------------------------------ dynamic hyper-parameters
     def _apply_lr_scale(self) -> None:
         """The learning rate in force: the schedule's value times the plateau scale (1 unless reduced)."""
-        if self.ds_engine is not None or self.train.lr_plateau_factor is None:
+        if self.train.lr_plateau_factor is None:
             return
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr * self.watch["lr_scale"]
+
+    def _deepspeed_accumulation(self, accum: int, last_micro: bool) -> None:
+        """``batch_ramp`` under DeepSpeed, before each micro-batch: DeepSpeed's accumulation count (it scales
+        the loss by 1/count) follows the ramp, and whether this micro-batch ends the step is set explicitly,
+        since DeepSpeed's own test (micro-batches since the start, modulo the count) goes out of step as soon
+        as the count changes."""
+        if self.ds_engine.gradient_accumulation_steps() != accum:
+            self.ds_engine.set_train_batch_size(accum * self.train.per_device_batch_size * self.dist.world_size)
+        self.ds_engine.set_gradient_accumulation_boundary(last_micro)
 
     @property
     def _best_checkpoints(self) -> Checkpoints:

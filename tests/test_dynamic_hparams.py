@@ -186,3 +186,42 @@ def test_sft_stage_with_plateau_and_early_stopping(tiny_cfg):
     watched = [r for r in rows if "best_eval_loss" in r]
     assert len(watched) == min(6, watched[-1]["step"]) and all("evals_since_best" in r for r in watched)
     assert json.loads((cfg.stage_dir("sft") / "manifest.json").read_text())["status"] == "complete"
+
+
+@pytest.fixture
+def one_rank_process_group(monkeypatch):
+    """The environment deepspeed.initialize reads to start a one-process group (gloo, CPU)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_dynamic_hparams_under_deepspeed_zero2_match_the_plain_engine(tmp_path, one_rank_process_group):
+    """The three together under DeepSpeed ZeRO-2 take the same decisions, log the same learning rates and
+    batch sizes, and end with the same weights as the plain loop: the plateau scale reaches DeepSpeed's
+    optimiser, the ramp its accumulation (and loss scaling), early stopping its module."""
+    pytest.importorskip("deepspeed")
+    script = {2: 1.0, 4: 0.9, 6: 0.95, 8: 0.96, 10: 0.97, 12: 0.5}
+    train = dict(max_steps=12, eval_steps=2, lr_plateau_factor=0.5, lr_plateau_patience=1,
+                 early_stopping_patience=3, batch_ramp={0: 1, 3: 2, 6: 4})
+    plain, plain_run = _engine(tmp_path / "plain", script, **train)
+    plain.fit()
+    ds, ds_run = _engine(tmp_path / "ds", script, deepspeed="configs/deepspeed/zero2.json", **train)
+    ds.fit()
+    assert ds.ds_engine is not None
+    assert ds.watch == plain.watch and ds.watch["stopped"] and ds.watch["best_step"] == 4
+    keys = ("lr", "lr_scale", "grad_accum_steps", "global_batch_size")
+    assert [[r[k] for k in keys] for r in _train_rows(ds_run)] == [[r[k] for k in keys] for r in _train_rows(plain_run)]
+    assert [r["lr_scale"] for r in _train_rows(ds_run)] == [1.0] * 6 + [0.5] * 2 + [0.25] * 2
+    for a, b in zip(_train_rows(ds_run), _train_rows(plain_run)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for (name, x), y in zip(ds.model.state_dict().items(), plain.model.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
