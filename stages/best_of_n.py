@@ -1,9 +1,10 @@
 """The ``best_of_n`` stage: rejection sampling into SFT data (DESIGN §7).
 
 1. For every prompt of ``best_of_n.data`` the policy (the ``sft`` stage's model, or the base with
-   ``policy_from: base``) samples ``n`` responses: HF ``generate``, left padding, temperature
-   ``best_of_n.temperature``, top-k 0, top-p 1, stop at eos, nothing from the checkpoint's
-   ``generation_config`` (``stages.generation``); batch ``b`` is sampled under seed ``seed + b``.
+   ``policy_from: base``) samples ``n`` responses with the run's rollout backend (``rollout.backend``,
+   ``stages.rollout_backend``): temperature ``best_of_n.temperature``, top-k 0, top-p 1, stop at eos,
+   nothing from the checkpoint's ``generation_config`` (``stages.generation``). hf (the default): HF
+   ``generate``, left padding, batch ``b`` sampled under seed ``seed + b``; vllm: one stream per sample.
 2. Every reward source of ``best_of_n.rewards`` scores them (``stages.ppo.rewards.RewardSources``: the
    rm stage's RM on the prompt ids + response ids up to and including eos, functions, judges), summed
    with their weights.
@@ -38,30 +39,14 @@ def best_of_n_data(stage_dir: str | Path) -> Path:
     return Path(stage_dir) / OUTPUT_FILE
 
 
-def _sample(model: Any, tokenizer: Any, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float,
-            batch_size: int, seed: int, device: Any) -> list[list[list[int]]]:
-    """``n`` sampled responses per prompt (token ids up to and including the first eos, or all of them)."""
-    import torch
+def _sample(backend: Any, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float,
+            seed: int) -> list[list[list[int]]]:
+    """``n`` sampled responses per prompt (token ids up to and including the first eos, or all of them) from the
+    rollout ``backend`` (``stages.rollout_backend``)."""
+    from stages.rollout_backend import Sampling
 
-    from stages.batching import left_pad
-    from stages.generation import neutral_generate, neutral_generation_config
-
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    out: list[list[list[int]]] = []
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
-        ids, mask = left_pad(prompts[start:start + batch_size], pad)
-        torch.manual_seed(seed + b)
-        gen_cfg = neutral_generation_config(tokenizer, max_new_tokens, do_sample=True, temperature=temperature,
-                                            num_return_sequences=n)
-        with torch.no_grad():
-            generated = neutral_generate(model, gen_cfg, input_ids=ids.to(device),
-                                         attention_mask=mask.to(device))[:, ids.shape[1]:].tolist()
-        for i in range(ids.shape[0]):
-            rows = []
-            for seq in generated[i * n:(i + 1) * n]:
-                rows.append(seq[:seq.index(eos) + 1] if eos in seq else [t for t in seq if t != pad])
-            out.append(rows)
-    return out
+    groups = backend.generate(prompts, Sampling(max_new_tokens, temperature, n=n, seed=seed))
+    return [[g.token_ids for g in group] for group in groups]
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -69,6 +54,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     from stages.chat import prompt_ids, with_system
     from stages.ppo.rewards import Responses, RewardSources
+    from stages.rollout_backend import open_backend
 
     bon = cfg.best_of_n
     if bon.data is None:
@@ -98,12 +84,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             raise DataError(f"{bon.data.path}: every prompt is longer than best_of_n.max_prompt_length="
                             f"{bon.max_prompt_length} tokens; raise it")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(model_dir, cfg.model, tokenizer).to(device).eval()
-        started = time.perf_counter()
-        samples = _sample(model, tokenizer, encoded, bon.n, bon.max_new_tokens, bon.temperature, bon.batch_size,
-                          bon.seed, device)
-        sample_s = time.perf_counter() - started
-        del model
+        def load_policy() -> Any:
+            return load_model(model_dir, cfg.model, tokenizer).to(device).eval()
+
+        with open_backend(cfg, model_dir, tokenizer, load_policy, device, bon.batch_size,
+                          max(map(len, encoded)) + bon.max_new_tokens, run.dir) as backend:
+            started = time.perf_counter()
+            samples = _sample(backend, encoded, bon.n, bon.max_new_tokens, bon.temperature, bon.seed)
+            sample_s = time.perf_counter() - started
 
         rm = None
         if any(r.kind == "rm" for r in bon.rewards):

@@ -4,7 +4,8 @@
    (``distill.teacher``):
 
    - ``hf``: a causal LM folder or hub name (``model: base`` is this run's base model), answering with
-     HF ``generate`` in batches of ``batch_size`` (left padding, greedy at ``temperature: 0``, else plain
+     the run's rollout backend (``rollout.backend``: HF ``generate`` by default, or a vLLM worker;
+     ``stages.rollout_backend``) in batches of ``batch_size`` (greedy at ``temperature: 0``, else plain
      sampling; nothing from the checkpoint's ``generation_config``; batch ``b`` sampled under
      ``seed + b``), in its own tokenizer and chat template;
    - ``stage``: a complete stage folder of an earlier run (``outputs/<run>/<stage>``): its ``model/`` and
@@ -85,7 +86,17 @@ class HFTeacher:
         self.tokenizer = load_tokenizer(tokenizer_dir, cfg.model, None if own_template else cfg.chat,
                                         template_key="distill.teacher")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(model_dir, cfg.model, self.tokenizer).to(self.device).eval()
+        self.cfg, self.model_dir = cfg, model_dir
+        self._model: Any = None
+        self._load = lambda: load_model(model_dir, cfg.model, self.tokenizer).to(self.device).eval()
+
+    @property
+    def model(self) -> Any:
+        """The teacher as an HF model in this process, loaded on first use (token-level distillation, the report,
+        the hf rollout backend); a distill stage answering with ``rollout.backend: vllm`` never loads it here."""
+        if self._model is None:
+            self._model = self._load()
+        return self._model
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         from stages.chat import prompt_ids
@@ -93,29 +104,26 @@ class HFTeacher:
         return prompt_ids(self.tokenizer, messages)
 
     def answer_batches(self, prompts: list[list[dict[str, str]]], done: Callable[[int, Answer], None]) -> None:
-        """Answer ``prompts`` (messages, system prompt applied) batch by batch; ``done(i, answer)`` per answer."""
-        import torch
+        """Answer ``prompts`` (messages, system prompt applied) batch by batch; ``done(i, answer)`` per answer.
 
-        from stages.batching import left_pad
-        from stages.generation import neutral_generate, neutral_generation_config
+        With the run's rollout backend (``rollout.backend``, ``stages.rollout_backend``): batch ``b`` of
+        ``batch_size`` prompts is sampled under seed ``seed + b`` (hf: ``torch.manual_seed``, left padding;
+        vllm: one stream per prompt); greedy at ``temperature: 0``; its log goes to the distill stage folder."""
+        from stages.rollout_backend import Sampling, open_backend
 
         d, tok = self.dcfg, self.tokenizer
-        gen_cfg = neutral_generation_config(tok, d.max_new_tokens, do_sample=d.temperature > 0,
-                                            temperature=d.temperature or 1.0)
-        for b, start in enumerate(range(0, len(prompts), d.batch_size)):
-            ids, mask = left_pad([self.prompt_ids(m) for m in prompts[start:start + d.batch_size]],
-                                 tok.pad_token_id)
-            torch.manual_seed(d.seed + b)
-            with torch.no_grad():
-                out = neutral_generate(self.model, gen_cfg, input_ids=ids.to(self.device),
-                                       attention_mask=mask.to(self.device))[:, ids.shape[1]:].tolist()
-            for j, seq in enumerate(out):
-                finished = tok.eos_token_id in seq
-                seq = seq[:seq.index(tok.eos_token_id)] if finished else [t for t in seq if t != tok.pad_token_id]
-                done(start + j, Answer(tok.decode(seq, skip_special_tokens=True).strip(), finished, time.time()))
+        with open_backend(self.cfg, self.model_dir, tok, lambda: self.model, self.device, d.batch_size,
+                          d.max_prompt_length + d.max_new_tokens, self.cfg.stage_dir("distill")) as backend:
+            for b, start in enumerate(range(0, len(prompts), d.batch_size)):
+                ids = [self.prompt_ids(m) for m in prompts[start:start + d.batch_size]]
+                groups = backend.generate(ids, Sampling(d.max_new_tokens, d.temperature, seed=d.seed + b))
+                for j, (answer,) in enumerate(groups):
+                    seq = answer.token_ids[:-1] if answer.finished else answer.token_ids
+                    done(start + j, Answer(tok.decode(seq, skip_special_tokens=True).strip(), answer.finished,
+                                           time.time()))
 
     def close(self) -> None:
-        del self.model
+        self._model = None
 
 
 class HTTPTeacher:
@@ -257,6 +265,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             raise DataError(str(exc)) from None
         sampling = {"max_new_tokens": d.max_new_tokens, "temperature": d.temperature,
                     "seed": d.seed if d.temperature > 0 else None}
+        if d.temperature > 0 and cfg.rollout.backend != "hf" and d.teacher.kind != "http":
+            sampling["rollout_backend"] = cfg.rollout.backend  # other random streams: other cached answers
         too_long: set[int] = set()
         if isinstance(teacher, HFTeacher):
             too_long = {i for i, m in enumerate(messages) if len(teacher.prompt_ids(m)) > d.max_prompt_length}

@@ -12,6 +12,7 @@ the default tiny model's head_dim 16.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -104,6 +105,67 @@ def test_seeded_sampling_is_reproducible(tiny):
     assert alone[0] == together[2]
 
 
+def _rows(path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_distill_greedy_answers_are_the_same_with_hf_and_vllm(tiny, tiny_cfg):
+    """The distill stage with an hf teacher (the base model) answers greedily: the same answers either way."""
+    from stages import run_stage
+
+    _, _, _, backend = tiny
+    common = [*TINY32, "stages=[distill]", "distill.data={path: data/demo/prompts.jsonl, max_records: 8}",
+              "distill.max_new_tokens=12", "distill.batch_size=4", "distill.num_threads=1", "distill.cache=false"]
+    hf_cfg = tiny_cfg(*common, "run_name=distill-hf")
+    vllm_cfg = tiny_cfg(*common, "run_name=distill-vllm", "rollout.backend=vllm",
+                        f"rollout.vllm.base_url={backend.base_url}", f"rollout.vllm.python={VLLM_PYTHON}")
+    run_stage("distill", hf_cfg)
+    run_stage("distill", vllm_cfg)
+    hf = [r["messages"] for r in _rows(hf_cfg.stage_dir("distill") / "data.jsonl")]
+    vllm = [r["messages"] for r in _rows(vllm_cfg.stage_dir("distill") / "data.jsonl")]
+    assert hf and vllm == hf
+
+
+def test_best_of_n_and_rlaif_label_sample_through_the_engine(tiny, tiny_cfg):
+    """Both stages run with rollout.backend=vllm, and every response they keep is one of the engine's samples
+    for the stage's seed (so the samples are the backend's, reproducible, not HF's)."""
+    from pipeline.models import load_tokenizer, prepare_base
+    from stages import run_stage
+    from stages.chat import prompt_ids
+    from stages.rollout_backend import Sampling
+
+    _, _, _, backend = tiny
+    engine = ["rollout.backend=vllm", f"rollout.vllm.base_url={backend.base_url}",
+              f"rollout.vllm.python={VLLM_PYTHON}"]
+    bon = tiny_cfg(*TINY32, *engine, "stages=[best_of_n]", "best_of_n.policy_from=base",
+                   "best_of_n.data={path: data/demo/prompts.jsonl, max_records: 6}", "best_of_n.n=3",
+                   "best_of_n.max_new_tokens=12", "best_of_n.require_eos=false", "best_of_n.seed=4",
+                   "best_of_n.rewards=[{kind: function, function: 'stages.ppo.rewards:digit_fraction'}]")
+    run_stage("best_of_n", bon)
+    base = prepare_base(bon.model)
+    tok = load_tokenizer(base, bon.model, bon.chat)
+    rows = _rows(bon.stage_dir("best_of_n") / "data.jsonl")
+    assert len(rows) == 6  # every prompt kept, in order: the stage asked for all 6 in one call
+    prompts = [prompt_ids(tok, r["messages"][:-1], bon.chat.system_prompt) for r in rows]
+    for r, samples in zip(rows, backend.generate(prompts, Sampling(12, 1.0, n=3, seed=4))):
+        assert r["messages"][-1]["content"] == tok.decode(samples[r["best_index"]].token_ids,
+                                                          skip_special_tokens=True).strip()
+
+    label = tiny_cfg(*TINY32, *engine, "stages=[rlaif_label]", "rlaif_label.data={path: data/demo/prompts.jsonl, "
+                     "max_records: 6}", "rlaif_label.num_responses=3", "rlaif_label.max_new_tokens=12")
+    run_stage("rlaif_label", label)
+    prefs = _rows(label.stage_dir("rlaif_label") / "preferences.jsonl")
+    assert prefs
+    prompts = [[{"role": "user", "content": row["prompt"]}] for row in _rows(REPO / "data/demo/prompts.jsonl")[:6]]
+    groups = backend.generate([prompt_ids(tok, m, label.chat.system_prompt) for m in prompts],
+                              Sampling(12, label.rlaif_label.temperature, n=3, seed=label.rlaif_label.seed))
+    texts = {json.dumps(m): {tok.decode(g.token_ids[:-1] if g.finished else g.token_ids,
+                                        skip_special_tokens=True).strip() for g in group}
+             for m, group in zip(prompts, groups)}
+    for r in prefs:
+        assert {r["chosen"], r["rejected"]} <= texts[json.dumps(r["prompt"])]
+
+
 def _ppo_step_then_compare(cfg, tok, vllm_backend_of) -> None:
     """One PPO step with rollouts from vLLM, then: the engine, synced, answers greedily as the updated actor."""
     from pipeline.stage import StageRun
@@ -182,3 +244,32 @@ def test_greedy_smollm2_hf_and_vllm_agree(tmp_path):
     same = sum(a == b for a, b in zip(out, hf))
     print(f"SmolLM2 greedy: {same} of {len(prompts)} prompts token-identical")
     assert out == hf
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_deepspeed_ranks_with_vllm_rollouts_match_one_process(tiny, tiny_cfg, tmp_path):
+    """tests/test_ppo.py's torchrun worker with rollout.backend=vllm: rank 0 alone talks to the engine (gathers
+    both ranks' prompts and episode seeds, broadcasts the rows); two ZeRO-2 ranks end with the parameters of
+    one process on the same global batch, as with hf rollouts."""
+    from test_ppo import DIST_OVERRIDES, _launch, _weights
+
+    from stages.ppo import trainer
+
+    _, _, model, backend = tiny
+    engine = [*TINY32, "rollout.backend=vllm", f"rollout.vllm.base_url={backend.base_url}",
+              f"rollout.vllm.python={VLLM_PYTHON}"]
+    try:
+        proc = _launch(tmp_path, "ds", ["ppo.train.deepspeed=configs/deepspeed/zero2.json",
+                                        "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", *engine])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        ranks = [torch.load(tmp_path / "ds" / f"params-rank{r}.pt") for r in (0, 1)]
+        one = tiny_cfg(*DIST_OVERRIDES, *engine, "run_name=one", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8",
+                       "ppo.gradient_accumulation_steps=2")
+        trainer.run(one)
+    finally:
+        backend.sync_weights(model)  # the module's worker back on the base weights
+    single = {k: v.float() for k, v in _weights(one.stage_dir("ppo") / "model").items()}
+    for params in ranks:
+        diffs = {k: float((params[k] - single[k]).abs().max()) for k in single}
+        assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]

@@ -1,9 +1,10 @@
 """The ``rlaif_label`` stage: SFT policy samples -> AI-judged preference pairs (offline RLAIF, DESIGN §1).
 
 For every prompt of ``rlaif_label.data`` the SFT policy (the ``sft`` stage's ``model/``, or the base
-model when ``sft`` is not among the run's stages) samples ``num_responses`` responses (HF ``generate``,
-left padding, temperature ``rlaif_label.temperature``, top-k 0, top-p 1, stop at eos; nothing from the
-checkpoint's ``generation_config``, see ``stages.generation``). Every pair of
+model when ``sft`` is not among the run's stages) samples ``num_responses`` responses with the run's
+rollout backend (``rollout.backend``: HF ``generate`` by default, or a vLLM worker; ``stages.rollout_backend``):
+temperature ``rlaif_label.temperature``, top-k 0, top-p 1, stop at eos; nothing from the checkpoint's
+``generation_config``, see ``stages.generation``). Every pair of
 distinct, non-empty responses is judged by ``build_judge(cfg, rlaif_label.judge)`` in both orders;
 ties (including inconsistent and unreadable verdicts) are dropped and counted. The result is
 ``preferences.jsonl`` in the stage folder: one ``{"prompt", "chosen", "rejected", "judge": {...}}``
@@ -60,40 +61,22 @@ def _policy_dirs(cfg: RunConfig, run: StageRun) -> tuple[str, str, str]:
     return base, base, "base"
 
 
-def sample_responses(model: Any, tokenizer: Any, prompts: list[list[int]], num_responses: int,
-                     max_new_tokens: int, temperature: float, batch_size: int, seed: int,
-                     device: str) -> list[list[tuple[str, bool]]]:
-    """``num_responses`` samples per prompt (token id lists): ``[[(text, ended_with_eos), ...], ...]``.
+def sample_responses(backend: Any, tokenizer: Any, prompts: list[list[int]], num_responses: int,
+                     max_new_tokens: int, temperature: float, seed: int) -> list[list[tuple[str, bool]]]:
+    """``num_responses`` samples per prompt (token id lists) from the rollout ``backend``
+    (``stages.rollout_backend``): ``[[(text, ended_with_eos), ...], ...]``.
 
-    Left-padded batches of ``batch_size`` prompts; batch ``b`` is sampled under seed ``seed + b`` so a
-    batch's samples do not depend on the batches before it.
+    hf: left-padded batches of ``batch_size`` prompts, batch ``b`` sampled under seed ``seed + b`` so a batch's
+    samples do not depend on the batches before it; vllm: one random stream per sample. Plain sampling at
+    ``temperature``: the checkpoint's generation_config adds nothing (DESIGN §4).
     """
-    import torch
+    from stages.rollout_backend import Sampling
 
-    from stages.batching import left_pad
-    from stages.generation import neutral_generate, neutral_generation_config
-
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    groups = backend.generate(prompts, Sampling(max_new_tokens, temperature, n=num_responses, seed=seed))
     out: list[list[tuple[str, bool]]] = []
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[start:start + batch_size]
-        ids, mask = left_pad(chunk, pad)
-        width = ids.shape[1]
-        torch.manual_seed(seed + b)
-        with torch.no_grad():
-            # plain sampling at `temperature`: the checkpoint's generation_config adds nothing (DESIGN §4)
-            gen_cfg = neutral_generation_config(tokenizer, max_new_tokens, do_sample=True, temperature=temperature,
-                                                num_return_sequences=num_responses)
-            generated = neutral_generate(model, gen_cfg, input_ids=ids.to(device),
-                                         attention_mask=mask.to(device))[:, width:].tolist()
-        for i in range(len(chunk)):
-            samples = []
-            for k in range(num_responses):
-                seq = generated[i * num_responses + k]
-                ended = eos in seq
-                tokens = seq[:seq.index(eos)] if ended else [t for t in seq if t != pad]
-                samples.append((tokenizer.decode(tokens, skip_special_tokens=True).strip(), ended))
-            out.append(samples)
+    for group in groups:
+        out.append([(tokenizer.decode(g.token_ids[:-1] if g.finished else g.token_ids,
+                                      skip_special_tokens=True).strip(), g.finished) for g in group])
     return out
 
 
@@ -114,21 +97,25 @@ def _encode_prompts(cfg: RunConfig, tokenizer: Any, examples: list[Any]) -> tupl
     return encoded, kept, too_long
 
 
-def _sample(cfg: RunConfig, model_dir: str, tokenizer: Any, encoded: list[list[int]],
+def _sample(cfg: RunConfig, run: StageRun, model_dir: str, tokenizer: Any, encoded: list[list[int]],
             policy: str) -> tuple[list, float]:
-    """``num_responses`` samples per prompt from the policy -> (per prompt [(text, ended_with_eos)], seconds)."""
+    """``num_responses`` samples per prompt from the policy -> (per prompt [(text, ended_with_eos)], seconds
+    spent sampling), with the run's rollout backend (``rollout.backend``)."""
     import torch
+
+    from stages.rollout_backend import open_backend
 
     label_cfg = cfg.rlaif_label
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(model_dir, cfg.model, tokenizer).to(device).eval()
     print(f"[alignpipe] rlaif_label: sampling {label_cfg.num_responses} responses for {len(encoded)} prompts "
-          f"from the {policy} policy", flush=True)
-    started = time.time()
-    samples = sample_responses(model, tokenizer, encoded, label_cfg.num_responses, label_cfg.max_new_tokens,
-                               label_cfg.temperature, label_cfg.batch_size, label_cfg.seed, device)
-    seconds = time.time() - started
-    del model
+          f"from the {policy} policy ({cfg.rollout.backend})", flush=True)
+    with open_backend(cfg, model_dir, tokenizer, lambda: load_model(model_dir, cfg.model, tokenizer).to(device).eval(),
+                      device, label_cfg.batch_size, max(map(len, encoded)) + label_cfg.max_new_tokens,
+                      run.dir) as backend:
+        started = time.time()
+        samples = sample_responses(backend, tokenizer, encoded, label_cfg.num_responses, label_cfg.max_new_tokens,
+                                   label_cfg.temperature, label_cfg.seed)
+        seconds = time.time() - started
     if device == "cuda":
         torch.cuda.empty_cache()
     return samples, seconds
@@ -237,7 +224,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         examples, report = load_examples(label_cfg.data, "prompt")
         encoded, kept_examples, too_long = _encode_prompts(cfg, tokenizer, examples)
         # 2. sample
-        samples, sample_s = _sample(cfg, model_dir, tokenizer, encoded, policy)
+        samples, sample_s = _sample(cfg, run, model_dir, tokenizer, encoded, policy)
         # 3. pair
         pairs = _distinct_pairs(kept_examples, samples)
         n_responses = len(kept_examples) * label_cfg.num_responses

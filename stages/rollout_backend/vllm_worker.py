@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -146,6 +147,8 @@ def _exit_with_parent(parent_pid):
             os.kill(parent_pid, 0)
         except ProcessLookupError:
             print(f"[vllm_worker] parent {parent_pid} is gone; exiting", file=sys.stderr, flush=True)
+            if os.getpgrp() == os.getpid():  # started as its own group (the client does): vLLM's processes too
+                os.killpg(os.getpid(), signal.SIGKILL)
             os._exit(3)
         except PermissionError:  # exists, owned by someone else
             pass
