@@ -204,9 +204,13 @@ def evaluate_model(cfg: RunConfig, name: str, specs: dict[str, dict[str, Any]]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size, max_gen_toks=ev.max_gen_toks)
     # only our own task configs, handed over as dicts: the built-in (hub) tasks are never indexed
     manager = TaskManager(include_defaults=False)
+    # lm-eval stops a sequence at the task's `until` strings and cuts the text there; it relies on generate
+    # stopping at eos (the answer's end in chat format), which the blanked generation_config no longer says
+    stop_at_eos = {"eos_token_id": tokenizer.eos_token_id}
     with torch.no_grad(), checkpoint_generation_defaults_off(model):
         raw = simple_evaluate(
             model=lm, tasks=[dict(spec) for spec in specs.values()], num_fewshot=ev.num_fewshot, limit=ev.limit,
+            gen_kwargs=stop_at_eos,
             task_manager=manager, log_samples=True, apply_chat_template=ev.apply_chat_template,
             fewshot_as_multiturn=ev.apply_chat_template,
             system_instruction=cfg.chat.system_prompt if ev.apply_chat_template else None,
