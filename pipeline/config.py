@@ -784,8 +784,12 @@ class VLLMRolloutConfig(_Section):
     request_timeout_s: float = Field(900.0, gt=0, description="Seconds one generate / weight-sync request may take.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Engine weight dtype; auto: model.dtype (float32 on CPU keeps greedy equal to hf).")
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of the device memory vLLM takes "
-                                                                        "(GPU hosts; ignored by the CPU build).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of the GPU memory vLLM takes (the "
+                                                                        "CPU build reads it as a share of the RAM).")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="KV cache size in GiB (vLLM's kv_cache_memory_bytes). Default: 2 on a host without "
+                                "CUDA (else the CPU build reserves gpu_memory_utilization of the RAM), vLLM's own "
+                                "sizing from gpu_memory_utilization on GPUs.")
     enforce_eager: bool = Field(True, description="No CUDA graphs / torch.compile (faster start, less memory).")
     max_model_len: int | None = Field(None, gt=0, description="Engine context length (default: the stage's longest "
                                                              "prompt + max_new_tokens).")

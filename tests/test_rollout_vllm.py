@@ -21,13 +21,16 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("ALIGNPIPE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+# `make vllm-env` writes .installed last: a half-built environment (a failed install) counts as absent
+VLLM_READY = VLLM_PYTHON.exists() and ("ALIGNPIPE_VLLM_PYTHON" in os.environ
+                                       or (REPO / ".venv-vllm" / ".installed").exists())
 TINY32 = ["model.tiny.num_heads=2", "model.tiny.num_kv_heads=1"]
 DIGITS = "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:digit_fraction', weight: 10}]"
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(not VLLM_PYTHON.exists(),
-                       reason=f"no vLLM environment at {VLLM_PYTHON}: run `make vllm-env` (or set "
+    pytest.mark.skipif(not VLLM_READY,
+                       reason=f"no (complete) vLLM environment at {VLLM_PYTHON}: run `make vllm-env` (or set "
                               "ALIGNPIPE_VLLM_PYTHON) to run the vLLM backend tests"),
 ]
 

@@ -39,6 +39,14 @@ from stages.rollout_backend.base import Generation, RolloutEngineError, Sampling
 
 WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
 LOG_TAIL_LINES = 30
+# the CPU build otherwise reserves gpu_memory_utilization (0.5) of the machine's RAM for its KV cache
+CPU_KV_CACHE_GIB = 2.0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -94,6 +102,11 @@ class VLLMBackend:
                "--engine-args", json.dumps(v.engine_args)]
         if v.max_model_len or max_model_len:
             cmd += ["--max-model-len", str(v.max_model_len or max_model_len)]
+        kv_cache_gib = v.kv_cache_gib
+        if kv_cache_gib is None and not _has_cuda():
+            kv_cache_gib = CPU_KV_CACHE_GIB
+        if kv_cache_gib is not None:
+            cmd += ["--kv-cache-gib", str(kv_cache_gib)]
         if v.enforce_eager:
             cmd.append("--enforce-eager")
         if lora_rank:

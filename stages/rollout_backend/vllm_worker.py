@@ -46,6 +46,8 @@ class Engine:
             kwargs["max_model_len"] = args.max_model_len
         if args.gpu_memory_utilization:
             kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+        if args.kv_cache_gib:
+            kwargs["kv_cache_memory_bytes"] = int(args.kv_cache_gib * (1 << 30))
         if args.max_lora_rank:
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=args.max_lora_rank)
         kwargs.update(json.loads(args.engine_args or "{}"))
@@ -162,6 +164,7 @@ def main():
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default: vLLM's sizing)")
     parser.add_argument("--max-lora-rank", type=int, default=0, help="> 0: enable LoRA adapters up to this rank")
     parser.add_argument("--engine-args", default="{}", help="JSON object of more vllm.LLM arguments")
     parser.add_argument("--parent-pid", type=int, default=None)
@@ -179,7 +182,7 @@ def main():
     engine = Engine(args)
     server = serve(engine, args.port, {"model": args.model, "vllm": vllm.__version__, "lora": engine.lora})
     protocol.write(json.dumps({"ready": True, "port": server.server_address[1], "vllm": vllm.__version__,
-                               "load_seconds": time.perf_counter() - started}) + "\n")
+                               "lora": engine.lora, "load_seconds": time.perf_counter() - started}) + "\n")
     protocol.flush()
     try:
         server.serve_forever()
