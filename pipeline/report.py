@@ -367,10 +367,11 @@ def standard_eval_lines(cfg: RunConfig) -> list[str]:
     settings = saved.get("settings") or {}
     limit = settings.get("limit")
     shots = settings.get("num_fewshot")
+    examples = ("zero-shot" if shots == 0 else
+                f"{'the task default' if shots is None else shots} few-shot example(s) from the task's few-shot split")
     lines = ["## Standard evaluation (lm-evaluation-harness)", "",
              f"`python -m pipeline eval`: lm-eval {settings.get('lm_eval_version', '?')}, "
-             f"{'the first ' + str(limit) if limit else 'all'} test questions per task, "
-             f"{'the task default' if shots is None else shots} few-shot example(s) from the task's few-shot split, "
+             f"{'the first ' + str(limit) if limit else 'all'} test questions per task, {examples}, "
              f"greedy, up to {settings.get('max_gen_toks')} generated tokens, chat template "
              f"{'on' if settings.get('apply_chat_template') else 'off'}. Interval: Wilson 95% over questions.", ""]
     rows, stale = [], []

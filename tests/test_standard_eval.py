@@ -13,7 +13,7 @@ import json
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.report import standard_eval_lines
+from pipeline.report import standard_eval_lines, write_report
 from pipeline.standard_eval import models_to_evaluate, run_eval, summarize_task, task_config
 
 from conftest import shared_data
@@ -132,6 +132,8 @@ def test_eval_of_a_tiny_run_writes_results_and_the_report_shows_them(tiny_cfg):
     strict_rows = [r for r in section.splitlines() if r.startswith("| gsm8k | exact_match,strict-match |")]
     assert [r.split("|")[3].strip() for r in strict_rows] == ["base", "SFT"]
     assert "Stale" not in section
+    text = write_report(cfg, out=lambda line: None, generate_samples=False).read_text()
+    assert text.index("## Standard evaluation") < text.index("## Stages")  # with the answers, before the details
 
 
 def test_report_section_is_empty_without_results(tiny_cfg):
