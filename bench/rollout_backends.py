@@ -12,10 +12,12 @@ Three measurements on one model (SmolLM2-135M-Instruct from configs/demo.yaml by
 
 Each round times A (hf) then B (vllm) on the same work; the first round is a warm-up and is left out; the
 table gives each backend's median and the median of the per-round ratios vllm / hf. The vLLM worker is
-started once, before timing (its start-up time is reported apart). Run it on a quiet machine:
+started once, before timing (its start-up time is reported apart). Memory: the PPO part holds two SmolLM2
+trainers (actor, reference, critic, optimisers: ~4 GB each in fp32, estimated from the parameter count) and
+a vLLM worker (~3 GB with its 2 GiB KV cache). Run it on a quiet machine:
 
     .venv/bin/python bench/rollout_backends.py --json bench/results/rollout_backends.json   # SmolLM2, ~15 min CPU
-    .venv/bin/python bench/rollout_backends.py --tiny --rounds 2                             # wiring check, ~3 min
+    .venv/bin/python bench/rollout_backends.py --tiny --rounds 2                             # wiring check, ~1.5 min
 
 Needs the vLLM environment (``make vllm-env``).
 """
@@ -96,8 +98,9 @@ def bench_sampling(args, cfg, base, tok, vllm_backend) -> list[dict]:
             seconds = time.perf_counter() - started
             if r:
                 label[name].append(counting.tokens / seconds)
-            print(f"round {r} {name}: rollout {rollout[name][-1] if r else 'warm-up'}, rlaif_label "
-                  f"{label[name][-1] if r else 'warm-up'}", flush=True)
+            if r:
+                print(f"round {r} {name}: rollout {rollout[name][-1]:.1f} tokens/s, rlaif_label "
+                      f"{label[name][-1]:.1f} tokens/s", flush=True)
     return [summarise("rollout sampling", "generated tokens/s", rollout["hf"], rollout["vllm"]),
             summarise("rlaif_label sampling", "generated tokens/s", label["hf"], label["vllm"])]
 
