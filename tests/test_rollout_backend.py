@@ -44,6 +44,15 @@ def test_stream_seeds_are_fixed_and_distinct():
     assert len(seeds) == 24 and all(0 <= x < 2 ** 63 for x in seeds)
 
 
+def test_engine_logp_diff_is_the_mean_over_real_tokens_only():
+    from stages.ppo.rollout import engine_logp_diff
+
+    old = torch.tensor([[-1.5, -2.0, 0.0], [-0.5, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # |-1 - -1.5| = 0.5, |-2 - -2| = 0, |-0.5 - -0.5| = 0 over 3 real tokens; padding (9.0) never counts
+    assert engine_logp_diff([[-1.0, -2.0], [-0.5]], old, mask) == pytest.approx(0.5 / 3)
+
+
 def test_sampling_refuses_what_it_cannot_mean():
     with pytest.raises(ValueError, match="max_new_tokens"):
         Sampling(max_new_tokens=0)

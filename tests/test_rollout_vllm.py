@@ -183,6 +183,8 @@ def _ppo_step_then_compare(cfg, tok, vllm_backend_of) -> None:
             start = {n: p.detach().clone() for n, p in tr.actor.named_parameters() if p.requires_grad}
             row, rollout = tr._ppo_step()
             assert rollout.response_ids.shape == rollout.old_logp.shape and torch.isfinite(rollout.old_logp).all()
+            # the engine's log-probs of its own samples agree with the trainer's forward pass (fp32 both)
+            assert row["rollout_engine_logp_diff"] < 1e-3, row["rollout_engine_logp_diff"]
             moved = max(float((p.detach() - start[n]).abs().max()) for n, p in tr.actor.named_parameters()
                         if p.requires_grad)
             assert moved > 0, "the update changed the actor"
@@ -195,7 +197,8 @@ def _ppo_step_then_compare(cfg, tok, vllm_backend_of) -> None:
             hf = _ids(HFBackend(tr.actor, tok, torch.device("cpu"), batch_size=4).generate(prompts, greedy))
             assert after_sync == hf
             print(f"greedy rows changed by the update: {sum(a != b for a, b in zip(before_sync, after_sync))} of "
-                  f"{len(prompts)}; max |weight change| {moved:.3g}")
+                  f"{len(prompts)}; max |weight change| {moved:.3g}; engine vs trainer log-prob "
+                  f"{row['rollout_engine_logp_diff']:.2e}")
         finally:
             tr.close_rollout_engine()
         run.manifest["metrics"] = {}

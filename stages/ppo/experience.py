@@ -30,7 +30,14 @@ from stages.ppo.core import (
 )
 from stages.ppo.distributed import global_whiten
 from stages.ppo.rewards import Responses, Scores
-from stages.ppo.rollout import EpisodeSampler, episode_seed, episode_uniforms, response_mask, response_rows
+from stages.ppo.rollout import (
+    EpisodeSampler,
+    engine_logp_diff,
+    episode_seed,
+    episode_uniforms,
+    response_mask,
+    response_rows,
+)
 
 
 @dataclass
@@ -48,7 +55,8 @@ class Rollout:
     ``reward`` (B,) the sequence reward used for RL (normalised, clipped, minus the missing-eos penalty);
     ``advantages`` (B, T) fp32 (whitened when configured); ``returns`` (B, T) fp32.
     For logs: ``response_texts``, ``prompt_messages``, ``truncated_prompts`` (prompts cut to
-    ``max_prompt_length`` in this batch), ``reward_stats`` (eos penalty, ``rm_truncated``, ``reward_metric/*``).
+    ``max_prompt_length`` in this batch), ``reward_stats`` (eos penalty, ``rm_truncated``, ``reward_metric/*``;
+    with a rollout engine also ``rollout_engine_logp_diff``: mean |engine log-prob - old_logp| per token).
     """
 
     prompt_ids: torch.Tensor
@@ -234,13 +242,14 @@ class PPORollout:
                     self.rollout_engine.sync_weights(self.actor)
                     self.engine_sync_seconds += time.perf_counter() - started
                     self.engine_stale = False
-                sampling = Sampling(ppo.max_new_tokens, ppo.temperature,
+                sampling = Sampling(ppo.max_new_tokens, ppo.temperature, logprobs=True,
                                     prompt_seeds=[s for _, rank_seeds in everyone for s in rank_seeds])
-                rows = [g[0].token_ids for g in
-                        self.rollout_engine.generate([p for rank_ids, _ in everyone for p in rank_ids], sampling)]
+                out = [g[0] for g in
+                       self.rollout_engine.generate([p for rank_ids, _ in everyone for p in rank_ids], sampling)]
                 sizes = [len(rank_ids) for rank_ids, _ in everyone]
                 starts = [sum(sizes[:r]) for r in range(len(sizes))]
-                answer = {"rows": [rows[a:a + n] for a, n in zip(starts, sizes)]}
+                answer = {"rows": [[g.token_ids for g in out[a:a + n]] for a, n in zip(starts, sizes)],
+                          "logprobs": [[g.logprobs for g in out[a:a + n]] for a, n in zip(starts, sizes)]}
             except Exception as exc:  # noqa: BLE001  (sent to every rank, then raised)
                 failure, answer = exc, {"error": f"{type(exc).__name__}: {exc}"}
         answer = self.comm.broadcast_object(answer)
@@ -248,6 +257,8 @@ class PPORollout:
             if failure is not None:
                 raise failure
             raise RolloutEngineError(f"rank 0's rollout engine failed: {answer['error']}")
+        # the engine's log-probs of these rows (diagnostic: make_rollout logs their distance to old_logp)
+        self.engine_logprobs = answer["logprobs"][self.dist.rank]
         return answer["rows"][self.dist.rank]
 
     @torch.no_grad()
@@ -311,6 +322,9 @@ class PPORollout:
         scores, texts = self.score_responses(prompts, response, mask, has_eos)
         t3 = time.perf_counter()
         reward, reward_stats = self._sequence_reward(scores, has_eos)
+        if self.cfg.rollout.backend != "hf" and all(x is not None for x in self.engine_logprobs):
+            # the engine's numbers vs ours (never used for the ratio)
+            reward_stats["rollout_engine_logp_diff"] = engine_logp_diff(self.engine_logprobs, old_logp, mask)
         # 4. advantages, returns
         kl = kl_penalty(old_logp, ref_logp, ppo.kl_estimator)
         advantages, returns = self.advantages(reward, kl, old_values, mask)

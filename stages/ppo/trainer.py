@@ -70,6 +70,8 @@ Metrics (``metrics.jsonl``, one row per step; means over the global batch unless
 - ``explained_variance``: of the returns by the rollout values (1 is a perfect critic).
 - ``response_length``: mean real response tokens (eos included); ``eos_rate``: share ending in eos.
 - ``skipped_minibatches``: minibatches with a skipped micro-batch this step (ratio explosion).
+- ``rollout_engine_logp_diff`` (``rollout.backend: vllm``): mean |engine log-prob - ``old_logp``| per response
+  token, how far the engine's numbers are from the trainer's (a diagnostic: the ratio uses ``old_logp``).
 - ``time_generate``, ``time_forward`` (policy/reference/critic passes on the rollout),
   ``time_score`` (reward sources), ``time_update`` (seconds); ``episodes_per_s`` (all ranks, whole step);
   ``time_cpu``: CPU seconds this process used for the step (all its threads; on a shared machine
