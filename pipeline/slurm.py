@@ -92,6 +92,20 @@ def _check_resources(cfg: RunConfig) -> None:
         )
 
 
+def _vllm_lines(cfg: RunConfig) -> list[str]:
+    """rollout.backend vllm: where the engine runs (docs/ROLLOUT.md), and a check that its environment exists on
+    the node before the stage starts."""
+    v = cfg.rollout.vllm
+    if v.base_url:
+        return [f"# rollout.backend: vllm at {v.base_url} (a worker you started; it must be reachable from the "
+                "first node)"]
+    python = v.python if Path(v.python).is_absolute() else str(REPO_ROOT / v.python)
+    return ["# rollout.backend: vllm: rank 0 starts a vLLM worker on the first node, on the GPUs it sees; the",
+            "# vLLM environment must be on a filesystem the nodes share (make vllm-env)",
+            f"test -x {shlex.quote(python)} || {{ echo \"rollout.vllm.python {python} is missing on $(hostname): "
+            "run make vllm-env where the nodes see it\" >&2; exit 1; }"]
+
+
 def sbatch_script(cfg: RunConfig, stage: str, config_file: Path, entry: str | None = None,
                   python: str | None = None, env: Mapping[str, str] | None = None) -> tuple[str, Path]:
     """The sbatch script text for ``stage`` and its output log pattern (``%j`` = job id)."""
@@ -130,6 +144,8 @@ def sbatch_script(cfg: RunConfig, stage: str, config_file: Path, entry: str | No
     lines += ["", "set -eo pipefail", f"cd {shlex.quote(str(REPO_ROOT))}"]
     if s.setup:
         lines += ["# setup (slurm.setup)", *s.setup]
+    if cfg.rollout.backend == "vllm" and stage in ("ppo", "rlaif_label", "best_of_n", "distill"):
+        lines += _vllm_lines(cfg)
     stage_log = cfg.stage_dir(stage) / "stage.log"
     lines += [
         f'export PYTHONPATH={shlex.quote(str(REPO_ROOT))}"${{PYTHONPATH:+:$PYTHONPATH}}"',

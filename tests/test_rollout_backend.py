@@ -138,6 +138,20 @@ def test_rollout_config_refuses_a_missing_engine_and_unsupported_policies(tiny_c
         tiny_cfg("rollout.backend=sglang")
 
 
+def test_slurm_script_checks_the_vllm_environment_on_the_node(tiny_cfg, tmp_path):
+    from pipeline.slurm import sbatch_script
+
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    cfg = tiny_cfg("rollout.backend=vllm", f"rollout.vllm.python={python}")
+    text, _ = sbatch_script(cfg, "ppo", tmp_path / "run.json")
+    assert f"test -x {python} ||" in text and "rank 0 starts a vLLM worker" in text
+    assert text.index(f"test -x {python}") < text.index("srun ")  # checked before the stage starts
+    hf, _ = sbatch_script(tiny_cfg(), "ppo", tmp_path / "run.json")
+    assert "vllm" not in hf
+
+
 # ------------------------------------------------------------------------------- vllm client failures
 FAKE_WORKER = '''
 import json, os, sys, time, threading
