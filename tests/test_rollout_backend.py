@@ -168,12 +168,21 @@ class H(BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{{}}")
         if self.path == "/generate" and mode == "hang":
             time.sleep(600)
         if self.path == "/generate" and mode == "die":
             os._exit(9)
-        body = json.dumps({{"ok": True}}).encode()
+        if self.path == "/generate" and mode == "echo":  # answers every prompt with [7, 8, eos]
+            eos = request["stop_token_ids"][0]
+            outputs = [{{"token_ids": [7, 8, eos], "finish_reason": "stop",
+                        "logprobs": [-1.0, -1.0, -1.0] if request["logprobs"] else None}} for _ in request["prompts"]]
+            body = json.dumps({{"outputs": outputs}}).encode()
+        else:
+            body = json.dumps({{"ok": True}}).encode()
+        calls.append(self.path)
+        with open(os.environ.get("FAKE_CALLS", os.devnull), "a") as fh:
+            fh.write(self.path + "\\n")
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -181,6 +190,7 @@ class H(BaseHTTPRequestHandler):
         if self.path == "/shutdown":
             threading.Thread(target=server.shutdown).start()
 
+calls = []
 server = HTTPServer(("127.0.0.1", 0), H)
 print(json.dumps({{"ready": True, "port": server.server_address[1]}}), flush=True)
 server.serve_forever()
@@ -252,3 +262,58 @@ def test_close_stops_a_healthy_worker_and_is_idempotent(tmp_path):
     backend.close()
     assert not _alive(pid)
     assert (tmp_path / "work" / "vllm_worker.log").read_text().count("fake worker starting") == 1
+
+
+def test_open_backend_stops_the_worker_on_an_interrupt(tiny_cfg, tmp_path):
+    from stages.rollout_backend import open_backend
+
+    cfg = tiny_cfg("rollout.backend=vllm", f"rollout.vllm.python={_fake_python(tmp_path, 'echo')}")
+    tok = SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    with pytest.raises(KeyboardInterrupt):
+        with open_backend(cfg, "unused", tok, lambda: None, "cpu", 4, 64, tmp_path / "work") as backend:
+            pid = backend.proc.pid
+            groups = backend.generate([[1, 5], [1, 6]], Sampling(max_new_tokens=4, n=2, seed=1))
+            assert [[g.token_ids for g in grp] for grp in groups] == [[[7, 8, 2]] * 2] * 2
+            assert all(g.finished for grp in groups for g in grp)
+            raise KeyboardInterrupt
+    assert not _alive(pid)
+
+
+def test_ppo_with_an_engine_syncs_after_each_update_and_stops_it_on_an_interrupt(tiny_cfg, tmp_path, monkeypatch):
+    """PPO's engine lifecycle against a fake worker answering [7, 8, eos]: started on the actor's weights,
+    a weight sync before every rollout after an update (none before the first), stopped with the weights
+    written for it removed when the run is interrupted."""
+    from stages.ppo import trainer
+
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    cfg = tiny_cfg("stages=[ppo]", "ppo.policy_from=base", "ppo.total_episodes=48",
+                   "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:digit_fraction'}]",
+                   "rollout.backend=vllm", f"rollout.vllm.python={_fake_python(tmp_path, 'echo')}")
+    seen = {}
+
+    def interrupt(step: int) -> None:
+        if step == 2:
+            seen["pid"] = next(p for p in _children_named("fake_worker_echo"))
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(cfg, on_step_end=interrupt)
+    assert calls.read_text().split() == ["/generate", "/load_weights", "/generate", "/shutdown"]
+    assert not _alive(seen["pid"])
+    engine_dir = cfg.stage_dir("ppo") / "rollout_engine"
+    assert (engine_dir / "vllm_worker.log").exists() and not (engine_dir / "start").exists()
+    assert not (engine_dir / "vllm_sync").exists()
+
+
+def _children_named(fragment: str) -> list[int]:
+    """Pids of this process's descendants whose command line contains ``fragment``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if fragment in (entry / "cmdline").read_text():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
