@@ -13,7 +13,9 @@ One PPO step (``rollout_batch_size`` prompts per rank):
    from per-episode random streams (``rollout.EpisodeSampler``) so it does not depend on ranks or
    resume. Nothing from the checkpoint's ``generation_config`` applies (``stages.generation``).
    Tokens after the first eos are masked and set to pad; responses are padded to the longest response
-   across ranks, so every rank's tensors have the same shape.
+   across ranks, so every rank's tensors have the same shape. With ``rollout.backend: vllm`` a vLLM worker
+   samples instead (rank 0 asks for every rank's episodes, each with its own seed; the actor's weights are
+   synced before the first rollout after each update; docs/ROLLOUT.md); step 2 is the same either way.
 2. Experience: fp32 log-probs of the response under the policy and the reference (the LoRA policy with
    its adapter disabled, or a separate frozen copy for full fine-tuning with the actor's weight dtype, so
    at step 0 both give the same numbers), critic values (token-level value head initialised from the
