@@ -169,7 +169,7 @@ def test_best_of_n_and_rlaif_label_sample_through_the_engine(tiny, tiny_cfg):
         assert {r["chosen"], r["rejected"]} <= texts[json.dumps(r["prompt"])]
 
 
-def _ppo_step_then_compare(cfg, tok, vllm_backend_of) -> None:
+def _ppo_step_then_compare(cfg, tok, vllm_backend_of, n_prompts: int = 12) -> None:
     """One PPO step with rollouts from vLLM, then: the engine, synced, answers greedily as the updated actor."""
     from pipeline.stage import StageRun
     from stages.engine import init_distributed
@@ -189,7 +189,8 @@ def _ppo_step_then_compare(cfg, tok, vllm_backend_of) -> None:
                         if p.requires_grad)
             assert moved > 0, "the update changed the actor"
             assert tr.engine_stale
-            prompts = [p.ids for p in tr.prompts[:12]]
+            tok = tok or tr.tokenizer
+            prompts = [p.ids for p in tr.prompts[:n_prompts]]
             greedy = Sampling(max_new_tokens=16, temperature=0)
             before_sync = _comparable(engine.generate(prompts, greedy), tok.pad_token_id)
             engine.sync_weights(tr.actor)
@@ -222,6 +223,27 @@ def test_ppo_update_then_sync_lora_adapter_equals_hf(tiny_cfg, tiny):
                    "ppo.mini_batch_size=8", "ppo.train.learning_rate=3e-2", "ppo.tuning.method=lora",
                    "rollout.backend=vllm", f"rollout.vllm.python={VLLM_PYTHON}", "rollout.vllm.dtype=float32")
     _ppo_step_then_compare(cfg, tok, lambda tr: tr.rollout_engine)
+
+
+@pytest.mark.slow
+def test_smollm2_ppo_step_then_sync_equals_hf(tmp_path):
+    """SmolLM2 ties lm_head to the embeddings: after a full fine-tuning PPO step and the in-place sync, vLLM's
+    greedy output still equals the updated HF actor's."""
+    from pipeline.config import load_config
+    from pipeline.models import prepare_base
+
+    try:
+        cfg = load_config(REPO / "configs" / "demo.yaml", [
+            f"output_root={tmp_path}", "logging.progress_bar=false", "stages=[ppo]", "ppo.policy_from=base",
+            "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:digit_fraction'}]", "ppo.eval_data=null",
+            "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.max_new_tokens=8", "ppo.tuning.method=full",
+            "ppo.train.learning_rate=1e-4", "ppo.train.save_steps=1000", "rollout.backend=vllm",
+            f"rollout.vllm.python={VLLM_PYTHON}", "rollout.vllm.dtype=float32"])
+        prepare_base(cfg.model)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"SmolLM2 not available here: {exc}")
+    assert json.loads((Path(prepare_base(cfg.model)) / "config.json").read_text())["tie_word_embeddings"]
+    _ppo_step_then_compare(cfg, None, lambda tr: tr.rollout_engine, n_prompts=6)
 
 
 @pytest.mark.slow
