@@ -16,8 +16,10 @@ started once, before timing (its start-up time is reported apart). Memory: the P
 trainers (actor, reference, critic, optimisers: ~4 GB each in fp32, estimated from the parameter count) and
 a vLLM worker (~3 GB with its 2 GiB KV cache). Run it on a quiet machine:
 
-    .venv/bin/python bench/rollout_backends.py --json bench/results/rollout_backends.json   # SmolLM2, ~15 min CPU
-    .venv/bin/python bench/rollout_backends.py --tiny --rounds 2                             # wiring check, ~1.5 min
+    # SmolLM2 (not yet timed at this size):
+    .venv/bin/python bench/rollout_backends.py --threads 2 --json bench/results/rollout_backends.json
+    # wiring check on the tiny model (~1.5 min):
+    .venv/bin/python bench/rollout_backends.py --tiny --rounds 1
 
 Needs the vLLM environment (``make vllm-env``).
 """
