@@ -123,6 +123,9 @@ def bench_ppo(args, config: str, overrides: list[str], vllm_python: str) -> dict
             "vllm": load_config(REPO / config, [*common, "run_name=bench-vllm", "rollout.backend=vllm",
                                                 f"rollout.vllm.python={vllm_python}"])}
     rates: dict[str, list[float]] = {"hf": [], "vllm": []}
+    # where each step's time went and how long the responses were (sampled lengths differ between engines)
+    split_keys = ("time_generate", "time_forward", "time_score", "time_update", "response_length")
+    splits: dict[str, dict[str, list[float]]] = {name: {k: [] for k in split_keys} for name in rates}
     runs, trainers = {}, {}
     try:
         for name, cfg in cfgs.items():
@@ -133,11 +136,14 @@ def bench_ppo(args, config: str, overrides: list[str], vllm_python: str) -> dict
         for r in range(args.rounds + 1):
             for name, trainer in trainers.items():
                 started = time.perf_counter()
-                trainer._ppo_step()
+                step_row, _ = trainer._ppo_step()
                 seconds = time.perf_counter() - started
                 if r:
                     rates[name].append(trainer.sizes.global_batch / seconds)
-                print(f"ppo round {r} {name}: {trainer.sizes.global_batch / seconds:.3f} episodes/s", flush=True)
+                    for key in split_keys:
+                        splits[name][key].append(float(step_row.get(key, float("nan"))))
+                print(f"ppo round {r} {name}: {trainer.sizes.global_batch / seconds:.3f} episodes/s; "
+                      + ", ".join(f"{k} {float(step_row.get(k, float('nan'))):.2f}" for k in split_keys), flush=True)
         sync = trainers["vllm"].engine_sync_seconds
     finally:
         for trainer in trainers.values():
@@ -147,6 +153,8 @@ def bench_ppo(args, config: str, overrides: list[str], vllm_python: str) -> dict
             run.__exit__(None, None, None)
     row = summarise(f"PPO steps ({args.tuning}, batch {args.ppo_batch})", "episodes/s", rates["hf"], rates["vllm"])
     row["vllm_weight_sync_seconds_total"] = sync
+    row["step_split_median"] = {name: {k: statistics.median(v) for k, v in parts.items() if v}
+                                for name, parts in splits.items()}
     return row
 
 
