@@ -151,8 +151,11 @@ def test_ctrl_c_then_resume(fake, tmp_path):
 
     config = write_config(tmp_path)
     env = {**os.environ, "FAKE_STEPS": "6", "FAKE_SLEEP": "0.5"}
+    # as from a terminal: a test run started in the background (`make test &`) inherits SIGINT ignored, which
+    # Python and every child would keep
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config), "--no-report"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     rm_log = load_config(config).stage_dir("rm") / "metrics.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and not (rm_log.exists() and len(rm_log.read_text().splitlines()) >= 2):
