@@ -47,9 +47,9 @@ def main(argv: list[str]) -> None:
     def get_vocab_base_pre(self, tokenizer) -> str:
         try:
             return look_up_by_hash(self, tokenizer)
-        except NotImplementedError:
+        except Exception as error:  # the converter's refusal of an unknown hash (its message, checked below)
             declared = declared_pre_tokenizer(Path(self.dir_model))
-            if declared is None:
+            if declared is None or "pre-tokenizer was not recognized" not in str(error):
                 raise
             print(f"alignpipe: pre-tokenizer not in llama.cpp's table; tokenizer.json declares {declared!r}",
                   file=sys.stderr)

@@ -52,7 +52,7 @@ def _sample(backend: Any, prompts: list[list[int]], n: int, max_new_tokens: int,
 def run(cfg: RunConfig) -> dict[str, Any]:
     import torch
 
-    from stages.chat import prompt_ids, with_system
+    from stages.chat import prompt_ids_within, with_system
     from stages.ppo.rewards import Responses, RewardSources
     from stages.rollout_backend import open_backend
 
@@ -72,18 +72,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         fmt = chat_format(tokenizer, cfg.chat)
         run.set_chat_format(fmt, chat_fingerprint(fmt))
         examples, report = load_examples(bon.data, "prompt")
-        kept, encoded, too_long = [], [], 0
-        for ex in examples:
-            ids = prompt_ids(tokenizer, ex.prompt, cfg.chat.system_prompt)
-            if len(ids) > bon.max_prompt_length:
-                too_long += 1
-                continue
-            kept.append(ex)
-            encoded.append(ids)
+        encoded, kept, too_long = prompt_ids_within(tokenizer, examples, cfg.chat.system_prompt,
+                                                    bon.max_prompt_length)
         if not encoded:
             raise DataError(f"{bon.data.path}: every prompt is longer than best_of_n.max_prompt_length="
                             f"{bon.max_prompt_length} tokens; raise it")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
         def load_policy() -> Any:
             return load_model(model_dir, cfg.model, tokenizer).to(device).eval()
 

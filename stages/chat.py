@@ -44,6 +44,22 @@ def prompt_ids(tokenizer: Any, messages: Messages, system_prompt: str | None = N
     return list(tokenizer(render_prompt(tokenizer, messages, system_prompt), add_special_tokens=False)["input_ids"])
 
 
+def prompt_ids_within(tokenizer: Any, examples: list[Any], system_prompt: str | None,
+                      max_prompt_length: int) -> tuple[list[list[int]], list[Any], int]:
+    """:func:`prompt_ids` of each example's ``prompt`` -> (ids, the examples kept, how many were skipped for
+    being longer than ``max_prompt_length`` tokens). The sampling stages skip such prompts (PPO instead keeps
+    their last tokens, ``stages.ppo.rollout.encode_prompts``)."""
+    encoded, kept, too_long = [], [], 0
+    for ex in examples:
+        ids = prompt_ids(tokenizer, ex.prompt, system_prompt)
+        if len(ids) > max_prompt_length:
+            too_long += 1
+            continue
+        encoded.append(ids)
+        kept.append(ex)
+    return encoded, kept, too_long
+
+
 # ----------------------------------------------------------------------------------------- SFT targets
 def render_with_spans(tokenizer: Any, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation with the chat template; return (text, character spans of assistant targets).

@@ -31,7 +31,7 @@ from pipeline.config import RunConfig
 from pipeline.manifest import atomic_write_text
 from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
 from pipeline.stage import StageRun
-from stages.chat import prompt_ids
+from stages.chat import prompt_ids_within
 
 from .judges import JudgeError, build_judge
 
@@ -83,14 +83,8 @@ def sample_responses(backend: Any, tokenizer: Any, prompts: list[list[int]], num
 def _encode_prompts(cfg: RunConfig, tokenizer: Any, examples: list[Any]) -> tuple[list[list[int]], list[Any], int]:
     """Prompt ids in the chat layout -> (ids, the examples kept, how many were too long)."""
     label_cfg = cfg.rlaif_label
-    encoded, kept, too_long = [], [], 0
-    for ex in examples:
-        ids = prompt_ids(tokenizer, ex.prompt, cfg.chat.system_prompt)
-        if len(ids) > label_cfg.max_prompt_length:
-            too_long += 1
-            continue
-        encoded.append(ids)
-        kept.append(ex)
+    encoded, kept, too_long = prompt_ids_within(tokenizer, examples, cfg.chat.system_prompt,
+                                                label_cfg.max_prompt_length)
     if not encoded:
         raise DataError(f"{label_cfg.data.path}: all {len(examples)} prompts are longer than "
                         f"rlaif_label.max_prompt_length={label_cfg.max_prompt_length} tokens; raise it")
