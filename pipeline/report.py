@@ -289,25 +289,15 @@ def _rm_section(cfg: RunConfig, plots: Path) -> list[str]:
     return lines
 
 
-def _ppo_section(cfg: RunConfig, plots: Path) -> list[str]:
-    manifest = _stage_manifest(cfg, "ppo")
-    lines = ["## PPO", ""]
-    if (missing := _not_run("ppo", manifest)) is not None:
+def _curves_section(cfg: RunConfig, plots: Path, stage: str, keys: Sequence[str]) -> list[str]:
+    """``## PPO`` / ``## DPO``: the stage's logged curves in one grid of plots."""
+    title = stage.upper()
+    lines = [f"## {title}", ""]
+    if (missing := _not_run(stage, _stage_manifest(cfg, stage))) is not None:
         return lines + missing
-    rows = read_metrics(cfg.stage_dir("ppo"))
-    png = plot_grid(plots / "ppo_curves.png", "PPO", {k: series(rows, k) for k in PPO_KEYS})
-    lines += [f"![PPO curves]({png.relative_to(cfg.run_dir())})", ""] if png else ["no PPO metrics logged", ""]
-    return lines
-
-
-def _dpo_section(cfg: RunConfig, plots: Path) -> list[str]:
-    manifest = _stage_manifest(cfg, "dpo")
-    lines = ["## DPO", ""]
-    if (missing := _not_run("dpo", manifest)) is not None:
-        return lines + missing
-    rows = read_metrics(cfg.stage_dir("dpo"))
-    png = plot_grid(plots / "dpo_curves.png", "DPO", {k: series(rows, k) for k in DPO_KEYS})
-    lines += [f"![DPO curves]({png.relative_to(cfg.run_dir())})", ""] if png else ["no DPO metrics logged", ""]
+    rows = read_metrics(cfg.stage_dir(stage))
+    png = plot_grid(plots / f"{stage}_curves.png", title, {k: series(rows, k) for k in keys})
+    lines += [f"![{title} curves]({png.relative_to(cfg.run_dir())})", ""] if png else [f"no {title} metrics logged", ""]
     return lines
 
 
@@ -1236,9 +1226,9 @@ def write_report(cfg: RunConfig, out: Printer = print, generate_samples: bool = 
     if "rm" in stages:
         lines += _rm_section(cfg, plots)
     if "ppo" in stages:
-        lines += _ppo_section(cfg, plots)
+        lines += _curves_section(cfg, plots, "ppo", PPO_KEYS)
     if "dpo" in stages:
-        lines += _dpo_section(cfg, plots)
+        lines += _curves_section(cfg, plots, "dpo", DPO_KEYS)
     for policy, (result, source) in results.items():
         lines += _samples_section(cfg, result, source, policy)
     if icl is not None:
