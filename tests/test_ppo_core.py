@@ -20,6 +20,7 @@ from stages.ppo.core import (
     kl_k2,
     kl_k3,
     kl_penalty,
+    kl_return,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -189,6 +190,18 @@ def test_group_estimators_reject_bad_groups():
         rloo_advantages(T([1, 2, 3]), mask, group_size=2)
     with pytest.raises(ValueError, match="batch size"):
         rloo_advantages(T([1, 2]), mask, group_size=2)
+
+
+def test_kl_return_hand_example_is_linear_in_kl_coef():
+    # beta = 0.1, KL = [1, 2, 3] on a row that ends after 3 tokens (garbage 9 in the padding):
+    #   per-token -beta*KL = [-0.1, -0.2, -0.3] ; reward-to-go (gamma 1) = [-0.6, -0.5, -0.3, 0]
+    # row 1: KL = [4, -2] (k1 can be negative), gamma 0.5: [-0.4 + 0.5 * 0.2, 0.2] = [-0.3, 0.2]
+    kl = T([[1, 2, 3, 9], [4, -2, 7, 7]])
+    mask = T([[1, 1, 1, 0], [1, 1, 0, 0]])
+    close(kl_return(kl, mask, 0.1)[0], [-0.6, -0.5, -0.3, 0], atol=1e-6)
+    close(kl_return(kl, mask, 0.1, gamma=0.5)[1], [-0.3, 0.2, 0, 0], atol=1e-6)
+    close(kl_return(kl, mask, 0.0), torch.zeros(2, 4))
+    close(kl_return(kl, mask, 0.3), 3 * kl_return(kl, mask, 0.1), atol=1e-6)
 
 
 def test_discounted_returns_reinforce_pp_token_level_kl():

@@ -40,6 +40,62 @@ def _overrides(estimator: str, *extra: str) -> list[str]:
             "ppo.num_samples_per_prompt=4", "ppo.missing_eos_penalty=0", *extra]
 
 
+# ------------------------------------------------------------------------- advantages with the KL
+def _advantages(estimator: str, reward, kl, mask, kl_coef: float, **ppo):
+    """PPORollout.advantages on a stand-in trainer: one process, a fixed KL coefficient."""
+    from types import SimpleNamespace
+
+    from stages.ppo.core import FixedKLController
+    from stages.ppo.distributed import Comm
+    from stages.ppo.experience import PPORollout
+
+    settings = dict(advantage_estimator=estimator, kl_in_loss=False, num_samples_per_prompt=4, group_std_eps=1e-6,
+                    gamma=1.0, lam=0.95, whiten_advantages=False)
+    settings.update(ppo)
+    trainer = SimpleNamespace(cfg=SimpleNamespace(ppo=SimpleNamespace(**settings)), kl_ctl=FixedKLController(kl_coef),
+                              comm=Comm(SimpleNamespace(world_size=1)))
+    return PPORollout.advantages(trainer, reward, kl, torch.zeros_like(kl), mask)[0]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_tied_group_with_random_kl_has_no_task_advantage_and_kl_scales_with_kl_coef(estimator):
+    """A group whose scores tie (a 0/1 verifier's usual case) gets zero task advantage: what is left is the
+    KL's own reward-to-go, linear in kl_coef (before, the KL entered the score and was divided by the
+    group's std: unit scale, the same advantages at 0.05 and 0.0005)."""
+    from stages.ppo.core import kl_return
+
+    g = torch.Generator().manual_seed(0)
+    kl = torch.rand(4, 6, generator=g) * 0.3
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0], [1] * 2 + [0] * 4])
+    tied = torch.ones(4)
+    big, small = _advantages(estimator, tied, kl, mask, 0.05), _advantages(estimator, tied, kl, mask, 0.0005)
+    torch.testing.assert_close(big, kl_return(kl, mask, 0.05), rtol=0, atol=1e-7)
+    torch.testing.assert_close(big, 100 * small, rtol=1e-5, atol=1e-8)
+    assert _advantages(estimator, tied, kl, mask, 0.0).abs().max() == 0
+    assert big[~mask.bool()].abs().max() == 0
+
+
+def test_grpo_task_advantage_equals_trl_group_normalisation():
+    """The task part of GRPO's advantage is TRL 1.16's GRPOTrainer formula on the same scores
+    (trl/trainer/grpo_trainer.py, scale_rewards='group': (r - group mean) / (nanstd(group) + 1e-4)); the
+    KL part is added after it, unscaled."""
+    from trl.trainer.utils import nanstd
+
+    from stages.ppo.core import kl_return
+
+    k = 4
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.2, 0.9, 0.4, 0.4, 1.0, 1.0, 1.0, 1.0])
+    mask = torch.ones(12, 3)
+    mask[3, 2] = mask[7, 1:] = 0
+    kl = torch.rand(12, 3, generator=torch.Generator().manual_seed(1))
+    mean = rewards.view(-1, k).mean(1).repeat_interleave(k)
+    std = nanstd(rewards.view(-1, k), dim=1).repeat_interleave(k)
+    trl_advantages = (rewards - mean) / (std + 1e-4)
+    ours = _advantages("grpo", rewards, kl, mask, 0.05, group_std_eps=1e-4) - kl_return(kl, mask, 0.05)
+    expected = torch.where(mask.bool(), trl_advantages.unsqueeze(1).expand(12, 3), torch.zeros(()))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
 # -------------------------------------------------------------------------------------- learning
 @pytest.mark.parametrize("estimator,extra", [
     ("grpo", ()),

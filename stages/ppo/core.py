@@ -369,6 +369,28 @@ def rloo_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int) -
     return torch.where(m, adv.unsqueeze(1).expand(m.shape), torch.zeros((), dtype=adv.dtype, device=adv.device))
 
 
+def kl_return(kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, gamma: float = 1.0) -> torch.Tensor:
+    """The KL part of a critic-free advantage: ``-kl_coef * sum_{s >= t} gamma^(s - t) * KL_s`` per token.
+
+    The group estimators (:func:`grpo_advantages`, :func:`rloo_advantages`) see the task score only; the
+    KL penalty is added after them at its own scale, per token, as OpenRLHF does for its group
+    estimators (``compute_reward`` then the reward-to-go). Subtracting ``beta * sum_t KL_t`` from the score
+    *before* the group normalisation would divide the KL by the group's std: in a group whose scores tie
+    the advantage becomes ``-(KL_i - mean) / std(KL)``, unit scale whatever ``kl_coef``.
+
+    Args:
+        kl: ``(B, T)`` per-token KL estimates (:func:`kl_penalty`).
+        mask: ``(B, T)`` 0/1, each row 1s then 0s.
+        kl_coef: beta >= 0.
+        gamma: discount in [0, 1].
+
+    Returns:
+        ``(B, T)`` fp32 (fp64 if ``kl`` is fp64), detached, 0 where ``mask`` is 0; linear in ``kl_coef``.
+    """
+    zero_scores = torch.zeros(kl.size(0), dtype=_float_dtype(kl), device=kl.device)
+    return discounted_returns(per_token_rewards(zero_scores, kl, mask, kl_coef), mask, gamma)
+
+
 # --------------------------------------------------------------------------------------------
 # KL
 

@@ -24,6 +24,7 @@ from stages.ppo.core import (
     discounted_returns,
     grpo_advantages,
     kl_penalty,
+    kl_return,
     logprobs_from_logits,
     per_token_rewards,
     rloo_advantages,
@@ -338,10 +339,11 @@ class PPORollout:
         """-> (advantages, returns), (B, T) fp32, by ``ppo.advantage_estimator``; ``reward`` (B,) sequence
         rewards, ``kl`` (B, T) per-token KL estimates, ``old_values`` (B, T), ``mask`` (B, T).
 
-        The KL term is in the reward unless ``kl_in_loss``: per token for gae and reinforce_pp
-        (``-beta * KL_t``, the reward at the last token), summed over the sequence for grpo and rloo
-        (``reward - beta * sum_t KL_t``, then the group baseline). ``returns`` are the critic's targets
-        (gae) or the reward-to-go (the others; for logs only)."""
+        The KL term is in the reward unless ``kl_in_loss``: per token (``-beta * KL_t``, the score at the
+        last token) for gae and reinforce_pp; for grpo and rloo the group estimator normalises the task
+        score alone and the KL's reward-to-go ``-beta * sum_{s >= t} KL_s`` is added to it at its own scale
+        (:func:`kl_return`), so a group whose scores tie has zero task advantage whatever its KL.
+        ``returns`` are the critic's targets (gae) or the reward-to-go (the others; for logs only)."""
         ppo = self.cfg.ppo
         beta = 0.0 if ppo.kl_in_loss else self.kl_ctl.value
         rewards = per_token_rewards(reward, kl, mask, beta)
@@ -353,11 +355,13 @@ class PPORollout:
         returns = discounted_returns(rewards, mask, ppo.gamma)
         if ppo.advantage_estimator == "reinforce_pp":  # global baseline: whitened over all ranks' episodes
             return global_whiten(returns, mask, self.comm), returns
-        sequence_reward = reward - beta * (kl * mask).sum(1)
+        # the group baseline sees the task score only; the KL joins after it at its own scale (kl_return)
         k = ppo.num_samples_per_prompt
         if ppo.advantage_estimator == "grpo":
-            return grpo_advantages(sequence_reward, mask, k, ppo.group_std_eps), returns
-        return rloo_advantages(sequence_reward, mask, k), returns
+            task_advantages = grpo_advantages(reward, mask, k, ppo.group_std_eps)
+        else:
+            task_advantages = rloo_advantages(reward, mask, k)
+        return task_advantages + kl_return(kl, mask, beta, ppo.gamma), returns
 
     def score_responses(self, prompts: list[Any], response: torch.Tensor, mask: torch.Tensor,
                         has_eos: torch.Tensor) -> tuple[Scores, list[str]]:
