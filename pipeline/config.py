@@ -526,8 +526,9 @@ class PPOConfig(_Section):
                            "rloo: A = r - mean of the prompt's other samples (leave-one-out, no std); "
                            "reinforce_pp: REINFORCE++, per-token rewards (-beta * KL_t, score at the end), "
                            "A_t = reward-to-go whitened over the global batch (a global baseline). With the KL in "
-                           "the reward, grpo/rloo use r = reward - beta * sum_t KL_t; kl_in_loss (k2/k3) works "
-                           "with all four. See docs/PPO.md.")
+                           "the reward, grpo/rloo normalise the task score alone and add the KL's reward-to-go "
+                           "-beta * sum_{s>=t} KL_s at its own scale; kl_in_loss (k2/k3) works with all four. "
+                           "See docs/PPO.md.")
     num_samples_per_prompt: int = Field(
         1, ge=1, description="Responses sampled per prompt (K). rollout_batch_size counts episodes, so each "
                              "rollout takes rollout_batch_size / K prompts per device; grpo and rloo need K >= 2.")
