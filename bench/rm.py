@@ -26,7 +26,7 @@ Usage (from the repository root)::
     .venv/bin/python bench/rm.py hh [--train-pairs 240] [--eval-pairs 96] [--max-length 160]
     .venv/bin/python bench/rm.py all
 
-Results are printed as JSON and a Markdown table (see bench/RESULTS.md, section "Reward model").
+Results are printed as JSON and a Markdown table (see docs/RESULTS.md, section "Reward model").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ word, writing a word in capital letters, counting a word's letters, the opposite
 capital city of a country. For these a rule knows the right answer, so it can give the feedback a
 careful human labeller would, on any machine and in microseconds. It is the default judge of
 ``configs/demo.yaml`` and ``configs/tiny.yaml`` because the embedded SmolLM2-135M judge has a measured
-position bias that makes every verdict a tie after the order swap (see ``bench/RESULTS.md``, "Judges").
+position bias that makes every verdict a tie after the order swap (see ``docs/RESULTS.md``, "Judges").
 
 Use it as a ``function`` judge (``rlaif.judges.<name>: {kind: function, function: ...}``):
 
