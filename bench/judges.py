@@ -44,14 +44,17 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DEFAULT_DATA = "../shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
+# Anthropic's hh-rlhf harmless-base test split (anthropics/hh-rlhf, MIT), gzipped JSONL of chosen/rejected
+# transcripts; not part of the repository
+DEFAULT_DATA = os.path.expandvars("$ALIGNPIPE_DATA_DIR/hh-rlhf/harmless-base/test.jsonl.gz")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="run config whose base model judges")
-    parser.add_argument("--data", default=DEFAULT_DATA, help="preference pairs with human labels (hh-rlhf)")
+    parser.add_argument("--data", default=DEFAULT_DATA,
+                        help="preference pairs with human labels (default: hh-rlhf under $ALIGNPIPE_DATA_DIR)")
     parser.add_argument("--pairs", type=int, default=24, help="pairs for the HF judge (0: skip)")
     parser.add_argument("--http-pairs", type=int, default=4, help="pairs for the HTTP judge (0: skip)")
     parser.add_argument("--tiny", action="store_true", help="also time both backends on the tiny test model")

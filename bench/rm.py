@@ -15,9 +15,10 @@
    - held-out accuracy on the same 40 pairs, each side in its own layout (TRL reads the score at the
      last non-pad token, which with the chat template is the ``"\\n"`` after the eos).
 2. ``hh``: a reward model from SmolLM2-135M-Instruct (GGUF, LoRA r=16 on the top 6 of 30 decoder
-   layers + the score head, bf16 autocast) trained through the RM stage on part of
-   ``../shared/data/hh-rlhf/harmless-base/test.jsonl.gz`` and evaluated on held-out pairs of the same
-   file (split by record), 1 thread. Reports held-out accuracy, mean margin, truncation/skip counts and
+   layers + the score head, bf16 autocast) trained through the RM stage on part of Anthropic's hh-rlhf
+   harmless-base test split (anthropics/hh-rlhf, MIT; gzipped JSONL of chosen/rejected transcripts, read
+   from ``$ALIGNPIPE_DATA_DIR/hh-rlhf/harmless-base/test.jsonl.gz``) and evaluated on held-out pairs of
+   the same file (split by record), 1 thread. Reports held-out accuracy, mean margin, truncation/skip counts and
    the time taken. Never prints the data's text.
 
 Usage (from the repository root)::
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-HH_FILE = "../shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
+HH_FILE = os.path.expandvars("$ALIGNPIPE_DATA_DIR/hh-rlhf/harmless-base/test.jsonl.gz")
 BATCH = 8
 MAX_LENGTH = 128
 LR = 1e-3

@@ -6,8 +6,9 @@ runs in its own subprocess so peak memory (ru_maxrss of that process) is its own
 (A B A B) so machine noise hits both. Tokens are counted the same way for both: the non-pad tokens
 of the rows each one trained on.
 
-Then real variable-length data (gsm8k) through alignpipe with packing on vs off: examples/s and
-tokens/s for one pass over the same examples.
+Then real variable-length data (gsm8k: openai/grade-school-math, MIT; the train split as JSONL with
+question/answer, read from ``$ALIGNPIPE_DATA_DIR/gsm8k/train.jsonl``, skipped when absent) through
+alignpipe with packing on vs off: examples/s and tokens/s for one pass over the same examples.
 
     python bench/sft.py [--steps 60] [--repeats 2] [--hidden 128] [--gsm8k-examples 512]
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K = Path(os.path.expandvars("$ALIGNPIPE_DATA_DIR/gsm8k/train.jsonl"))
 
 
 def _base_config(args, out: str) -> dict:
@@ -159,7 +160,9 @@ def main() -> None:
         print(f"{k:<12}{tps[k]:>12,.0f}{mem[k]:>15,.0f}")
     print(f"ratio alignpipe/trl: tokens/s {tps['alignpipe'] / tps['trl']:.2f}x, "
           f"peak memory {mem['alignpipe'] / mem['trl']:.2f}x")
-    if GSM8K.exists():
+    if not GSM8K.exists():
+        print(f"\ngsm8k packing run skipped: {GSM8K} not found (set ALIGNPIPE_DATA_DIR)")
+    else:
         packed = {p: spawn(args, "alignpipe", packing=p) for p in (False, True)}
         print(f"\ngsm8k ({args.gsm8k_examples} examples, max_length 512, one epoch, batch 8), alignpipe:")
         for p, r in packed.items():

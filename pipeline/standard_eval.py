@@ -4,8 +4,10 @@ policy stage of the run (sft, ppo, dpo), offline.
 1. Tasks: each ``eval.tasks`` entry is an lm-eval task YAML (``pipeline/eval_tasks/<name>.yaml``, or a
    path) whose data are local files (``dataset_path: json|csv|parquet|text`` with
    ``dataset_kwargs.data_files``; a hub dataset is refused). ``eval.data.<task>.<split>`` replaces a
-   file; paths are relative to the repository root. Every file must exist (the error names the key and
-   the path looked at); its SHA-256 goes into the results.
+   file; paths are relative to the repository root, and environment variables in them are expanded (the
+   shipped gsm8k task reads ``$ALIGNPIPE_DATA_DIR/gsm8k/``: the public data sets are not in the repository).
+   Every file must exist (the error names the key, the path looked at and any variable left unset); its
+   SHA-256 goes into the results.
 2. Models: ``base`` (the run's base model, ``prepare_base``) and every complete stage among
    ``EVAL_STAGES`` (its ``model/``, or base + ``adapter/`` for adapter-only PEFT stages), loaded by us with
    the run's tokenizer settings (pad != eos) and wrapped in lm-eval's ``HFLM``: no hub access, no remote
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,10 +74,13 @@ def task_config(cfg: RunConfig, task: str) -> tuple[dict[str, Any], dict[str, st
     for split, value in files.items():
         key = (f"eval.data.{task}.{split}" if split in overrides
                else f"{path}: dataset_kwargs.data_files.{split}")
-        location = resolve_path(overrides.get(split, value))
+        given = overrides.get(split, value)
+        location = resolve_path(os.path.expandvars(given))
         if not location.is_file():
-            raise ConfigError(f"{key}: data file not found: {overrides.get(split, value)} (looked at {location}); "
-                              f"point eval.data.{task}.{split} at the file")
+            unset = sorted(set(re.findall(r"\$\{?(\w+)", os.path.expandvars(given))))
+            hint = f"set {', '.join(unset)} (not set now) or " if unset else ""
+            raise ConfigError(f"{key}: data file not found: {given} (looked at {location}); "
+                              f"{hint}point eval.data.{task}.{split} at the file")
         files[split] = str(location.resolve())
         hashes[split] = hash_file(location)
     kwargs["data_files"] = files

@@ -18,6 +18,8 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+# the public data sets the shipped gsm8k eval task and the benchmarks read ($ALIGNPIPE_DATA_DIR/gsm8k/...)
+os.environ.setdefault("ALIGNPIPE_DATA_DIR", str(SHARED_DATA))
 
 
 @pytest.fixture

@@ -66,6 +66,14 @@ def test_missing_data_file_names_the_key_and_the_path(tiny_cfg, tmp_path):
     assert "mytask.yaml: dataset_kwargs.data_files.test" in str(err.value) and "missing/test.jsonl" in str(err.value)
 
 
+def test_unset_data_dir_variable_is_named_in_the_error(tiny_cfg, monkeypatch):
+    # the shipped task reads ${ALIGNPIPE_DATA_DIR}/gsm8k/...: without the variable the error says to set it
+    monkeypatch.delenv("ALIGNPIPE_DATA_DIR", raising=False)
+    with pytest.raises(ConfigError) as err:
+        task_config(tiny_cfg(), "gsm8k")
+    assert "set ALIGNPIPE_DATA_DIR (not set now) or point eval.data.gsm8k." in str(err.value)
+
+
 def test_a_hub_dataset_is_refused(tiny_cfg, tmp_path):
     task = tmp_path / "hub_gsm8k.yaml"
     task.write_text("task: hub_gsm8k\ndataset_path: openai/gsm8k\ndataset_name: main\n")
