@@ -110,11 +110,12 @@ test-all: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/sft.py
 
-# GPU check (README "GPU check"): the wheels/sdists the device image lacks, into .gpu-bundle/ (carried by the call)
+# GPU check (README "GPU check"), for a GPU machine without network: the wheels/sdists a Python 3.12 environment
+# with torch, transformers, peft and accelerate lacks, into .gpu-bundle/ (copy it there with the repository)
 gpu-bundle: $(VENV)/.installed
 	bash bench/gpu_bundle.sh
 
-# the same steps as the device call's `bash bench/gpu_check.sh`, on CPU with tiny sizes (< 3 min)
+# the same steps as `bash bench/gpu_check.sh` on a GPU, here on the CPU with tiny sizes (< 3 min)
 gpu-check-dry: $(VENV)/.installed
 	GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh
 

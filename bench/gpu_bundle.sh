@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# make gpu-bundle: the packages bench/gpu_check.sh needs that the device image lacks, as files pip can install
-# offline there (python3 3.12, x86-64 manylinux; README "GPU check"). Written into .gpu-bundle/ (git-ignored),
-# which the device call carries. Versions are this project's .venv's, so the GPU runs the code as tested here.
+# make gpu-bundle: for a GPU machine without network, the packages bench/gpu_check.sh needs beyond a Python 3.12
+# environment with torch, transformers, peft and accelerate, as files pip can install offline there (x86-64
+# manylinux; README "GPU check"). Written into .gpu-bundle/ (git-ignored); copy it to the GPU machine with the
+# repository. Versions are this project's .venv's, so the GPU runs the code as tested here.
 #
-# Needed there (the image has torch, transformers, peft, accelerate, tokenizers, safetensors, pyyaml, pandas, ...):
+# Needed there (assumed present: torch, transformers, peft, accelerate, tokenizers, safetensors, pyyaml, pandas):
 #   pydantic + pydantic-core + annotated-types + typing-inspection + typing-extensions   (pipeline/config.py)
 #   deepspeed (an sdist: installs with DS_BUILD_OPS=0 and --no-build-isolation without compiling; the JIT ops are
 #     not used by the ZeRO-2 runs, whose optimizer is torch's AdamW) + hjson (its one dependency the image lacks)
 #   bitsandbytes (QLoRA test; manylinux wheel with its CUDA 13.0 library, ~43 MB: the largest file)
 #   trl + datasets + dill + multiprocess (project dependencies; nothing in the check imports them)
-#   peft (the image has one; gpu_check.sh installs this one only if the image's is older than the project needs)
+#   peft (gpu_check.sh installs this one only if the GPU environment's is older than the project needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -31,4 +32,4 @@ done
   -d "$DEST.tmp" "deepspeed==$(ver deepspeed)"
 rm -rf "$DEST" && mv "$DEST.tmp" "$DEST"
 ls -l "$DEST" | awk 'NR>1 {printf "  %10d  %s\n", $5, $9}'
-echo "gpu bundle: $(ls "$DEST" | wc -l) files, $(du -sh "$DEST" | cut -f1) in $DEST (the device call carries it: limit 64 MiB with the tree)"
+echo "gpu bundle: $(ls "$DEST" | wc -l) files, $(du -sh "$DEST" | cut -f1) in $DEST (copy it to the GPU machine with the repository)"
