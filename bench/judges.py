@@ -1,4 +1,4 @@
-"""Benchmark the AI judges (issue 5): judgments per second for the HF and HTTP backends, and the agreement
+"""Benchmark the AI judges (RLAIF): judgments per second for the HF and HTTP backends, and the agreement
 of the embedded SmolLM2-135M-Instruct judge with the human labels of Anthropic's hh-rlhf, with the
 position-bias figures that explain it.
 

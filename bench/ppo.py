@@ -2,7 +2,7 @@
 
 Setups (each runs in its own subprocess so the peak RSS is its own):
 
-- ``tiny``: the reference setup of issue 4: tiny random Llama (hidden 64, 2 layers), a reward model
+- ``tiny``: the setup of the TRL comparison: tiny random Llama (hidden 64, 2 layers), a reward model
   trained for 40 steps from the same base (the RM stage), critic from the RM, batch 16, 24-token
   responses, 4 PPO epochs x 2 minibatches, 1 thread. TRL 0.19's PPOTrainer did 14-19 episodes/s here.
 - ``tiny-grpo``: the ``tiny`` setup with ``ppo.advantage_estimator=grpo`` and 4 samples per prompt (the

@@ -1,4 +1,4 @@
-"""TRL 0.19's PPOTrainer on the tiny setup of ``bench/ppo.py`` (the reference figure of issue 4).
+"""TRL 0.19's PPOTrainer on the tiny setup of ``bench/ppo.py`` (the baseline our PPO throughput is compared with).
 
 Not part of the project: it runs in its own environment, since TRL 0.19 (the last release with the old
 PPOTrainer) needs transformers 4.x and the project uses transformers 5::

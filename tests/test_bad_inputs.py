@@ -1,4 +1,4 @@
-"""Bad inputs as they come from real tools, each one clear error (issue 12): data files (encodings, line
+"""Bad inputs as they come from real tools, each one clear error naming what is wrong: data files (encodings, line
 ends, damaged .gz / Parquet), model paths at validate / run, interrupted vs failed stages."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PPO scores exactly what the policy generated, and runs on models you bring (issue 9, sections 1 and 3).
+"""PPO scores exactly what the policy generated, and runs on models you bring (DESIGN §3, §7).
 
 - the token ids the reward model scores are the ids generated (prompt ids + response up to eos), and a
   response cut off at max_new_tokens is not scored as finished; it pays the missing-eos penalty;

@@ -1,4 +1,4 @@
-"""AI judges: the feedback a human labeller would give, from a model or a rule (issue 5, DESIGN §1, §6).
+"""AI judges: the feedback a human labeller would give, from a model or a rule (RLAIF; DESIGN §1, §6).
 
 One interface, two kinds of question:
 
