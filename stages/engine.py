@@ -1,7 +1,7 @@
 """The training engine shared by the SFT and RM stages: a lean loop we own.
 
 Why our own loop and not HF Trainer/TRL SFTTrainer: on small models the Trainer's per-step overhead
-dominates (measured in ../shared/notes: ~1.7x more tokens/s for a plain loop), HF Trainer under torchrun
+dominates (bench/sft.py: 1.40x the tokens/s of TRL's SFTTrainer, docs/RESULTS.md), HF Trainer under torchrun
 on CPU is silently unsynchronised without ``use_cpu=True``, and RM needs pair-aware batching and
 truncation that TRL's RewardTrainer does not do (it silently drops long pairs). One loop also gives one
 checkpoint format and one resume path for every stage. ``bench/sft.py`` measures it against TRL.
