@@ -441,6 +441,41 @@ def to_prompt(data: dict[str, Any]) -> PromptExample:
     return PromptExample(prompt, reference=data.get("reference", data.get("answer")))
 
 
+SCORING_ROWS = ("expected one of {\"messages\": [...]} (a whole conversation ending with the assistant's answer), "
+                "{\"prompt\", \"response\"} or {\"prompt\", \"chosen\", \"rejected\"}")
+
+
+@dataclass
+class ScoringRow:
+    """A row of ``python -m pipeline score``: the prompt and one response (``score``) or a preference pair
+    (``chosen_score``, ``rejected_score``); ``as_given``: a ``messages`` conversation, rendered as it is
+    (no system prompt added)."""
+
+    prompt: list[dict[str, str]]
+    responses: list[list[dict[str, str]]]  # one per output key
+    keys: tuple[str, ...]
+    as_given: bool = False
+
+
+def to_scoring_row(data: dict[str, Any]) -> ScoringRow:
+    """One record of a file to score -> ScoringRow; ValueError naming what is wrong (see ``SCORING_ROWS``)."""
+    if "responses" in data or "ranking" in data:
+        raise ValueError("a K-wise ranking ('responses' + 'ranking') is not scored as one row; give one row per "
+                         "response ('prompt' + 'response')")
+    if "chosen" in data or "rejected" in data:
+        pair = to_preferences(data, 0)[0]
+        return ScoringRow(pair.prompt, [pair.chosen, pair.rejected], ("chosen_score", "rejected_score"))
+    if data.get("messages") is not None:
+        messages = to_sft({"messages": data["messages"]}).messages
+        return ScoringRow(messages[:-1], [messages[-1:]], ("score",), as_given=True)
+    if not _missing(data, ("prompt", "response")):
+        prompt = _as_messages(data["prompt"], "prompt", "user")
+        messages = to_sft({"prompt": data["prompt"], "completion": data["response"]}).messages
+        return ScoringRow(prompt, [messages[len(prompt):]], ("score",))
+    raise ValueError(f"missing column(s): no 'messages', 'prompt' + 'response' or 'chosen' + 'rejected' "
+                     f"(record has: {_record_keys(data)})")
+
+
 # --------------------------------------------------------------------------------------------- loading
 def load_examples(source: Any, kind: str) -> tuple[list[Any], LoadReport]:
     """Load a ``DataSource`` as ``kind`` in {"sft", "preference", "prompt"}.

@@ -1,4 +1,4 @@
-"""``python -m pipeline`` / ``alignpipe``: run, status, report, eval, slurm, serve, validate, push, export.
+"""``python -m pipeline`` / ``alignpipe``: run, status, report, eval, slurm, serve, validate, push, export, score.
 
     python -m pipeline run CONFIG [--stages sft rm ...] [--force] [--no-parents] [key=value ...]
     python -m pipeline status CONFIG [--json] [key=value ...]
@@ -9,6 +9,7 @@
     python -m pipeline validate CONFIG [--stages ...] [key=value ...]
     python -m pipeline push RUN STAGE --repo NAME [--adapter] [--dry-run] [--private] [--token-env VAR]
     python -m pipeline export RUN STAGE --gguf [--quant q8_0|f16|bf16|f32] [--output FILE]
+    python -m pipeline score RM_PATH DATA [--out FILE] [--batch-size N] [--chat-template TEMPLATE]
 
 Config, manifest and data errors print ``error: <message>`` and exit 2; a failed stage exits 1 with the
 path of its log; Ctrl-C exits 130 (re-run the same command to resume).
@@ -19,11 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from data.formats import DataError
 
 from . import serve
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, model_location
 from .launch import has_cuda
 from .manifest import ManifestError
 from .memory import MemoryPlanError
@@ -60,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true",
                      help="re-run the requested stages from scratch even when complete and unchanged")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    run.add_argument("--quiet", action="store_true", help="do not echo stage output (it still goes to stage.log)")
+    shown = run.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="do not echo stage output (it still goes to stage.log)")
+    shown.add_argument("--verbose", action="store_true",
+                       help="echo everything: what libraries print (by default in stage.log only) and the full "
+                            "memory tables")
     run.add_argument("--no-parents", action="store_true",
                      help="refuse a requested stage whose parents are not complete (default: run them first)")
 
@@ -121,12 +127,33 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quant", default="q8_0", choices=["q8_0", "f16", "bf16", "f32"], help="default q8_0")
     export.add_argument("--output", default=None, metavar="FILE",
                         help="default <stage>/export/<run>-<stage>.<quant>.gguf")
+
+    score_help = "score a data file with a reward model (rows come back with 'score' added)"
+    score = sub.add_parser(
+        "score", help=score_help, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=score_help + ".\n\n"
+        "Rows: {\"messages\": [...]} (a whole conversation ending with the assistant's answer, rendered as given),\n"
+        "{\"prompt\", \"response\"}, or {\"prompt\", \"chosen\", \"rejected\"} (chosen_score and rejected_score).\n"
+        "The input rows are written as JSONL with the scores added; a summary line (mean score, preference\n"
+        "accuracy) goes to stderr. A reward model the rm stage trained is read at its trained position (the\n"
+        "response's eos, with the system prompt it was trained with on prompt rows); any other one exactly as\n"
+        "transformers reads it (the full chat-template render, last non-pad token).",
+        epilog="example:\n  python -m pipeline score outputs/tiny/rm data/demo/preferences.jsonl --out scored.jsonl")
+    score.add_argument("rm", metavar="RM_PATH",
+                       help="an rm stage folder (outputs/<run>/rm), its model/, any one-label sequence classifier "
+                            "folder, or a hub name")
+    score.add_argument("data", metavar="DATA", help="a JSONL / JSON / CSV / Parquet file (optionally .gz)")
+    score.add_argument("--out", default=None, metavar="FILE", help="where the scored rows go (default: stdout)")
+    score.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per forward (default 16)")
+    score.add_argument("--chat-template", default=None, metavar="TEMPLATE",
+                       help="for a reward model trained elsewhere whose tokenizer has none (or the wrong one): "
+                            "Jinja text, a file, chatml or raw")
     return parser
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     run_pipeline(args.config, args.overrides, stages=args.stages, force=args.force, echo=not args.quiet,
-                 report=not args.no_report, parents=not args.no_parents)
+                 report=not args.no_report, parents=not args.no_parents, verbose=args.verbose)
     return 0
 
 
@@ -195,6 +222,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from stages.scoring import score_file
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
+    # a path that exists from here is taken as it is; otherwise relative to the repository root, or a hub name
+    try:
+        location = str(Path(args.rm).resolve()) if Path(args.rm).is_dir() else model_location(args.rm)
+    except ValueError as exc:
+        raise ConfigError(f"RM_PATH: {exc}") from None
+    data = str(Path(args.data).resolve()) if Path(args.data).is_file() else args.data
+    try:
+        score_file(location, data, out=args.out, batch_size=args.batch_size, chat_template=args.chat_template)
+    except (DataError, ConfigError):
+        raise
+    except (OSError, ValueError) as exc:  # not a reward model, or one that does not load
+        raise ConfigError(f"{args.rm}: {exc}") from None
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .standard_eval import eval_for
 
@@ -205,7 +252,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": _cmd_run, "status": _cmd_status, "report": _cmd_report, "slurm": _cmd_slurm,
             "validate": _cmd_validate, "serve": _cmd_serve, "push": _cmd_push, "export": _cmd_export,
-            "eval": _cmd_eval}
+            "eval": _cmd_eval, "score": _cmd_score}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -441,9 +441,11 @@ class RewardModelSourceConfig(_Section):
     """A reward model this run did not train (``ppo.reward_model``): any ``AutoModelForSequenceClassification``
     with one label, folder or hub name.
 
-    When its tokenizer and chat format equal the policy's (same chat-format fingerprint) it scores the
-    generated token ids themselves; otherwise it scores the decoded text rendered in its own chat
-    template (``chat_template``, else its tokenizer's own). The manifest records which (``rm_scoring``).
+    One the ``rm`` stage trained (its ``model/``) is read at its trained position: the generated token ids
+    themselves when its tokenizer and chat format equal the policy's, else the decoded text in its own
+    chat template (``chat_template``, else its tokenizer's own). Any other is read as transformers reads
+    it: the decoded text in its whole chat-template render, the model's own pooling. The manifest records
+    which (``reward_model_read``, ``rm_scoring``); ``stages.scoring.reward_reading`` decides.
     """
 
     path: str = Field(description="Folder or hub name (org/name or hub:org/name) of the reward model.")

@@ -206,6 +206,13 @@ def card_text(manifest: dict[str, Any], kind: str) -> str:
               "from transformers import AutoModelForCausalLM as Model")
     lines += ["## Use", "", "```python", loader, "", 'model = Model.from_pretrained("<this repo or folder>")',
               "```", ""]
+    if stage == "rm" and kind == "model":  # transformers' own pooling reads another token (ChatML: the newline)
+        lines += ["The score is the head's output at the response's closing eos: the prompt rendered with the chat "
+                  "template and its generation prompt, then the response up to and including eos "
+                  "(`reward_reading.json`). The model's own forward pools at the last non-pad token of its "
+                  "input instead, which for a full chat-template render can be a later token (for ChatML the "
+                  "newline after the eos). `python -m pipeline score <this folder> DATA` reads it where it was "
+                  "trained.", ""]
     if manifest.get("wall_time_s") is not None:
         lines += [f"Wall time {manifest['wall_time_s']:.0f} s; libraries: "
                   + ", ".join(f"{k} {v}" for k, v in (manifest.get("libraries") or {}).items()) + ".", ""]

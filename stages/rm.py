@@ -1,14 +1,20 @@
 """Reward-model stage: preferences -> a scalar reward model (``AutoModelForSequenceClassification``, 1 label).
 
-Loss (Bradley-Terry, fp32): ``-log σ(r_chosen - r_rejected - margin)`` averaged over the pairs of a
-micro-batch (``margin`` is the optional data column, 0 where absent), plus the optional reward-centring
-term ``center_rewards_coefficient · mean((r_chosen + r_rejected)²)`` that keeps rewards near zero.
+Loss (Bradley-Terry, fp32): ``-log σ(r_chosen - r_rejected - margin)`` averaged over the pairs
+(``margin`` is the optional data column, 0 where absent), plus the optional reward-centring term
+``center_rewards_coefficient · mean((r_chosen + r_rejected)²)`` that keeps rewards near zero. A step's
+mean is over every pair of its global batch (all micro-batches, all ranks; ``stages.engine``), so a pair
+weighs the same even where K-wise groups make micro-batches of unequal sizes.
 
 Layout (recorded in the manifest as ``reward_layout``; PPO must score exactly this, see DESIGN §3):
 the prompt and one response are rendered with the chat template in force and end at the response's
 closing eos (``stages.chat.encode_sequence``); batches are right-padded with pad != eos and the score is
 read at the last real token (the eos) by ``stages.scoring.score_sequences``, the same scorer PPO and the
-report use. This module is the training stage only: reading an RM lives in ``stages.scoring``.
+report use. That is not where transformers' sequence classifier pools (the last non-pad token of the
+full template render: for ChatML the newline after the eos), so the manifest says
+``reward_model_read: trained_position`` and ``model/`` gets a ``reward_reading.json`` saying the same
+(``stages.scoring.reward_reading``), and PPO and ``python -m pipeline score`` read it at the eos. This
+module is the training stage only: reading an RM lives in ``stages.scoring``.
 
 Pairs longer than ``rm.max_length``: the shared prompt is cut from the left (the same number of
 tokens for chosen and rejected; a leading bos is kept, the assistant header is never cut); a pair
@@ -21,7 +27,7 @@ prompt is in both the training and the evaluation set.
 
 Metrics
 - metrics.jsonl, one row per logged optimizer step: ``loss`` (Bradley-Terry loss + centring term, mean
-  over the step's micro-batches), ``accuracy`` (fraction of pairs with r_chosen > r_rejected),
+  over the step's pairs, all ranks), ``accuracy`` (fraction of pairs with r_chosen > r_rejected),
   ``margin`` (mean r_chosen - r_rejected), ``reward_chosen``, ``reward_rejected`` (mean scores),
   ``center_loss`` (the centring term, before its coefficient), ``pairs`` (pairs per micro-batch),
   ``lr``, ``grad_norm``, ``tokens_per_s`` (non-pad tokens of both responses' sequences per second, all
@@ -57,11 +63,12 @@ from stages.preferences import (  # noqa: F401  (EncodedPair, encode_pair: re-ex
     encode_pairs,
     load_preference_split,
     pair_collate,
+    pair_count,
     preference_source,
     print_encode_reports,
 )
 from stages.saving import save_stage_model
-from stages.scoring import REWARD_LAYOUT, score_sequences
+from stages.scoring import READ_TRAINED, REWARD_LAYOUT, score_sequences, write_reading_file
 from stages.tuning import apply_tuning, quantization_kwargs, trainable_summary
 
 HISTOGRAM_FILE = "score_histogram.png"
@@ -216,7 +223,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             raise ValueError("the tokenizer's pad must differ from eos for the reward model (set model.pad_token)")
         fmt = chat_format(tokenizer, cfg.chat)
         run.set_chat_format(fmt, chat_fingerprint(fmt))
-        run.update(reward_layout=dict(REWARD_LAYOUT))
+        run.update(reward_layout=dict(REWARD_LAYOUT), reward_model_read=READ_TRAINED)
 
         # offline RLAIF: with rlaif_label among the stages, its labelled pairs replace rm.data
         source = preference_source(cfg, run, "rm", dist.is_main)
@@ -255,12 +262,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         kept: dict[str, torch.Tensor] = {}
         engine = Engine(
             model, t, run, dist, train_rows, collate, make_loss_fn(rm.center_rewards_coefficient),
-            groups=groups, unfreezer=unfreezer, desc="rm",
+            loss_units=pair_count, groups=groups, unfreezer=unfreezer, desc="rm",
             eval_fn=make_eval_fn(eval_rows, collate, t.per_device_batch_size, dist.device,
                                  rm.center_rewards_coefficient, kept) if eval_rows else None,
         )
         result = engine.fit()
         save_stage_model(engine, tokenizer, run, rm.tuning, init_path, cfg, "seq_cls")
+        if dist.is_main and (run.dir / "model").is_dir():  # model/ on its own says where it is read
+            write_reading_file(run.dir / "model", rm.max_length, cfg.chat.system_prompt)
 
         metrics: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         if kept and dist.is_main:

@@ -3,9 +3,9 @@
 - the token ids the reward model scores are the ids generated (prompt ids + response up to eos), and a
   response cut off at max_new_tokens is not scored as finished; it pays the missing-eos penalty;
 - reward functions get ``has_eos`` and ``response_ids`` and their extra metrics are logged;
-- ``ppo`` alone, with a policy folder and a reward model folder (same tokenizer: token-id scoring, critic
-  from the RM), and with a reward model whose tokenizer and template differ (text scoring in its own
-  template, critic from the policy);
+- ``ppo`` alone, with a policy folder and a reward model folder (same tokenizer, not trained by the rm
+  stage: read as transformers reads it, text scoring, critic from the RM), and with a reward model whose
+  tokenizer and template differ (text scoring in its own template, critic from the policy);
 - a tokenizer without a chat template stops the run with the ``chat.template`` hint, ``validate`` says
   which template is in force, and a reward source that needs an RM the run will not have is a config error.
 """
@@ -76,8 +76,8 @@ def other_tokenizer_rm(tiny_cfg, tmp_path):
 # ------------------------------------------------------------------------- 1. what the RM scores
 def test_the_rollout_scores_the_ids_it_generated_and_penalises_missing_eos(tiny_cfg, same_tokenizer_rm, monkeypatch):
     """make_rollout: the RM input of every episode is its prompt ids + generated ids up to and including
-    eos (nothing decoded and re-rendered); responses cut at max_new_tokens do not end in eos and pay the
-    default missing-eos penalty."""
+    eos (nothing decoded and re-rendered) when the RM is one the rm stage trained (its reading file says
+    so); responses cut at max_new_tokens do not end in eos and pay the default missing-eos penalty."""
     import stages.scoring
     from pipeline.stage import StageRun
     from stages.engine import init_distributed
@@ -91,6 +91,7 @@ def test_the_rollout_scores_the_ids_it_generated_and_penalises_missing_eos(tiny_
         return real(model, sequences, pad_token_id, *args, **kwargs)
 
     monkeypatch.setattr(stages.scoring, "score_token_ids", spy)
+    stages.scoring.write_reading_file(same_tokenizer_rm, 128, None)  # as the rm stage marks its model/
     cfg = tiny_cfg("stages=[ppo]", f"ppo.policy.path={_base(tiny_cfg())}",
                    f"ppo.reward_model.path={same_tokenizer_rm}", "ppo.max_new_tokens=3", "ppo.total_episodes=16")
     assert cfg.ppo.missing_eos_penalty == 1.0, "on by default"
@@ -155,8 +156,9 @@ def test_reward_functions_get_eos_and_ids_and_their_metrics_are_logged(tiny_cfg)
 
 # ------------------------------------------------------------------------ 3. models you bring
 def test_ppo_alone_on_a_policy_folder_and_a_reward_model_folder(tiny_cfg, same_tokenizer_rm):
-    """stages: [ppo] with ppo.policy and ppo.reward_model (same tokenizer): no sft/rm parents, token-id
-    scoring, critic from the RM, all recorded in the manifest; touching the RM re-runs the stage."""
+    """stages: [ppo] with ppo.policy and ppo.reward_model (same tokenizer, not trained by the rm stage): no
+    sft/rm parents, read as transformers reads it (text scoring, even with equal fingerprints), critic from
+    the RM, all recorded in the manifest; touching the RM re-runs the stage."""
     from pipeline.plan import check_parents, decide
     from pipeline.stage import parents_of, stage_identity
     from stages.ppo import trainer
@@ -169,7 +171,8 @@ def test_ppo_alone_on_a_policy_folder_and_a_reward_model_folder(tiny_cfg, same_t
     final = trainer.run(cfg)
     manifest = json.loads((cfg.stage_dir("ppo") / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["parents"] == {}
-    assert manifest["rm_scoring"] == "token_ids" and manifest["rm_source"] == str(same_tokenizer_rm)
+    assert manifest["rm_scoring"] == "text" and manifest["rm_source"] == str(same_tokenizer_rm)
+    assert manifest["reward_model_read"] == "transformers_last_non_pad"
     assert manifest["critic_from"] == "rm" and manifest["critic_source"] == str(same_tokenizer_rm)
     assert manifest["policy_source"] == base
     assert set(manifest["external_models"]) == {"ppo.policy.path", "ppo.reward_model.path"}
@@ -217,6 +220,7 @@ def test_a_reward_model_with_another_tokenizer_scores_text_in_its_own_template(t
     trainer.run(run_cfg)
     manifest = json.loads((run_cfg.stage_dir("ppo") / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["rm_scoring"] == "text"
+    assert manifest["reward_model_read"] == "transformers_last_non_pad"
     assert manifest["critic_from"] == "policy" and manifest["critic_source"].startswith(base)
     assert "rm_truncated" in _rows(run_cfg.stage_dir("ppo"))[-1]
     # asking for a critic from it is refused, saying why

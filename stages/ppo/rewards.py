@@ -2,17 +2,25 @@
 
 A PPO run's sequence score is ``sum_i weight_i * source_i`` over ``ppo.rewards``:
 
-- ``kind: rm``: the reward model's score, read at the last token of the sequence it is given (a
-  finished response's eos). What it is given (``RewardSources.rm_scoring``, recorded in the manifest):
+- ``kind: rm``: the reward model's score. Where it is read (``RewardSources.rm_read``, recorded in the
+  manifest as ``reward_model_read``; ``stages.scoring.reward_reading`` decides):
 
-  - ``token_ids`` when the RM shares the policy's tokenizer and chat format (equal chat-format
-    fingerprints, always so for the ``rm`` stage's RM): the prompt ids the policy saw followed by the
-    generated ids up to and including the first eos (``stages.scoring.reward_input_ids``). Nothing is decoded
-    or re-rendered, so special tokens the policy emits are seen, tokenisation cannot drift, and a
-    response cut off at ``max_new_tokens`` is scored at its last token, not as if it had finished.
-  - ``text`` for an RM with its own tokenizer or template (``ppo.reward_model``): the decoded response
-    rendered in the RM's own chat template (``stages.scoring.reward_input_from_text``), with the closing eos
-    dropped for a response that did not finish.
+  - ``trained_position``, an RM our ``rm`` stage trained (the run's, or a ``ppo.reward_model`` folder
+    it wrote): at the last token of the sequence it is given (a finished response's eos), as trained.
+    What it is given (``RewardSources.rm_scoring``, recorded in the manifest): ``token_ids`` when it
+    shares the policy's tokenizer and chat format (equal chat-format fingerprints, always so for the run's
+    ``rm`` stage): the prompt ids the policy saw followed by the generated ids up to and including the
+    first eos (``stages.scoring.reward_input_ids``). Nothing is decoded or re-rendered, so special tokens
+    the policy emits are seen, tokenisation cannot drift, and a response cut off at ``max_new_tokens`` is
+    scored at its last token, not as if it had finished. ``text`` for one with its own tokenizer or
+    template: the decoded response rendered in its own chat template
+    (``stages.scoring.reward_input_from_text``), with the closing eos dropped for a response that did
+    not finish.
+  - ``transformers_last_non_pad``, any other RM (``ppo.reward_model`` trained by TRL, taken from the
+    hub, ...), even with the policy's tokenizer: exactly as transformers reads it, ``text`` always: the
+    decoded response with the prompt in the RM's ``apply_chat_template`` render, whole
+    (``stages.scoring.transformers_reward_input``; an unfinished response ends at its last token, nothing
+    of the template after it), through the model's own forward, which pools at the last non-pad token.
 
   Either way the sequence is cut from the left (keeping bos) to the RM's max_length
   (``stages.scoring.fit_reward_input``); how many were cut is logged as ``rm_truncated``.
@@ -166,22 +174,30 @@ class RewardSources:
         batch_size: RM forward batch size.
         rm_tokenizer: the RM's tokenizer when it was loaded separately (an RM you bring), else None
             (the rm stage's RM: same tokenizer and chat format, the stage fingerprint check guarantees it).
+        rm_read: where the RM is read, ``stages.scoring.READ_TRAINED`` (an RM our rm stage trained) or
+            ``READ_TRANSFORMERS`` (any other; ``stages.scoring.reward_reading`` decides which).
 
-    ``rm_scoring`` says how the RM reads a response: ``"token_ids"`` when the RM shares the policy's
-    tokenizer and chat format (equal chat-format fingerprints; :func:`stages.scoring.reward_input_ids`), else
-    ``"text"`` (:func:`stages.scoring.reward_input_from_text`, in the RM's own template).
+    ``rm_scoring`` says what the RM is given: ``"token_ids"`` when it is read at its trained position and
+    shares the policy's tokenizer and chat format (equal chat-format fingerprints;
+    :func:`stages.scoring.reward_input_ids`), else ``"text"`` (:func:`stages.scoring.reward_input`: in the
+    RM's own template, in its training layout or as transformers renders it).
     """
 
     def __init__(self, sources: Sequence[Any], cfg: Any, tokenizer: Any, rm: Any | None, rm_max_length: int,
                  device: torch.device, autocast_bf16: bool = False, batch_size: int = 32,
-                 rm_tokenizer: Any | None = None):
+                 rm_tokenizer: Any | None = None, rm_read: str = "trained_position"):
+        from stages.scoring import READ_TRAINED, READINGS
+
+        if rm_read not in READINGS:
+            raise ValueError(f"rm_read={rm_read!r}; expected one of {', '.join(READINGS)}")
         self.sources = list(sources)
         self.tokenizer, self.rm, self.rm_max_length = tokenizer, rm, rm_max_length
         self.device, self.bf16, self.batch_size = device, autocast_bf16, batch_size
         self.cfg = cfg
         self.rm_tokenizer = rm_tokenizer if rm_tokenizer is not None else tokenizer
-        self.rm_scoring = "token_ids" if rm_tokenizer is None or same_chat_format(tokenizer, rm_tokenizer, cfg) \
-            else "text"
+        self.rm_read = rm_read
+        same_ids = rm_tokenizer is None or same_chat_format(tokenizer, rm_tokenizer, cfg)
+        self.rm_scoring = "token_ids" if rm_read == READ_TRAINED and same_ids else "text"
         self.names: list[str] = []
         self._fns: list[Callable[..., Any] | None] = []
         self._keywords: list[set[str]] = []
@@ -214,7 +230,7 @@ class RewardSources:
 
     def rm_inputs(self, batch: Responses) -> tuple[list[list[int]], int]:
         """-> (the token ids the RM scores for each row, how many were cut to the RM's max_length)."""
-        from stages.scoring import fit_reward_input, reward_input_from_text, reward_input_ids
+        from stages.scoring import fit_reward_input, reward_input, reward_input_ids
 
         if self.rm_scoring == "token_ids":
             bos = self.tokenizer.bos_token_id
@@ -222,7 +238,7 @@ class RewardSources:
                     for p, r in zip(batch.prompt_ids, batch.response_ids)]
             cut = sum(len(p) + len(r) > self.rm_max_length for p, r in zip(batch.prompt_ids, batch.response_ids))
             return seqs, cut
-        full = [reward_input_from_text(self.rm_tokenizer, m, t, bool(e), max_length=None)
+        full = [reward_input(self.rm_tokenizer, self.rm_read, m, t, bool(e))
                 for m, t, e in zip(batch.messages, batch.texts, batch.has_eos)]
         bos = self.rm_tokenizer.bos_token_id
         return [fit_reward_input(ids, self.rm_max_length, bos) for ids in full], \
@@ -230,12 +246,13 @@ class RewardSources:
 
     @torch.no_grad()
     def rm_scores(self, batch: Responses) -> tuple[torch.Tensor, int]:
-        """-> ((B,) fp32 RM scores read at each sequence's last token, rows cut to the RM's max_length)."""
-        from stages.scoring import score_token_ids
+        """-> ((B,) fp32 RM scores read where ``rm_read`` says, rows cut to the RM's max_length)."""
+        from stages.scoring import score_reward_inputs
 
         seqs, cut = self.rm_inputs(batch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            scores = score_token_ids(self.rm, seqs, self.rm_tokenizer.pad_token_id, self.batch_size, self.device)
+            scores = score_reward_inputs(self.rm, seqs, self.rm_read, self.rm_tokenizer.pad_token_id,
+                                         self.batch_size, self.device)
         return scores.float(), cut
 
     def _function_scores(self, i: int, batch: Responses, prompts: list[str]

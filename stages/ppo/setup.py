@@ -65,11 +65,13 @@ class PPOSetup:
             self.critic_source = f"none ({self.cfg.ppo.advantage_estimator}: critic-free)"
         self.rewards = RewardSources(self.cfg.ppo.rewards, self.cfg, tokenizer, self.rm, self.rm_max_length,
                                      self.device, autocast_bf16=self.bf16,
-                                     batch_size=max(self.sizes.micro_batch, 8), rm_tokenizer=rm_tokenizer)
+                                     batch_size=max(self.sizes.micro_batch, 8), rm_tokenizer=rm_tokenizer,
+                                     rm_read=self.rm_read or "trained_position")
         self.run.update(policy_source=self.policy_source, advantage_estimator=self.cfg.ppo.advantage_estimator,
                         critic_from=self.critic_from,
                         critic_source=self.critic_source, rm_source=rm_location,
-                        rm_scoring=self.rewards.rm_scoring if self.rm is not None else None)
+                        rm_scoring=self.rewards.rm_scoring if self.rm is not None else None,
+                        reward_model_read=self.rm_read)
 
     def _policy_source(self) -> Path | None:
         """The SFT stage (default), the base model, or a policy you bring (``ppo.policy``): sets
@@ -177,12 +179,17 @@ class PPOSetup:
 
         ``ppo.reward_model`` (any AutoModelForSequenceClassification with one label, with its tokenizer and
         chat template) when set, else the ``rm`` stage's model (same tokenizer: the stage fingerprints
-        match, so its tokenizer is not loaded again). Sets ``self.rm_max_length``.
+        match, so its tokenizer is not loaded again). Sets ``rm_max_length``, ``rm_read`` (where it is
+        read: ``stages.scoring.reward_reading``; None without an RM) and ``rm_shares_format`` (same
+        tokenizer and chat format as the policy, so its weights can start the critic).
         """
         cfg, ppo = self.cfg, self.cfg.ppo
         self.rm_max_length = cfg.rm.max_length
+        from stages.scoring import READ_TRAINED, load_transformers_reward_model, reward_reading
+
         if not (any(r.kind == "rm" for r in ppo.rewards) or ppo.critic_from == "rm"):
             return None, None, None
+        self.rm_read, self.rm_shares_format = None, False
         if ppo.reward_model is None:
             from stages.scoring import load_reward_model
 
@@ -190,20 +197,37 @@ class PPOSetup:
             rm, _ = load_reward_model(rm_dir, cfg.model)
             return rm, None, str(rm_dir)
         source = ppo.reward_model
+            self.rm_read, self.rm_shares_format = READ_TRAINED, True
         location = model_location(source.path)
         from transformers import AutoConfig
 
+        reading = reward_reading(location)
+        if reading.stage_dir is not None:
+            raise ValueError(f"ppo.reward_model.path={source.path!r} is an rm stage folder: give its model/ "
+                             f"subfolder ({reading.stage_dir / 'model'}), or add rm to the run's stages")
         labels = AutoConfig.from_pretrained(location, trust_remote_code=cfg.model.trust_remote_code).num_labels
         if labels != 1:
             raise ValueError(f"ppo.reward_model.path={source.path!r} has num_labels={labels}: a reward model is an "
                              "AutoModelForSequenceClassification with one label (one scalar score per sequence)")
         chat = ChatConfig(template=source.chat_template, system_prompt=cfg.chat.system_prompt)
-        rm_tokenizer = load_tokenizer(model_location(source.tokenizer) if source.tokenizer else location, cfg.model,
-                                      chat, template_key="ppo.reward_model.chat_template", foreign=True)
-        rm_model_cfg = cfg.model.model_copy(update={"pad_token": rm_tokenizer.pad_token})
-        rm = load_model(location, rm_model_cfg, rm_tokenizer, kind="seq_cls").eval()
-        self.rm_max_length = source.max_length or cfg.rm.max_length
-        return rm, rm_tokenizer, location
+        tokenizer_location = model_location(source.tokenizer) if source.tokenizer else location
+        rm_tokenizer = load_tokenizer(tokenizer_location, cfg.model, chat,
+                                      template_key="ppo.reward_model.chat_template", foreign=True)
+        from stages.ppo.rewards import same_chat_format
+
+        self.rm_read, self.rm_shares_format = reading.read, same_chat_format(tokenizer, rm_tokenizer, cfg)
+        self.rm_max_length = source.max_length or reading.max_length or cfg.rm.max_length
+        if self.dist.is_main:
+            print(f"[alignpipe] ppo: reward model {location} read at {reading.read} ({reading.why})", flush=True)
+        if reading.read == READ_TRAINED:
+            rm_model_cfg = cfg.model.model_copy(update={"pad_token": rm_tokenizer.pad_token})
+            rm = load_model(location, rm_model_cfg, rm_tokenizer, kind="seq_cls").eval()
+            return rm, rm_tokenizer, location
+        # trained elsewhere: model and tokenizer as saved (its own pad id), so its forward pools where transformers'
+        # does; rm_tokenizer (pad fixed like the policy's) only decided rm_shares_format
+        rm, reading_tokenizer = load_transformers_reward_model(location, cfg.model, tokenizer_location,
+                                                               source.chat_template)
+        return rm, reading_tokenizer, location
 
     def _load_critic(self, tokenizer: Any, rm: Any | None, rm_tokenizer: Any | None, rm_location: str | None) -> Any:
         """The critic (token-level value model) by ``ppo.critic_from``; sets ``critic_from`` / ``critic_source``.
@@ -213,10 +237,8 @@ class PPOSetup:
         a folder / hub name: that model (same tokenizer as the policy). ``auto``: ``rm`` when the run has
         an RM that shares the policy's tokenizer, else ``policy``. Value-head biases start at 0.
         """
-        from stages.ppo.rewards import same_chat_format
-
         cfg, ppo = self.cfg, self.cfg.ppo
-        rm_shares = rm is not None and (rm_tokenizer is None or same_chat_format(tokenizer, rm_tokenizer, cfg))
+        rm_shares = rm is not None and self.rm_shares_format
         choice = ppo.critic_from
         if choice == "auto":
             choice = "rm" if rm_shares else "policy"
