@@ -42,7 +42,7 @@ SETUPS: dict[str, dict] = {
         "steps": 20,
         "rm": ["rm.init_from=base", "rm.train.max_steps=40", "rm.train.num_threads=1"],
         "overrides": [
-            "stages=[rm, ppo]", "ppo.policy_from=base", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8",
+            "stages=[rm, ppo]", "ppo.policy_from=base", "ppo.episodes_per_rollout=16", "ppo.mini_batch_size=8",
             "ppo.ppo_epochs=4", "ppo.max_new_tokens=24", "ppo.train.learning_rate=3e-4", "ppo.train.num_threads=1",
         ],
     },
@@ -53,7 +53,7 @@ SETUPS: dict[str, dict] = {
         "steps": 4,
         "rm": None,
         "overrides": [
-            "stages=[ppo]", "ppo.policy_from=base", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
+            "stages=[ppo]", "ppo.policy_from=base", "ppo.episodes_per_rollout=8", "ppo.mini_batch_size=4",
             "ppo.ppo_epochs=1", "ppo.max_new_tokens=24", "ppo.train.learning_rate=5e-5", "ppo.train.num_threads=1",
             "ppo.tuning.method=lora",
             "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:contains_reference_number'}]",
@@ -79,7 +79,7 @@ def run_one(setup: str, steps: int) -> dict:
     from stages import run_stage
 
     out = tempfile.mkdtemp(prefix=f"bench-ppo-{setup}-")
-    batch = int(next(o for o in spec["overrides"] if o.startswith("ppo.rollout_batch_size=")).split("=")[1])
+    batch = int(next(o for o in spec["overrides"] if o.startswith("ppo.episodes_per_rollout=")).split("=")[1])
     overrides = [f"output_root={out}", "logging.progress_bar=false", "ppo.train.save_steps=1000000",
                  f"ppo.total_episodes={batch * steps}", *spec["overrides"], *(spec["rm"] or [])]
     cfg = load_config(REPO / spec["config"], overrides)

@@ -116,7 +116,7 @@ def bench_ppo(args, config: str, overrides: list[str], vllm_python: str) -> dict
     out = tempfile.mkdtemp(prefix="bench-rollout-")
     common = [f"output_root={out}", "logging.progress_bar=false", "stages=[ppo]", "ppo.policy_from=base",
               "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:digit_fraction'}]",
-              f"ppo.rollout_batch_size={args.ppo_batch}", f"ppo.mini_batch_size={args.ppo_batch}",
+              f"ppo.episodes_per_rollout={args.ppo_batch}", f"ppo.mini_batch_size={args.ppo_batch}",
               f"ppo.max_new_tokens={args.max_new_tokens}", f"ppo.tuning.method={args.tuning}",
               "ppo.train.learning_rate=1e-5", "ppo.train.save_steps=100000", *overrides]
     cfgs = {"hf": load_config(REPO / config, [*common, "run_name=bench-hf"]),

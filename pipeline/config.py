@@ -258,7 +258,7 @@ def _deepspeed_exists(value: str | None) -> str | None:
 
 class PPOTrainConfig(_Section):
     """``ppo.train``: the actor's and critic's optimisation settings, each meaning what it means under
-    ``sft.train`` / ``rm.train``. PPO's batch shape (``rollout_batch_size``, ``mini_batch_size``,
+    ``sft.train`` / ``rm.train``. PPO's batch shape (``episodes_per_rollout``, ``mini_batch_size``,
     ``gradient_accumulation_steps``, ``ppo_epochs``) stays in ``ppo`` next to the algorithm it shapes."""
 
     learning_rate: float = Field(1e-5, gt=0)
@@ -285,20 +285,30 @@ class PPOTrainConfig(_Section):
 #: PPO keys that moved from ``ppo.<key>`` to ``ppo.train.<key>`` (old configs still load, with a warning).
 PPO_TRAIN_KEYS = tuple(PPOTrainConfig.model_fields)
 
+#: ``ppo.rollout_batch_size`` was renamed ``ppo.episodes_per_rollout``: it always counted episodes, never
+#: prompts (old configs still load, with this warning; stage hashes use the old name, see pipeline.stage).
+RENAMED_ROLLOUT_BATCH_SIZE = (
+    "ppo.rollout_batch_size is renamed ppo.episodes_per_rollout (read as ppo.episodes_per_rollout={value}; "
+    "write it so). It counts episodes (one prompt, one response) per rollout per device, not prompts: a "
+    "rollout takes episodes_per_rollout / ppo.num_samples_per_prompt prompts. OpenRLHF's --rollout_batch_size "
+    "R counts prompts over all devices, each sampled --n_samples_per_prompt K times: the same number here "
+    "takes R x devices / K prompts per step instead of R; OpenRLHF's setting is episodes_per_rollout = "
+    "R x K / devices")
+
 
 @dataclass(frozen=True)
 class PPOSizes:
     """PPO's batch sizes at one world size, derived once (``PPOConfig.sizes``). Per rank unless ``global_``."""
 
     world_size: int
-    rollout_batch: int        # prompts per rollout per rank
-    global_batch: int         # episodes per PPO step, all ranks
-    mini_batch: int           # episodes per optimizer step per rank
+    episodes_per_rollout: int  # episodes (prompt, response) per rollout per rank
+    global_batch: int          # episodes per PPO step, all ranks
+    mini_batch: int            # episodes per optimizer step per rank
     grad_accum: int
-    micro_batch: int          # episodes per forward/backward
-    n_minibatches: int        # optimizer steps per PPO epoch
-    total_steps: int          # PPO steps (rollout + update)
-    optimizer_steps: int      # optimizer steps of the critic over the run
+    micro_batch: int           # episodes per forward/backward
+    n_minibatches: int         # optimizer steps per PPO epoch
+    total_steps: int           # PPO steps (rollout + update)
+    optimizer_steps: int       # optimizer steps of the critic over the run
 
 
 class TuningConfig(_Section):
@@ -485,8 +495,12 @@ class PPOConfig(_Section):
         "auto", description="auto | rm | policy | <folder or hub name of a model with the policy's tokenizer>.")
     rewards: list[RewardSourceConfig] = Field(default_factory=lambda: [RewardSourceConfig()])
     total_episodes: int = Field(256, gt=0)
-    rollout_batch_size: int = Field(16, gt=0, description="Prompts per rollout per device.")
-    mini_batch_size: int = Field(8, gt=0)
+    episodes_per_rollout: int = Field(
+        16, gt=0, description="Episodes (one prompt, one sampled response) per rollout per device: "
+                              "episodes_per_rollout / num_samples_per_prompt prompts, each sampled "
+                              "num_samples_per_prompt times. Formerly rollout_batch_size (still read, with a "
+                              "warning): OpenRLHF's rollout_batch_size counts prompts over all devices.")
+    mini_batch_size: int = Field(8, gt=0, description="Episodes per optimizer step per device.")
     gradient_accumulation_steps: int = Field(1, gt=0)
     ppo_epochs: int = Field(1, gt=0)
     max_prompt_length: int = Field(128, gt=0)
@@ -532,8 +546,8 @@ class PPOConfig(_Section):
                            "-beta * sum_{s>=t} KL_s at its own scale; kl_in_loss (k2/k3) works with all four. "
                            "See docs/PPO.md.")
     num_samples_per_prompt: int = Field(
-        1, ge=1, description="Responses sampled per prompt (K). rollout_batch_size counts episodes, so each "
-                             "rollout takes rollout_batch_size / K prompts per device; grpo and rloo need K >= 2.")
+        1, ge=1, description="Responses sampled per prompt (K). episodes_per_rollout counts episodes, so each "
+                             "rollout takes episodes_per_rollout / K prompts per device; grpo and rloo need K >= 2.")
     group_std_eps: float = Field(1e-6, gt=0, description="grpo: added to the group std.")
     whiten_advantages: bool = Field(
         True, description="Whiten advantages over the global batch (gae; reinforce_pp always does: it is its "
@@ -564,6 +578,12 @@ class PPOConfig(_Section):
         if "reward_from" in data:
             data.pop("reward_from")
             notes.append("ppo.reward_from is removed (it was never read; reward sources are ppo.rewards): delete it")
+        if "rollout_batch_size" in data:
+            if "episodes_per_rollout" in data:
+                raise ValueError("ppo.rollout_batch_size and ppo.episodes_per_rollout are both set: "
+                                 "keep ppo.episodes_per_rollout only (the new name of the same setting)")
+            data["episodes_per_rollout"] = data.pop("rollout_batch_size")
+            notes.append(RENAMED_ROLLOUT_BATCH_SIZE.format(value=data["episodes_per_rollout"]))
         moved = [key for key in PPO_TRAIN_KEYS if key in data]
         if moved:
             train = data.get("train") or {}
@@ -602,9 +622,9 @@ class PPOConfig(_Section):
     def _checks(self) -> "PPOConfig":
         if self.train.precision == "fp16":
             raise ValueError("ppo.train.precision='fp16' is refused: PPO diverges in fp16; use 'bf16' or 'fp32'")
-        if self.rollout_batch_size % self.mini_batch_size:
+        if self.episodes_per_rollout % self.mini_batch_size:
             raise ValueError(
-                f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
+                f"ppo.episodes_per_rollout ({self.episodes_per_rollout}) must be divisible by "
                 f"ppo.mini_batch_size ({self.mini_batch_size})"
             )
         if self.mini_batch_size % self.gradient_accumulation_steps:
@@ -624,9 +644,9 @@ class PPOConfig(_Section):
                 f"ppo.advantage_estimator={self.advantage_estimator!r} needs ppo.num_samples_per_prompt >= 2 (its "
                 f"baseline is the other samples of the same prompt), got {self.num_samples_per_prompt}. Set "
                 "ppo.num_samples_per_prompt (e.g. 4), or use advantage_estimator gae or reinforce_pp")
-        if self.rollout_batch_size % self.num_samples_per_prompt:
+        if self.episodes_per_rollout % self.num_samples_per_prompt:
             raise ValueError(
-                f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
+                f"ppo.episodes_per_rollout ({self.episodes_per_rollout}) must be divisible by "
                 f"ppo.num_samples_per_prompt ({self.num_samples_per_prompt}): it counts episodes, whole groups")
         if not self.uses_critic:
             if self.critic_warmup_steps:
@@ -649,11 +669,11 @@ class PPOConfig(_Section):
 
     def sizes(self, world_size: int) -> PPOSizes:
         """Every derived batch size, computed here once (trainer, memory planner and orchestrator use it)."""
-        total_steps = max(1, math.ceil(self.total_episodes / (self.rollout_batch_size * world_size)))
-        n_minibatches = self.rollout_batch_size // self.mini_batch_size
+        total_steps = max(1, math.ceil(self.total_episodes / (self.episodes_per_rollout * world_size)))
+        n_minibatches = self.episodes_per_rollout // self.mini_batch_size
         return PPOSizes(
-            world_size=world_size, rollout_batch=self.rollout_batch_size,
-            global_batch=self.rollout_batch_size * world_size, mini_batch=self.mini_batch_size,
+            world_size=world_size, episodes_per_rollout=self.episodes_per_rollout,
+            global_batch=self.episodes_per_rollout * world_size, mini_batch=self.mini_batch_size,
             grad_accum=self.gradient_accumulation_steps,
             micro_batch=self.mini_batch_size // self.gradient_accumulation_steps,
             n_minibatches=n_minibatches, total_steps=total_steps,

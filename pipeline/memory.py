@@ -560,7 +560,7 @@ def _initial_knobs(cfg: RunConfig, stage: str) -> tuple[_Knobs, str]:
         tuning = cfg.ppo.tuning
         micro = max(1, cfg.ppo.sizes(world_size_of(cfg)).micro_batch)
         grad_ckpt = cfg.ppo.train.gradient_checkpointing
-        rollout = cfg.ppo.rollout_batch_size
+        rollout = cfg.ppo.episodes_per_rollout
     elif stage in ("sft", "rm", "dpo"):
         section = getattr(cfg, stage)
         tuning = section.tuning
@@ -765,7 +765,7 @@ def _alternatives(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int 
         options.append((f"micro-batch 1 + gradient checkpointing ({small_batch})",
                         dict(micro_batch=1, grad_ckpt=True)))
     if stage == "ppo" and knobs.rollout_batch > 1:
-        options.append((f"smaller rollout batch (ppo.rollout_batch_size={cfg.ppo.mini_batch_size})",
+        options.append((f"smaller rollout batch (ppo.episodes_per_rollout={cfg.ppo.mini_batch_size})",
                         dict(rollout_batch=cfg.ppo.mini_batch_size)))
     # Combined remedies, for the cases no single change rescues.
     combined: dict[str, Any] = dict(zero_stage=3, offload_optimizer=True, offload_param=True, deepspeed_bf16=ds_bf16,

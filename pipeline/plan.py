@@ -30,7 +30,7 @@ from .manifest import (
     require_complete_parent,
 )
 from .procs import process_state
-from .stage import STAGE_ORDER, hint_command, parents_of, resume_step, stage_identity
+from .stage import STAGE_ORDER, config_changes, hint_command, parents_of, resume_step, stage_identity
 
 Printer = Callable[[str], None]
 
@@ -139,7 +139,9 @@ def decide(cfg: RunConfig, stage: str, force: bool = False) -> Decision:
     if status == "complete":
         config_hash, input_hash = stage_identity(cfg, stage)
         if manifest.get("config_hash") != config_hash:
-            return Decision(stage, "run", "its config changed since it completed")
+            changes = config_changes(manifest.get("config") or {}, cfg, stage)
+            return Decision(stage, "run", "its config changed since it completed"
+                            + (f" ({'; '.join(changes)})" if changes else ""))
         if manifest.get("input_hash") != input_hash:
             return Decision(stage, "run", "its inputs changed since it completed (a parent stage or a data file)")
         return Decision(stage, "skip", "complete, config and inputs unchanged")

@@ -63,6 +63,11 @@ def parents_of(cfg: RunConfig, stage: str) -> list[str]:
     raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGE_ORDER)}")
 
 
+#: Settings renamed after run folders were written with them: the config hash reads them under their former
+#: name, so a stage made before the rename stays up to date (same value, same meaning; only the name changed).
+FORMER_NAMES = {"ppo": {"episodes_per_rollout": "rollout_batch_size"}}
+
+
 def stage_section(cfg: RunConfig, stage: str) -> dict[str, Any]:
     data = cfg.to_dict()
     # model.hub_id only names the base in model cards: it changes no weights, so it is not part of the identity
@@ -141,8 +146,48 @@ def model_fingerprint(location: str) -> str:
     return hash_json(files)
 
 
+def _renamed(section: dict[str, Any], names: dict[str, dict[str, str]]) -> dict[str, Any]:
+    section = dict(section)
+    for name, renames in names.items():
+        if isinstance(section.get(name), dict):
+            section[name] = {renames.get(key, key): value for key, value in section[name].items()}
+    return section
+
+
+def hashed_section(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """``stage_section`` as the config hash reads it: renamed settings under their former names."""
+    return _renamed(stage_section(cfg, stage), FORMER_NAMES)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_changes(recorded: dict[str, Any], cfg: RunConfig, stage: str, limit: int = 4) -> list[str]:
+    """What differs between a manifest's recorded ``config`` and ``cfg``'s section of ``stage``, for
+    messages: ``["ppo.kl_coef: 0.05 -> 0.1", "rollout.importance_sampling: (not set) -> 'auto'"]`` (at most
+    ``limit`` entries, then ``"... N more"``). Settings recorded under a former name compare (and show)
+    under the current one."""
+    current_names = {name: {old: new for new, old in renames.items()} for name, renames in FORMER_NAMES.items()}
+    old = _flatten(json.loads(json.dumps(_renamed(recorded, current_names), default=str)))
+    new = _flatten(json.loads(json.dumps(stage_section(cfg, stage), default=str)))
+    unset = object()
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, unset) != new.get(k, unset))
+
+    def show(value: Any) -> str:
+        return "(not set)" if value is unset else repr(value)
+
+    out = [f"{k}: {show(old.get(k, unset))} -> {show(new.get(k, unset))}" for k in keys[:limit]]
+    return out + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
+
+
 def stage_identity(cfg: RunConfig, stage: str) -> tuple[str, str]:
-    config_hash = hash_json(stage_section(cfg, stage))
+    config_hash = hash_json(hashed_section(cfg, stage))
     inputs: dict[str, Any] = {"parents": parent_hashes(cfg, stage), "data": data_hashes(cfg, stage)}
     models = external_models(cfg, stage)
     if models:  # only when there are some, so the hashes of existing runs stay what they were

@@ -128,7 +128,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
         ("sft.train.learning_rate=0", "sft.train.learning_rate: Input should be greater than 0"),
         ("sft.train.per_device_batch_size=two", "sft.train.per_device_batch_size: Input should be a valid integer"),
         ("sft.data.path=missing.jsonl", "sft.data.path: data file not found: missing.jsonl"),
-        ("ppo.rollout_batch_size=10", "must be divisible by ppo.mini_batch_size"),
+        ("ppo.episodes_per_rollout=10", "must be divisible by ppo.mini_batch_size"),
         ("sft.train.global_batch_size=100", "sft.train.global_batch_size=100"),
         ("model.source=local", "model.source='local' needs model.path"),
         ("sft.train.deepspeed=configs/deepspeed/nope.json", "DeepSpeed config not found"),
@@ -155,6 +155,57 @@ def test_old_flat_ppo_optimisation_keys_are_read_as_ppo_train_with_a_note():
         load_config(REPO / "configs" / "tiny.yaml", ["ppo.save_steps=3"])
     sizes = load_config(REPO / "configs" / "tiny.yaml", ["ppo.gradient_accumulation_steps=2"]).ppo.sizes(2)
     assert (sizes.micro_batch, sizes.n_minibatches, sizes.global_batch, sizes.total_steps) == (4, 2, 32, 2)
+
+
+def test_rollout_batch_size_is_read_as_episodes_per_rollout_with_a_warning(tmp_path):
+    """ppo.rollout_batch_size always counted episodes (prompt, response) per rollout per device, not prompts,
+    and OpenRLHF's key of that name counts prompts: renamed ppo.episodes_per_rollout. An old config still
+    loads, with a FutureWarning naming the new key, what it counts and how OpenRLHF's differs; both keys
+    set is refused."""
+    text = (REPO / "configs" / "tiny.yaml").read_text()
+    assert "  episodes_per_rollout: 16\n" in text
+    old = tmp_path / "old.yaml"
+    old.write_text(text.replace("  episodes_per_rollout: 16\n", "  rollout_batch_size: 8\n"))
+    with pytest.warns(FutureWarning) as caught:
+        cfg = load_config(old, ["ppo.num_samples_per_prompt=2"])
+    (message,) = [str(w.message) for w in caught if "rollout_batch_size" in str(w.message)]
+    assert "ppo.rollout_batch_size is renamed ppo.episodes_per_rollout" in message
+    assert "read as ppo.episodes_per_rollout=8" in message and "not prompts" in message
+    assert "OpenRLHF's --rollout_batch_size" in message and "R x K / devices" in message
+    assert cfg.ppo.episodes_per_rollout == 8
+    # 8 episodes per device = 4 prompts x 2 samples; 2 devices: 16 episodes per step
+    sizes = cfg.ppo.sizes(2)
+    assert (sizes.episodes_per_rollout, sizes.global_batch, sizes.n_minibatches) == (8, 16, 1)
+    with pytest.raises(ConfigError, match="ppo.rollout_batch_size and ppo.episodes_per_rollout are both set"):
+        load_config(REPO / "configs" / "tiny.yaml", ["ppo.rollout_batch_size=8"])
+
+
+def test_a_ppo_stage_made_before_the_rename_stays_up_to_date(tmp_path):
+    """The config hash reads ppo.episodes_per_rollout under its former name, so a run folder whose ppo stage
+    was hashed with ppo.rollout_batch_size (the section as it was: same value under the old key) is skipped,
+    not re-run; a real change is reported with the keys that changed."""
+    from pipeline.manifest import hash_json, write_manifest
+    from pipeline.plan import decide
+    from pipeline.stage import stage_identity, stage_section
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"output_root={tmp_path}"])
+    before_rename = stage_section(cfg, "ppo")
+    ppo = dict(before_rename["ppo"])
+    ppo["rollout_batch_size"] = ppo.pop("episodes_per_rollout")
+    before_rename["ppo"] = ppo
+    config_hash, input_hash = stage_identity(cfg, "ppo")
+    assert config_hash == hash_json(before_rename)
+    folder = cfg.stage_dir("ppo")
+    folder.mkdir(parents=True)
+    write_manifest(folder, {"stage": "ppo", "status": "complete", "config": before_rename,
+                            "config_hash": hash_json(before_rename), "input_hash": input_hash})
+    assert decide(cfg, "ppo").action == "skip"
+    changed = load_config(REPO / "configs" / "tiny.yaml", [f"output_root={tmp_path}", "ppo.episodes_per_rollout=8",
+                                                           "ppo.kl_coef=0.1"])
+    decision = decide(changed, "ppo")
+    assert decision.action == "run"
+    assert decision.reason == ("its config changed since it completed "
+                               "(ppo.episodes_per_rollout: 16 -> 8; ppo.kl_coef: 0.05 -> 0.1)")
 
 
 def test_override_syntax_errors():

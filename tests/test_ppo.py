@@ -603,7 +603,7 @@ def test_two_process_deepspeed_zero2_matches_one_process(tiny_cfg, tmp_path):
     an unsynchronised run (each rank alone) fails the same check (negative control)."""
     from stages.ppo import trainer
 
-    proc = _launch(tmp_path, "ds", ["ppo.train.deepspeed=configs/deepspeed/zero2.json", "ppo.rollout_batch_size=4",
+    proc = _launch(tmp_path, "ds", ["ppo.train.deepspeed=configs/deepspeed/zero2.json", "ppo.episodes_per_rollout=4",
                                     "ppo.mini_batch_size=4"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     info = [json.loads((tmp_path / "ds" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -617,7 +617,7 @@ def test_two_process_deepspeed_zero2_matches_one_process(tiny_cfg, tmp_path):
 
     assert identical(ranks[0], ranks[1], 0.0), "ranks diverged"
     # one process, same global batch (8), same minibatch (8) split into 2 micro-batches of 4
-    one = tiny_cfg(*DIST_OVERRIDES, "run_name=one", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8",
+    one = tiny_cfg(*DIST_OVERRIDES, "run_name=one", "ppo.episodes_per_rollout=8", "ppo.mini_batch_size=8",
                    "ppo.gradient_accumulation_steps=2")
     trainer.run(one)
     single = {k: v.float() for k, v in _weights(one.stage_dir("ppo") / "model").items()}
@@ -633,7 +633,7 @@ def test_two_process_deepspeed_zero2_matches_one_process(tiny_cfg, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key, a[key], b[key])
 
     # negative control: two ranks that never synchronise (each thinks it is alone, own data shard)
-    proc = _launch(tmp_path, "unsync", ["--unsync", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4"])
+    proc = _launch(tmp_path, "unsync", ["--unsync", "ppo.episodes_per_rollout=4", "ppo.mini_batch_size=4"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     bad = [torch.load(tmp_path / "unsync" / f"params-rank{r}.pt") for r in (0, 1)]
     assert not identical(bad[0], bad[1], 1e-5), "the check must catch unsynchronised ranks"
@@ -644,7 +644,7 @@ def test_two_process_deepspeed_zero2_matches_one_process(tiny_cfg, tmp_path):
 def test_two_process_deepspeed_resume_equals_uninterrupted(tmp_path):
     """DeepSpeed checkpoints (both engines + per-rank client state): kill after the step-1 checkpoint,
     relaunch, and the final weights equal an uninterrupted two-process run."""
-    args = ["ppo.train.deepspeed=configs/deepspeed/zero2.json", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
+    args = ["ppo.train.deepspeed=configs/deepspeed/zero2.json", "ppo.episodes_per_rollout=4", "ppo.mini_batch_size=4",
             "ppo.train.save_steps=1", "ppo.total_episodes=24"]
     proc = _launch(tmp_path, "straight", args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -672,12 +672,12 @@ def test_two_process_deepspeed_zero3_generates_and_saves_gathered_weights(tiny_c
     the saved policy is the gathered full model, equal to a 1-process run on the same global batch."""
     from stages.ppo import trainer
 
-    proc = _launch(tmp_path, "z3", ["ppo.train.deepspeed=configs/deepspeed/zero3.json", "ppo.rollout_batch_size=4",
+    proc = _launch(tmp_path, "z3", ["ppo.train.deepspeed=configs/deepspeed/zero3.json", "ppo.episodes_per_rollout=4",
                                     "ppo.mini_batch_size=4"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     info = [json.loads((tmp_path / "z3" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(i["world_size"] == 2 and i["zero_stage"] == 3 and i["engine"] == "DeepSpeedEngine" for i in info)
-    one = tiny_cfg(*DIST_OVERRIDES, "run_name=one", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8",
+    one = tiny_cfg(*DIST_OVERRIDES, "run_name=one", "ppo.episodes_per_rollout=8", "ppo.mini_batch_size=8",
                    "ppo.gradient_accumulation_steps=2")
     trainer.run(one)
     single = _weights(one.stage_dir("ppo") / "model")
@@ -693,7 +693,7 @@ def _one_process_prompts(cfg) -> list[int]:
     from stages.engine import epoch_order
 
     n = len(load_examples(cfg.ppo.data, "prompt")[0])
-    batches = epoch_order(n, 0, cfg.ppo.train.seed, 0, 1, cfg.ppo.rollout_batch_size)
+    batches = epoch_order(n, 0, cfg.ppo.train.seed, 0, 1, cfg.ppo.episodes_per_rollout)
     return batches[0] + batches[1]
 
 

@@ -132,7 +132,7 @@ def test_groups_are_consecutive_and_the_trainer_builds_no_critic(tiny_cfg):
     from stages.engine import init_distributed
     from stages.ppo.trainer import PPOTrainer
 
-    cfg = tiny_cfg(*_overrides("rloo", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4"))
+    cfg = tiny_cfg(*_overrides("rloo", "ppo.episodes_per_rollout=8", "ppo.mini_batch_size=4"))
     with StageRun(cfg, "ppo") as run:
         tr = PPOTrainer(cfg, run, init_distributed())
         assert tr.critic is None and tr.critic_opt is None and tr.critic_engine is None
@@ -163,7 +163,7 @@ def test_group_estimator_needs_two_samples_per_prompt(tiny_cfg, estimator):
         tiny_cfg(*_overrides(estimator), "ppo.num_samples_per_prompt=1")
     with pytest.raises((ConfigError, ValueError), match=r"ppo\.critic_warmup_steps"):
         tiny_cfg(*_overrides(estimator), "ppo.critic_warmup_steps=1")
-    with pytest.raises((ConfigError, ValueError), match=r"ppo\.rollout_batch_size"):
+    with pytest.raises((ConfigError, ValueError), match=r"ppo\.episodes_per_rollout"):
         tiny_cfg(*_overrides(estimator), "ppo.num_samples_per_prompt=3")
     # the CLI's validate names the key too
     proc = subprocess.run([sys.executable, "-m", "pipeline", "validate", "configs/tiny.yaml", "stages=[ppo]",
@@ -234,14 +234,14 @@ def test_two_process_deepspeed_grpo_matches_one_process(tiny_cfg, tmp_path):
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), str(REPO / "tests" / "test_ppo.py"), "--worker", str(tmp_path / "ds"),
-           "ppo.train.deepspeed=configs/deepspeed/zero2.json", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
+           "ppo.train.deepspeed=configs/deepspeed/zero2.json", "ppo.episodes_per_rollout=4", "ppo.mini_batch_size=4",
            *grpo]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [torch.load(tmp_path / "ds" / f"params-rank{r}.pt") for r in (0, 1)]
     one = tiny_cfg("stages=[ppo]", "ppo.policy_from=base", DIGITS, "ppo.max_new_tokens=16", "ppo.total_episodes=16",
                    "ppo.ppo_epochs=2", "ppo.train.learning_rate=1e-3", "ppo.train.precision=fp32",
-                   "ppo.train.save_steps=1000", "ppo.adaptive_kl=true", "run_name=one", "ppo.rollout_batch_size=8",
+                   "ppo.train.save_steps=1000", "ppo.adaptive_kl=true", "run_name=one", "ppo.episodes_per_rollout=8",
                    "ppo.mini_batch_size=8", "ppo.gradient_accumulation_steps=2", *grpo)
     trainer.run(one)
     single = {k: v.float() for k, v in _weights(one.stage_dir("ppo") / "model").items()}

@@ -208,7 +208,7 @@ def _ppo_step_then_compare(cfg, tok, vllm_backend_of, n_prompts: int = 12) -> No
 def test_ppo_update_then_sync_full_weights_equals_hf(tiny, tiny_cfg):
     """Full fine-tuning: the PPO trainer talks to the module's worker (base_url), syncs the weights in place."""
     _, tok, _, backend = tiny
-    cfg = tiny_cfg(*TINY32, "stages=[ppo]", "ppo.policy_from=base", DIGITS, "ppo.rollout_batch_size=8",
+    cfg = tiny_cfg(*TINY32, "stages=[ppo]", "ppo.policy_from=base", DIGITS, "ppo.episodes_per_rollout=8",
                    "ppo.mini_batch_size=8", "ppo.train.learning_rate=3e-3", "rollout.backend=vllm",
                    f"rollout.vllm.base_url={backend.base_url}", f"rollout.vllm.python={VLLM_PYTHON}")
     _ppo_step_then_compare(cfg, tok, lambda tr: tr.rollout_engine)
@@ -219,7 +219,7 @@ def test_ppo_update_then_sync_full_weights_equals_hf(tiny, tiny_cfg):
 def test_ppo_update_then_sync_lora_adapter_equals_hf(tiny_cfg, tiny):
     """LoRA: the trainer starts its own worker with LoRA on; each sync hot-loads the saved adapter."""
     _, tok, _, _ = tiny
-    cfg = tiny_cfg(*TINY32, "stages=[ppo]", "ppo.policy_from=base", DIGITS, "ppo.rollout_batch_size=8",
+    cfg = tiny_cfg(*TINY32, "stages=[ppo]", "ppo.policy_from=base", DIGITS, "ppo.episodes_per_rollout=8",
                    "ppo.mini_batch_size=8", "ppo.train.learning_rate=3e-2", "ppo.tuning.method=lora",
                    "rollout.backend=vllm", f"rollout.vllm.python={VLLM_PYTHON}", "rollout.vllm.dtype=float32")
     _ppo_step_then_compare(cfg, tok, lambda tr: tr.rollout_engine)
@@ -236,7 +236,7 @@ def test_smollm2_ppo_step_then_sync_equals_hf(tmp_path):
         cfg = load_config(REPO / "configs" / "demo.yaml", [
             f"output_root={tmp_path}", "logging.progress_bar=false", "stages=[ppo]", "ppo.policy_from=base",
             "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:digit_fraction'}]", "ppo.eval_data=null",
-            "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.max_new_tokens=8", "ppo.tuning.method=full",
+            "ppo.episodes_per_rollout=4", "ppo.mini_batch_size=4", "ppo.max_new_tokens=8", "ppo.tuning.method=full",
             "ppo.train.learning_rate=1e-4", "ppo.train.save_steps=1000", "rollout.backend=vllm",
             f"rollout.vllm.python={VLLM_PYTHON}", "rollout.vllm.dtype=float32"])
         prepare_base(cfg.model)
@@ -289,10 +289,10 @@ def test_two_deepspeed_ranks_with_vllm_rollouts_match_one_process(tiny, tiny_cfg
               f"rollout.vllm.python={VLLM_PYTHON}"]
     try:
         proc = _launch(tmp_path, "ds", ["ppo.train.deepspeed=configs/deepspeed/zero2.json",
-                                        "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", *engine])
+                                        "ppo.episodes_per_rollout=4", "ppo.mini_batch_size=4", *engine])
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         ranks = [torch.load(tmp_path / "ds" / f"params-rank{r}.pt") for r in (0, 1)]
-        one = tiny_cfg(*DIST_OVERRIDES, *engine, "run_name=one", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8",
+        one = tiny_cfg(*DIST_OVERRIDES, *engine, "run_name=one", "ppo.episodes_per_rollout=8", "ppo.mini_batch_size=8",
                        "ppo.gradient_accumulation_steps=2")
         trainer.run(one)
     finally:

@@ -164,11 +164,11 @@ class PPORollout:
     # ------------------------------------------------------------------------------ rollout
     def step_prompts(self, step: int) -> tuple[list[int], list[int]]:
         """(dataset indices, global episode positions) of this rank's episodes for PPO step ``step``:
-        ``rollout_batch_size / K`` prompts, each repeated K = ``num_samples_per_prompt`` times in a row (a
+        ``episodes_per_rollout / K`` prompts, each repeated K = ``num_samples_per_prompt`` times in a row (a
         group stays on one rank); the prompt at global position p gives episodes p*K .. p*K + K - 1."""
         ppo, d = self.cfg.ppo, self.dist
         seed, k = ppo.train.seed, ppo.num_samples_per_prompt
-        batch = ppo.rollout_batch_size // k
+        batch = ppo.episodes_per_rollout // k
         per_epoch = len(epoch_order(len(self.prompts), 0, seed, d.rank, d.world_size, batch))
         epoch, index = divmod(step, per_epoch)
         prompt_indices = epoch_order(len(self.prompts), epoch, seed, d.rank, d.world_size, batch)[index]
@@ -383,7 +383,7 @@ class PPORollout:
         """Mean reward-source score on the held-out prompts (fixed sampling streams: comparable over time)."""
         if not self.eval_prompts:
             return {}
-        d, batch = self.dist, self.cfg.ppo.rollout_batch_size
+        d, batch = self.dist, self.cfg.ppo.episodes_per_rollout
         n = len(self.eval_prompts)
         mine = list(range(d.rank, n, d.world_size))
         per_rank = math.ceil(n / d.world_size)

@@ -6,7 +6,8 @@ Code: ``stages.ppo.setup`` (data, models, optimisers), ``stages.ppo.experience``
 the ``Rollout`` record), ``stages.ppo.update`` (step 4), ``stages.ppo.distributed`` (collectives), this
 module (the loop: step 5, logging, evals, checkpoints, the final save); the math is ``stages.ppo.core``.
 
-One PPO step (``rollout_batch_size`` prompts per rank):
+One PPO step (``episodes_per_rollout`` episodes per rank: ``episodes_per_rollout / num_samples_per_prompt``
+prompts, each sampled ``num_samples_per_prompt`` times):
 
 1. Rollout: HF ``generate`` on left-padded prompts; sampling (``ppo.temperature``; top-k/top-p are
    refused by the config, they would change the sampling distribution but not the log-probs) is drawn
@@ -28,7 +29,7 @@ One PPO step (``rollout_batch_size`` prompts per rank):
    the last token; with ``kl_in_loss`` the KL term moves from the reward into the policy loss, with an
    estimator whose gradient depends on the reference (k2 or k3; k1 is refused there). GAE (gamma,
    lambda), advantages whitened over the whole global batch (masked).
-4. Update: ``ppo_epochs`` passes over ``rollout_batch_size / mini_batch_size`` minibatches, each split
+4. Update: ``ppo_epochs`` passes over ``episodes_per_rollout / mini_batch_size`` minibatches, each split
    into ``gradient_accumulation_steps`` micro-batches. Losses are token means over the whole global
    minibatch (each micro-batch is weighted by its share of the minibatch's response tokens), so the
    gradient does not depend on how a minibatch is split over micro-batches and ranks. Clipped policy

@@ -70,7 +70,7 @@ class PPOUpdate:
         the global number of response tokens in each (each micro-batch's loss is weighted by its share)."""
         ppo, sizes = self.cfg.ppo, self.sizes
         g = torch.Generator().manual_seed(ppo.train.seed * 1_000_003 + self.step * 1_009 + epoch)
-        order = torch.randperm(ppo.rollout_batch_size, generator=g)
+        order = torch.randperm(ppo.episodes_per_rollout, generator=g)
         minibatches = order.view(sizes.n_minibatches, sizes.mini_batch)
         counts = self.comm.sum(torch.stack([rollout.response_mask[mb].sum() for mb in minibatches]).double())
         return list(zip(minibatches, counts.tolist()))
