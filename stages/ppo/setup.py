@@ -183,28 +183,28 @@ class PPOSetup:
         read: ``stages.scoring.reward_reading``; None without an RM) and ``rm_shares_format`` (same
         tokenizer and chat format as the policy, so its weights can start the critic).
         """
-        cfg, ppo = self.cfg, self.cfg.ppo
-        self.rm_max_length = cfg.rm.max_length
         from stages.scoring import READ_TRAINED, load_transformers_reward_model, reward_reading
 
+        cfg, ppo = self.cfg, self.cfg.ppo
+        self.rm_max_length = cfg.rm.max_length
+        self.rm_read, self.rm_shares_format = None, False
         if not (any(r.kind == "rm" for r in ppo.rewards) or ppo.critic_from == "rm"):
             return None, None, None
-        self.rm_read, self.rm_shares_format = None, False
         if ppo.reward_model is None:
             from stages.scoring import load_reward_model
 
             rm_dir = self.run.parent_dir("rm")
             rm, _ = load_reward_model(rm_dir, cfg.model)
+            self.rm_read, self.rm_shares_format = READ_TRAINED, True
             return rm, None, str(rm_dir)
         source = ppo.reward_model
-            self.rm_read, self.rm_shares_format = READ_TRAINED, True
         location = model_location(source.path)
-        from transformers import AutoConfig
-
         reading = reward_reading(location)
         if reading.stage_dir is not None:
             raise ValueError(f"ppo.reward_model.path={source.path!r} is an rm stage folder: give its model/ "
                              f"subfolder ({reading.stage_dir / 'model'}), or add rm to the run's stages")
+        from transformers import AutoConfig
+
         labels = AutoConfig.from_pretrained(location, trust_remote_code=cfg.model.trust_remote_code).num_labels
         if labels != 1:
             raise ValueError(f"ppo.reward_model.path={source.path!r} has num_labels={labels}: a reward model is an "
