@@ -825,10 +825,41 @@ class RolloutConfig(_Section):
     rlaif_label, best_of_n and a distill hf/stage teacher. ``hf``: transformers ``generate`` in the stage's
     process (the default and the reference for correctness); ``vllm``: a vLLM worker process. Sampling is
     the stage's own settings either way (no model generation defaults); PPO's ratios and KL always use
-    log-probs from the trainer's own forward pass."""
+    log-probs from the trainer's own forward pass, and with an engine PPO reweights each token's policy
+    loss by the engine-to-trainer probability ratio (``importance_sampling``; docs/ROLLOUT.md)."""
 
     backend: Literal["hf", "vllm"] = "hf"
     vllm: VLLMRolloutConfig = Field(default_factory=VLLMRolloutConfig)
+    importance_sampling: Literal["auto"] | bool = Field(
+        "auto", description="PPO with a rollout engine: multiply each response token's policy loss by the truncated "
+                            "importance weight min(exp(old_logp - engine_logp), importance_sampling_cap), which "
+                            "corrects for the engine sampling from a slightly different distribution than the "
+                            "trainer's forward pass (bf16 kernels, another implementation). auto: on unless "
+                            "backend is hf (hf samples with the trainer's own model: nothing to correct; true "
+                            "with hf is refused); true / false (YAML's on / off) force it.")
+    importance_sampling_cap: float = Field(
+        2.0, ge=1, description="Largest importance weight (verl's rollout_is_threshold and OpenRLHF's "
+                               "vllm_is_truncated_threshold default to 2; TRL's clip_max to 3).")
+    engine_logp_warn: float | None = Field(
+        0.05, gt=0, description="Warn once when a PPO step's rollout_engine_logp_diff (mean |engine log-prob - "
+                                "trainer log-prob| per response token) exceeds this: at 0.05 a token's ratio "
+                                "starts about 5% from 1 before any update, a quarter of the default cliprange. "
+                                "null: never warn.")
+
+    @property
+    def uses_importance_sampling(self) -> bool:
+        """Whether PPO weights its policy loss by truncated importance weights (``importance_sampling``)."""
+        if self.importance_sampling == "auto":
+            return self.backend != "hf"
+        return self.importance_sampling
+
+    @model_validator(mode="after")
+    def _importance_sampling_needs_an_engine(self) -> "RolloutConfig":
+        if self.importance_sampling is True and self.backend == "hf":
+            raise ValueError("rollout.importance_sampling=true with rollout.backend='hf' is refused: hf samples with "
+                             "the trainer's own model, there are no engine log-probs to correct for. Use auto or "
+                             "false, or rollout.backend: vllm")
+        return self
 
     @model_validator(mode="after")
     def _worker_reachable(self) -> "RolloutConfig":

@@ -63,6 +63,9 @@ def parents_of(cfg: RunConfig, stage: str) -> list[str]:
     raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGE_ORDER)}")
 
 
+#: ``rollout`` keys that shape only PPO's loss (the other sampling stages' hashes leave them out).
+PPO_ONLY_ROLLOUT_KEYS = ("importance_sampling", "importance_sampling_cap")
+
 #: Settings renamed after run folders were written with them: the config hash reads them under their former
 #: name, so a stage made before the rename stays up to date (same value, same meaning; only the name changed).
 FORMER_NAMES = {"ppo": {"episodes_per_rollout": "rollout_batch_size"}}
@@ -76,7 +79,9 @@ def stage_section(cfg: RunConfig, stage: str) -> dict[str, Any]:
     if stage in ("rlaif_label", "ppo", "best_of_n", "distill"):
         section["rlaif"] = data["rlaif"]
         if cfg.rollout.backend != "hf":  # another engine samples other responses (hf: hashes stay as they were)
-            section["rollout"] = data["rollout"]
+            # engine_logp_warn only decides when to print a warning
+            dropped = ("engine_logp_warn",) + (() if stage == "ppo" else PPO_ONLY_ROLLOUT_KEYS)
+            section["rollout"] = {k: v for k, v in data["rollout"].items() if k not in dropped}
     if stage == "sft" and cfg.distill.token_level.enabled:  # the sft stage then trains on this teacher's logits
         section["distill_token_level"] = {"teacher": data["distill"]["teacher"],
                                           "token_level": data["distill"]["token_level"]}

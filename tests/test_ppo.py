@@ -418,9 +418,9 @@ def test_first_minibatch_ratio_is_one_in_fp32(tiny_cfg, monkeypatch):
     seen = []
     real = update.clipped_policy_loss
 
-    def record(logp, old_logp, advantages, mask, cliprange):
+    def record(logp, old_logp, advantages, mask, *args, **kwargs):
         seen.append((logp.detach().clone(), old_logp.clone(), mask.clone()))
-        return real(logp, old_logp, advantages, mask, cliprange)
+        return real(logp, old_logp, advantages, mask, *args, **kwargs)
 
     monkeypatch.setattr(update, "clipped_policy_loss", record)
     trainer.run(tiny_cfg(*_base_overrides("ppo.total_episodes=16", "ppo.ppo_epochs=1", "ppo.train.precision=fp32",

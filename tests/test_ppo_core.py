@@ -27,6 +27,7 @@ from stages.ppo.core import (
     masked_whiten,
     per_token_rewards,
     rloo_advantages,
+    truncated_importance_weights,
 )
 
 torch.set_num_threads(1)
@@ -403,6 +404,68 @@ def test_value_loss_clipping_hand_example():
     close(stats2["vf_clipfrac"], 0.0)
     with pytest.raises(ValueError, match=r"`returns`.*\(1, 2\).*\(2, 1\)"):
         clipped_value_loss(T([[0.1, -0.1]]), torch.zeros(1, 2), torch.zeros(2, 1), torch.ones(1, 2), 0.2)
+
+
+def test_truncated_importance_weights_hand_example_and_the_weighted_loss():
+    # row 0: old - engine = (0, ln 1.5, ln 3, -ln 2) -> raw ratios (1, 1.5, 3, 0.5) -> cap 2 -> (1, 1.5, 2, 0.5)
+    # row 1: one real token whose engine log-prob is NaN (none given) -> weight 1; padding (garbage) -> 1
+    old = T([[-1.0, -2.0, -1.0, -3.0], [-0.5, 99.0, 99.0, 99.0]])
+    engine = T([[-1.0, -2.0 - math.log(1.5), -1.0 - math.log(3.0), -3.0 + math.log(2.0)],
+                [float("nan"), -99.0, float("inf"), float("nan")]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    weights, stats = truncated_importance_weights(old, engine, mask, cap=2.0)
+    close(weights, [[1.0, 1.5, 2.0, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    close(stats["is_weight_mean"], (1 + 1.5 + 2 + 0.5 + 1) / 5)  # over the 5 real tokens
+    close(stats["is_capped_frac"], 1 / 5)
+    assert not weights.requires_grad and weights.dtype == torch.float32
+    # at ratio 1 (logp = old) the loss is -mean(w * A): (-1*1 + 1.5*2 - 2*4 - 0.5*3 - 1*2) / 5 = -9.5 / 5
+    logp = old.clone().requires_grad_()
+    adv = T([[1.0, -2.0, 4.0, 3.0], [2.0, 1e6, -1e6, 5.0]])
+    loss, _ = clipped_policy_loss(logp, old, adv, mask, cliprange=0.2, token_weights=weights)
+    close(loss, -9.5 / 5)
+    loss.backward()
+    # d loss / d logp_t = -w_t * A_t / 5 (ratio 1, nothing clipped); padding gets no gradient
+    close(logp.grad, [[-0.2, 0.6, -1.6, -0.3], [-0.4, 0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="cap"):
+        truncated_importance_weights(old, engine, mask, cap=0.5)
+    with pytest.raises(ValueError, match=r"`engine_logp`"):
+        truncated_importance_weights(old, engine[:, :3], mask, cap=2.0)
+
+
+def test_truncated_importance_weighted_loss_equals_trls_token_truncate_formula():
+    """TRL 1.16 computes the same thing inline in GRPOTrainer (no function to call), so its formula is
+    reproduced here from trl/trainer/grpo_trainer.py: the vLLM IS ratio at lines 2662-2684
+    (``exp(nan_to_num((old - sampling) * mask))`` clamped at ``vllm_importance_sampling_clip_max`` for
+    ``token_truncate``), the per-token loss ``-min(coef_1 * A, clamp(coef_1, 1 - eps, 1 + eps) * A)`` at
+    3113-3120, multiplied by the ratio at 3147, aggregated as ``loss_type='bnpo'`` at 3158 (the token mean
+    over the batch, our masked mean). Padding holds finite garbage (TRL multiplies by the mask)."""
+    g = torch.Generator().manual_seed(0)
+    B, L, eps, cap = 3, 6, 0.2, 2.0
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    old = -torch.rand(B, L, generator=g) * 3
+    engine = old + torch.randn(B, L, generator=g) * 0.8  # some ratios far above the cap
+    engine[0, 2] = float("nan")
+    logp0 = old + torch.randn(B, L, generator=g) * 0.3
+    adv = torch.randn(B, L, generator=g)
+    garbage = ~mask.bool()
+    old, engine, logp0 = (x.masked_fill(garbage, 5.0) for x in (old, engine, logp0))
+
+    def trl(logp):
+        is_ratio = torch.exp(torch.nan_to_num((old - engine) * mask, nan=0.0)).clamp(max=cap)
+        coef_1 = torch.exp(logp - old)
+        coef_2 = torch.clamp(coef_1, 1 - eps, 1 + eps)
+        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv) * is_ratio
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+    ours_logp, trl_logp = logp0.clone().requires_grad_(), logp0.clone().requires_grad_()
+    weights, stats = truncated_importance_weights(old, engine, mask, cap)
+    ours, _ = clipped_policy_loss(ours_logp, old, adv, mask, eps, token_weights=weights)
+    want = trl(trl_logp)
+    close(ours, want.detach())
+    ours.backward()
+    want.backward()
+    close(ours_logp.grad, trl_logp.grad)
+    assert 0 < float(stats["is_capped_frac"]) < 1, "the example must cap some tokens and not others"
 
 
 # ---------------------------------------------------------------------------------------------

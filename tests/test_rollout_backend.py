@@ -157,6 +157,8 @@ FAKE_WORKER = '''
 import json, os, sys, time, threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 mode = {mode!r}
+# the log-probs the engine reports for [7, 8, eos]; echo_far's -20 makes token 8 far likelier to the trainer
+ENGINE_LOGPROBS = {{"echo": [-1.0, -1.0, -1.0], "echo_far": [-1.0, -20.0, -1.0]}}
 print("fake worker starting", file=sys.stderr, flush=True)
 if mode == "exit":
     print("CUDA out of memory (fake)", file=sys.stderr, flush=True)
@@ -173,10 +175,11 @@ class H(BaseHTTPRequestHandler):
             time.sleep(600)
         if self.path == "/generate" and mode == "die":
             os._exit(9)
-        if self.path == "/generate" and mode == "echo":  # answers every prompt with [7, 8, eos]
+        if self.path == "/generate" and mode in ENGINE_LOGPROBS:  # answers every prompt with [7, 8, eos]
             eos = request["stop_token_ids"][0]
-            outputs = [{{"token_ids": [7, 8, eos], "finish_reason": "stop",
-                        "logprobs": [-1.0, -1.0, -1.0] if request["logprobs"] else None}} for _ in request["prompts"]]
+            logprobs = ENGINE_LOGPROBS[mode] if request["logprobs"] else None
+            outputs = [{{"token_ids": [7, 8, eos], "finish_reason": "stop", "logprobs": logprobs}}
+                       for _ in request["prompts"]]
             body = json.dumps({{"outputs": outputs}}).encode()
         else:
             body = json.dumps({{"ok": True}}).encode()
@@ -304,6 +307,108 @@ def test_ppo_with_an_engine_syncs_after_each_update_and_stops_it_on_an_interrupt
     engine_dir = cfg.stage_dir("ppo") / "rollout_engine"
     assert (engine_dir / "vllm_worker.log").exists() and not (engine_dir / "start").exists()
     assert not (engine_dir / "vllm_sync").exists()
+
+
+def test_ppo_with_an_engine_weights_each_tokens_policy_loss_by_the_capped_engine_ratio(tiny_cfg, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """rollout.importance_sampling (auto: on with an engine) against a fake engine whose log-probs for the
+    sampled [7, 8, eos] differ from the tiny model's (-1, -20, -1): the first minibatch's policy loss equals
+    -mean(w * A) with w = min(exp(old_logp - engine_logp), cap) computed here from the rollout's tensors (the
+    first minibatch's ratio is 1), the weight statistics are logged, and a warning is logged once when
+    rollout_engine_logp_diff passes rollout.engine_logp_warn."""
+    import json
+    import logging
+
+    from stages.ppo import trainer
+    from stages.ppo.experience import PPORollout
+
+    rollouts = []
+    make_rollout = PPORollout.make_rollout
+
+    def keep(self, step, timings):
+        rollouts.append(make_rollout(self, step, timings))
+        return rollouts[-1]
+
+    monkeypatch.setattr(PPORollout, "make_rollout", keep)
+    # one minibatch = one micro-batch per step, one epoch: the logged policy_loss is the first minibatch's
+    cfg = tiny_cfg("stages=[ppo]", "ppo.policy_from=base", "ppo.total_episodes=16", "ppo.episodes_per_rollout=8",
+                   "ppo.mini_batch_size=8", "ppo.train.save_steps=100",
+                   "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:digit_fraction'}]",
+                   "rollout.backend=vllm", f"rollout.vllm.python={_fake_python(tmp_path, 'echo_far')}",
+                   "rollout.engine_logp_warn=0.5")
+    assert cfg.rollout.uses_importance_sampling and cfg.rollout.importance_sampling_cap == 2.0
+    with caplog.at_level(logging.WARNING, logger="alignpipe.ppo"):
+        trainer.run(cfg)
+    first = json.loads((cfg.stage_dir("ppo") / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1
+    rollout = rollouts[0]
+    mask = rollout.response_mask.bool()
+    assert mask.all(), "every fake answer is [7, 8, eos]"
+    engine = torch.tensor([[-1.0, -20.0, -1.0]]).expand_as(rollout.old_logp)
+    raw = torch.exp(rollout.old_logp.double() - engine.double())
+    weights = raw.clamp(max=2.0)
+    adv = rollout.advantages.double()
+    want = float(-(weights * adv).mean())
+    assert first["policy_loss"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    unweighted = float(-adv.mean())  # ~0: the advantages are whitened
+    assert abs(want - unweighted) > 0.05, "the example must tell weighted from unweighted"
+    assert first["rollout_is_weight_mean"] == pytest.approx(float(weights.mean()), rel=1e-5)
+    assert first["rollout_is_capped_frac"] == pytest.approx(float((raw > 2.0).double().mean()))
+    assert 0 < first["rollout_is_capped_frac"] < 1
+    assert first["rollout_engine_logp_diff"] == pytest.approx(float((rollout.old_logp - engine).abs().mean()),
+                                                              rel=1e-5)
+    warned = [r.getMessage() for r in caplog.records if "rollout.engine_logp_warn=0.5" in r.getMessage()]
+    assert len(warned) == 1, warned  # two steps above the threshold, one warning
+    assert "rollout_engine_logp_diff=" in warned[0] and "min(exp(old_logp - engine_logp), 2.0)" in warned[0]
+
+
+def test_engine_logp_warning_only_above_its_threshold(caplog):
+    import logging
+
+    from stages.ppo.trainer import PPOTrainer
+
+    def check(limit, row):
+        rollout = SimpleNamespace(engine_logp_warn=limit, importance_sampling_cap=2.0, uses_importance_sampling=False)
+        fake = SimpleNamespace(cfg=SimpleNamespace(rollout=rollout), engine_logp_warned=False, step=3,
+                               dist=SimpleNamespace(is_main=True))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="alignpipe.ppo"):
+            PPOTrainer._check_engine_logp(fake, row)
+        return [r.getMessage() for r in caplog.records]
+
+    assert check(0.05, {"rollout_engine_logp_diff": 0.05}) == []  # at the threshold: quiet
+    assert check(None, {"rollout_engine_logp_diff": 9.0}) == []   # turned off
+    assert check(0.05, {}) == []                                  # hf: no engine, no diff
+    (message,) = check(0.05, {"rollout_engine_logp_diff": 0.07})
+    assert "step 3" in message and "rollout.importance_sampling is off" in message
+
+
+def test_importance_sampling_config_and_what_the_stage_hashes_read(tiny_cfg):
+    from pipeline.stage import config_changes, stage_section
+
+    assert not tiny_cfg().rollout.uses_importance_sampling  # hf samples with the trainer's own model
+    with pytest.raises(ConfigError, match=r"rollout.importance_sampling=true with rollout.backend='hf'"):
+        tiny_cfg("rollout.importance_sampling=on")  # YAML reads on / off as true / false
+    engine = ("rollout.backend=vllm", f"rollout.vllm.python={sys.executable}")
+    assert tiny_cfg(*engine).rollout.uses_importance_sampling
+    assert tiny_cfg(*engine, "rollout.importance_sampling=true").rollout.uses_importance_sampling
+    assert not tiny_cfg(*engine, "rollout.importance_sampling=off").rollout.uses_importance_sampling
+    with pytest.raises(ConfigError, match="rollout.importance_sampling"):
+        tiny_cfg(*engine, "rollout.importance_sampling=sometimes")
+    with pytest.raises(ConfigError, match="rollout.importance_sampling_cap"):
+        tiny_cfg(*engine, "rollout.importance_sampling_cap=0.5")
+    cfg = tiny_cfg(*engine)
+    # PPO's hash reads the correction (it changes the update), not the warning threshold; the other sampling
+    # stages read neither (their rollout section is what it was before these keys existed)
+    assert set(stage_section(cfg, "ppo")["rollout"]) == {"backend", "vllm", "importance_sampling",
+                                                         "importance_sampling_cap"}
+    for stage in ("rlaif_label", "best_of_n", "distill"):
+        assert set(stage_section(cfg, stage)["rollout"]) == {"backend", "vllm"}, stage
+    # a vllm ppo stage made before the correction existed re-runs, and says why
+    recorded = stage_section(cfg, "ppo")
+    recorded["rollout"] = {k: v for k, v in recorded["rollout"].items() if k in ("backend", "vllm")}
+    assert config_changes(recorded, cfg, "ppo") == ["rollout.importance_sampling: (not set) -> 'auto'",
+                                                    "rollout.importance_sampling_cap: (not set) -> 2.0"]
 
 
 def _children_named(fragment: str) -> list[int]:

@@ -39,6 +39,7 @@ __all__ = [
     "per_token_rewards",
     "clipped_policy_loss",
     "clipped_value_loss",
+    "truncated_importance_weights",
     "entropy_from_logits",
     "logprobs_from_logits",
     "explained_variance",
@@ -524,11 +525,12 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cliprange: float,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss (to minimise), masked mean over real tokens.
 
     ``ratio = exp(logp - old_logp)``;
-    ``loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``.
+    ``loss = mean(w * max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``, ``w = 1`` unless given.
 
     Args:
         logp: ``(B, T)`` log-probs under the current policy (carries the gradient).
@@ -536,6 +538,10 @@ def clipped_policy_loss(
         advantages: ``(B, T)`` (typically whitened; treated as constants).
         mask: ``(B, T)`` 0/1.
         cliprange: eps > 0.
+        token_weights: optional ``(B, T)`` per-token weights (constants), e.g.
+            :func:`truncated_importance_weights` for a rollout engine's samples: each token's clipped term
+            is multiplied by its weight before the masked mean (verl's ``rollout_is_weights``, TRL's
+            ``importance_sampling_ratio``). The statistics below do not use them.
 
     Returns:
         ``(loss, stats)``: loss is a 0-dim fp32 tensor. ``stats`` holds detached 0-dim fp32 tensors:
@@ -561,7 +567,11 @@ def clipped_policy_loss(
     adv = torch.where(m, advantages.detach().to(dtype), zero)
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * torch.clamp(ratio, 1.0 - eps, 1.0 + eps)
-    loss = masked_mean(torch.maximum(pg_unclipped, pg_clipped), m)
+    per_token = torch.maximum(pg_unclipped, pg_clipped)
+    if token_weights is not None:
+        _require_same_shape(fn, "logp", logp, token_weights=token_weights)
+        per_token = per_token * torch.where(m, token_weights.detach().to(dtype), zero)
+    loss = masked_mean(per_token, m)
 
     with torch.no_grad():
         clipfrac = masked_mean((pg_clipped > pg_unclipped).to(dtype), m)
@@ -619,6 +629,54 @@ def clipped_value_loss(
     with torch.no_grad():
         vf_clipfrac = masked_mean((err_clipped > err_unclipped).to(dtype), m)
     return loss, {"vf_clipfrac": vf_clipfrac.detach()}
+
+
+def truncated_importance_weights(
+    old_logp: torch.Tensor,
+    engine_logp: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated importance sampling (TIS) weights for tokens a rollout engine sampled:
+    ``w_t = min(exp(old_logp_t - engine_logp_t), cap)``.
+
+    The tokens come from the engine's distribution (``engine_logp``, e.g. vLLM in bf16) while the PPO ratio
+    is taken against the trainer's ``old_logp``; ``w_t`` reweights each token's policy loss from the one to
+    the other, capped so that a token the engine found unlikely cannot dominate the update (Yao et al.
+    2025, "Your efficient RL framework secretly brings you off-policy RL training"; verl's rollout
+    correction ``rollout_is: token`` / ``rollout_is_threshold``, TRL's ``vllm_importance_sampling_mode:
+    token_truncate`` / ``vllm_importance_sampling_clip_max``). Pass ``w`` to :func:`clipped_policy_loss` as
+    ``token_weights``: it multiplies the per-token clipped loss and is a constant (no gradient).
+
+    Args:
+        old_logp: ``(B, T)`` the trainer's log-probs of the sampled tokens.
+        engine_logp: ``(B, T)`` the engine's log-probs of the same tokens. A NaN (the engine gave none)
+            counts as no difference (weight 1), as TRL does.
+        mask: ``(B, T)`` 0/1.
+        cap: the largest weight, >= 1 (verl and OpenRLHF default to 2).
+
+    Returns:
+        ``(weights, stats)``: ``weights`` ``(B, T)`` fp32 (fp64 for fp64 inputs), detached, 1 on padding;
+        ``stats`` holds detached 0-dim tensors over real tokens: ``is_weight_mean`` (mean weight after the
+        cap) and ``is_capped_frac`` (share of tokens whose raw ratio exceeded ``cap``).
+    """
+    fn = "truncated_importance_weights"
+    _require_ndim(fn, "old_logp", old_logp, 2, "(batch, response_len)")
+    _require_same_shape(fn, "old_logp", old_logp, engine_logp=engine_logp, mask=mask)
+    cap = float(cap)
+    if not cap >= 1.0:
+        raise ValueError(f"{fn}: `cap` must be >= 1, got {cap}")
+    m = _as_bool_mask(fn, mask)
+    dtype = _float_dtype(old_logp, engine_logp)
+    zero = torch.zeros((), dtype=dtype, device=old_logp.device)
+    with torch.no_grad():
+        log_ratio = torch.nan_to_num(old_logp.detach().to(dtype) - engine_logp.detach().to(dtype), nan=0.0)
+        # padding -> log-ratio 0 (weight 1); the clamp keeps exp finite (a -inf trainer log-prob gives ~0)
+        log_ratio = torch.where(m, log_ratio, zero).clamp(-20.0, 20.0)
+        raw = torch.exp(log_ratio)
+        weights = raw.clamp(max=cap)
+        stats = {"is_weight_mean": masked_mean(weights, m), "is_capped_frac": masked_mean((raw > cap).to(dtype), m)}
+    return weights, stats
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,12 +28,14 @@ from stages.ppo.core import (
     logprobs_from_logits,
     per_token_rewards,
     rloo_advantages,
+    truncated_importance_weights,
 )
 from stages.ppo.distributed import global_whiten
 from stages.ppo.rewards import Responses, Scores
 from stages.ppo.rollout import (
     EpisodeSampler,
     engine_logp_diff,
+    engine_logp_tensor,
     episode_seed,
     episode_uniforms,
     response_mask,
@@ -57,7 +59,11 @@ class Rollout:
     ``advantages`` (B, T) fp32 (whitened when configured); ``returns`` (B, T) fp32.
     For logs: ``response_texts``, ``prompt_messages``, ``truncated_prompts`` (prompts cut to
     ``max_prompt_length`` in this batch), ``reward_stats`` (eos penalty, ``rm_truncated``, ``reward_metric/*``;
-    with a rollout engine also ``rollout_engine_logp_diff``: mean |engine log-prob - old_logp| per token).
+    with a rollout engine also ``rollout_engine_logp_diff``: mean |engine log-prob - old_logp| per token, and
+    with importance sampling ``rollout_is_weight_mean`` / ``rollout_is_capped_frac``).
+    Engine correction: ``is_weights`` (B, T) fp32 truncated importance weights ``min(exp(old_logp -
+    engine_logp), rollout.importance_sampling_cap)`` that multiply each token's policy loss; None when the
+    trainer sampled itself (``rollout.backend: hf``) or ``rollout.importance_sampling: false``.
     """
 
     prompt_ids: torch.Tensor
@@ -78,6 +84,7 @@ class Rollout:
     reward_parts: dict[str, torch.Tensor]
     truncated_prompts: int
     reward_stats: dict[str, float] = field(default_factory=dict)
+    is_weights: torch.Tensor | None = None
 
     def sequences(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         """[prompt | response] ids and attention mask for rows ``idx``: (b, P + T) each."""
@@ -258,7 +265,8 @@ class PPORollout:
             if failure is not None:
                 raise failure
             raise RolloutEngineError(f"rank 0's rollout engine failed: {answer['error']}")
-        # the engine's log-probs of these rows (diagnostic: make_rollout logs their distance to old_logp)
+        # the engine's log-probs of these rows (make_rollout logs their distance to old_logp and, with
+        # rollout.importance_sampling, turns them into per-token loss weights)
         self.engine_logprobs = answer["logprobs"][self.dist.rank]
         return answer["rows"][self.dist.rank]
 
@@ -323,16 +331,36 @@ class PPORollout:
         scores, texts = self.score_responses(prompts, response, mask, has_eos)
         t3 = time.perf_counter()
         reward, reward_stats = self._sequence_reward(scores, has_eos)
-        if self.cfg.rollout.backend != "hf" and all(x is not None for x in self.engine_logprobs):
-            # the engine's numbers vs ours (never used for the ratio)
-            reward_stats["rollout_engine_logp_diff"] = engine_logp_diff(self.engine_logprobs, old_logp, mask)
+        is_weights = self._engine_correction(old_logp, mask, reward_stats)
         # 4. advantages, returns
         kl = kl_penalty(old_logp, ref_logp, ppo.kl_estimator)
         advantages, returns = self.advantages(reward, kl, old_values, mask)
         timings.update(time_generate=t1 - t0, time_forward=t2 - t1, time_score=t3 - t2)
         return Rollout(query, query_mask, response, mask, has_eos, old_logp, ref_logp, old_values, advantages,
                        returns, scores.total, reward, kl * mask, texts, [x.messages for x in prompts], scores.parts,
-                       sum(x.truncated for x in prompts), reward_stats=reward_stats)
+                       sum(x.truncated for x in prompts), reward_stats=reward_stats, is_weights=is_weights)
+
+    def _engine_correction(self, old_logp: torch.Tensor, mask: torch.Tensor,
+                           stats: dict[str, float]) -> torch.Tensor | None:
+        """With a rollout engine: log how far its log-probs are from ``old_logp`` (B, T), and return the
+        truncated importance weights (B, T) that move each token's policy loss from the engine's sampling
+        distribution to the trainer's (``rollout.importance_sampling``), else None. Adds the statistics to
+        ``stats``."""
+        rollout = self.cfg.rollout
+        if rollout.backend == "hf":
+            return None
+        if any(x is None for x in self.engine_logprobs):
+            if rollout.uses_importance_sampling:
+                raise ValueError("the rollout engine returned no log-probs for some responses; "
+                                 "rollout.importance_sampling needs them (set it to false to train without)")
+            return None
+        stats["rollout_engine_logp_diff"] = engine_logp_diff(self.engine_logprobs, old_logp, mask)
+        if not rollout.uses_importance_sampling:
+            return None
+        engine_logp = engine_logp_tensor(self.engine_logprobs, old_logp)
+        weights, is_stats = truncated_importance_weights(old_logp, engine_logp, mask, rollout.importance_sampling_cap)
+        stats.update({f"rollout_{key}": float(value) for key, value in is_stats.items()})
+        return weights
 
     def advantages(self, reward: torch.Tensor, kl: torch.Tensor, old_values: torch.Tensor,
                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

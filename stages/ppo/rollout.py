@@ -142,17 +142,29 @@ def decode_responses(tokenizer: Any, responses: torch.Tensor, mask: torch.Tensor
     return tokenizer.batch_decode(response_rows(responses, mask), skip_special_tokens=True)
 
 
+def engine_logp_tensor(engine_logprobs: Sequence[Sequence[float]], like: torch.Tensor) -> torch.Tensor:
+    """The engine's per-row log-probs as a (B, T) tensor of ``like``'s shape and dtype, 0 after each row.
+
+    Args:
+        engine_logprobs: per row, the engine's log-prob of each real response token (eos included).
+        like: (B, T), e.g. the trainer's ``old_logp`` of the same tokens.
+    """
+    engine = torch.zeros_like(like)
+    for i, row in enumerate(engine_logprobs):
+        engine[i, :len(row)] = torch.tensor(list(row), dtype=like.dtype)
+    return engine
+
+
 def engine_logp_diff(engine_logprobs: Sequence[Sequence[float]], old_logp: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean |engine log-prob - trainer log-prob| over the real response tokens: how far a rollout engine's
-    numbers are from the trainer's forward pass (a diagnostic; nothing trains on the engine's).
+    numbers are from the trainer's forward pass (the ratio uses the trainer's; with
+    ``rollout.importance_sampling`` the engine's reweight each token's loss, ``core.truncated_importance_weights``).
 
     Args:
         engine_logprobs: per row, the engine's log-prob of each real response token (eos included).
         old_logp: (B, T) the trainer's log-probs of the same tokens; mask: (B, T) 1 on real tokens.
     """
-    engine = torch.zeros_like(old_logp)
-    for i, row in enumerate(engine_logprobs):
-        engine[i, :len(row)] = torch.tensor(list(row), dtype=old_logp.dtype)
+    engine = engine_logp_tensor(engine_logprobs, old_logp)
     real = mask.bool()
     return float((engine - old_logp).abs()[real].mean()) if bool(real.any()) else 0.0
 

@@ -74,7 +74,11 @@ Metrics (``metrics.jsonl``, one row per step; means over the global batch unless
 - ``response_length``: mean real response tokens (eos included); ``eos_rate``: share ending in eos.
 - ``skipped_minibatches``: minibatches with a skipped micro-batch this step (ratio explosion).
 - ``rollout_engine_logp_diff`` (``rollout.backend: vllm``): mean |engine log-prob - ``old_logp``| per response
-  token, how far the engine's numbers are from the trainer's (a diagnostic: the ratio uses ``old_logp``).
+  token, how far the engine's numbers are from the trainer's (the ratio uses ``old_logp``); above
+  ``rollout.engine_logp_warn`` a warning is logged once. With ``rollout.importance_sampling`` (on with an
+  engine unless false) each token's policy loss is multiplied by ``min(exp(old_logp - engine log-prob),
+  rollout.importance_sampling_cap)``: ``rollout_is_weight_mean`` is the mean weight over response tokens,
+  ``rollout_is_capped_frac`` the share of tokens at the cap.
 - ``time_generate``, ``time_forward`` (policy/reference/critic passes on the rollout),
   ``time_score`` (reward sources), ``time_update`` (seconds); ``episodes_per_s`` (all ranks, whole step);
   ``time_cpu``: CPU seconds this process used for the step (all its threads; on a shared machine
@@ -98,6 +102,7 @@ critic become DeepSpeed engines; the reference and the reward model are plain fr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -135,6 +140,8 @@ StepCallback = Callable[[int], None]
 
 SAMPLES_PER_LOG = 4
 
+logger = logging.getLogger("alignpipe.ppo")
+
 
 class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
     """Holds the models, optimisers and run state of one PPO stage; ``train()`` runs it."""
@@ -171,6 +178,7 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
         self.step = 0
         self.episodes = 0
         self.ptx_pos = 0
+        self.engine_logp_warned = False  # rollout.engine_logp_warn: the warning is logged once per run
         self.start_rollout_engine()  # rollout.backend: vllm (hf: nothing to start)
 
     def _train_mode(self, on: bool) -> None:
@@ -314,7 +322,25 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
         row["step_seconds"] = time.perf_counter() - start
         row["episodes_per_s"] = episodes / max(row["step_seconds"], 1e-9)
         row["time_cpu"] = time.process_time() - cpu_start  # this process's CPU seconds (all threads)
+        self._check_engine_logp(row)
         return row, rollout
+
+    def _check_engine_logp(self, row: dict[str, float]) -> None:
+        """Warn (once, rank 0) when the engine's log-probs are further from the trainer's than
+        ``rollout.engine_logp_warn``: the engine then samples from a noticeably different policy."""
+        limit, diff = self.cfg.rollout.engine_logp_warn, row.get("rollout_engine_logp_diff")
+        if limit is None or diff is None or diff <= limit or self.engine_logp_warned or not self.dist.is_main:
+            return
+        self.engine_logp_warned = True
+        correction = (f"each token's policy loss is reweighted by min(exp(old_logp - engine_logp), "
+                      f"{self.cfg.rollout.importance_sampling_cap}); see rollout_is_capped_frac"
+                      if self.cfg.rollout.uses_importance_sampling else
+                      "rollout.importance_sampling is off, so nothing corrects for it")
+        logger.warning(
+            "[alignpipe] ppo: warning: step %d: rollout_engine_logp_diff=%.4g is above rollout.engine_logp_warn=%g: "
+            "the rollout engine's log-probs differ from the trainer's by that much per token on average (engine "
+            "dtype, rollout.vllm.dtype, vs ppo.train.precision; or a weight sync that did not apply); %s. "
+            "Not repeated this run.", self.step, diff, limit, correction)
 
     def _after_step(self, row: dict[str, float], rollout: Rollout, bar: Any) -> None:
         """Log the row and samples, evaluate, checkpoint, call ``on_step_end``."""

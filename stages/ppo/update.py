@@ -95,8 +95,9 @@ class PPOUpdate:
         actor_fw = self.actor_engine or self.actor
         logits = self.policy_logits(actor_fw, ids, att, T)
         logp = logprobs_from_logits(logits, rollout.response_ids[idx].to(dev))
+        is_weights = None if rollout.is_weights is None else rollout.is_weights[idx].to(dev)  # engine correction
         pg_loss, pg_stats = clipped_policy_loss(logp, rollout.old_logp[idx].to(dev), rollout.advantages[idx].to(dev),
-                                                mask, ppo.cliprange)
+                                                mask, ppo.cliprange, token_weights=is_weights)
         stats.update({k: torch.as_tensor(v).detach().double() for k, v in pg_stats.items()})
         stats["policy_loss"] = pg_loss.detach().double()
         with torch.no_grad():
