@@ -33,6 +33,7 @@ help:
 	@echo "make vllm-env                  .venv-vllm with vLLM for rollout.backend: vllm (docs/ROLLOUT.md)"
 	@echo "make sft|rm|ppo|dpo|pipeline|rlaif CONFIG=configs/x.yaml ARGS='key=value ...'"
 	@echo "                               (make ppo runs the parents that are not complete first; ONLY=1 refuses)"
+	@echo "                               ARGS=--verbose: also what libraries print (by default in stage.log only)"
 	@echo "make status|report|slurm|validate CONFIG=...   make serve CHECKPOINT=outputs/<run>/<stage>"
 	@echo "make eval CONFIG=...           lm-evaluation-harness (eval.tasks, e.g. gsm8k) on base + each policy stage"
 	@echo "make bench-quality             learning regression benchmark (tiny PPO + the demo vs stored references)"

@@ -19,8 +19,10 @@ Requested stages (``--stages``) bring along the parents they need that are not c
 (``plan.with_parents``: complete parents are used as they are, interrupted ones resume); ``--no-parents``
 keeps the strict behaviour. Before launching a stage, its parents must be ``complete`` with matching
 chat-format fingerprints, or the run stops with a message naming the stage and why. A stage's output
-(stdout and stderr) goes to the console and to ``outputs/<run>/<stage>/stage.log``;
-a non-zero exit stops the chain and names that log.
+(stdout and stderr) goes to ``outputs/<run>/<stage>/stage.log`` and to the console, where (unless
+``verbose``) what libraries say is left out (``pipeline/console.py``) and the memory plans are one line
+each; a stage's last line on the console names its key metrics (``STAGE_HEADLINES``). A non-zero exit
+stops the chain and names that log.
 At the end the run report is written (``pipeline/report.py``) and its path printed.
 
 The decisions above and the pre-flight checks (parents, memory plan, DeepSpeed JSON) live in
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, load_config
+from .console import CONSOLE_ENV, libraries_to_file
 from .launch import has_cuda, stage_command, stage_env
 from .manifest import MANIFEST, ManifestError, read_manifest
 from .models import check_model_sources
@@ -83,20 +86,23 @@ class PipelineResult:
 
 # ------------------------------------------------------------------------------------------- launch
 def launch_stage(cfg: RunConfig, stage: str, config_file: Path, decision: Decision, cpu: bool,
-                 entry: str | None = None, echo: bool = True) -> None:
+                 entry: str | None = None, echo: bool = True, verbose: bool = False) -> None:
     """Start ``stage`` with the configured launcher; raise StageFailed unless it exits 0 with a complete manifest."""
     stage_dir = cfg.stage_dir(stage)
     if decision.action == "run" and (stage_dir / "checkpoints").exists():
         # a fresh run (--force, or a changed config) must not pick up old training state
         shutil.rmtree(stage_dir / "checkpoints")
     env = stage_env(cfg, cpu=cpu)
+    env.pop(CONSOLE_ENV, None)
+    if not verbose:  # the stage marks what libraries say log-only; run_process keeps it off the console
+        env[CONSOLE_ENV] = "quiet"
     launch = cfg.launch
     if (launch.launcher == "deepspeed" and launch.nnodes == 1 and "master_port" not in launch.model_fields_set
             and not env.get("MASTER_PORT")):
         env["MASTER_PORT"] = str(free_port())  # one node: any free port, so that two runs never collide
     cmd = stage_command(cfg, stage, config_file, entry=entry, env=env)
     log_path = stage_dir / "stage.log"
-    code = run_process(cmd, env, log_path, append=decision.action != "run", echo=echo)
+    code = run_process(cmd, env, log_path, append=decision.action != "run", echo=echo, quiet=not verbose)
     manifest = read_manifest(stage_dir) or {}
     if code != 0:
         raise StageFailed(stage, code, log_path, manifest.get("error"))
@@ -108,12 +114,13 @@ def launch_stage(cfg: RunConfig, stage: str, config_file: Path, decision: Decisi
 # ---------------------------------------------------------------------------------------------- run
 def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stages: Sequence[str] | None = None,
                  force: bool = False, entry: str | None = None, out: Printer = print, echo: bool = True,
-                 report: bool = True, parents: bool = True) -> PipelineResult:
+                 report: bool = True, parents: bool = True, verbose: bool = False) -> PipelineResult:
     """Run the requested stages of a config (see the module doc). Returns what was done and the report path.
 
     ``parents`` (the default): requested stages bring their incomplete parents along, as Make builds missing
     prerequisites (``plan.with_parents``; complete parents are used, interrupted ones resume, ``force``
     applies only to the requested stages). ``parents=False`` (``--no-parents``, ``ONLY=1``) refuses instead.
+    ``verbose``: the console gets everything the stages and libraries print, and the full memory tables.
 
     Raises ConfigError (bad config/overrides), ManifestError (a parent or a concurrent run stops the
     chain), MemoryPlanError (a stage cannot fit), StageFailed (a stage process failed).
@@ -130,11 +137,15 @@ def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stage
     launch = cfg.launch
     out(f"stages: {' -> '.join(selected)}   launcher: {launch.launcher}"
         + (f" x{launch.nproc_per_node}/node, {launch.nnodes} node(s)" if launch.launcher != "local" else ""))
-    memory_plans(cfg, selected, out)
+    memory_plans(cfg, selected, out, detail=verbose)
     with RunLock(cfg.run_dir()):
-        result = _run_stages(cfg, selected, config_file, force, entry, out, echo, added)
+        result = _run_stages(cfg, selected, config_file, force, entry, out, echo, added, verbose)
     if report:
-        result.report = write_report(cfg, out=out)
+        if verbose:
+            result.report = write_report(cfg, out=out)
+        else:  # the sample generations load models in this process
+            with libraries_to_file(cfg.run_dir() / "report.log"):
+                result.report = write_report(cfg, out=out)
         out(f"report: {result.report}")
         if result.report.with_suffix(".html").exists():
             out(f"report: {result.report.with_suffix('.html')} (one self-contained page: open it in a browser)")
@@ -142,7 +153,7 @@ def run_pipeline(config: str | os.PathLike, overrides: Sequence[str] = (), stage
 
 
 def _run_stages(cfg: RunConfig, selected: Sequence[str], config_file: Path, force: bool, entry: str | None,
-                out: Printer, echo: bool, added: Set[str] = frozenset()) -> PipelineResult:
+                out: Printer, echo: bool, added: Set[str] = frozenset(), verbose: bool = False) -> PipelineResult:
     cuda: bool | None = None
     result = PipelineResult(cfg.run_dir(), config_file)
     ran_now: set[str] = set()
@@ -158,10 +169,28 @@ def _run_stages(cfg: RunConfig, selected: Sequence[str], config_file: Path, forc
             check_deepspeed(cfg, [s for s in selected if s not in ran_now], cuda, out)
         out(f"[{stage}] {decision.action}: {decision.reason}; log: {cfg.stage_dir(stage) / 'stage.log'}")
         started = time.time()
-        launch_stage(cfg, stage, config_file, decision, cpu=not cuda, entry=entry, echo=echo)
+        launch_stage(cfg, stage, config_file, decision, cpu=not cuda, entry=entry, echo=echo, verbose=verbose)
         ran_now.add(stage)
-        out(f"[{stage}] complete in {time.time() - started:.1f} s")
+        headline = stage_headline(stage, (read_manifest(cfg.stage_dir(stage)) or {}).get("metrics") or {})
+        out(f"[{stage}] complete in {time.time() - started:.1f} s" + (f": {headline}" if headline else ""))
     return result
+
+
+# Each stage's key metrics, in this order, for its closing line on the console (those it logged).
+STAGE_HEADLINES = {
+    "sft": ("eval_loss", "loss"),
+    "rm": ("eval_accuracy", "eval_mean_margin"),
+    "dpo": ("eval_accuracy", "eval_margin"),
+    "ppo": ("score", "kl", "eos_rate"),
+    "best_of_n": ("kept", "score_mean_kept"),
+    "rlaif_label": ("pairs_kept", "inconsistent"),
+    "distill": ("kept", "finished_rate"),
+}
+
+
+def stage_headline(stage: str, metrics: dict[str, Any]) -> str:
+    """``eval_accuracy=0.718, eval_mean_margin=2.41``: the stage's ``STAGE_HEADLINES`` metrics it has."""
+    return _short_metrics({k: metrics[k] for k in STAGE_HEADLINES.get(stage, ()) if k in metrics})
 
 
 # -------------------------------------------------------------------------------------------- status

@@ -183,12 +183,14 @@ def check_parents(cfg: RunConfig, stage: str, ran_now: set[str], warn: Printer) 
         raise ManifestError(f"cannot start stage '{stage}': {exc}") from None
 
 
-def memory_plans(cfg: RunConfig, stages: Sequence[str], out: Printer, check: bool = True) -> None:
-    """Print the memory estimate of each stage; raise MemoryPlanError when one cannot fit the device."""
+def memory_plans(cfg: RunConfig, stages: Sequence[str], out: Printer, check: bool = True,
+                 detail: bool = True) -> None:
+    """Print the memory estimate of each stage (``detail``: the table, else its one-line summary); raise
+    MemoryPlanError when one cannot fit the device."""
     device = memory.device_memory_bytes(cfg) if check else None
     for stage in stages:
         plan = memory.estimate(cfg, stage)
-        out(plan.format())
+        out(plan.format() if detail else plan.summary())
         if device is not None:
             plan.check(device)
 

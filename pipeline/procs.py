@@ -5,7 +5,8 @@ with its output teed to a log, and the lock that keeps two orchestrators off one
   ``os.kill(pid, 0)`` and Linux ``/proc`` (a reused pid whose process started after the manifest counts
   as dead, so does a zombie).
 - ``run_process(cmd, env, log_path, ...)``: run from the repo root, stdout+stderr to the log and the
-  console; Ctrl-C is passed on and the process gets 60 s to save its state.
+  console (lines the stage marked log-only, ``pipeline.console``, to the log alone); Ctrl-C is passed on
+  and the process gets 60 s to save its state.
 - ``RunLock(run_dir)``: ``flock`` on ``outputs/<run>/.orchestrator.lock``, released by the kernel when
   the holder dies.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import REPO_ROOT
+from .console import LOG_ONLY_PREFIXES, ConsoleSplit
 from .launch import describe
 from .manifest import ManifestError
 
@@ -88,12 +90,16 @@ def process_state(manifest: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- tee
-def run_process(cmd: list[str], env: dict[str, str], log_path: Path, append: bool, echo: bool = True) -> int:
+def run_process(cmd: list[str], env: dict[str, str], log_path: Path, append: bool, echo: bool = True,
+                quiet: bool = False) -> int:
     """Run ``cmd`` from the repo root, tee its stdout+stderr to ``log_path`` (and the console), return its code.
 
-    Ctrl-C is passed on to the process, which gets 60 s to save its state before it is terminated.
+    Lines the process marks log-only (``pipeline.console.LOG_ONLY``) go to the log alone; with ``quiet`` so
+    do the library progress bars of ``LOG_ONLY_PREFIXES``. Ctrl-C is passed on to the process, which gets
+    60 s to save its state before it is terminated.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    split = ConsoleSplit(LOG_ONLY_PREFIXES if quiet else ())
     with open(log_path, "ab" if append else "wb") as log:
         header = f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {describe(cmd)}\n"
         log.write(header.encode())
@@ -108,11 +114,16 @@ def run_process(cmd: list[str], env: dict[str, str], log_path: Path, append: boo
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     break
-                log.write(chunk)
+                to_log, to_console = split.feed(decoder.decode(chunk))
+                log.write(to_log.encode())
                 log.flush()
-                if echo:
-                    sys.stdout.write(decoder.decode(chunk))
+                if echo and to_console:
+                    sys.stdout.write(to_console)
                     sys.stdout.flush()
+            rest = split.close()
+            log.write(rest.encode())
+            if echo and rest:
+                sys.stdout.write(rest)
             return proc.wait()
         except KeyboardInterrupt:
             _stop(proc)

@@ -1,7 +1,9 @@
 """Entry point of one stage process: ``python -m stages STAGE --config FILE [key=value ...]``.
 
 FILE is a run config (YAML) or the resolved JSON the orchestrator writes next to the run. This is what
-launchers (in-process, torchrun, deepspeed, srun) start, once per rank.
+launchers (in-process, torchrun, deepspeed, srun) start, once per rank. Its logging is set up first,
+before any library is imported (``pipeline.console``: under the orchestrator, without ``--verbose``, what
+libraries say goes to stage.log only).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, config_from_dict, load_config
+from pipeline.console import setup_stage_output
 from stages import STAGE_MODULES, run_stage
 
 
@@ -21,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
     args = parser.parse_intermixed_args(argv)
+    # every stage of ours loads models with transformers; other entries (the tests' fake stages) need not
+    setup_stage_output(transformers=STAGE_MODULES[args.stage].startswith("stages."))
     try:
         if args.config.endswith(".json"):
             cfg = config_from_dict(json.loads(Path(args.config).read_text()), args.config)

@@ -23,11 +23,11 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "stages", "data")
 
 # What stages/ (and data/) may import from pipeline/: the run config, manifests and atomic writes, the
-# StageRun context, model sources/loading, and the offline DeepSpeed JSON helpers (``fill_auto``: pure
-# JSON, no stage imports). Never the orchestrator, plan, procs, launchers, Slurm, report, memory planner
-# or server.
+# StageRun context, model sources/loading, the offline DeepSpeed JSON helpers (``fill_auto``: pure
+# JSON, no stage imports) and the stage process's logging set-up (``pipeline.console``: standard library
+# only). Never the orchestrator, plan, procs, launchers, Slurm, report, memory planner or server.
 STAGE_CONTRACT = frozenset({"pipeline.config", "pipeline.manifest", "pipeline.stage", "pipeline.models",
-                            "pipeline.deepspeed_check"})
+                            "pipeline.deepspeed_check", "pipeline.console"})
 # What stages/ may import from data/: the data contract and the demo tasks' lookup tables (read by the rule
 # judge); never the generator script ``data.make_demo``.
 DATA_CONTRACT = frozenset({"data.formats", "data.demo_tasks"})
