@@ -3,7 +3,8 @@
 One place for it, because every stage pads (PPO rollouts and scoring, the RM, the judges, rlaif_label)
 and the side matters: decoder-only generation needs left padding, the RM reads its score at the last
 real token of a right-padded row (DESIGN §3). Also the SFT batch (``pad_collate``, labels padded with
-``IGNORE``), shared by SFT and PPO's pretraining mix, and the seeded held-out split (``split_eval``).
+``IGNORE``) and the count of its target tokens (``target_tokens``), shared by SFT and PPO's pretraining
+mix, and the seeded held-out split (``split_eval``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,15 @@ def pad_collate(pad_id: int):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return collate
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens an SFT-style loss (``labels``, HF causal-LM convention) is a mean over: labelled positions
+    after the first of their row (token t + 1 is predicted from the tokens up to t, so a label at position
+    0 is never scored; ``stages.kd.trained_positions``)."""
+    from stages.kd import trained_positions
+
+    return int(trained_positions(batch["labels"], IGNORE).sum())
 
 
 def split_eval(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:

@@ -12,6 +12,12 @@ What it does:
   number of micro-batches, nothing is dropped);
 - AdamW over the trainable parameters, warm-up + cosine/linear/constant schedule, gradient
   accumulation, gradient clipping, bf16 autocast where the hardware supports it (fp32 otherwise);
+- the loss of an optimizer step is the mean over the loss units (``loss_units``: target tokens for SFT and
+  token-level distillation, pairs for RM and DPO) of its whole global batch, every micro-batch on every
+  rank: a step's micro-batches are collated before its first backward, their units summed across ranks,
+  and each micro-batch's mean loss weighted by its share (``stages.training.loss_weight``; DeepSpeed's own
+  1/accumulation scaling included). So a token weighs the same whatever the per-device batch,
+  accumulation and world size (as transformers' ``num_items_in_batch``); the logged ``loss`` is that mean;
 - dynamic hyper-parameters (``train.*``, off by default): reduce-on-plateau of the learning rate on the
   held-out ``monitor`` (a scale on top of the schedule, logged as ``lr_scale``), early stopping after
   ``early_stopping_patience`` evaluations without improvement with the best evaluation's weights restored
@@ -32,6 +38,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,6 +53,7 @@ from stages.training import (
     load_state,
     load_trainable,
     load_weights,
+    loss_weight,
     rng_state,
     save_state,
     save_weights,
@@ -167,19 +175,23 @@ class TrainResult:
 class Engine:
     """Train ``model`` on ``items`` with ``loss_fn``; see the module docstring.
 
-    ``collate(list_of_items) -> batch dict of tensors``; ``loss_fn(model, batch) -> (loss, metrics)``;
-    ``count_tokens(batch) -> int`` for tokens/s. ``groups`` (optional, one id per item) keeps items of a
-    group in one micro-batch.
+    ``collate(list_of_items) -> batch dict of tensors``; ``loss_fn(model, batch) -> (loss, metrics)``, the
+    loss a mean over ``loss_units(batch) -> int`` units (target tokens, pairs; without ``loss_units`` every
+    micro-batch counts as one unit, so their means weigh the same); ``count_tokens(batch) -> int`` for
+    tokens/s. ``groups`` (optional, one id per item) keeps items of a group in one micro-batch.
     """
 
     def __init__(self, model: Any, train: TrainConfig, run: Any, dist: DistInfo, items: Sequence[Any],
                  collate: Callable[[list[Any]], dict[str, torch.Tensor]], loss_fn: LossFn,
                  count_tokens: Callable[[dict[str, torch.Tensor]], int] | None = None,
                  groups: Sequence[int] | None = None, unfreezer: Any = None,
-                 eval_fn: Callable[[Any], dict[str, float]] | None = None, desc: str = "train"):
+                 eval_fn: Callable[[Any], dict[str, float]] | None = None, desc: str = "train",
+                 loss_units: Callable[[dict[str, torch.Tensor]], int] | None = None):
         self.train, self.run, self.dist = train, run, dist
         self.items, self.collate, self.loss_fn = items, collate, loss_fn
         self.count_tokens = count_tokens or (lambda b: int(b["attention_mask"].sum()))
+        self.loss_units = loss_units or (lambda b: 1)
+        self._batch_cache: dict[int, list[list[int]]] = {}
         self.groups, self.unfreezer, self.eval_fn, self.desc = groups, unfreezer, eval_fn, desc
         self.bf16 = use_bf16(train.precision, dist.device)
         self.micro_per_epoch = len(self._epoch_batches(0))
@@ -254,6 +266,27 @@ class Engine:
         if self.groups is not None:
             return group_batches(self.groups, epoch, t.seed, d.rank, d.world_size, t.per_device_batch_size)
         return epoch_order(len(self.items), epoch, t.seed, d.rank, d.world_size, t.per_device_batch_size)
+
+    def _batches_of(self, epoch: int) -> list[list[int]]:
+        """``_epoch_batches(epoch)``, computed once per epoch (a step's plan may look into the next one)."""
+        if epoch not in self._batch_cache:
+            self._batch_cache = {e: b for e, b in self._batch_cache.items() if e >= self.epoch}
+            self._batch_cache[epoch] = self._epoch_batches(epoch)
+        return self._batch_cache[epoch]
+
+    def _plan_step(self, accumulation: int) -> tuple[deque, float]:
+        """The next optimizer step's ``accumulation`` micro-batches of this rank, collated, each with its loss
+        units, and the step's units summed over all ranks (collective: every rank divides by this count).
+        A step may run over into the next epoch, as the loop does."""
+        plan: deque = deque()
+        epoch, micro = self.epoch, self.micro_in_epoch
+        for _ in range(accumulation):
+            if micro >= len(self._batches_of(epoch)):
+                epoch, micro = epoch + 1, 0
+            batch = self.collate([self.items[i] for i in self._batches_of(epoch)[micro]])
+            plan.append((batch, float(self.loss_units(batch))))
+            micro += 1
+        return plan, self._sum_across_ranks(sum(units for _, units in plan))
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.dist.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -330,28 +363,34 @@ class Engine:
         model = self.forward_model
         model.train()
         window_tokens, window_start = 0, time.time()
-        loss_sum, metric_sums, micro_count = 0.0, {}, 0
+        loss_sum, metric_sums, micro_count = 0.0, {}, 0  # loss_sum: mean loss x units, over the step's micro-batches
+        step_plan: deque = deque()
+        step_units = 0.0
         last_metrics: dict[str, float] = {}
         while self.global_step < self.total_steps and not self.watch["stopped"]:
-            batches = self._epoch_batches(self.epoch)
+            batches = self._batches_of(self.epoch)
             while (self.micro_in_epoch < len(batches) and self.global_step < self.total_steps
                    and not self.watch["stopped"]):
                 accum = t.accumulation_at(self.global_step)  # batch_ramp: more micro-batches per step later on
+                if micro_count == 0:
+                    step_plan, step_units = self._plan_step(accum)
                 if self.ds_engine is not None and t.batch_ramp:
                     self._deepspeed_accumulation(accum, last_micro=micro_count + 1 == accum)
-                indices = batches[self.micro_in_epoch]
-                batch = self._to_device(self.collate([self.items[i] for i in indices]))
+                batch, units = step_plan.popleft()
+                batch = self._to_device(batch)
                 with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss, metrics = self.loss_fn(model, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"{self.desc}: non-finite loss {loss.item()} at step {self.global_step} "
                         f"(epoch {self.epoch}, micro-batch {self.micro_in_epoch}); lower the learning rate")
+                # the mean over this micro-batch's units -> its share of the mean over the global batch's
+                weighted = loss * loss_weight(units, step_units, self.dist.world_size, accum)
                 if self.ds_engine is not None:
-                    self.ds_engine.backward(loss)
+                    self.ds_engine.backward(weighted)  # DeepSpeed divides by its accumulation count (= accum)
                 else:
-                    (loss / accum).backward()
-                loss_sum += float(loss.detach())
+                    (weighted / accum).backward()
+                loss_sum += float(loss.detach()) * units
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
                 micro_count += 1
@@ -380,7 +419,8 @@ class Engine:
                     self.unfreezer.step(self.global_step)
                 elapsed = max(time.time() - window_start, 1e-9)
                 tokens_per_s = window_tokens * self.dist.world_size / elapsed
-                row = {"loss": loss_sum / micro_count, "lr": self.scheduler.get_last_lr()[0] * self.watch["lr_scale"],
+                row = {"loss": self._sum_across_ranks(loss_sum) / max(step_units, 1.0),
+                       "lr": self.scheduler.get_last_lr()[0] * self.watch["lr_scale"],
                        "epoch": self.epoch + self.micro_in_epoch / max(1, len(batches)),
                        "tokens_per_s": tokens_per_s}
                 row.update({k: v / micro_count for k, v in metric_sums.items()})
@@ -391,8 +431,6 @@ class Engine:
                 if t.batch_ramp:
                     row["grad_accum_steps"] = accum
                     row["global_batch_size"] = accum * t.per_device_batch_size * self.dist.world_size
-                if self.world_mean_needed():
-                    row["loss"] = self._mean_across_ranks(row["loss"])
                 last_metrics = row
                 if self.global_step % t.logging_steps == 0 or self.global_step == self.total_steps:
                     self.run.log(self.global_step, row)
@@ -417,13 +455,13 @@ class Engine:
             final.update(self._evaluate())
         return TrainResult(self.global_step, final, self.history)
 
-    def world_mean_needed(self) -> bool:
-        return self.dist.world_size > 1
-
-    def _mean_across_ranks(self, value: float) -> float:
+    def _sum_across_ranks(self, value: float) -> float:
+        """``value`` summed over the ranks (collective when there are several)."""
+        if self.dist.world_size == 1:
+            return float(value)
         tensor = torch.tensor([value], dtype=torch.float64, device=self.dist.device)
         torch.distributed.all_reduce(tensor)
-        return float(tensor.item() / self.dist.world_size)
+        return float(tensor.item())
 
     def _evaluate(self, watch: bool = False) -> dict[str, float]:
         model = self.model

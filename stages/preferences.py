@@ -157,6 +157,12 @@ def print_encode_reports(name: str, max_length: int, reports: dict[str, EncodeRe
                   f"{name}.max_length={max_length}{first}", flush=True)
 
 
+def pair_count(batch: dict[str, torch.Tensor]) -> int:
+    """Pairs in a preference batch (``pair_collate``'s or DPO's: the chosen rows, then as many rejected
+    rows): the units the RM and DPO losses are means over."""
+    return int(batch["input_ids"].shape[0]) // 2
+
+
 def pair_collate(pad_id: int) -> Callable[[list[EncodedPair]], dict[str, torch.Tensor]]:
     """-> input_ids/attention_mask (2B, T): the B chosen rows, then the B rejected rows; margin (B,)."""
 

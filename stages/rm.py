@@ -1,8 +1,10 @@
 """Reward-model stage: preferences -> a scalar reward model (``AutoModelForSequenceClassification``, 1 label).
 
-Loss (Bradley-Terry, fp32): ``-log σ(r_chosen - r_rejected - margin)`` averaged over the pairs of a
-micro-batch (``margin`` is the optional data column, 0 where absent), plus the optional reward-centring
-term ``center_rewards_coefficient · mean((r_chosen + r_rejected)²)`` that keeps rewards near zero.
+Loss (Bradley-Terry, fp32): ``-log σ(r_chosen - r_rejected - margin)`` averaged over the pairs
+(``margin`` is the optional data column, 0 where absent), plus the optional reward-centring term
+``center_rewards_coefficient · mean((r_chosen + r_rejected)²)`` that keeps rewards near zero. A step's
+mean is over every pair of its global batch (all micro-batches, all ranks; ``stages.engine``), so a pair
+weighs the same even where K-wise groups make micro-batches of unequal sizes.
 
 Layout (recorded in the manifest as ``reward_layout``; PPO must score exactly this, see DESIGN §3):
 the prompt and one response are rendered with the chat template in force and end at the response's
@@ -25,7 +27,7 @@ prompt is in both the training and the evaluation set.
 
 Metrics
 - metrics.jsonl, one row per logged optimizer step: ``loss`` (Bradley-Terry loss + centring term, mean
-  over the step's micro-batches), ``accuracy`` (fraction of pairs with r_chosen > r_rejected),
+  over the step's pairs, all ranks), ``accuracy`` (fraction of pairs with r_chosen > r_rejected),
   ``margin`` (mean r_chosen - r_rejected), ``reward_chosen``, ``reward_rejected`` (mean scores),
   ``center_loss`` (the centring term, before its coefficient), ``pairs`` (pairs per micro-batch),
   ``lr``, ``grad_norm``, ``tokens_per_s`` (non-pad tokens of both responses' sequences per second, all
@@ -61,6 +63,7 @@ from stages.preferences import (  # noqa: F401  (EncodedPair, encode_pair: re-ex
     encode_pairs,
     load_preference_split,
     pair_collate,
+    pair_count,
     preference_source,
     print_encode_reports,
 )
@@ -259,7 +262,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         kept: dict[str, torch.Tensor] = {}
         engine = Engine(
             model, t, run, dist, train_rows, collate, make_loss_fn(rm.center_rewards_coefficient),
-            groups=groups, unfreezer=unfreezer, desc="rm",
+            loss_units=pair_count, groups=groups, unfreezer=unfreezer, desc="rm",
             eval_fn=make_eval_fn(eval_rows, collate, t.per_device_batch_size, dist.device,
                                  rm.center_rewards_coefficient, kept) if eval_rows else None,
         )

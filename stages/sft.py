@@ -7,9 +7,13 @@ boundaries (``stages.chat.tokenize_sft``, the one home of the chat layout). Opti
 conversations in one row with position ids restarting at each conversation and no attention mask, so
 transformers builds a block-diagonal mask (each conversation attends only to itself; verified in tests).
 
+The loss of an optimizer step is the cross-entropy summed over every target token of its global batch
+(all micro-batches, all ranks) divided by their number, so a token weighs the same however the batch is
+split into micro-batches, accumulation steps and ranks (``stages.engine``; ``target_tokens`` is the count).
+
 Metrics (metrics.jsonl, one row per logged optimizer step): ``loss`` (mean token cross-entropy over the
-micro-batches of the step), ``lr``, ``grad_norm``, ``tokens_per_s`` (non-pad input tokens per second,
-all ranks), ``target_tokens`` (trained tokens per micro-batch), ``epoch``; eval rows: ``eval_loss``.
+target tokens of the step, all ranks), ``lr``, ``grad_norm``, ``tokens_per_s`` (non-pad input tokens per
+second, all ranks), ``target_tokens`` (trained tokens per micro-batch), ``epoch``; eval rows: ``eval_loss``.
 
 Token-level distillation (``distill.token_level.enabled``): a frozen teacher (``distill.teacher``, same
 vocabulary) reads each batch too, and ``loss`` is ``(1 - weight) x ce_loss + weight x kd_loss`` (both
@@ -28,7 +32,7 @@ from data.formats import DataError, load_examples
 from pipeline.config import DataSource, RunConfig
 from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
 from pipeline.stage import StageRun
-from stages.batching import IGNORE, pad_collate, split_eval
+from stages.batching import IGNORE, pad_collate, split_eval, target_tokens
 from stages.chat import tokenize_sft
 from stages.engine import Engine, init_distributed
 from stages.saving import save_stage_model
@@ -78,7 +82,7 @@ def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     if "position_ids" in kwargs:
         kwargs["use_cache"] = False  # packed rows stay separate only without a cache
     out = model(**kwargs)
-    return out.loss.float(), {"target_tokens": float((batch["labels"] != IGNORE).sum())}
+    return out.loss.float(), {"target_tokens": float(target_tokens(batch))}
 
 
 def distillation_sft_loss(teacher: Any, token_level: Any):
@@ -231,7 +235,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                   flush=True)
         engine = Engine(
             model, sft.train, run, dist, train_rows, collate, loss_fn, count_tokens=count_tokens,
-            unfreezer=unfreezer, desc="sft",
+            loss_units=target_tokens, unfreezer=unfreezer, desc="sft",
             eval_fn=make_eval_fn(eval_rows, eval_collate, sft.train.per_device_batch_size, dist.device),
         )
         result = engine.fit()

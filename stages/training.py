@@ -16,6 +16,10 @@ One home for what is not the algorithm:
 - ``rng_state`` / ``set_rng_state``: python, numpy, torch and CUDA generator states (per rank);
 - ``trainable_state`` / ``load_trainable``: the weights a checkpoint keeps and puts back;
 - ``build_optimizer``: AdamW + a warm-up/cosine/linear/constant ``LambdaLR`` schedule;
+- ``loss_weight``: what a micro-batch's mean loss is multiplied by so that the accumulated gradient is the
+  mean over every loss unit (target token, pair) of the global batch, however it is split;
+- ``step_without_update``: a DeepSpeed boundary step that discards the accumulated gradient and moves
+  nothing (weights, optimiser state, schedule), as a skipped step of the plain loop;
 - ``init_deepspeed``: a model, its optimiser and schedule -> a DeepSpeed engine (the JSON's ``auto``
   values filled from the run; DeepSpeed's CPU Adam when the JSON offloads the optimiser);
 - ``save_final_model``: ``model/`` (+ ``adapter/``) and the tokenizer on rank 0, ZeRO-3 shards gathered.
@@ -29,8 +33,9 @@ import math
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -383,6 +388,54 @@ def build_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: f
     """AdamW over ``params`` and its ``LambdaLR`` schedule (``warmup`` then ``schedule`` up to ``total`` steps)."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **adamw_kwargs)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, warmup, total))
+
+
+def loss_weight(units: float, global_units: float, world_size: int, accumulation: int) -> float:
+    """The factor a micro-batch's mean loss is multiplied by before the backward that divides it by
+    ``accumulation`` (the plain loop's ``loss / accumulation``, or DeepSpeed's own 1/gradient_accumulation_steps).
+
+    Ranks average their gradients (DDP, DeepSpeed) and the backward divides by ``accumulation``, so with
+    this weight the optimiser sees ``sum over every unit of the global batch / global_units``: each target
+    token (or pair) weighs the same, whatever the micro-batch size, accumulation count and world size
+    (the normalisation of transformers' ``num_items_in_batch``).
+
+    Args:
+        units: loss units (target tokens, pairs) of this micro-batch, the count its mean loss is over.
+        global_units: units of every micro-batch of the optimiser step on every rank (the same number on
+            every rank: summed across ranks before the first backward).
+        world_size: ranks whose gradients are averaged.
+        accumulation: micro-batches per optimiser step (what the backward divides by).
+    Returns:
+        ``units * world_size * accumulation / global_units`` (0 for a micro-batch without units).
+    """
+    return units * world_size * accumulation / max(global_units, 1.0)
+
+
+@contextmanager
+def step_without_update(engine: Any) -> Iterator[None]:
+    """Inside it, a DeepSpeed ``engine.step()`` at an accumulation boundary discards the accumulated
+    gradient and moves nothing: the weights, the optimiser state (Adam's moments and step count, weight
+    decay) and the learning-rate schedule stay as they were, as when the plain loop skips
+    ``optimizer.step()`` and ``scheduler.step()`` and zeroes the gradients.
+
+    DeepSpeed's own bookkeeping still runs (the gradients are reduced and cleared, the micro-step
+    counter advances, so the next step's accumulation boundary is where it should be): only the update
+    of the torch optimiser it wraps (ours, ``build_optimizer``'s, or the CPU Adam of an offload config) and
+    the schedule's step are switched off. The ZeRO wrapper then copies the unchanged fp32 master weights
+    back into the model's."""
+    inner = engine.basic_optimizer
+    own_step = inner.__dict__.get("step")  # the LR schedule may have wrapped it on the instance
+    schedule = engine.lr_scheduler
+    inner.step = lambda *args, **kwargs: None
+    engine.lr_scheduler = None
+    try:
+        yield
+    finally:
+        if own_step is None:
+            del inner.step
+        else:
+            inner.step = own_step
+        engine.lr_scheduler = schedule
 
 
 def init_deepspeed(model: Any, optimizer: Any, scheduler: Any, ds_path: str, *, micro_batch: int, grad_accum: int,

@@ -41,3 +41,26 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (the shared real data sets live beside the repository)")
     return path
+
+
+@pytest.fixture
+def one_rank_process_group(monkeypatch):
+    """The environment deepspeed.initialize reads to start a one-process group (gloo, CPU); the group is
+    destroyed afterwards, with DeepSpeed's cached clone of its world group, which would otherwise point the
+    next test's engine at the destroyed group ("Group ... is not registered")."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        groups._WORLD_GROUP = None

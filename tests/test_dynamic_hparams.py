@@ -188,22 +188,6 @@ def test_sft_stage_with_plateau_and_early_stopping(tiny_cfg):
     assert json.loads((cfg.stage_dir("sft") / "manifest.json").read_text())["status"] == "complete"
 
 
-@pytest.fixture
-def one_rank_process_group(monkeypatch):
-    """The environment deepspeed.initialize reads to start a one-process group (gloo, CPU)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
-        monkeypatch.setenv(key, value)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def test_dynamic_hparams_under_deepspeed_zero2_match_the_plain_engine(tmp_path, one_rank_process_group):
     """The three together under DeepSpeed ZeRO-2 take the same decisions, log the same learning rates and
     batch sizes, and end with the same weights as the plain loop: the plateau scale reaches DeepSpeed's

@@ -12,9 +12,9 @@ it measured faster at equal settings (``bench/dpo.py``). The loss math is ``stag
 3. The reference is the starting policy. Its log-probs are computed once, before the first step (and
    again, identically, on resume), in eval mode, under the run's autocast; with a PEFT method on the
    same model with the adapter disabled (DESIGN §7). No second copy of the weights is ever held.
-4. Train ``mean(preference_loss)`` with the engine; evaluate on held-out pairs every ``eval_steps`` and
-   at the end; save ``model/`` (+ ``adapter/``) like every policy stage, so ``serve``, the report and
-   later stages load it.
+4. Train ``mean(preference_loss)`` (over the pairs of each step's whole global batch) with the engine;
+   evaluate on held-out pairs every ``eval_steps`` and at the end; save ``model/`` (+ ``adapter/``) like
+   every policy stage, so ``serve``, the report and later stages load it.
 
 Metrics
 - metrics.jsonl, one row per logged optimizer step: ``loss``, ``reward_chosen``, ``reward_rejected``
@@ -49,6 +49,7 @@ from stages.preferences import (
     EncodedPair,
     encode_pairs,
     load_preference_split,
+    pair_count,
     preference_source,
     print_encode_reports,
 )
@@ -247,7 +248,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         # 4. train, evaluate, save
         engine = Engine(
             model, t, run, dist, train_rows, collate, make_loss_fn(dpo.beta, dpo.loss, dpo.label_smoothing),
-            unfreezer=unfreezer, desc="dpo",
+            loss_units=pair_count, unfreezer=unfreezer, desc="dpo",
             eval_fn=make_eval_fn(eval_rows, collate, t.per_device_batch_size, dist.device, dpo.beta, dpo.loss,
                                  dpo.label_smoothing) if eval_rows else None,
         )

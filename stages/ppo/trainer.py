@@ -34,11 +34,13 @@ prompts, each sampled ``num_samples_per_prompt`` times):
    minibatch (each micro-batch is weighted by its share of the minibatch's response tokens), so the
    gradient does not depend on how a minibatch is split over micro-batches and ranks. Clipped policy
    loss and clipped value loss (x ``vf_coef``), both in fp32; optional PTX (SFT cross-entropy x
-   ``ptx_coef``) and actor EMA. A micro-batch whose max ratio exceeds ``ratio_skip_threshold`` (on any
-   rank) contributes no policy gradient and its minibatch is counted as skipped; when every micro-batch
-   of a minibatch is skipped the actor's optimizer step is skipped too (under DeepSpeed the engine
-   still steps, with a zero gradient). A non-finite loss stops the run with the offending micro-batch
-   saved as ``nan_batch_step<N>_rank<R>.pt`` in the stage folder. During the first
+   ``ptx_coef``, a mean over the target tokens of the minibatch's PTX batches on all ranks) and actor EMA.
+   A micro-batch whose max ratio exceeds ``ratio_skip_threshold`` (on any rank) contributes no policy
+   gradient and its minibatch is counted as skipped; when every micro-batch of a minibatch is skipped the
+   actor's optimizer step is skipped too: weights, optimiser state and learning-rate schedule stay as
+   they were, under DeepSpeed as well (its boundary step runs with the update switched off). A
+   non-finite loss stops the run with the offending micro-batch saved as ``nan_batch_step<N>_rank<R>.pt``
+   in the stage folder. During the first
    ``critic_warmup_steps`` steps only the critic trains (the actor's learning-rate schedule spans the
    steps after them).
 5. Adaptive KL (if on): beta updated from the step's mean per-sequence KL (Ziegler et al. 2019).

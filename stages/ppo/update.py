@@ -2,22 +2,26 @@
 minibatches, each split into micro-batches.
 
 A micro-step (``_micro_step``) computes the clipped value loss and (after the critic warm-up) the clipped
-policy loss (+ the KL loss with ``kl_in_loss``, + PTX), each weighted by the micro-batch's share of the
-global minibatch's response tokens, and back-propagates them. Its statistics stay tensors; they are
-summed as tensors and turned into numbers once, when ``update`` returns its means for the step's log
-row. The micro-step synchronises the ranks only where a decision needs every rank: whether all losses
-are finite, and the largest ratio (a micro-batch over ``ratio_skip_threshold`` on any rank contributes
-no policy gradient).
+policy loss (+ the KL loss with ``kl_in_loss``), each weighted by the micro-batch's share of the global
+minibatch's response tokens, + PTX weighted by its share of the minibatch's PTX target tokens (both counts
+summed over all ranks before the first backward; ``stages.training.loss_weight``), and back-propagates
+them. Its statistics stay tensors; they are summed as tensors and turned into numbers once, when
+``update`` returns its means for the step's log row. The micro-step synchronises the ranks only where a
+decision needs every rank: whether all losses are finite, and the largest ratio (a micro-batch over
+``ratio_skip_threshold`` on any rank contributes no policy gradient; a minibatch whose every micro-batch
+is skipped moves nothing, with or without DeepSpeed: no weight update, optimiser state and schedule untouched).
 """
 
 from __future__ import annotations
 
+from collections import deque
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stages.batching import pad_collate
+from stages.batching import pad_collate, target_tokens
 from stages.ppo.core import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -27,6 +31,7 @@ from stages.ppo.core import (
     masked_mean,
 )
 from stages.ppo.experience import Rollout
+from stages.training import loss_weight, step_without_update
 
 Stats = dict[str, torch.Tensor]
 
@@ -44,8 +49,11 @@ class PPOUpdate:
         for epoch in range(ppo.ppo_epochs):
             for minibatch, n_tokens in self._minibatches(rollout, epoch):
                 mb_skipped = 0
+                ptx = self._ptx_minibatch() if train_actor and ppo.ptx_coef > 0 else None
                 for idx in minibatch.view(sizes.grad_accum, sizes.micro_batch):
-                    stats, micro_ratio_max, was_skipped = self._micro_step(rollout, idx, n_tokens, train_actor, epoch)
+                    stats, micro_ratio_max, was_skipped = self._micro_step(
+                        rollout, idx, n_tokens, train_actor, epoch, skipped_before=mb_skipped,
+                        ptx=ptx.popleft() if ptx else None)
                     ratio_max = max(ratio_max, micro_ratio_max)
                     mb_skipped += was_skipped
                     for k, v in stats.items():
@@ -75,10 +83,11 @@ class PPOUpdate:
         counts = self.comm.sum(torch.stack([rollout.response_mask[mb].sum() for mb in minibatches]).double())
         return list(zip(minibatches, counts.tolist()))
 
-    def _losses(self, rollout: Rollout, idx: torch.Tensor, weight: float,
-                train_actor: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, Stats]:
+    def _losses(self, rollout: Rollout, idx: torch.Tensor, weight: float, train_actor: bool,
+                ptx: tuple[dict[str, torch.Tensor], float] | None = None,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, Stats]:
         """-> (weighted value loss x vf_coef, or None without a critic; weighted policy loss, or None during the
-        critic warm-up; stats)."""
+        critic warm-up; stats). ``ptx``: this micro-step's PTX batch and its weight (``_ptx_minibatch``)."""
         ppo, T, dev = self.cfg.ppo, rollout.response_ids.size(1), self.device
         ids, att = (x.to(dev) for x in rollout.sequences(idx))
         mask = rollout.response_mask[idx].to(dev)
@@ -107,19 +116,22 @@ class PPOUpdate:
             stats["kl_loss"] = kl_term.detach().double()
             pg_loss = pg_loss + self.kl_ctl.value * kl_term
         pg_loss = pg_loss * weight
-        if ppo.ptx_coef > 0:
+        if ptx is not None:
+            ptx_batch, ptx_weight = ptx
             with self._autocast():
-                ptx = actor_fw(**self._ptx_batch(), use_cache=False).loss.float()
-            stats["ptx_loss"] = ptx.detach().double()
-            pg_loss = pg_loss + ppo.ptx_coef * ptx
+                ptx_loss = actor_fw(**ptx_batch, use_cache=False).loss.float()
+            stats["ptx_loss"] = ptx_loss.detach().double()
+            pg_loss = pg_loss + ppo.ptx_coef * ptx_loss * ptx_weight
         return vf_loss, pg_loss, stats
 
     def _micro_step(self, rollout: Rollout, idx: torch.Tensor, n_tokens: float, train_actor: bool,
-                    epoch: int) -> tuple[Stats, float, bool]:
-        """Losses and backward passes of one micro-batch -> (stats as tensors, max ratio over ranks, skipped)."""
+                    epoch: int, skipped_before: int = 0,
+                    ptx: tuple[dict[str, torch.Tensor], float] | None = None) -> tuple[Stats, float, bool]:
+        """Losses and backward passes of one micro-batch -> (stats as tensors, max ratio over ranks, skipped).
+        ``skipped_before``: micro-batches of this minibatch skipped so far; ``ptx``: see ``_losses``."""
         world, accum = self.dist.world_size, self.sizes.grad_accum
-        weight = float(rollout.response_mask[idx].sum()) * accum * world / max(n_tokens, 1.0)
-        vf_total, pg_loss, stats = self._losses(rollout, idx, weight, train_actor)
+        weight = loss_weight(float(rollout.response_mask[idx].sum()), n_tokens, world, accum)
+        vf_total, pg_loss, stats = self._losses(rollout, idx, weight, train_actor, ptx)
         # NaN / inf: stop with the batch saved (sync point: every rank agrees before anyone raises)
         finite = torch.tensor([(1.0 if vf_total is None else float(torch.isfinite(vf_total))) * (
             1.0 if pg_loss is None else float(torch.isfinite(pg_loss)))])
@@ -141,7 +153,11 @@ class PPOUpdate:
         if pg_loss is not None:
             self._backward(self.actor_engine, pg_loss)
         if self.actor_engine is not None:
-            self.actor_engine.step()
+            # the boundary of a minibatch skipped whole: DeepSpeed's step would still move the weights (Adam's
+            # momentum, weight decay) and the schedule; like the plain path's skip, it must move nothing
+            skipped_whole = skipped and skipped_before == accum - 1
+            with step_without_update(self.actor_engine) if skipped_whole else nullcontext():
+                self.actor_engine.step()
         return stats, ratio_max, skipped
 
     def _raise_non_finite(self, rollout: Rollout, idx: torch.Tensor, stats: Stats, epoch: int) -> None:
@@ -159,6 +175,15 @@ class PPOUpdate:
         rows = [self.ptx_rows[(start + i) % n] for i in range(micro)]
         self.ptx_pos += 1
         return {k: v.to(self.device) for k, v in pad_collate(self.tokenizer.pad_token_id)(rows).items()}
+
+    def _ptx_minibatch(self) -> deque[tuple[dict[str, torch.Tensor], float]]:
+        """A minibatch's PTX batches (one per micro-step), each with its weight: the PTX loss is the mean over
+        every target token of the minibatch's PTX batches on all ranks (collective), not a mean of means."""
+        batches = [self._ptx_batch() for _ in range(self.sizes.grad_accum)]
+        counts = [float(target_tokens(b)) for b in batches]
+        total = float(self.comm.sum(torch.tensor([sum(counts)], dtype=torch.float64))[0])
+        return deque((b, loss_weight(n, total, self.dist.world_size, self.sizes.grad_accum))
+                     for b, n in zip(batches, counts))
 
     def _backward(self, engine: Any, loss: torch.Tensor) -> None:
         if engine is not None:
