@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true",
                      help="re-run the requested stages from scratch even when complete and unchanged")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    run.add_argument("--quiet", action="store_true", help="do not echo stage output (it still goes to stage.log)")
+    shown = run.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="do not echo stage output (it still goes to stage.log)")
+    shown.add_argument("--verbose", action="store_true",
+                       help="echo everything: what libraries print (by default in stage.log only) and the full "
+                            "memory tables")
     run.add_argument("--no-parents", action="store_true",
                      help="refuse a requested stage whose parents are not complete (default: run them first)")
 
@@ -149,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     run_pipeline(args.config, args.overrides, stages=args.stages, force=args.force, echo=not args.quiet,
-                 report=not args.no_report, parents=not args.no_parents)
+                 report=not args.no_report, parents=not args.no_parents, verbose=args.verbose)
     return 0
 
 
