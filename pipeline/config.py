@@ -172,7 +172,8 @@ def model_location(value: str) -> str:
 
 # ------------------------------------------------------------------------------------------ training
 class TrainConfig(_Section):
-    """Optimisation settings shared by the SFT and RM stages."""
+    """Optimisation settings of the stages on the shared engine (``sft.train``; ``rm.train`` and
+    ``dpo.train`` are subclasses that change only default values)."""
 
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
@@ -248,6 +249,21 @@ class TrainConfig(_Section):
     def global_batch(self, world_size: int) -> int:
         """Sequences per optimizer step over all ranks: per-device batch x grad accumulation x world size."""
         return self.per_device_batch_size * self.gradient_accumulation_steps * world_size
+
+
+# A stage whose defaults differ from TrainConfig's has a subclass with those defaults, not a default_factory
+# building TrainConfig(learning_rate=...): a factory's values apply only when the whole section is absent, so
+# one key given (``dpo.train.max_steps=40``) would silently bring back the generic rate for the rest.
+class RMTrainConfig(TrainConfig):
+    """``rm.train``: ``TrainConfig`` with the reward model's learning rate, 5e-5, by default."""
+
+    learning_rate: float = Field(5e-5, gt=0)
+
+
+class DPOTrainConfig(TrainConfig):
+    """``dpo.train``: ``TrainConfig`` with DPO's learning rate, 5e-6, by default."""
+
+    learning_rate: float = Field(5e-6, gt=0)
 
 
 def _deepspeed_exists(value: str | None) -> str | None:
@@ -373,7 +389,7 @@ class RMConfig(_Section):
     init_from: Literal["sft", "base"] = "sft"
     max_length: int = Field(512, gt=8)
     center_rewards_coefficient: float = Field(0.0, ge=0)
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(learning_rate=5e-5))
+    train: RMTrainConfig = Field(default_factory=RMTrainConfig)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
 
 
@@ -382,8 +398,10 @@ class DPOConfig(_Section):
 
     loss: ``sigmoid`` (DPO), ``ipo`` (IPO, on per-token mean log-probs), ``cdpo`` (conservative DPO:
     labels flipped with probability ``label_smoothing``). The reference is the starting policy (the SFT
-    model, or the base): its log-probs are computed once before training (with a PEFT method, on the
-    same model with the adapter disabled), so no second copy of the model is held.
+    model, or the base), in eval mode, and no second copy of the model is held: with a PEFT method its
+    log-probs are those of the same model with the adapter disabled, computed for each micro-batch's pairs
+    when it is first trained on and cached (kept in checkpoints); otherwise they are computed before the
+    first step for exactly the pairs the run's steps will train on.
     """
 
     data: DataSource | None = None
@@ -394,7 +412,10 @@ class DPOConfig(_Section):
     loss: Literal["sigmoid", "ipo", "cdpo"] = "sigmoid"
     beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward beta * (logp - ref_logp).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo only: probability that a label is flipped.")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(learning_rate=5e-6))
+    disable_dropout: bool = Field(
+        True, description="Dropout off in the policy (as TRL's DPO default): the reference's log-probs come from "
+                          "eval mode, so with dropout on the policy would differ from it at step 0 already.")
+    train: DPOTrainConfig = Field(default_factory=DPOTrainConfig)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
 
     @model_validator(mode="after")
@@ -736,7 +757,8 @@ class TeacherConfig(_Section):
     ``http`` (an OpenAI-compatible endpoint at ``base_url`` serving ``model``; key from ``api_key_env``)."""
 
     kind: Literal["hf", "stage", "http"] = "hf"
-    model: str | None = Field(None, description="hf: folder or hub name; http: the served model name.")
+    model: str | None = Field(None, description="hf: folder or hub name ('base', the default for hf: this run's "
+                                                "model.*); http: the served model name.")
     path: str | None = Field(None, description="stage: a stage folder (outputs/<run>/<stage>) with model/.")
     base_url: str | None = Field(None, description="http: the API base, e.g. http://127.0.0.1:8000/v1.")
     api_key_env: str | None = Field(None, description="http: environment variable holding the API key.")
@@ -744,6 +766,15 @@ class TeacherConfig(_Section):
     max_retries: int = Field(4, ge=0)
     backoff_s: float = Field(0.5, ge=0, description="http: first retry delay (doubles per retry, jittered).")
     concurrency: int = Field(4, gt=0, description="http: requests in flight.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hf_model_defaults_to_base(cls, data: Any) -> Any:
+        """An hf teacher without ``model`` is this run's base model, however much of the section is given
+        (``distill.teacher.timeout_s=30`` alone keeps it)."""
+        if isinstance(data, dict) and data.get("kind", "hf") == "hf" and data.get("model") is None:
+            data = {**data, "model": "base"}
+        return data
 
     @model_validator(mode="after")
     def _needs(self) -> "TeacherConfig":
@@ -777,7 +808,7 @@ class DistillConfig(_Section):
     ``distill`` and ``sft`` in one run, the sft stage trains on that file instead of ``sft.data``."""
 
     data: DataSource | None = None
-    teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(model="base"))
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     max_new_tokens: int = Field(128, gt=0)
     temperature: float = Field(0.0, ge=0, description="0: greedy; else plain sampling (no top-k/top-p).")
     max_prompt_length: int = Field(256, gt=0, description="hf/stage teachers: longer prompts are skipped.")

@@ -6,7 +6,8 @@ into a cluster job. ``estimate(cfg, stage)`` adds up, per device and per model r
 - weights, gradients and optimizer states under the stage's ZeRO stage and offload settings, read
   from its DeepSpeed JSON, at the world size of ``cfg.launch`` (nnodes x nproc_per_node);
 - activations for one training micro-batch (rough: the tensors a Llama-style layer keeps for
-  backward, plus fp32 logits for the LM loss);
+  backward, plus fp32 logits for the LM loss; DPO's log-softmax over the vocabulary as measured, and its
+  reference forward: ``dpo_activations``);
 - for PPO and RLAIF labelling, the generation KV cache
   2 * layers * kv_heads * head_dim * (prompt + new tokens) * rollout batch * bytes.
 
@@ -618,13 +619,16 @@ def _model_role(
     return RoleMemory(role, total, trainable, weights, grads, optimizer, activations, other, host)
 
 
+def _layer_token_bytes(dims: ModelDims, knobs: _Knobs) -> int:
+    """Bytes one decoder layer keeps for backward per token (``_ACT_*_FACTOR``)."""
+    return (_ACT_HIDDEN_FACTOR * dims.hidden + 2 * dims.kv_heads * dims.head_dim
+            + _ACT_INTERMEDIATE_FACTOR * dims.intermediate) * knobs.act_bytes
+
+
 def _train_activations(dims: ModelDims, knobs: _Knobs, seq: int, sequences: int, lm_head: bool) -> int:
     """Rough activation bytes of one micro-batch forward+backward (``sequences`` x ``seq`` tokens)."""
     tokens = sequences * seq
-    per_layer_token = (
-        _ACT_HIDDEN_FACTOR * dims.hidden + 2 * dims.kv_heads * dims.head_dim
-        + _ACT_INTERMEDIATE_FACTOR * dims.intermediate
-    ) * knobs.act_bytes
+    per_layer_token = _layer_token_bytes(dims, knobs)
     if knobs.grad_ckpt:
         # Only each layer's input is kept; one layer's activations exist during its recompute.
         layers = dims.layers * tokens * dims.hidden * knobs.act_bytes + tokens * per_layer_token
@@ -633,6 +637,35 @@ def _train_activations(dims: ModelDims, knobs: _Knobs, seq: int, sequences: int,
     # LM loss: logits in the compute dtype, their fp32 upcast and the fp32 softmax gradient.
     logits = tokens * dims.vocab * (knobs.act_bytes + 8) if lm_head else 0
     return layers + logits
+
+
+# DPO's response log-probs (stages.dpo.core.sequence_logprobs) at the backward's peak, bytes per token and
+# vocabulary entry: the fp32 logits the log-softmax keeps for backward, plus three fp32 tensors of that size
+# alive together in it (logsumexp's gradient, gather's scattered gradient, the logits slice's gradient).
+# Measured on CPU (sequence_logprobs + backward, 8 x 128 tokens x 49,152): 4.1 fp32 logits tensors at the
+# peak, under fp32 and bf16 alike (the bf16 logits are freed once upcast).
+_DPO_LOGPROB_BYTES = 16
+
+
+def dpo_activations(dims: ModelDims, knobs: _Knobs, seq: int, pairs: int) -> dict[str, int]:
+    """Activation bytes of a DPO micro-batch of ``pairs`` pairs, by component.
+
+    A micro-batch is one forward over 2 x ``pairs`` sequences (the chosen rows, then the rejected ones) of
+    up to ``seq`` tokens:
+
+    - ``layers``: what the decoder layers keep for backward (``_train_activations`` without the head);
+    - ``logprobs``: the log-softmax over the whole vocabulary for every token (``_DPO_LOGPROB_BYTES``);
+    - ``reference_pass``: the reference's forward over the same micro-batch (and the held-out one's), with
+      no gradient: the logits in the compute dtype, their fp32 copy and logsumexp's temporary, plus one
+      layer's tensors in flight. It runs before a step's training forward, not beside it;
+    - ``peak``: the larger of training (``layers + logprobs``) and the reference pass.
+    """
+    tokens = 2 * pairs * seq
+    layers = _train_activations(dims, knobs, seq, 2 * pairs, lm_head=False)
+    logprobs = tokens * dims.vocab * _DPO_LOGPROB_BYTES
+    reference_pass = tokens * dims.vocab * (knobs.act_bytes + 8) + tokens * _layer_token_bytes(dims, knobs)
+    return {"layers": layers, "logprobs": logprobs, "reference_pass": reference_pass,
+            "peak": max(layers + logprobs, reference_pass)}
 
 
 def _estimate(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int | None, knobs: _Knobs,
@@ -664,15 +697,17 @@ def _estimate(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int | No
                                  activations=acts))
     elif stage == "dpo":
         # Each pair is two sequences (chosen, rejected) in one forward, through the LM head.
-        acts = _train_activations(dims, knobs, cfg.dpo.max_length, 2 * knobs.micro_batch, lm_head=True)
+        acts = dpo_activations(dims, knobs, cfg.dpo.max_length, knobs.micro_batch)
         roles.append(_model_role("policy", dims, lm_total, trainable(lm_total, "causal_lm"), knobs, world,
-                                 activations=acts))
+                                 activations=acts["peak"]))
         roles.append(RoleMemory("reference", lm_total, 0))
         if knobs.tuning.is_peft:
             notes.append("reference = the policy with the adapter disabled: no extra weights (DESIGN §7)")
         else:
-            notes.append("reference log-probs are computed once by the starting policy before training: "
-                         "no reference copy of the weights")
+            notes.append("reference log-probs come from the starting policy before the first step: no reference "
+                         "copy of the weights")
+        notes.append("the reference's forward (no gradient) runs before a step's training forward: the policy's "
+                     "activations are the larger of the two, not their sum")
     elif stage == "ppo":
         ppo = cfg.ppo
         seq = ppo.max_prompt_length + ppo.max_new_tokens

@@ -30,7 +30,8 @@ What it does:
 - full-state checkpoints every ``save_steps`` (trainable weights, optimizer, scheduler, RNG, data
   position, unfreezer), written to a temporary folder and renamed into place; resume continues exactly
   where the interrupted run stopped;
-- metrics to ``metrics.jsonl`` (through ``StageRun.log``) and a progress bar with loss, tokens/s, ETA.
+- metrics to ``metrics.jsonl`` (through ``StageRun.log``; ``lr`` is the rate the step's update used) and a
+  progress bar with loss, tokens/s, ETA.
 """
 
 from __future__ import annotations
@@ -179,6 +180,9 @@ class Engine:
     loss a mean over ``loss_units(batch) -> int`` units (target tokens, pairs; without ``loss_units`` every
     micro-batch counts as one unit, so their means weigh the same); ``count_tokens(batch) -> int`` for
     tokens/s. ``groups`` (optional, one id per item) keeps items of a group in one micro-batch.
+    ``stage_state`` (optional): the stage's own resumable state, an object with ``state_dict()`` /
+    ``load_state_dict()`` (DPO's cache of reference log-probs), saved per rank in every checkpoint
+    (``stage-rankR``) and put back on resume.
     """
 
     def __init__(self, model: Any, train: TrainConfig, run: Any, dist: DistInfo, items: Sequence[Any],
@@ -186,8 +190,9 @@ class Engine:
                  count_tokens: Callable[[dict[str, torch.Tensor]], int] | None = None,
                  groups: Sequence[int] | None = None, unfreezer: Any = None,
                  eval_fn: Callable[[Any], dict[str, float]] | None = None, desc: str = "train",
-                 loss_units: Callable[[dict[str, torch.Tensor]], int] | None = None):
+                 loss_units: Callable[[dict[str, torch.Tensor]], int] | None = None, stage_state: Any = None):
         self.train, self.run, self.dist = train, run, dist
+        self.stage_state = stage_state
         self.items, self.collate, self.loss_fn = items, collate, loss_fn
         self.count_tokens = count_tokens or (lambda b: int(b["attention_mask"].sum()))
         self.loss_units = loss_units or (lambda b: 1)
@@ -288,6 +293,20 @@ class Engine:
             micro += 1
         return plan, self._sum_across_ranks(sum(units for _, units in plan))
 
+    def scheduled_batches(self) -> list[list[int]]:
+        """This rank's micro-batches (item indices) from step 0 to ``total_steps``, in the order ``fit`` trains
+        on them: one stream over the epochs, ``train.accumulation_at(step)`` micro-batches per step."""
+        out: list[list[int]] = []
+        epoch, micro, batches = 0, 0, self._epoch_batches(0)
+        for step in range(self.total_steps):
+            for _ in range(self.train.accumulation_at(step)):
+                if micro >= len(batches):
+                    epoch, micro = epoch + 1, 0
+                    batches = self._epoch_batches(epoch)
+                out.append(batches[micro])
+                micro += 1
+        return out
+
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.dist.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -317,6 +336,8 @@ class Engine:
                 save_state(folder, "state", {"optimizer": self.optimizer.state_dict(),
                                              "scheduler": self.scheduler.state_dict(),
                                              "client": self._client_state()})
+            if self.stage_state is not None:  # per rank: each rank's differs (DPO: the pairs it has seen)
+                save_state(folder, f"stage-rank{self.dist.rank}", self.stage_state.state_dict())
 
         return self.checkpoints.save(self.global_step, write)
 
@@ -342,6 +363,9 @@ class Engine:
         if client.get("watch"):
             self.watch = dict(client["watch"])
             self._apply_lr_scale()
+        stage_file = f"stage-rank{self.dist.rank}"
+        if self.stage_state is not None and (folder / f"{stage_file}.json").exists():
+            self.stage_state.load_state_dict(load_state(folder, stage_file))
         if self.dist.is_main:
             trim_logs_after(self.run.dir, self.global_step)
             print(f"[alignpipe] resumed {self.desc} from {folder} (step {self.global_step})", flush=True)
@@ -397,6 +421,8 @@ class Engine:
                 window_tokens += self.count_tokens(batch)
                 self.micro_in_epoch += 1
                 boundary = micro_count == accum
+                # the rate this step's update uses: the schedule moves on with the optimizer step below
+                step_lr = self.scheduler.get_last_lr()[0] * self.watch["lr_scale"]
                 if self.ds_engine is not None:
                     self.ds_engine.step()  # DeepSpeed counts accumulation itself
                 if not boundary:
@@ -420,7 +446,7 @@ class Engine:
                 elapsed = max(time.time() - window_start, 1e-9)
                 tokens_per_s = window_tokens * self.dist.world_size / elapsed
                 row = {"loss": self._sum_across_ranks(loss_sum) / max(step_units, 1.0),
-                       "lr": self.scheduler.get_last_lr()[0] * self.watch["lr_scale"],
+                       "lr": step_lr,
                        "epoch": self.epoch + self.micro_in_epoch / max(1, len(batches)),
                        "tokens_per_s": tokens_per_s}
                 row.update({k: v / micro_count for k, v in metric_sums.items()})

@@ -15,6 +15,8 @@ One home for what is not the algorithm:
   saved (docs/ARCHITECTURE.md, "Checkpoints");
 - ``rng_state`` / ``set_rng_state``: python, numpy, torch and CUDA generator states (per rank);
 - ``trainable_state`` / ``load_trainable``: the weights a checkpoint keeps and puts back;
+- ``disable_dropout``: dropout off in a built model (modules, the probabilities attention modules copied
+  from the config, the config), so a train-mode forward equals an eval-mode one;
 - ``build_optimizer``: AdamW + a warm-up/cosine/linear/constant ``LambdaLR`` schedule;
 - ``loss_weight``: what a micro-batch's mean loss is multiplied by so that the accumulated gradient is the
   mean over every loss unit (target token, pair) of the global batch, however it is split;
@@ -366,6 +368,43 @@ def load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
     named = dict(model.named_parameters())
     for name, value in state.items():
         named[name].copy_(value)
+
+
+_DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                    torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def disable_dropout(model: Any) -> Any:
+    """Turn dropout off in a built model, in place; returns ``model``.
+
+    Setting ``config.attention_dropout`` after the model is built is not enough: transformers' attention
+    modules copy it at construction (``self.attention_dropout``) and hand it to the attention kernel in
+    train mode. So this sets p = 0 on every dropout module (PEFT's ``lora_dropout`` included), 0 on every
+    number-valued module attribute whose name says it is a dropout probability (``attention_dropout``,
+    ``dropout``, ``attn_dropout``, ...) and on the same keys of every config the modules hold (plus
+    GPT-2-style ``*_pdrop``), so that anything built from the config later has none either. Afterwards a
+    forward in train mode (needed for gradient checkpointing) computes exactly what eval mode does.
+    """
+    configs: dict[int, Any] = {}
+    for module in model.modules():
+        if isinstance(module, _DROPOUT_MODULES):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and _is_probability(value):
+                setattr(module, name, 0.0)
+        config = vars(module).get("config")
+        if config is not None and hasattr(config, "to_dict"):
+            configs[id(config)] = config
+    for config in configs.values():
+        for sub in [config, *(v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "__dict__"))]:
+            for name, value in list(vars(sub).items()):
+                if ("dropout" in name or name.endswith("pdrop")) and _is_probability(value):
+                    setattr(sub, name, 0.0)
+    return model
 
 
 # ------------------------------------------------------------------------------ optimiser, schedule

@@ -36,6 +36,27 @@ def tiny_cfg(tmp_path):
     return make
 
 
+@pytest.fixture
+def tiny_dropout_base(tmp_path, tiny_cfg):
+    """``tiny_dropout_base(p) -> overrides``: the tiny base model copied with ``attention_dropout=p`` in its
+    config.json (so its attention modules are built with it), as ``model.source=local`` overrides."""
+    import json
+    import shutil
+
+    from pipeline.models import prepare_base
+
+    def make(p: float) -> list[str]:
+        folder = tmp_path / f"tiny-dropout-{p}"
+        if not folder.exists():
+            shutil.copytree(prepare_base(tiny_cfg().model), folder)
+            config = json.loads((folder / "config.json").read_text())
+            config["attention_dropout"] = p
+            (folder / "config.json").write_text(json.dumps(config))
+        return ["model.source=local", f"model.path={folder}"]
+
+    return make
+
+
 def shared_data(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():

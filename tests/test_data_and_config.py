@@ -232,3 +232,28 @@ def test_every_data_file_a_stage_reads_is_in_its_input_hash(tmp_path):
     ptx.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
     after = stage_identity(cfg, "ppo")
     assert before[0] == after[0] and before[1] != after[1], "editing the PTX file must re-run PPO"
+
+
+def test_stage_defaults_do_not_depend_on_which_sibling_keys_are_given(tmp_path):
+    """The documented stage defaults (dpo.train learning rate 5e-6, rm.train 5e-5, an hf distill teacher =
+    this run's base model) hold whether the section is absent or only some of its keys are given, in a file
+    or on the command line; a key given explicitly wins."""
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("run_name: bare\n")
+    absent = load_config(bare)
+    partial = load_config(bare, ["dpo.train.max_steps=40", "rm.train.max_steps=40", "distill.teacher.timeout_s=30"])
+    in_file = tmp_path / "partial.yaml"
+    in_file.write_text("run_name: partial\ndpo: {train: {max_steps: 40}}\nrm: {train: {num_threads: 1}}\n"
+                       "distill: {teacher: {kind: hf, timeout_s: 30}}\n")
+    for cfg in (absent, partial, load_config(in_file)):
+        assert cfg.dpo.train.learning_rate == 5e-6
+        assert cfg.rm.train.learning_rate == 5e-5
+        assert cfg.sft.train.learning_rate == 2e-4
+        assert cfg.distill.teacher.model == "base"
+    assert partial.dpo.train.max_steps == 40 and partial.distill.teacher.timeout_s == 30
+    given = load_config(bare, ["dpo.train.learning_rate=1e-4", "rm.train.learning_rate=3e-5",
+                               "distill.teacher.model=some/model"])
+    assert (given.dpo.train.learning_rate, given.rm.train.learning_rate) == (1e-4, 3e-5)
+    assert given.distill.teacher.model == "some/model"
+    http = load_config(bare, ["distill.teacher.kind=http", "distill.teacher.base_url=http://127.0.0.1:9/v1"])
+    assert http.distill.teacher.model is None  # 'base' is an hf teacher's default only

@@ -237,13 +237,25 @@ def test_lora_dpo_from_the_sft_stage(tiny_cfg):
     assert metrics["steps"] == 4 and math.isfinite(metrics["eval_loss"])
 
 
-def test_interrupted_stage_resumes_to_the_same_weights(tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_interrupted_stage_resumes_to_the_same_weights(tiny_cfg, monkeypatch, method):
+    """Killed after the step-4 checkpoint and resumed, the run ends with the very weights and logged rows of an
+    uninterrupted one. With LoRA the reference log-probs are computed per micro-batch: the checkpoint carries
+    the cache, so the resumed run computes only the pairs first met after step 4."""
     from safetensors.torch import load_file
 
     from stages.engine import Engine
 
+    caches = []
+    real_init = dpo_stage.ReferenceCache.__init__
+
+    def remember(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        caches.append(self)
+
+    monkeypatch.setattr(dpo_stage.ReferenceCache, "__init__", remember)
     common = ["stages=[dpo]", "dpo.init_from=base", "dpo.train.max_steps=8", "dpo.train.save_steps=4",
-              "dpo.train.per_device_batch_size=4"]
+              "dpo.train.per_device_batch_size=4", f"dpo.tuning.method={method}"]
     straight = tiny_cfg("run_name=straight", *common)
     dpo_stage.run(straight)
 
@@ -258,6 +270,7 @@ def test_interrupted_stage_resumes_to_the_same_weights(tiny_cfg, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         dpo_stage.run(cfg)
     assert (cfg.stage_dir("dpo") / "checkpoints" / "latest").read_text() == "step-4"
+    assert (cfg.stage_dir("dpo") / "checkpoints" / "step-4" / "stage-rank0.safetensors").exists()
     monkeypatch.setattr(Engine, "save_checkpoint", original)
     dpo_stage.run(cfg)
     manifest = json.loads((cfg.stage_dir("dpo") / "manifest.json").read_text())
@@ -266,9 +279,141 @@ def test_interrupted_stage_resumes_to_the_same_weights(tiny_cfg, monkeypatch):
     b = load_file(cfg.stage_dir("dpo") / "model" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
-    rows = [json.loads(line) for line in (cfg.stage_dir("dpo") / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+        assert torch.equal(a[key], b[key]), key
+    rows, rows_straight = _train_rows(cfg.stage_dir("dpo")), _train_rows(straight.stage_dir("dpo"))
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in rows_straight]
+    whole, killed, resumed = caches
+    assert resumed.computed == whole.computed
+    if method == "lora":  # lazy: the resumed run computes only what the checkpoint's cache lacks
+        assert 0 < killed.forward_pairs < whole.forward_pairs
+        assert resumed.forward_pairs == whole.forward_pairs - killed.forward_pairs
+
+
+# ------------------------------------------------------------------------------- reference and dropout
+def _train_rows(stage_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_reference_logprobs_only_for_the_pairs_the_steps_use(tmp_path, tiny_cfg, monkeypatch, method):
+    """5 steps of 4 pairs out of 96 compute the reference for exactly the 20 pairs they train on, each once;
+    out of 12 pairs (steps 4-5 in the second epoch) for the 12, not 20. With LoRA each micro-batch's pairs
+    are computed just before it trains (lazily); full fine-tuning computes them all before step 1."""
+    forwards: list[tuple[int, int]] = []  # (pairs in a reference forward, loss calls before it)
+    trained: list[list[int]] = []
+    real_reference, real_loss = dpo_stage.compute_reference, dpo_stage.make_loss_fn
+
+    def counting_reference(model, rows, *args, **kwargs):
+        if rows:  # the held-out pairs: none here
+            forwards.append((len(rows), len(trained)))
+        return real_reference(model, rows, *args, **kwargs)
+
+    def recording_loss(*args, **kwargs):
+        loss_fn = real_loss(*args, **kwargs)
+
+        def recorded(model, batch):
+            trained.append(batch["pair_index"].tolist())
+            return loss_fn(model, batch)
+
+        return recorded
+
+    monkeypatch.setattr(dpo_stage, "compute_reference", counting_reference)
+    monkeypatch.setattr(dpo_stage, "make_loss_fn", recording_loss)
+    for n_pairs, distinct in ((96, 20), (12, 12)):
+        forwards.clear()
+        trained.clear()
+        data = write_jsonl(tmp_path / f"pairs{n_pairs}.jsonl", marker_preferences(n_pairs))
+        cfg = tiny_cfg(f"run_name=p{n_pairs}", "stages=[dpo]", f"dpo.data.path={data}", "dpo.init_from=base",
+                       "dpo.eval_fraction=0", "dpo.train.max_steps=5", "dpo.train.per_device_batch_size=4",
+                       f"dpo.tuning.method={method}")
+        metrics = dpo_stage.run(cfg)
+        used = {i for batch in trained for i in batch}
+        assert len(trained) == 5 and len(used) == distinct
+        assert sum(n for n, _ in forwards) == distinct, forwards  # each pair once, nothing else
+        assert metrics["reference_train_pairs"] == distinct and metrics["train_pairs"] == n_pairs
+        if method == "lora":  # one forward per micro-batch with new pairs, just before it trains
+            assert [before for _, before in forwards] == list(range(len(forwards)))
+        else:
+            assert all(before == 0 for _, before in forwards)
+    assert [n for n, _ in forwards] == [4, 4, 4]  # 12 pairs: the second epoch's steps reuse the cache
+
+
+@pytest.mark.parametrize("tuning", [
+    ["dpo.tuning.method=full", "dpo.train.gradient_checkpointing=true"],
+    ["dpo.tuning.method=lora", "dpo.tuning.lora_dropout=0.3"],
+], ids=["full-checkpointing", "lora"])
+def test_step_zero_is_log2_and_zero_margin_in_a_model_built_with_dropout(tiny_cfg, tiny_dropout_base, tuning):
+    """The policy at step 0 is the reference, so the first row's loss is -log σ(0) = log 2 and its margin 0,
+    even for a model built with attention_dropout=0.5 (and LoRA dropout): dpo.disable_dropout (default) turns
+    it off where the attention modules copied it. Negative control: with dropout on, the loss is not log 2."""
+    common = [*tiny_dropout_base(0.5), "stages=[dpo]", "dpo.init_from=base", "dpo.eval_fraction=0",
+              "dpo.train.max_steps=1", *tuning]
+    off = tiny_cfg("run_name=dropout-off", *common)
+    dpo_stage.run(off)
+    first = _train_rows(off.stage_dir("dpo"))[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-6 and abs(first["margin"]) < 1e-6, first
+    assert first["accuracy"] == 0.0  # no pair has reward_chosen strictly above reward_rejected
+    on = tiny_cfg("run_name=dropout-on", *common, "dpo.disable_dropout=false")
+    dpo_stage.run(on)
+    assert abs(_train_rows(on.stage_dir("dpo"))[0]["loss"] - math.log(2)) > 1e-3
+
+
+def test_logged_lr_is_the_rate_each_step_used(tiny_cfg):
+    """Cosine over 3 steps without warm-up, lr 1e-3: the steps use lr x 0.5 (1 + cos(pi k / 3)), k = 0, 1, 2 =
+    1e-3, 7.5e-4, 2.5e-4 (the last step's rate is not 0: the schedule reaches 0 only after it). With 2 of 4
+    steps of warm-up: (k + 1) / 2 during it, then cosine from 1: 5e-4, 1e-3, 1e-3, 5e-4."""
+    common = ["stages=[dpo]", "dpo.init_from=base", "dpo.eval_fraction=0", "dpo.train.learning_rate=1e-3",
+              "dpo.train.lr_scheduler=cosine", "dpo.train.per_device_batch_size=4"]
+    plain = tiny_cfg("run_name=plain", *common, "dpo.train.max_steps=3", "dpo.train.warmup_ratio=0")
+    dpo_stage.run(plain)
+    assert [r["lr"] for r in _train_rows(plain.stage_dir("dpo"))] == pytest.approx([1e-3, 7.5e-4, 2.5e-4])
+    warm = tiny_cfg("run_name=warm", *common, "dpo.train.max_steps=4", "dpo.train.warmup_ratio=0.5")
+    dpo_stage.run(warm)
+    assert [r["lr"] for r in _train_rows(warm.stage_dir("dpo"))] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
+
+
+# ------------------------------------------------------------------------------------ against TRL
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_loss_equals_trl_dpo_trainer_on_identical_tensors(tmp_path, tiny_cfg, loss_type):
+    """Our batch (chosen rows then rejected rows, response mask) and reference numbers through TRL 1.16's
+    ``DPOTrainer.compute_loss`` and through our loss, same model. TRL is given summed reference log-probs
+    (and divides the log-ratios by the completion length for IPO); ours is given them in its own form
+    (per-token means for IPO)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from data.formats import load_examples
+    from pipeline.models import load_model, load_tokenizer, prepare_base
+    from stages.preferences import encode_pairs
+
+    cfg = tiny_cfg()
+    base = prepare_base(cfg.model)
+    tok = load_tokenizer(base, cfg.model, cfg.chat)
+    model = load_model(base, cfg.model, tok).eval()
+    pairs, _ = load_examples(cfg.dpo.data, "preference")
+    encoded, _ = encode_pairs(tok, pairs[:4], 128)
+    ref_sums = torch.tensor([[-40.0, -45.5], [-37.0, -43.0], [-60.25, -41.0], [-31.0, -39.5]])
+    batch = dpo_stage.dpo_collate(tok.pad_token_id)([dpo_stage.DPORow(p, i) for i, p in enumerate(encoded)])
+    count = batch["response_mask"][:, 1:].sum(1).float()
+    ref_c, ref_r = ref_sums[:, 0], ref_sums[:, 1]
+    if loss_type == "ipo":
+        ref_c, ref_r = ref_c / count[:4], ref_r / count[4:]
+    ours, _ = dpo_stage.make_loss_fn(0.3, loss_type, 0.0)(model, dict(batch, ref_chosen=ref_c, ref_rejected=ref_r))
+
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, loss_type=[loss_type], precompute_ref_log_probs=True,
+                     bf16=False, gradient_checkpointing=False, report_to="none", use_cpu=True, disable_tqdm=True,
+                     per_device_train_batch_size=2)
+    trainer = DPOTrainer(model=model, args=args, processing_class=tok, train_dataset=Dataset.from_list(
+        [{"prompt": "Hi", "chosen": "Hello there", "rejected": "Go away"}] * 2))
+    trainer.model.eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "completion_mask": batch["response_mask"], "ref_chosen_logps": ref_sums[:, 0],
+              "ref_rejected_logps": ref_sums[:, 1]}
+    with torch.no_grad():
+        theirs = trainer.compute_loss(trainer.model, inputs)
+    assert float(theirs) > 0
+    torch.testing.assert_close(ours.detach(), theirs, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- distributed

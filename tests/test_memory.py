@@ -181,3 +181,30 @@ def test_dims_from_param_count_reach_the_count() -> None:
 def test_unknown_stage_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown stage 'no_such_stage'"):
         estimate(tiny(), "no_such_stage")
+
+
+def test_dpo_activation_components_by_hand() -> None:
+    """configs/tiny.yaml's DPO micro-batch, fp32: 8 pairs = 16 sequences x max_length 128 = 2,048 tokens.
+    A layer keeps (8 x 64 + 2 x 2 x 16 + 4 x 128) x 4 = 4,352 bytes per token; the log-softmax over the 512
+    entries of the vocabulary 16 bytes per entry; the reference's forward (no gradient) the logits, their fp32
+    copy and a temporary (4 + 8 bytes per entry) plus one layer. Training (layers + log-probs) is the peak:
+    the reference pass runs before it, so it is not added."""
+    from pipeline.memory import _initial_knobs, dpo_activations
+
+    cfg = tiny("dpo.train.precision=fp32", "dpo.init_from=base")
+    knobs, _ = _initial_knobs(cfg, "dpo")
+    parts = dpo_activations(model_dims(cfg), knobs, 128, 8)
+    tokens = 2 * 8 * 128
+    assert parts["layers"] == 2 * tokens * 4_352 == 17_825_792
+    assert parts["logprobs"] == tokens * 512 * 16 == 16_777_216
+    assert parts["reference_pass"] == tokens * 512 * 12 + tokens * 4_352 == 21_495_808
+    assert parts["peak"] == 17_825_792 + 16_777_216
+    assert estimate(cfg, "dpo").role("policy").activations == parts["peak"]
+    assert estimate(cfg, "dpo").role("reference").total == 0  # no copy of the weights, LoRA or not
+    # gradient checkpointing keeps each layer's input (64 x 4 bytes) plus one layer in flight; the log-probs
+    # stay (16 bytes per entry under bf16 autocast too: the log-softmax runs in fp32)
+    ckpt, _ = _initial_knobs(tiny("dpo.train.precision=bf16", "dpo.train.gradient_checkpointing=true"), "dpo")
+    parts = dpo_activations(model_dims(cfg), ckpt, 128, 8)
+    assert parts["layers"] == 2 * tokens * 64 * 2 + tokens * 4_352 // 2
+    assert parts["logprobs"] == 16_777_216
+    assert parts["reference_pass"] == tokens * 512 * 10 + tokens * 4_352 // 2 < parts["peak"]

@@ -433,6 +433,43 @@ def test_first_minibatch_ratio_is_one_in_fp32(tiny_cfg, monkeypatch):
     assert (later - 1).abs().max() > 1e-5, "negative control: after an update the ratio moves"
 
 
+def test_first_minibatch_ratio_is_one_with_attention_dropout_and_checkpointing(tiny_cfg, tiny_dropout_base,
+                                                                              monkeypatch):
+    """A model built with attention_dropout=0.5 and gradient checkpointing (the update passes run in train
+    mode): the attention modules copied the probability at construction, and dropout is turned off there
+    too, so the first minibatch's ratio is 1. Negative control: turning it off only in nn.Dropout modules and
+    the config (after the model was built) leaves the attention dropout on and the ratio far from 1."""
+    from stages.ppo import setup, trainer, update
+
+    def first_ratio(name: str) -> torch.Tensor:
+        seen = []
+        real = update.clipped_policy_loss
+
+        def record(logp, old_logp, advantages, mask, *args, **kwargs):
+            seen.append(torch.exp(logp.detach() - old_logp)[mask.bool()])
+            return real(logp, old_logp, advantages, mask, *args, **kwargs)
+
+        monkeypatch.setattr(update, "clipped_policy_loss", record)
+        trainer.run(tiny_cfg(*_base_overrides(*tiny_dropout_base(0.5), f"run_name={name}", "ppo.total_episodes=16",
+                                              "ppo.ppo_epochs=1", "ppo.train.precision=fp32",
+                                              "ppo.train.gradient_checkpointing=true")))
+        monkeypatch.setattr(update, "clipped_policy_loss", real)
+        return seen[0]
+
+    ratio = first_ratio("dropout-off")
+    assert (ratio - 1).abs().max() < 1e-5, float((ratio - 1).abs().max())
+
+    def modules_and_config_only(model):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model.config.attention_dropout = 0.0
+        return model
+
+    monkeypatch.setattr(setup, "disable_dropout", modules_and_config_only)
+    assert (first_ratio("config-only") - 1).abs().max() > 1e-2
+
+
 def test_left_padded_logprobs_and_values_equal_unpadded_rows(tiny_cfg):
     from stages.ppo.core import logprobs_from_logits
 
@@ -564,10 +601,12 @@ def test_actor_lr_schedule_skips_critic_warmup_and_manifest_has_run_throughput(t
                                     "ppo.train.save_steps=1000"))
     metrics = trainer.run(cfg)
     rows = _train_rows(cfg.stage_dir("ppo"))
-    # 4 steps x 2 minibatches: the critic's linear schedule spans 8 optimizer steps, the actor's only
-    # the 4 after the 2 warm-up steps, so both reach 0 at the end
-    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 5e-4, 0.0])
-    assert [r["critic_lr"] for r in rows] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
+    # 4 steps x 2 minibatches: the critic's linear schedule spans 8 optimizer steps (rate 1 - k/8 at its
+    # k-th), the actor's only the 4 after the 2 warm-up steps (1 - k/4). A row logs the rate its step's
+    # update began with: the actor's k = 0 until it first steps in step 3, then k = 2; the critic's k = 0,
+    # 2, 4, 6. The last step's rate is not 0 (the schedules reach 0 only after it).
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])
+    assert [r["critic_lr"] for r in rows] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
     manifest = json.loads((cfg.stage_dir("ppo") / "manifest.json").read_text())["metrics"]
     assert manifest == metrics
     assert metrics["load_seconds"] > 0 and metrics["train_seconds"] > 0

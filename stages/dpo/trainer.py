@@ -2,16 +2,24 @@
 
 Why the engine and not TRL's ``DPOTrainer``: it is the loop SFT and RM train on (one checkpoint format,
 one exact-resume path, DeepSpeed ZeRO-1/2/3 and DDP tested on CPU), it uses our chat layout
-(``stages.preferences``: pad != eos, prompts cut from the left and counted, never dropped silently) and
-it measured faster at equal settings (``bench/dpo.py``). The loss math is ``stages.dpo.core``.
+(``stages.preferences``: pad != eos, prompts cut from the left and counted, never dropped silently), and
+its training loop measured faster at equal settings (``bench/dpo.py``, which compares whole-stage wall time
+first: docs/RESULTS.md). The loss math is ``stages.dpo.core``.
 
 1. The starting policy: the SFT stage's ``model/`` (``dpo.init_from: sft``) or the base model.
 2. Pairs: ``dpo.data`` or ``rlaif_label``'s ``preferences.jsonl`` (``stages.preferences``), held out by
    prompt; each pair is prompt + response ending at the response's closing eos, chosen and rejected
    sharing the same (left-cut) prompt. The log-prob of a response sums its tokens including the eos.
-3. The reference is the starting policy. Its log-probs are computed once, before the first step (and
-   again, identically, on resume), in eval mode, under the run's autocast; with a PEFT method on the
-   same model with the adapter disabled (DESIGN §7). No second copy of the weights is ever held.
+3. The reference is the starting policy, in eval mode, under the run's autocast; no second copy of the
+   weights is ever held. Its log-probs are computed only for the pairs the run trains on
+   (``ReferenceCache``): with a PEFT method the reference is the same model with the adapter disabled
+   (DESIGN §7), available at any step, so each micro-batch's new pairs are computed when it is first
+   collated and cached by pair index; the cache is part of every checkpoint, so a resumed run uses the
+   numbers the interrupted one computed. Full (or partial) fine-tuning moves the weights the reference
+   is computed with, so there the pairs of every step the run will take (``Engine.scheduled_batches``)
+   are computed before the first step (again, identically, on resume). The held-out pairs' log-probs
+   are computed before the first step either way. Dropout is off (``dpo.disable_dropout``, as TRL's
+   default), so at step 0 the policy's train-mode log-probs equal the reference's: loss log 2, margin 0.
 4. Train ``mean(preference_loss)`` (over the pairs of each step's whole global batch) with the engine;
    evaluate on held-out pairs every ``eval_steps`` and at the end; save ``model/`` (+ ``adapter/``) like
    every policy stage, so ``serve``, the report and later stages load it.
@@ -20,13 +28,15 @@ Metrics
 - metrics.jsonl, one row per logged optimizer step: ``loss``, ``reward_chosen``, ``reward_rejected``
   (mean implicit rewards β (logp - ref_logp)), ``margin`` (their mean difference), ``accuracy``
   (fraction with reward_chosen > reward_rejected), ``logp_chosen``, ``logp_rejected`` (policy, as the
-  loss uses them), ``pairs``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``epoch``; eval rows:
-  ``eval_loss``, ``eval_reward_chosen``, ``eval_reward_rejected``, ``eval_margin``, ``eval_accuracy``
+  loss uses them), ``pairs``, ``lr`` (the rate the step's update used), ``grad_norm``, ``tokens_per_s``,
+  ``epoch``; eval rows: ``eval_loss``, ``eval_reward_chosen``, ``eval_reward_rejected``, ``eval_margin``,
+  ``eval_accuracy``
   (held-out preference accuracy of the implicit reward), ``eval_logp_margin`` / ``eval_logp_accuracy``
   (the policy's own log-prob of chosen minus rejected, and how often it is > 0), ``eval_pairs``.
 - manifest ``metrics``: the last training row and final eval row, ``reference_eval_logp_margin`` /
   ``reference_eval_logp_accuracy`` (the same two on the starting policy: what DPO moved), ``steps``,
-  ``train_pairs``, ``eval_pairs``, truncation/skip counts, ``skipped_records``, ``world_size``.
+  ``train_pairs``, ``eval_pairs``, ``reference_train_pairs`` (training pairs whose reference log-probs were
+  computed, on rank 0), truncation/skip counts, ``skipped_records``, ``world_size``.
 """
 
 from __future__ import annotations
@@ -54,15 +64,18 @@ from stages.preferences import (
     print_encode_reports,
 )
 from stages.saving import save_stage_model
+from stages.training import disable_dropout
 from stages.tuning import apply_tuning, quantization_kwargs, trainable_summary
 
 
 # ------------------------------------------------------------------------------------------ layout
 @dataclass
 class DPORow:
-    """One encoded pair and the reference's log-probs of its two responses (in the loss's form)."""
+    """One encoded pair, its position in its split (the reference cache's key) and the reference's
+    log-probs of its two responses (in the loss's form)."""
 
     pair: EncodedPair
+    index: int = 0
     ref_chosen: float = 0.0
     ref_rejected: float = 0.0
 
@@ -77,7 +90,7 @@ def response_mask(rows: list[list[int]], prompt_lengths: list[int], width: int) 
 
 def dpo_collate(pad_id: int) -> Callable[[list[DPORow]], dict[str, torch.Tensor]]:
     """-> input_ids / attention_mask / response_mask (2B, T): the B chosen rows then the B rejected rows,
-    right-padded; ref_chosen / ref_rejected (B,) fp32."""
+    right-padded; ref_chosen / ref_rejected (B,) fp32; pair_index (B,) the pairs' positions in their split."""
 
     def collate(rows: list[DPORow]) -> dict[str, torch.Tensor]:
         seqs = [r.pair.chosen for r in rows] + [r.pair.rejected for r in rows]
@@ -85,7 +98,8 @@ def dpo_collate(pad_id: int) -> Callable[[list[DPORow]], dict[str, torch.Tensor]
         ids, att = right_pad(seqs, pad_id)
         return {"input_ids": ids, "attention_mask": att, "response_mask": response_mask(seqs, starts, ids.shape[1]),
                 "ref_chosen": torch.tensor([r.ref_chosen for r in rows], dtype=torch.float32),
-                "ref_rejected": torch.tensor([r.ref_rejected for r in rows], dtype=torch.float32)}
+                "ref_rejected": torch.tensor([r.ref_rejected for r in rows], dtype=torch.float32),
+                "pair_index": torch.tensor([r.index for r in rows], dtype=torch.long)}
 
     return collate
 
@@ -119,6 +133,58 @@ def compute_reference(model: Any, rows: list[DPORow], collate: Callable[[list[DP
             for row, c, r in zip(chunk, logp[:n].tolist(), logp[n:].tolist()):
                 row.ref_chosen, row.ref_rejected = c, r
     model.train(was_training)
+
+
+class ReferenceCache:
+    """The reference's log-probs of the training pairs, computed for a micro-batch's pairs not seen before
+    (one eval-mode forward, ``compute_reference``) and kept on the rows by pair index.
+
+    ``collate`` is the engine's collate: it fills the micro-batch's missing pairs, then lays it out. With a
+    PEFT method that is the lazy path (the adapter-disabled reference is the same at every step); for the
+    other methods ``fill`` is called over ``Engine.scheduled_batches()`` before the first step, in the same
+    grouping. ``state_dict`` / ``load_state_dict`` carry the cache through checkpoints (the engine's
+    ``stage_state``). Under ZeRO-3 (``lockstep``) a forward gathers the weights collectively, so every rank
+    takes part in each fill: a rank with nothing new recomputes one of its pairs and discards it.
+    """
+
+    def __init__(self, model: Any, rows: list[DPORow], collate: Callable[[list[DPORow]], dict[str, torch.Tensor]],
+                 device: torch.device, bf16: bool, mean: bool):
+        self.model, self.rows, self.layout = model, rows, collate
+        self.device, self.bf16, self.mean = device, bf16, mean
+        self.computed: set[int] = set()
+        self.forward_pairs = 0  # pairs through the reference forward (each once, without lockstep's extras)
+        self.lockstep = False
+
+    def fill(self, indices: list[int]) -> None:
+        missing = [i for i in dict.fromkeys(indices) if i not in self.computed]
+        if self.lockstep:
+            flag = torch.tensor([1 if missing else 0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not missing:  # another rank computes: take part in its collectives
+                spare = [DPORow(self.rows[indices[0]].pair, indices[0])]
+                compute_reference(self.model, spare, self.layout, 1, self.device, self.bf16, self.mean)
+        if not missing:
+            return
+        compute_reference(self.model, [self.rows[i] for i in missing], self.layout, len(missing), self.device,
+                          self.bf16, self.mean)
+        self.computed.update(missing)
+        self.forward_pairs += len(missing)
+
+    def collate(self, rows: list[DPORow]) -> dict[str, torch.Tensor]:
+        self.fill([r.index for r in rows])
+        return self.layout(rows)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The cache: pair indices and their log-probs (fp64 holds the fp32 numbers exactly)."""
+        order = sorted(self.computed)
+        return {"index": torch.tensor(order, dtype=torch.long),
+                "chosen": torch.tensor([self.rows[i].ref_chosen for i in order], dtype=torch.float64),
+                "rejected": torch.tensor([self.rows[i].ref_rejected for i in order], dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i, chosen, rejected in zip(state["index"].tolist(), state["chosen"].tolist(), state["rejected"].tolist()):
+            self.rows[i].ref_chosen, self.rows[i].ref_rejected = chosen, rejected
+            self.computed.add(i)
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -218,8 +284,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         if not train_enc_rows:
             raise DataError(f"{source.path}: no training pairs fit in dpo.max_length={dpo.max_length} "
                             f"({train_enc.skipped_too_long} skipped as too long); raise max_length")
-        train_rows = [DPORow(p) for p in train_enc_rows]
-        eval_rows = [DPORow(p) for p in eval_enc_rows]
+        train_rows = [DPORow(p, i) for i, p in enumerate(train_enc_rows)]
+        eval_rows = [DPORow(p, i) for i, p in enumerate(eval_enc_rows)]
 
         steps_guess = t.max_steps or max(1, math.ceil(
             t.epochs * len(train_rows) / (t.per_device_batch_size * dist.world_size * t.gradient_accumulation_steps)))
@@ -227,18 +293,21 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         model = load_model(init_path, cfg.model, tokenizer, kind="causal_lm", **quantization_kwargs(dpo.tuning))
         model.config.use_cache = False
         model, unfreezer = apply_tuning(model, dpo.tuning, "causal_lm", steps_guess)
+        if dpo.disable_dropout:
+            disable_dropout(model)
         params = trainable_summary(model)
         model = model.to(dist.device)
 
-        # 3. reference log-probs, once, from the starting policy (adapter disabled for PEFT)
+        # 3. the reference: the starting policy (adapter disabled for PEFT), log-probs of the pairs used only
         collate = dpo_collate(tokenizer.pad_token_id)
         bf16 = use_bf16(t.precision, dist.device)
         mean = dpo.loss == "ipo"
-        for rows in (train_rows, eval_rows):
-            compute_reference(model, rows, collate, t.per_device_batch_size, dist.device, bf16, mean)
-        reference = ("the starting policy with the adapter disabled" if dpo.tuning.is_peft
-                     else "the starting policy before the first step")
-        run.update(policy_source=policy_source, reference=f"{reference}: log-probs computed once",
+        reference = ReferenceCache(model, train_rows, collate, dist.device, bf16, mean)
+        lazy = dpo.tuning.is_peft
+        described = ("the starting policy with the adapter disabled: log-probs of each micro-batch's new pairs, "
+                     "computed when it is first trained on" if lazy else
+                     "the starting policy before the first step: log-probs of the pairs the run's steps use")
+        run.update(policy_source=policy_source, reference=described,
                    dpo_loss={"loss": dpo.loss, "beta": dpo.beta, "label_smoothing": dpo.label_smoothing})
         if dist.is_main:
             print(f"[alignpipe] dpo: {len(train_rows)} train pairs, {len(eval_rows)} eval, from {policy_source}, "
@@ -247,11 +316,19 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
         # 4. train, evaluate, save
         engine = Engine(
-            model, t, run, dist, train_rows, collate, make_loss_fn(dpo.beta, dpo.loss, dpo.label_smoothing),
-            loss_units=pair_count, unfreezer=unfreezer, desc="dpo",
+            model, t, run, dist, train_rows, reference.collate,
+            make_loss_fn(dpo.beta, dpo.loss, dpo.label_smoothing), loss_units=pair_count, unfreezer=unfreezer,
+            desc="dpo",
             eval_fn=make_eval_fn(eval_rows, collate, t.per_device_batch_size, dist.device, dpo.beta, dpo.loss,
                                  dpo.label_smoothing) if eval_rows else None,
+            stage_state=reference,
         )
+        # after the engine is built: under DeepSpeed the reference computes with the weights it will train
+        reference.lockstep = dist.world_size > 1 and engine.zero_stage == 3
+        compute_reference(model, eval_rows, collate, t.per_device_batch_size, dist.device, bf16, mean)
+        if not lazy:  # the weights move from step 1 on: every pair the run will use, now
+            for indices in engine.scheduled_batches():
+                reference.fill(indices)
         result = engine.fit()
         save_stage_model(engine, tokenizer, run, dpo.tuning, init_path, cfg, "causal_lm")
 
@@ -262,6 +339,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             metrics.update({f"reference_eval_{k}": v for k, v in before.items()})
         metrics.update(
             steps=result.global_step, train_pairs=len(train_rows), eval_pairs=len(eval_rows),
+            reference_train_pairs=len(reference.computed),
             prompt_truncated=train_enc.prompt_truncated + eval_enc.prompt_truncated,
             skipped_too_long=train_enc.skipped_too_long + eval_enc.skipped_too_long,
             skipped_records=sum(d.get("skipped", 0) for d in data_info.values()), world_size=dist.world_size,

@@ -24,7 +24,7 @@ from stages.chat import tokenize_sft
 from stages.engine import enable_activation_checkpointing
 from stages.ppo.rewards import RewardSources
 from stages.ppo.rollout import encode_prompts
-from stages.training import build_optimizer, init_deepspeed, zero_stage_of
+from stages.training import build_optimizer, disable_dropout, init_deepspeed, zero_stage_of
 from stages.tuning import apply_tuning, load_trained, quantization_kwargs
 
 
@@ -59,7 +59,7 @@ class PPOSetup:
         self.rm = self._frozen(rm) if rm is not None else None
         if self.cfg.ppo.uses_critic:
             critic = self._load_critic(tokenizer, rm, rm_tokenizer, rm_location)
-            self.critic = self._no_dropout(self._critic_trainable(critic)).to(self.device).eval()
+            self.critic = disable_dropout(self._critic_trainable(critic)).to(self.device).eval()
         else:  # critic-free estimators (grpo, rloo, reinforce_pp): no critic is built or loaded
             self.critic, self.critic_from = None, None
             self.critic_source = f"none ({self.cfg.ppo.advantage_estimator}: critic-free)"
@@ -151,7 +151,9 @@ class PPOSetup:
         if self.cfg.ppo.train.gradient_checkpointing:
             enable_activation_checkpointing(actor)
         actor.config.use_cache = True
-        self.actor = self._no_dropout(actor).to(self.device).eval()
+        # dropout off (the ratio must be exactly 1 before the first update), also where gradient
+        # checkpointing runs the update passes in train mode
+        self.actor = disable_dropout(actor).to(self.device).eval()
 
     def _critic_trainable(self, critic: Any) -> Any:
         """LoRA on the critic when the actor uses the LoRA family (the value head trains in full), else all of it."""
@@ -283,17 +285,6 @@ class PPOSetup:
             raise ValueError(f"ppo.critic_from={self.cfg.ppo.critic_from!r}: its tokenizer differs from the policy's "
                              "(vocabulary or eos); the critic reads the policy's token ids. Use ppo.critic_from: "
                              "policy, or rm with a reward model that shares the policy's tokenizer")
-
-    @staticmethod
-    def _no_dropout(model: Any) -> Any:
-        """PPO runs without dropout (the ratio must be exactly 1 before the first update)."""
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "attention_dropout"):
-            config.attention_dropout = 0.0
-        return model
 
     def _frozen(self, model: Any, reference: bool = False) -> Any:
         """An inference-only copy on the device. The reference computes exactly as the actor does (at

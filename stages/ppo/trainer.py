@@ -85,7 +85,8 @@ Metrics (``metrics.jsonl``, one row per step; means over the global batch unless
   ``time_score`` (reward sources), ``time_update`` (seconds); ``episodes_per_s`` (all ranks, whole step);
   ``time_cpu``: CPU seconds this process used for the step (all its threads; on a shared machine
   ``B / time_cpu`` estimates the uncontended single-thread throughput).
-- ``lr``, ``critic_lr``, ``episodes`` (cumulative, all ranks), ``truncated_prompts``.
+- ``lr``, ``critic_lr``: the learning rates the step's update began with (its first optimizer step's; the
+  schedules step once per minibatch); ``episodes`` (cumulative, all ranks), ``truncated_prompts``.
 - Eval rows (``eval_data``; before training, every ``eval_steps`` and at the end): ``eval_score``,
   ``eval_response_length``, ``eval_eos_rate`` on the held-out prompts with fixed sampling streams.
 
@@ -302,6 +303,10 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
         timings: dict[str, float] = {}
         kl_coef = self.kl_ctl.value
         rollout = self.make_rollout(self.step, timings)
+        # the rates of the step's first optimizer steps (the schedules move on during the update)
+        rates = {"lr": self.actor_sched.get_last_lr()[0]}
+        if self.critic_sched is not None:
+            rates["critic_lr"] = self.critic_sched.get_last_lr()[0]
         t_update = time.perf_counter()
         self._train_mode(True)
         try:
@@ -318,9 +323,7 @@ class PPOTrainer(PPOSetup, PPORollout, PPOUpdate):
         if self.unfreezer is not None:
             self.unfreezer.step(self.step)
         self.episodes += episodes
-        row.update(episodes=self.episodes, lr=self.actor_sched.get_last_lr()[0])
-        if self.critic_sched is not None:
-            row["critic_lr"] = self.critic_sched.get_last_lr()[0]
+        row.update(episodes=self.episodes, **rates)
         row["step_seconds"] = time.perf_counter() - start
         row["episodes_per_s"] = episodes / max(row["step_seconds"], 1e-9)
         row["time_cpu"] = time.process_time() - cpu_start  # this process's CPU seconds (all threads)
