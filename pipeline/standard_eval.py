@@ -33,8 +33,9 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, RunConfig, eval_task_file, load_config, resolve_path
+from .evaluation.stats import wilson_interval
 from .manifest import MANIFEST, atomic_write_json, atomic_write_text, hash_file, hash_json, read_manifest
-from .report import STANDARD_EVAL_FILE, STANDARD_EVAL_SAMPLES, wilson_interval
+from .report import STANDARD_EVAL_FILE, STANDARD_EVAL_SAMPLES
 
 Printer = Callable[[str], None]
 EVAL_STAGES = ("sft", "ppo", "dpo")  # stages whose model/ is a policy (a causal LM) to evaluate

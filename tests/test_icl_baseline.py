@@ -13,7 +13,8 @@ if str(REPO) not in sys.path:
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.report import write_report  # noqa: E402
-from tests.test_report import _fake_model_stage, write_config  # noqa: E402
+from tests.test_evaluation import _fake_model_stage  # noqa: E402
+from tests.test_report import write_config  # noqa: E402
 
 
 def longer_is_better(prompts, responses, references):
@@ -29,7 +30,8 @@ def _icl_config(tmp_path: Path, shots: int, extra: str = ""):
 
 def test_shots_are_seeded_and_never_held_out(tmp_path):
     from data.formats import load_examples
-    from pipeline.report import icl_shots, with_shots
+    from pipeline.evaluation.baselines import icl_shots
+    from pipeline.evaluation.generate import with_shots
 
     cfg = _icl_config(tmp_path, 4)
     sft, _ = load_examples(cfg.sft.data, "sft")
@@ -57,10 +59,10 @@ def test_icl_rows_in_verdict_and_evaluation(tmp_path):
     import torch
 
     torch.set_num_threads(1)
+    from pipeline.evaluation.generate import generate, held_out_prompts
     from pipeline.models import load_tokenizer, prepare_base
-    from pipeline.report import _generate, held_out_prompts
 
-    judges = ("rlaif:\n  judges:\n    short: {kind: function, function: 'tests.test_report:prefers_shorter'}\n"
+    judges = ("rlaif:\n  judges:\n    short: {kind: function, function: 'tests.test_evaluation:prefers_shorter'}\n"
               "rlaif_label: {judge: short}\n")
     cfg = _icl_config(tmp_path, 2, judges)
     base = prepare_base(cfg.model)
@@ -68,7 +70,7 @@ def test_icl_rows_in_verdict_and_evaluation(tmp_path):
     for stage, kind in (("sft", "causal_lm"), ("ppo", "causal_lm"), ("rm", "seq_cls")):
         _fake_model_stage(cfg, stage, base, tokenizer, kind)
     prompts = held_out_prompts(cfg, 4)
-    assert _generate(cfg, "icl", prompts, shots=[]) == _generate(cfg, "sft", prompts)
+    assert generate(cfg, "icl", prompts, shots=[]) == generate(cfg, "sft", prompts)
 
     text = write_report(cfg, out=lambda line: None, n_samples=4).read_text()
     verdict = text.split("## Verdict")[1].split("## ")[0]

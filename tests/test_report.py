@@ -1,4 +1,6 @@
-"""The run report: sections, valid PNG plots, "not run" for missing stages, sample generations + RM win rate."""
+"""The run report, rendered from files only: sections, valid PNG plots, "not run" for missing stages, and the
+verdict, samples, few-shot and distillation sections from a hand-written evaluation.json (no model is loaded;
+the evaluation itself is tested in tests/test_evaluation.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.manifest import read_manifest, write_manifest  # noqa: E402
-from pipeline.report import md_cell, series, win_rate, write_report  # noqa: E402
+from pipeline.report import render_report, write_report  # noqa: E402
+from pipeline.report.markdown import md_cell  # noqa: E402
+from pipeline.report.plots import series  # noqa: E402
 from tests import fake_stages  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -111,132 +114,8 @@ def test_helpers():
     rows = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.5}, {"step": 3, "loss": float("nan")},
             {"step": 4, "loss": True}, {"step": 5, "loss": 1.0}]
     assert series(rows, "loss") == ([1.0, 5.0], [2.0, 1.0])
-    assert win_rate([1.0, 2.0, 3.0, 0.0], [0.5, 2.0, 4.0, -1.0]) == pytest.approx(2.5 / 4)
     assert md_cell("a|b\nc") == "a\\|b<br>c"
     assert md_cell("x" * 1000).endswith("…") and len(md_cell("x" * 1000)) == 400
-
-
-def _fake_model_stage(cfg, stage: str, src: str, tokenizer, kind: str) -> None:
-    """A complete stage folder whose model is the tiny base (what the report loads)."""
-    from pipeline.models import chat_fingerprint, chat_format, load_model, save_tokenizer
-
-    out = cfg.stage_dir(stage)
-    model = load_model(src, cfg.model, tokenizer, kind=kind)
-    model.save_pretrained(out / "model", safe_serialization=True)
-    save_tokenizer(tokenizer, out)
-    save_tokenizer(tokenizer, out / "model")
-    fmt = chat_format(tokenizer, cfg.chat)
-    manifest = {"stage": stage, "status": "complete", "chat_fingerprint": chat_fingerprint(fmt), "metrics": {}}
-    if stage == "rm":
-        from stages.scoring import REWARD_LAYOUT
-
-        manifest["reward_layout"] = REWARD_LAYOUT
-    write_manifest(out, manifest)
-
-
-def test_sample_generations_with_tiny_models(tmp_path):
-    """Identical SFT and PPO policies: same greedy outputs, same RM scores, so a 50% win rate (all ties)."""
-    import torch
-
-    torch.set_num_threads(1)
-    from pipeline.models import load_tokenizer, prepare_base
-    from pipeline.report import held_out_prompts, sample_generations
-
-    cfg = load_config(write_config(tmp_path, "ppo:\n  data: {path: data/demo/prompts.jsonl}\n  max_new_tokens: 8\n"))
-    base = prepare_base(cfg.model)
-    tokenizer = load_tokenizer(base, cfg.model, cfg.chat)
-    for stage, kind in (("sft", "causal_lm"), ("ppo", "causal_lm"), ("rm", "seq_cls")):
-        _fake_model_stage(cfg, stage, base, tokenizer, kind)
-
-    prompts = held_out_prompts(cfg, 3)
-    from data.formats import load_examples
-
-    all_prompts, _ = load_examples(cfg.ppo.data, "prompt")
-    assert prompts == [ex.prompt for ex in all_prompts[-3:]]  # the tail of ppo.data
-
-    result = sample_generations(cfg, None, n=3)
-    assert len(result["rows"]) == 3
-    for row in result["rows"]:
-        assert row["sft"] == row["ppo"] and row["rm_sft"] == row["rm_ppo"]
-    assert result["rm_win_rate"] == 0.5
-
-    text = write_report(cfg, out=lambda line: None).read_text()
-    assert "| PPO | reward model (rm stage) | 8 | 0 | 0 | 8 | 0.500 |" in text and "greedy decoding" in text
-    assert result["comparisons"]["rm"]["verdict"] == "no measurable difference"
-    cache = json.loads((cfg.run_dir() / "report" / "samples.json").read_text())
-    rows = cache["result"]["rows"]  # the report samples 8 prompts by default
-    assert len(rows) == 8 and all(r["sft"] == r["ppo"] for r in rows)
-    assert [r["sft"] for r in rows[-3:]] == [r["sft"] for r in result["rows"]]
-    assert [r["rm_sft"] for r in rows[-3:]] == pytest.approx([r["rm_sft"] for r in result["rows"]], abs=1e-5)
-    # a second report reuses the cached generations
-    assert "greedy decoding (cached)" in write_report(cfg, out=lambda line: None).read_text()
-    assert read_manifest(cfg.stage_dir("ppo"))["status"] == "complete"
-
-
-def prefers_shorter(prompt: str, first: str, second: str) -> float:
-    """A consistent rule judge for the test below: the shorter response wins (equal lengths tie)."""
-    return 1.0 if len(first) < len(second) else 0.0 if len(first) > len(second) else 0.5
-
-
-def always_first(prompt: str, first: str, second: str) -> str:
-    """A judge with total position bias: every pair is inconsistent across the two orders."""
-    return "A"
-
-
-def test_judge_win_rate_in_report_and_evaluation_json(tmp_path):
-    """PPO (a perturbed tiny model) vs SFT (the tiny base) on held-out prompts: the RM win rate and the
-    judge win rate (function judge, both orders) go into report.md and outputs/<run>/evaluation.json."""
-    import torch
-
-    torch.set_num_threads(1)
-    from pipeline.models import load_model, load_tokenizer, prepare_base
-    from pipeline.report import judge_win_rate, sample_generations
-
-    judges = ("rlaif:\n  judges:\n"
-              "    short: {kind: function, function: 'tests.test_report:prefers_shorter'}\n"
-              "    biased: {kind: function, function: 'tests.test_report:always_first'}\n"
-              "rlaif_label: {judge: short}\n")
-    cfg = load_config(write_config(tmp_path, "  max_new_tokens: 12\n" + judges))
-    base = prepare_base(cfg.model)
-    tokenizer = load_tokenizer(base, cfg.model, cfg.chat)
-    for stage, kind in (("sft", "causal_lm"), ("rm", "seq_cls")):
-        _fake_model_stage(cfg, stage, base, tokenizer, kind)
-    perturbed = tmp_path / "perturbed"
-    model = load_model(base, cfg.model, tokenizer)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.5 * torch.randn_like(param) * param.std().clamp(min=1e-3))
-    model.save_pretrained(perturbed, safe_serialization=True)
-    _fake_model_stage(cfg, "ppo", str(perturbed), tokenizer, "causal_lm")
-
-    result = sample_generations(cfg, None, n=6)
-    rows = result["rows"]
-    expected = [1.0 if len(r["ppo"]) < len(r["sft"]) else 0.0 if len(r["ppo"]) > len(r["sft"]) else 0.5 for r in rows]
-    assert any(r["sft"] != r["ppo"] for r in rows)
-    assert result["judge"] == "short" and result["judge_kind"] == "function"
-    assert result["judge_win_rate"] == pytest.approx(sum(expected) / len(rows))
-    assert result["judge_wins"] == expected.count(1.0) and result["judge_ties"] == expected.count(0.5)
-    assert result["judge_inconsistent"] == 0 and result["judge_prompts"] == 6
-    assert [r["judge"] for r in rows] == [{1.0: "ppo", 0.0: "sft", 0.5: "tie"}[e] for e in expected]
-    assert "rm_win_rate" in result
-
-    # a judge with total position bias: both orders disagree on every pair of different responses
-    biased = judge_win_rate(cfg, [dict(r) for r in rows], "biased")
-    assert biased["judge_wins"] == biased["judge_losses"] == 0 and biased["judge_win_rate"] == 0.5
-    assert biased["judge_inconsistent"] == biased["judge_ties"] == 6
-
-    text = write_report(cfg, out=lambda line: None, n_samples=6).read_text()
-    evaluation = json.loads((cfg.run_dir() / "evaluation.json").read_text())
-    assert evaluation["n_prompts"] == 6 and evaluation["judge"] == "short"
-    assert evaluation["judge_win_rate"] == pytest.approx(result["judge_win_rate"])
-    assert evaluation["judge_ties"] == result["judge_ties"]
-    assert evaluation["rm_win_rate"] == pytest.approx(result["rm_win_rate"])
-    judged = evaluation["comparisons"]["judge"]
-    assert judged["win_rate"] == pytest.approx(result["judge_win_rate"])
-    assert (judged["wins"], judged["ties"]) == (result["judge_wins"], result["judge_ties"])
-    assert f"| PPO | judge short (function), both orders | 6 | {judged['wins']} | {judged['losses']} |" in text
-    assert "evaluation.json" in text
 
 
 def test_report_without_a_configured_judge_says_so(tmp_path, quiet_env):
@@ -249,73 +128,110 @@ def test_report_without_a_configured_judge_says_so(tmp_path, quiet_env):
     assert evaluation["rm_win_rate"] == 1.0 and "judge_win_rate" not in evaluation and evaluation["judge_error"]
 
 
-def test_wilson_interval_and_paired_comparison_hand_worked():
-    """Hand-worked: Wilson's interval at 0.5 of 100 and at 3 of 3; wins/losses/ties and the verdict."""
-    from pipeline.report import outcome_comparison, paired_comparison, wilson_interval
-
-    low, high = wilson_interval(0.5, 100)
-    assert (low, high) == pytest.approx((0.4038, 0.5962), abs=1e-4)
-    low, high = wilson_interval(1.0, 3)  # centre 1.640/2.280 = 0.7193, half 0.2807
-    assert (low, high) == pytest.approx((0.4385, 1.0), abs=1e-4)
-    c = paired_comparison([1.0, 0.5, 0.0, 1.0], [0.0, 0.5, 1.0, 0.0])  # win, tie, loss, win
-    assert (c["n"], c["wins"], c["losses"], c["ties"]) == (4, 2, 1, 1)
-    assert c["win_rate"] == pytest.approx(0.625) and c["verdict"] == "no measurable difference"
-    assert c["mean_diff"] == pytest.approx(0.25)  # diffs 1, 0, -1, 1: sd 0.9574, half 1.96 * 0.9574 / 2
-    assert (c["diff_ci_low"], c["diff_ci_high"]) == pytest.approx((0.25 - 0.93825, 0.25 + 0.93825), abs=1e-4)
-    many = outcome_comparison(["policy"] * 50 + ["tie"] * 40 + ["parent"] * 6)
-    assert many["win_rate"] == pytest.approx((50 + 20) / 96) and many["verdict"] == "policy better"
-    assert outcome_comparison(["parent"] * 20)["verdict"] == "parent better"
-    with pytest.raises(ValueError):
-        paired_comparison([], [])
+# ------------------------------------------------------------------- rendering a hand-written evaluation.json
+def comparison(check: str, n: int, wins: int, losses: int, **extra) -> dict:
+    """A comparison as evaluation.json holds it (the figures are hand-picked, not computed)."""
+    return {"check": check, "n": n, "wins": wins, "losses": losses, "ties": n - wins - losses,
+            "win_rate": (wins + 0.5 * (n - wins - losses)) / n, "ci_low": 0.25, "ci_high": 0.75,
+            "verdict": "no measurable difference", "mean_parent": 0.5, "mean_policy": 1.0, "mean_diff": 0.5,
+            "diff_ci_low": -0.25, "diff_ci_high": 1.25, **extra}
 
 
-def verifier_with_parts(prompts, responses, references):
-    """A verifier in the reward-function form with per-sample parts (for the test below)."""
-    correct = [float(r == ref) for r, ref in zip(responses, references)]
-    short = [float(len(r) < 4) for r in responses]
-    return {"scores": [c + 0.5 * s for c, s in zip(correct, short)], "metrics": {"correct": correct, "short": short}}
+def write_rows(cfg, name: str, result: dict) -> str:
+    """An answer-rows file under report/ as the evaluation writes it; its run-relative path."""
+    path = cfg.run_dir() / "report" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": "hand-written", "result": result}))
+    return str(path.relative_to(cfg.run_dir()))
 
 
-def test_verifier_parts_reach_the_verdict(tmp_path):
-    """report.verifier may return parts; they are averaged per policy and shown under the verdict table."""
-    from pipeline.report import add_comparisons, verdict_lines, verifier_scores
+@pytest.fixture
+def no_model(monkeypatch):
+    """Rendering must not load a model: any attempt fails the test."""
+    from pipeline.evaluation import generate
 
-    cfg = load_config(write_config(tmp_path, "report: {verifier: 'tests.test_report:verifier_with_parts'}\n"))
-    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
-    scores, parts = verifier_scores(cfg, prompts, ["a", "bbbb", "c", "dddd"], ["a", "x", "x", "dddd"])
-    assert scores == [1.5, 0.0, 0.5, 1.0] and parts == {"correct": [1, 0, 0, 1], "short": [1, 0, 1, 0]}
-    rows = [{"verifier_sft": 0.0, "verifier_ppo": s, "verifier_metrics_sft": {"correct": 0.0, "short": 0.0},
-             "verifier_metrics_ppo": {"correct": c, "short": h}}
-            for s, c, h in zip(scores, parts["correct"], parts["short"])]
-    result = add_comparisons(cfg, {"rows": rows})
-    verifier = result["comparisons"]["verifier"]
-    assert verifier["wins"] == 3 and verifier["ties"] == 1
-    assert verifier["metrics"] == {"correct": {"sft": 0.0, "policy": 0.5}, "short": {"sft": 0.0, "policy": 0.5}}
-    text = "\n".join(verdict_lines({"ppo": (result, "test"), "dpo": (None, "not run")}))
-    assert ("Verifier parts, PPO, mean over the same prompts (SFT -> PPO): correct 0.000 -> 0.500; "
-            "short 0.000 -> 0.500.") in text
-    assert "DPO: no comparison available (not run)." in text
+    def refuse(*args, **kwargs):
+        raise AssertionError("the report loaded a model")
+
+    monkeypatch.setattr(generate, "load_answerer", refuse)
+    monkeypatch.setattr(generate, "teacher_model", refuse)
 
 
-def test_one_verdict_table_for_every_policy(tmp_path):
-    """A run with PPO and DPO: both are compared with SFT on the same held-out prompts, in one table."""
-    import torch
+def test_render_from_hand_written_evaluation(tmp_path, no_model):
+    """Every verdict row, the verifier's parts, the sample/ICL/distillation tables from evaluation.json and
+    the rows files it names."""
+    cfg = load_config(write_config(tmp_path, "stages: [distill, sft, rm, ppo, dpo]\n"
+                                             "distill: {data: {path: data/demo/prompts.jsonl}, "
+                                             "teacher: {kind: hf, model: teacher}}\n"
+                                             "dpo: {data: {path: data/demo/preferences.jsonl}}\n"))
+    prompt = [{"role": "user", "content": "what is 2+2?"}]
+    samples = {
+        "ppo": write_rows(cfg, "samples", {"rows": [{"prompt": prompt, "sft": "four", "ppo": '{"answer": 4}',
+                                                     "verifier_sft": 0.5, "verifier_ppo": 1.0}],
+                                           "judge": "short", "judge_error": "RuntimeError: judge down"}),
+        "icl": write_rows(cfg, "samples_icl", {"results": {"sft": {"rows": [{"prompt": prompt, "icl": "4?",
+                                                                                 "sft": "four"}]}}}),
+        "distill": write_rows(cfg, "samples_distill", {"overlap": 0, "rows": [
+            {"prompt": prompt, "teacher": "T says 4", "base": "B says 5", "sft": "S says 4", "verifier_teacher": 1.0,
+             "verifier_base": 0.0, "verifier_sft": 1.0}]})}
+    evaluation = {
+        "run_name": "r", "policy": "ppo", "baseline": "sft", "n_prompts": 4, "source": "greedy decoding (cached)",
+        "comparisons": {"verifier": comparison("verifier v:f", 4, 3, 0, metrics={"correct": {"sft": 0.25,
+                                                                                              "policy": 0.75}}),
+                        "rm": comparison("reward model (rm stage)", 4, 1, 2)},
+        "policies": {"dpo": {"source": "not run (needs a complete DPO stage)", "n_prompts": 0, "comparisons": {}}},
+        "icl": {"shots": 1, "source": "greedy decoding", "examples": [{"role": "user", "content": "1+1?"},
+                                                                      {"role": "assistant", "content": "2"}],
+                "policies": {"sft": {"n_prompts": 4, "comparisons": {"rm": comparison("reward model (rm stage)",
+                                                                                      4, 0, 4)}}}},
+        "distill": {"source": "greedy decoding", "overlap": 0,
+                    "against": {"teacher": {"n_prompts": 4, "comparisons": {"verifier": comparison("verifier v:f",
+                                                                                                   4, 0, 0)}}}},
+        "samples": samples}
+    text = render_report(cfg, evaluation, out=lambda line: None).read_text()
+    verdict = text.split("## Verdict", 1)[1].split("\n## ", 1)[0]
+    assert ("| PPO | verifier v:f | 4 | 3 | 0 | 1 | 0.875 | 0.250 to 0.750 | **no measurable difference** | "
+            "0.500 -> 1.000 (diff +0.500, 95% CI -0.250 to +1.250) |") in verdict
+    assert "| PPO | reward model (rm stage) | 4 | 1 | 2 | 1 | 0.375 |" in verdict
+    assert "| SFT vs ICL (1-shot base) | reward model (rm stage) | 4 | 0 | 4 | 0 | 0.000 |" in verdict
+    assert "| SFT vs distill teacher | verifier v:f | 4 | 0 | 0 | 4 | 0.500 |" in verdict
+    assert "Verifier parts, PPO, mean over the same prompts (SFT -> PPO): correct 0.250 -> 0.750." in verdict
+    assert "DPO: no comparison available (not run (needs a complete DPO stage))." in verdict
+    ppo = text.split("## Sample generations: SFT vs PPO", 1)[1].split("\n## ", 1)[0]
+    assert "1 held-out prompts, greedy decoding (cached)." in ppo
+    assert "Judge: not computed (judge `short`: RuntimeError: judge down)." in ppo
+    assert '| user: what is 2+2? | four | {"answer": 4} | 0.5 | 1 |' in ppo
+    assert "not run (needs a complete DPO stage)" in text.split("## Sample generations: SFT vs DPO", 1)[1]
+    icl = text.split("## Few-shot baseline: the base model with 1 examples (ICL)", 1)[1]
+    assert "| 1+1? | 2 |" in icl and "| user: what is 2+2? | 4? | four |" in icl
+    distill = text.split("## Distillation: teacher, student before, student after", 1)[1]
+    assert ("1 held-out prompts (0 of them among distill.data's prompts), greedy decoding. Teacher: hf `teacher`"
+            in distill)
+    assert "| distill teacher | 1 | **1.000** | 1.000 to 1.000 |" in distill  # one prompt: a zero-width interval
+    assert "| user: what is 2+2? | T says 4 | B says 5 | S says 4 |" in distill
 
-    torch.set_num_threads(1)
-    from pipeline.models import load_tokenizer, prepare_base
 
-    extra = "  max_new_tokens: 8\nstages: [sft, rm, ppo, dpo]\ndpo: {data: {path: data/demo/preferences.jsonl}}\n"
-    cfg = load_config(write_config(tmp_path, extra))
-    base = prepare_base(cfg.model)
-    tokenizer = load_tokenizer(base, cfg.model, cfg.chat)
-    for stage, kind in (("sft", "causal_lm"), ("ppo", "causal_lm"), ("dpo", "causal_lm"), ("rm", "seq_cls")):
-        _fake_model_stage(cfg, stage, base, tokenizer, kind)
-    text = write_report(cfg, out=lambda line: None, n_samples=4).read_text()
-    verdict = text.split("## Verdict")[1].split("## Stages")[0]
-    # identical policies: every prompt a tie, for PPO and for DPO alike
-    assert "| PPO | reward model (rm stage) | 4 | 0 | 0 | 4 | 0.500 |" in verdict
-    assert "| DPO | reward model (rm stage) | 4 | 0 | 0 | 4 | 0.500 |" in verdict
-    assert "## Sample generations: SFT vs DPO" in text and "## DPO" in text
-    evaluation = json.loads((cfg.run_dir() / "evaluation.json").read_text())
-    assert evaluation["policies"]["dpo"]["comparisons"]["rm"]["ties"] == 4
-    assert evaluation["comparisons"]["rm"]["ties"] == 4  # PPO stays at the top level
+def test_evaluation_json_without_new_keys_still_renders(tmp_path, no_model):
+    """An evaluation.json written before it named its rows files: the rows are read from their usual file."""
+    cfg = load_config(write_config(tmp_path))
+    write_rows(cfg, "samples", {"rows": [{"prompt": "hello", "sft": "hi", "ppo": "hey", "rm_sft": 0.0,
+                                          "rm_ppo": 1.0}]})
+    evaluation = {"run_name": "r", "policy": "ppo", "baseline": "sft", "n_prompts": 1, "source": "greedy decoding",
+                  "rm_win_rate": 1.0, "comparisons": {"rm": comparison("reward model (rm stage)", 1, 1, 0)},
+                  "policies": {}}
+    (cfg.run_dir() / "evaluation.json").write_text(json.dumps(evaluation))
+    text = render_report(cfg, json.loads((cfg.run_dir() / "evaluation.json").read_text())).read_text()
+    assert "| PPO | reward model (rm stage) | 1 | 1 | 0 | 0 | 1.000 |" in text
+    assert "| hello | hi | hey | 0 | 1 |" in text.split("## Sample generations: SFT vs PPO", 1)[1]
+    assert render_report(cfg, None).read_text().count("## Verdict") == 0  # no evaluation: no verdict
+
+
+def test_report_and_evaluation_modules_import_no_torch():
+    """Rendering needs no model library: importing the report (and the evaluation it calls) loads neither torch
+    nor transformers; the evaluation imports them inside the functions that load models."""
+    import subprocess
+
+    code = ("import sys, pipeline.report, pipeline.evaluation, pipeline.report_html; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -1,0 +1,51 @@
+"""The run folder as the evaluation and the report read it: which stages the run has, their manifests, and
+where the evaluation keeps its results (``evaluation.json``, the answer rows under ``report/``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from ..manifest import read_manifest
+
+EVALUATION_FILE = "evaluation.json"
+RESULTS_DIR = "report"  # the answer rows (report/samples*.json) beside the report's plots
+STAGE_TITLES = {"sft": "SFT", "rlaif_label": "RLAIF labels", "rm": "Reward model", "ppo": "PPO", "dpo": "DPO"}
+POLICY_STAGES = ("ppo", "dpo")  # stages whose output is a policy the evaluation compares with its SFT parent
+
+
+def run_stages(cfg: RunConfig) -> list[str]:
+    """The config's stages, then any other stage of STAGE_TITLES whose folder exists."""
+    return list(cfg.stages) + [s for s in STAGE_TITLES if s not in cfg.stages and cfg.stage_dir(s).exists()]
+
+
+def stage_manifest(cfg: RunConfig, stage: str) -> dict[str, Any] | None:
+    """The stage's manifest, None when it has not run, ``{"status": "corrupt", "error"}`` when unreadable."""
+    try:
+        return read_manifest(cfg.stage_dir(stage))
+    except Exception as exc:  # a corrupt manifest is reported, not fatal for the report
+        return {"status": "corrupt", "error": str(exc)}
+
+
+def is_complete(cfg: RunConfig, stage: str) -> bool:
+    return (stage_manifest(cfg, stage) or {}).get("status") == "complete"
+
+
+def rows_file(cfg: RunConfig, name: str) -> Path:
+    """Where the evaluation keeps one comparison's answer rows: ``report/samples[_<name>].json`` ("ppo" has
+    no suffix), a JSON object ``{"key": cache key, "result": {"rows": [...], ...}}``."""
+    suffix = "" if name == "ppo" else f"_{name}"
+    return cfg.run_dir() / RESULTS_DIR / f"samples{suffix}.json"
+
+
+def read_rows_file(cfg: RunConfig, relative: str | None) -> dict[str, Any] | None:
+    """The ``result`` saved in a rows file (a path relative to the run folder); None when absent or unreadable."""
+    if not relative:
+        return None
+    try:
+        result = json.loads((cfg.run_dir() / relative).read_text()).get("result")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return result if isinstance(result, dict) else None
