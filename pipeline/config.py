@@ -23,7 +23,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from .paths import PACKAGE_ROOT, config_not_found, eval_tasks_dir, find_config, output_path, resolve_path, use_bases
+
+REPO_ROOT = PACKAGE_ROOT  # the folder holding pipeline/, stages/, data/, configs/ (pipeline/paths.py)
 
 
 class ConfigError(ValueError):
@@ -139,10 +141,8 @@ class DataSource(_Section):
         return value
 
 
-def resolve_path(value: str | os.PathLike) -> Path:
-    """Paths in configs are relative to the repository root unless absolute."""
-    path = Path(os.path.expanduser(str(value)))
-    return path if path.is_absolute() else (REPO_ROOT / path)
+# resolve_path (imported above, from pipeline/paths.py): relative paths in configs are looked up in the
+# config file's folder, the working directory, then alignpipe's shipped files.
 
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -964,7 +964,7 @@ class ReportConfig(_Section):
         return value
 
 
-EVAL_TASKS_DIR = REPO_ROOT / "pipeline" / "eval_tasks"  # the lm-evaluation-harness tasks alignpipe ships (local data)
+EVAL_TASKS_DIR = eval_tasks_dir()  # the lm-evaluation-harness tasks alignpipe ships (local data)
 
 
 def eval_task_file(task: str) -> Path:
@@ -1017,6 +1017,18 @@ class EvalConfig(_Section):
         return self
 
 
+class PathsConfig(_Section):
+    """Where relative paths resolve (pipeline/paths.py). Recorded when a config file is loaded; the resolved
+    config carries it to the stage processes. Not part of any stage's identity."""
+
+    config_dir: str | None = Field(
+        None, description="Relative input paths are looked up here first, then in work_dir, then among "
+                          "alignpipe's shipped files (default: the config file's folder).")
+    work_dir: str | None = Field(
+        None, description="output_root and model.cache_dir are relative to this folder (default: the working "
+                          "directory the command started in).")
+
+
 class RunConfig(_Section):
     """The whole run. See configs/tiny.yaml and configs/demo.yaml."""
 
@@ -1041,6 +1053,7 @@ class RunConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    paths: PathsConfig = Field(default_factory=PathsConfig)
 
     @field_validator("run_name")
     @classmethod
@@ -1175,7 +1188,7 @@ class RunConfig(_Section):
         return self
 
     def run_dir(self) -> Path:
-        return resolve_path(self.output_root) / self.run_name
+        return output_path(self.output_root) / self.run_name
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir() / stage
@@ -1257,9 +1270,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    file = resolve_path(path)
-    if not file.exists():
-        raise ConfigError(f"config file not found: {path}")
+    """A config file (a path, or a shipped config's name: ``pipeline.paths.find_config``) as a mapping."""
+    file = find_config(path)
+    if file is None:
+        raise ConfigError(config_not_found(path))
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -1274,6 +1288,11 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run config. Raises ConfigError with an actionable message."""
     data = apply_overrides(load_yaml(path), overrides or [])
+    # relative paths resolve against the file's folder and the working directory (pipeline/paths.py), in this
+    # process now and, through the resolved config, in the stage processes
+    data["paths"] = {"config_dir": str(find_config(path).parent), "work_dir": str(Path.cwd()),
+                     **(data.get("paths") or {})}
+    use_bases(data["paths"]["config_dir"], data["paths"]["work_dir"])
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as err:
@@ -1283,6 +1302,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    paths = data.get("paths") or {}
+    use_bases(paths.get("config_dir"), paths.get("work_dir"))
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
