@@ -33,7 +33,7 @@ import sys
 import tempfile
 from typing import Any
 
-from pipeline.config import resolve_path
+from pipeline.config import REPO_ROOT, resolve_path
 
 # Top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and the config sections it builds,
 # https://www.deepspeed.ai/docs/config-json/). Anything else at the top level is ignored by DeepSpeed,
@@ -574,7 +574,7 @@ def run_initialize_check(
     cmd = [sys.executable, "-m", "pipeline.deepspeed_check", "initialize", str(path)] + (["--bf16"] if bf16 else [])
     try:
         proc = subprocess.run(
-            cmd, cwd=str(resolve_path(".")), env=env, capture_output=True, text=True, timeout=timeout_s
+            cmd, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=timeout_s
         )
     except subprocess.TimeoutExpired:
         return [f"{path}: deepspeed.initialize + one step did not finish within {timeout_s:.0f} s"]

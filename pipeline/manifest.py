@@ -94,6 +94,10 @@ def library_versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
+    """The commit of alignpipe's checkout; None for an installed copy (whose folder may sit inside some
+    other repository, e.g. a project's virtual environment)."""
+    if not (REPO_ROOT / ".git").exists():
+        return None
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.config import RunConfig, TuningConfig, resolve_path
+from pipeline.paths import output_path
 
 GIB = 1024**3
 
@@ -225,7 +226,7 @@ def model_dims(cfg: RunConfig, param_count: int | None = None) -> ModelDims:
     elif model.source == "gguf":
         from pipeline.models import _cache_key  # the converted folder's name (models.prepare_base)
 
-        folder = resolve_path(model.cache_dir) / f"gguf-{_cache_key(model)}"
+        folder = output_path(model.cache_dir) / f"gguf-{_cache_key(model)}"
         config = _config_dict_from_folder(folder) if (folder / "READY").exists() else None
         where = f"converted GGUF cache {folder}"
         if config is None:  # not converted yet: the GGUF header has the numbers

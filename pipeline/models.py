@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import ChatConfig, ConfigError, ModelConfig, resolve_path
 from .manifest import atomic_write_json, hash_json, replace_dir
+from .paths import demo_data_dir, output_path
 
 # ChatML, as used by SmolLM2 and many others. Prefix-stable: rendering the first k messages is a string
 # prefix of rendering all of them, which the SFT masking relies on.
@@ -43,7 +44,7 @@ REWARD_READ_POSITION = "last_token_of_response_eos"
 def _tiny_corpus() -> list[str]:
     """Text to train the tiny tokenizer on: the project's demo data plus generic English."""
     lines: list[str] = []
-    demo = resolve_path("data/demo")
+    demo = demo_data_dir()
     for file in sorted(demo.glob("*.jsonl")):
         lines.extend(file.read_text().splitlines())
     filler = (
@@ -169,7 +170,7 @@ def _cache_key(cfg: ModelConfig) -> str:
     relevant = {"source": cfg.source, "pad_token": cfg.pad_token, "v": 3 if cfg.source == "gguf" else 2}
     if cfg.source == "tiny":
         relevant["tiny"] = cfg.tiny.model_dump()
-        corpus = resolve_path("data/demo")
+        corpus = demo_data_dir()
         relevant["corpus"] = sorted((p.name, p.stat().st_size) for p in corpus.glob("*.jsonl"))
     else:
         relevant.update(path=cfg.path, package=cfg.package, gguf_file=cfg.gguf_file)
@@ -185,7 +186,7 @@ def prepare_base(cfg: ModelConfig) -> str:
         return str(folder)
     if cfg.source == "hub":
         return cfg.path
-    cache = resolve_path(cfg.cache_dir) / f"{cfg.source}-{_cache_key(cfg)}"
+    cache = output_path(cfg.cache_dir) / f"{cfg.source}-{_cache_key(cfg)}"
     if (cache / "READY").exists():
         return str(cache)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -464,7 +465,7 @@ def _base_model_problems(model: ModelConfig) -> list[str]:
                                              hub_only=True)] if p]
     if model.source != "gguf":
         return []
-    if (resolve_path(model.cache_dir) / f"gguf-{_cache_key(model)}" / "READY").exists():
+    if (output_path(model.cache_dir) / f"gguf-{_cache_key(model)}" / "READY").exists():
         return []  # converted before: the GGUF file is no longer read
     try:
         folder = gguf_folder(model)
@@ -515,7 +516,7 @@ def _ready_base(model: ModelConfig) -> str | None:
     """The base folder / hub name when it is there without building or converting anything, else None."""
     if model.source in ("local", "hub"):
         return str(resolve_path(model.path)) if model.source == "local" else model.path
-    cache = resolve_path(model.cache_dir) / f"{model.source}-{_cache_key(model)}"
+    cache = output_path(model.cache_dir) / f"{model.source}-{_cache_key(model)}"
     return str(cache) if (cache / "READY").exists() else None
 
 

@@ -30,7 +30,7 @@ from .manifest import (
     require_complete_parent,
 )
 from .procs import process_state
-from .stage import STAGE_ORDER, config_changes, hint_command, parents_of, resume_step, stage_identity
+from .stage import STAGE_ORDER, config_changes, hint_command, input_changes, parents_of, resume_step, stage_identity
 
 Printer = Callable[[str], None]
 
@@ -143,7 +143,9 @@ def decide(cfg: RunConfig, stage: str, force: bool = False) -> Decision:
             return Decision(stage, "run", "its config changed since it completed"
                             + (f" ({'; '.join(changes)})" if changes else ""))
         if manifest.get("input_hash") != input_hash:
-            return Decision(stage, "run", "its inputs changed since it completed (a parent stage or a data file)")
+            changes = input_changes(manifest, cfg, stage)
+            return Decision(stage, "run", "its inputs changed since it completed ("
+                            + ("; ".join(changes) if changes else "a parent stage or a data file") + ")")
         return Decision(stage, "skip", "complete, config and inputs unchanged")
     raise ManifestError(f"{stage_dir / MANIFEST}: unknown status {status!r}; delete the file or re-run with --force")
 

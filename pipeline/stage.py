@@ -107,7 +107,14 @@ def data_sources(cfg: RunConfig, stage: str) -> list[str]:
 
 
 def data_hashes(cfg: RunConfig, stage: str) -> dict[str, str]:
+    """Content hash of each data file, keyed by the path as the config writes it (where it was found is not
+    part of the hash: a checkout and an installed copy reading the same file agree)."""
     return {p: hash_file(resolve_path(p)) for p in data_sources(cfg, stage)}
+
+
+def data_locations(cfg: RunConfig, stage: str) -> dict[str, str]:
+    """Where each data file was found (``pipeline/paths.py``), for the manifest and the 'inputs changed' reason."""
+    return {p: str(resolve_path(p)) for p in data_sources(cfg, stage)}
 
 
 def parent_hashes(cfg: RunConfig, stage: str) -> dict[str, str | None]:
@@ -189,6 +196,31 @@ def config_changes(recorded: dict[str, Any], cfg: RunConfig, stage: str, limit: 
 
     out = [f"{k}: {show(old.get(k, unset))} -> {show(new.get(k, unset))}" for k in keys[:limit]]
     return out + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
+
+
+def input_changes(manifest: dict[str, Any], cfg: RunConfig, stage: str) -> list[str]:
+    """What differs between the inputs a manifest recorded and ``cfg``'s, for messages: a parent that re-ran,
+    a data file whose content changed (with where it is read from now, and was: a relative path may now be
+    found elsewhere, ``pipeline/paths.py``), a data file added or no longer read, an external model."""
+    out = []
+    recorded_parents = {p: v.get("hash") for p, v in (manifest.get("parents") or {}).items() if isinstance(v, dict)}
+    for parent, now in parent_hashes(cfg, stage).items():
+        if recorded_parents.get(parent) != now:
+            out.append(f"parent '{parent}' changed")
+    old, new = manifest.get("data_files") or {}, data_hashes(cfg, stage)
+    was, where = manifest.get("data_locations") or {}, data_locations(cfg, stage)
+    for path in sorted(old.keys() | new.keys()):
+        if path not in new:
+            out.append(f"data file {path} is no longer read")
+        elif path not in old:
+            out.append(f"data file {path} is read now ({where[path]})")
+        elif old[path] != new[path]:
+            moved = f", was {was[path]}" if path in was and was[path] != where[path] else ""
+            out.append(f"data file {path} changed (read from {where[path]}{moved})")
+    recorded_models = {k: v.get("fingerprint") for k, v in (manifest.get("external_models") or {}).items()}
+    out += [f"model {key} changed" for key, loc in external_models(cfg, stage).items()
+            if recorded_models.get(key) != model_fingerprint(loc)]
+    return out
 
 
 def stage_identity(cfg: RunConfig, stage: str) -> tuple[str, str]:
@@ -298,6 +330,7 @@ class StageRun:
             for p, h in parent_hashes(self.cfg, self.stage).items()
         }
         self.manifest["data_files"] = data_hashes(self.cfg, self.stage)
+        self.manifest["data_locations"] = data_locations(self.cfg, self.stage)
         models = external_models(self.cfg, self.stage)
         if models:
             self.manifest["external_models"] = {key: {"location": loc, "fingerprint": model_fingerprint(loc)}

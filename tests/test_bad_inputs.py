@@ -193,10 +193,9 @@ def test_a_local_model_path_that_does_not_exist(tmp_path, capsys):
 
 
 def test_a_relative_local_model_path_names_where_it_looked(tmp_path, capsys):
-    from pipeline.config import REPO_ROOT
-
+    # a relative path is looked up from the config's folder first (pipeline/paths.py): the place named
     line = _validate_and_run(tmp_path, capsys, BASE_SFT, "model.source=local", "model.path=./models/missing")
-    assert line == (f"model.path: folder not found: ./models/missing (looked at {REPO_ROOT / 'models/missing'}); "
+    assert line == (f"model.path: folder not found: ./models/missing (looked at {tmp_path / 'models/missing'}); "
                     "expected a Hugging Face model folder (config.json, *.safetensors weights, tokenizer files)")
 
 
@@ -302,12 +301,10 @@ def test_ppo_policy_tokenizer_folder_without_a_tokenizer(tmp_path, capsys):
 
 
 def test_ppo_policy_relative_path_that_is_not_there_offline(tmp_path, capsys, monkeypatch):
-    from pipeline.config import REPO_ROOT
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     line = _validate_and_run(tmp_path, capsys, PPO_BROUGHT.format(policy="{path: models/my-policy}", extra=""))
     assert line == (f"ppo.policy.path: models/my-policy is not a local folder (looked at "
-                    f"{REPO_ROOT / 'models/my-policy'}) and a hub model that is not in the local Hugging Face cache, "
+                    f"{tmp_path / 'models/my-policy'}) and a hub model that is not in the local Hugging Face cache, "
                     "and HF_HUB_OFFLINE=1 forbids downloading it; download it once online (huggingface-cli download "
                     "models/my-policy) or give a local folder")
 

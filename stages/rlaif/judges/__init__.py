@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig, resolve_path
+from pipeline.paths import output_path
 
 from .cache import JudgmentCache
 from .constitution import TEMPLATE_VERSION, Constitution, Principle, pair_messages, score_messages
@@ -81,7 +82,7 @@ __all__ = [
 def default_cache_path(cfg: RunConfig) -> Path:
     """``<output_root>/.judge_cache/judgments.sqlite``: shared by the runs under one output root (keys
     hold the judge's identity and rubric, so different judges never collide)."""
-    return resolve_path(cfg.output_root) / ".judge_cache" / "judgments.sqlite"
+    return output_path(cfg.output_root) / ".judge_cache" / "judgments.sqlite"
 
 
 def _adapter_stage(folder: Path) -> bool:
