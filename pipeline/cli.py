@@ -11,13 +11,15 @@
     python -m pipeline export RUN STAGE --gguf [--quant q8_0|f16|bf16|f32] [--output FILE]
     python -m pipeline score RM_PATH DATA [--out FILE] [--batch-size N] [--chat-template TEMPLATE]
 
-Config, manifest and data errors print ``error: <message>`` and exit 2; a failed stage exits 1 with the
-path of its log; Ctrl-C exits 130 (re-run the same command to resume).
+CONFIG is a YAML file or the name of a config alignpipe ships (``tiny``, ``demo``, ...). Config, manifest
+and data errors print ``error: <message>`` and exit 2; a failed stage exits 1 with the path of its log;
+Ctrl-C exits 130 (re-run the same command to resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +33,7 @@ from .manifest import ManifestError
 from .memory import MemoryPlanError
 from .models import check_model_sources, describe_chat_templates
 from .orchestrator import StageFailed, format_status, run_pipeline, status_json
+from .paths import shipped_configs
 from .plan import check_deepspeed, memory_plans, select_stages
 from .report import report_for
 from .slurm import SlurmError, slurm_pipeline
@@ -42,15 +45,50 @@ from .stage import STAGE_ORDER
 # Exceptions that are the user's to fix: printed as one message, no traceback.
 USER_ERRORS = (ConfigError, ManifestError, DataError, MemoryPlanError, SlurmError)
 
+# The example that ends each command's --help ({prog}: how this program was started).
+EXAMPLES = {
+    "run": ["{prog} run tiny                     # the tiny test config: every stage in seconds",
+            "{prog} run demo --stages sft rm     # SmolLM2, SFT then the reward model",
+            "{prog} run my.yaml sft.train.max_steps=10 run_name=try2 --verbose"],
+    "status": ["{prog} status tiny", "{prog} status my.yaml run_name=try2 --json"],
+    "report": ["{prog} report tiny --no-samples"],
+    "eval": ["{prog} eval demo --stages base ppo eval.limit=30"],
+    "slurm": ["{prog} slurm configs/examples/llama3-8b-lora-zero2-8gpu.yaml --submit"],
+    "validate": ["{prog} validate demo --stages ppo"],
+    "serve": ["{prog} serve outputs/tiny/ppo --port 8000"],
+    "push": ["{prog} push tiny ppo --repo me/tiny-ppo --dry-run"],
+    "export": ["{prog} export tiny ppo --gguf --quant q8_0"],
+    "score": ["{prog} score outputs/tiny/rm data/demo/preferences.jsonl --out scored.jsonl"],
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="alignpipe: SFT -> RM -> PPO pipeline",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+
+def program_name() -> str:
+    """``alignpipe`` when started as the console script, else ``python -m pipeline``."""
+    return "alignpipe" if Path(sys.argv[0]).name == "alignpipe" else "python -m pipeline"
+
+
+def _examples(lines: list[str], prog: str) -> str:
+    return "example" + ("s" if len(lines) > 1 else "") + ":\n" + "\n".join("  " + line.format(prog=prog)
+                                                                         for line in lines)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    prog = prog or program_name()
+    first_steps = ["{prog} run tiny                # a tiny model through SFT -> RM -> PPO, in seconds",
+                   "{prog} status tiny             # what ran, its metrics, where the outputs are",
+                   "{prog} run demo                # SmolLM2-135M, the same stages (minutes on a CPU)",
+                   "{prog} run --help              # one command's options, with an example"]
+    parser = argparse.ArgumentParser(prog=prog, description="alignpipe: SFT -> RM -> PPO pipeline",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2].replace("python -m pipeline", prog)
+                                     .replace("``", "") + "\n" + _examples(first_steps, prog))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = ("run config: a YAML file, or the name of a shipped config ("
+                   + ", ".join(shipped_configs()) + ")")
 
     def config_command(name: str, help_text: str, stages: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("config", help="run config (YAML), e.g. configs/tiny.yaml")
+        p.add_argument("config", help=config_help)
         if stages:
             p.add_argument("--stages", nargs="+", metavar="STAGE",
                            help=f"stages to run, of {', '.join(STAGE_ORDER)} (default: the config's stages)")
@@ -148,7 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--chat-template", default=None, metavar="TEMPLATE",
                        help="for a reward model trained elsewhere whose tokenizer has none (or the wrong one): "
                             "Jinja text, a file, chatml or raw")
+    for name, command in sub.choices.items():
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        command.epilog = _examples(EXAMPLES[name], prog)
     return parser
+
+
+def unknown_command(word: str) -> str | None:
+    """The message for a first argument that is no command (None: it is one): the closest command, or
+    ``run WORD`` for a config."""
+    if word in COMMANDS:
+        return None
+    if word in shipped_configs() or word.endswith((".yaml", ".yml")):
+        return f"{word!r} is not a command; to run that config: {program_name()} run {word}"
+    close = difflib.get_close_matches(word, list(COMMANDS), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown command {word!r}{hint} (commands: {', '.join(COMMANDS)})"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -262,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     exit_on_return = argv is None
     parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    first = next((w for w in words if not w.startswith("-")), None)
+    if first is not None and (problem := unknown_command(first)):
+        parser.error(problem)
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come anywhere: after options, or after the --stages list
     overrides = list(getattr(args, "overrides", None) or [])
