@@ -7,8 +7,9 @@ allows skipping, and then it reports how many it skipped.
 
 Normalised shapes (a conversation is a list of ``{"role", "content"}`` dicts):
 - SFT:  ``SFTExample(messages)``; the last message is the assistant's.
-- RM:   ``PreferencePair(prompt, chosen, rejected, margin, group)``; chosen/rejected are the assistant
-        turns only; ``group`` ties the pairs expanded from one K-wise ranking.
+- RM:   ``PreferencePair(prompt, chosen, rejected, margin, group, kind)``; chosen/rejected are the assistant
+        turns only; ``group`` ties the pairs expanded from one K-wise ranking; ``kind`` is the optional
+        ``kind`` column (a label of what the pair contrasts, e.g. "format"), carried for per-kind metrics.
 - PPO:  ``PromptExample(prompt)``.
 """
 
@@ -52,6 +53,7 @@ class PreferencePair:
     margin: float | None = None
     group: int = 0
     where: str = ""
+    kind: str | None = None  # the optional ``kind`` column: what the pair contrasts (held-out accuracy per kind)
 
 
 @dataclass
@@ -362,6 +364,10 @@ def to_preferences(data: dict[str, Any], group: int) -> list[PreferencePair]:
             margin = float(margin)
         except (TypeError, ValueError):
             raise ValueError(f"'margin' must be a number, got {margin!r}") from None
+    kind = data.get("kind")  # optional; empty (a CSV cell left blank) is the same as absent
+    if kind is not None and not isinstance(kind, str):
+        raise ValueError(f"'kind' must be a string (a label of what the pair contrasts), got {kind!r}")
+    kind = (kind or "").strip() or None
     if "responses" in data or "ranking" in data:
         missing = _missing(data, ("prompt", "responses", "ranking"))
         if missing:
@@ -384,7 +390,7 @@ def to_preferences(data: dict[str, Any], group: int) -> list[PreferencePair]:
                 better, worse = resp[ranking[a]], resp[ranking[b]]
                 if better == worse:
                     raise ValueError(f"responses {ranking[a]} and {ranking[b]} are identical")
-                pairs.append(PreferencePair(prompt, better, worse, margin, group))
+                pairs.append(PreferencePair(prompt, better, worse, margin, group, kind=kind))
         check_conversation(prompt, need_final_assistant=False)
         return pairs
     missing = _missing(data, ("chosen", "rejected"))
@@ -423,7 +429,7 @@ def to_preferences(data: dict[str, Any], group: int) -> list[PreferencePair]:
         raise ValueError("'chosen' and 'rejected' responses are identical")
     check_conversation(prompt + chosen)
     check_conversation(prompt + rejected)
-    return [PreferencePair(prompt, chosen, rejected, margin, group)]
+    return [PreferencePair(prompt, chosen, rejected, margin, group, kind=kind)]
 
 
 def to_prompt(data: dict[str, Any]) -> PromptExample:

@@ -91,6 +91,7 @@ class EncodedPair:
     truncated: int = 0  # prompt tokens removed from the left
     chosen_prompt: int = 0
     rejected_prompt: int = 0
+    kind: str | None = None  # the pair's ``kind`` column (``PreferencePair.kind``)
 
 
 def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int,
@@ -105,7 +106,8 @@ def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int,
     overflow = max(len(c.ids), len(r.ids)) - max_length
     margin = float(pair.margin) if pair.margin is not None else 0.0
     if overflow <= 0:
-        return EncodedPair(c.ids, r.ids, margin, pair.group, pair.where, 0, c.prompt_tokens, r.prompt_tokens)
+        return EncodedPair(c.ids, r.ids, margin, pair.group, pair.where, 0, c.prompt_tokens, r.prompt_tokens,
+                           pair.kind)
     bos = tokenizer.bos_token_id
     keep_first = bos is not None and c.ids[0] == bos and r.ids[0] == bos
     # what must stay: (bos) + assistant header + response
@@ -114,7 +116,7 @@ def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int,
         return None
     return EncodedPair(cut_prompt(c, overflow, keep_first), cut_prompt(r, overflow, keep_first), margin,
                        pair.group, pair.where, truncated=overflow, chosen_prompt=c.prompt_tokens - overflow,
-                       rejected_prompt=r.prompt_tokens - overflow)
+                       rejected_prompt=r.prompt_tokens - overflow, kind=pair.kind)
 
 
 @dataclass

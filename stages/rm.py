@@ -33,14 +33,18 @@ Metrics
   ``lr``, ``grad_norm``, ``tokens_per_s`` (non-pad tokens of both responses' sequences per second, all
   ranks), ``epoch``; eval rows (every ``train.eval_steps`` and at the end): ``eval_loss``,
   ``eval_accuracy``, ``eval_mean_margin``, ``eval_reward_chosen``, ``eval_reward_rejected``,
-  ``eval_pairs``, ``accuracy_by_margin_bucket``.
+  ``eval_pairs``, ``accuracy_by_margin_bucket``, and, when the data has the optional ``kind`` column,
+  ``eval_accuracy_by_kind`` (``{kind: {n, accuracy}}``: held-out accuracy per kind of pair, e.g. pairs that
+  differ in format against pairs that differ in correctness; pairs without a kind count as "unlabelled").
 - manifest ``metrics``: the last training row and the final eval row, plus ``steps``, ``train_pairs``,
   ``eval_pairs``, ``prompt_truncated`` / ``skipped_too_long`` (pairs, train + eval) and their per-split
   ``train_*`` / ``eval_*`` counts, ``skipped_records`` (bad records skipped under
   ``max_bad_fraction``), ``kwise_groups`` (groups with more than one pair), ``world_size``,
   ``accuracy_by_margin_bucket`` (a list of ``{lo, hi, count, accuracy}`` for quartiles of
   |r_chosen - r_rejected| on the held-out pairs: a calibrated RM is more accurate where it is more
-  confident), ``score_histogram`` (the PNG's file name).
+  confident), ``eval_accuracy_by_kind`` (as in the eval rows, when the data has a ``kind`` column: an
+  overall accuracy can hide an RM that learned one kind of contrast and not another), ``score_histogram``
+  (the PNG's file name).
 """
 
 from __future__ import annotations
@@ -127,6 +131,25 @@ def margin_buckets(r_chosen: torch.Tensor, r_rejected: torch.Tensor, n_buckets: 
     return out
 
 
+UNLABELLED = "unlabelled"  # eval_accuracy_by_kind's key for pairs without a kind where others have one
+
+
+def accuracy_by_kind(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
+                     kinds: list[str | None]) -> dict[str, dict[str, float]]:
+    """Held-out accuracy per kind of pair: (B,) chosen and rejected scores and B kinds -> ``{kind: {n,
+    accuracy}}`` (accuracy: the fraction of that kind's pairs with r_chosen > r_rejected), kinds sorted by
+    name; a pair whose kind is None counts as ``UNLABELLED``. Empty when no pair has a kind."""
+    if not any(kinds):
+        return {}
+    right = (r_chosen > r_rejected).tolist()
+    counts: dict[str, list[int]] = {}
+    for kind, ok in zip(kinds, right):
+        entry = counts.setdefault(kind or UNLABELLED, [0, 0])
+        entry[0] += 1
+        entry[1] += bool(ok)
+    return {kind: {"n": n, "accuracy": round(hits / n, 6)} for kind, (n, hits) in sorted(counts.items())}
+
+
 def write_score_histogram(r_chosen: torch.Tensor, r_rejected: torch.Tensor, path: Path,
                           title: str = "reward model: held-out scores") -> None:
     """Overlaid histograms of chosen and rejected scores (matplotlib, Agg backend) -> PNG at ``path``."""
@@ -175,10 +198,14 @@ def make_eval_fn(rows: list[EncodedPair], collate: Callable[[list[EncodedPair]],
         rc, rr, m = torch.cat(chosen), torch.cat(rejected), torch.cat(margins)
         keep["chosen"], keep["rejected"] = rc, rr
         loss, metrics = pairwise_loss(rc, rr, m, center_coef)
-        return {"eval_loss": float(loss), "eval_accuracy": metrics["accuracy"],
-                "eval_mean_margin": metrics["margin"], "eval_reward_chosen": metrics["reward_chosen"],
-                "eval_reward_rejected": metrics["reward_rejected"], "eval_pairs": len(rows),
-                "accuracy_by_margin_bucket": margin_buckets(rc, rr)}
+        out = {"eval_loss": float(loss), "eval_accuracy": metrics["accuracy"],
+               "eval_mean_margin": metrics["margin"], "eval_reward_chosen": metrics["reward_chosen"],
+               "eval_reward_rejected": metrics["reward_rejected"], "eval_pairs": len(rows),
+               "accuracy_by_margin_bucket": margin_buckets(rc, rr)}
+        by_kind = accuracy_by_kind(rc, rr, [row.kind for row in rows])
+        if by_kind:
+            out["eval_accuracy_by_kind"] = by_kind
+        return out
 
     return evaluate
 
@@ -275,8 +302,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         if kept and dist.is_main:
             write_score_histogram(kept["chosen"], kept["rejected"], run.dir / HISTOGRAM_FILE)
             metrics["score_histogram"] = HISTOGRAM_FILE
-        if "accuracy_by_margin_bucket" in result.metrics:
-            metrics["accuracy_by_margin_bucket"] = result.metrics["accuracy_by_margin_bucket"]
+        for key in ("accuracy_by_margin_bucket", "eval_accuracy_by_kind"):
+            if key in result.metrics:
+                metrics[key] = result.metrics[key]
         metrics.update(
             steps=result.global_step, train_pairs=len(train_rows), eval_pairs=len(eval_rows),
             prompt_truncated=train_enc.prompt_truncated + eval_enc.prompt_truncated,

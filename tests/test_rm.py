@@ -390,3 +390,71 @@ def test_heldout_split_keeps_every_prompt_on_one_side(tmp_path, tiny_cfg):
     assert len(held_prompts) == 5 and len(train_prompts) == 15
     assert not train_prompts & held_prompts
     assert len(held) == 15 and len(train) == 45
+
+
+# ------------------------------------------------------------------------------- accuracy per kind of pair
+def test_accuracy_by_kind_hand_worked():
+    from stages.rm import UNLABELLED, accuracy_by_kind
+
+    rc = torch.tensor([1.0, 0.0, 2.0, 0.5, 3.0])
+    rr = torch.tensor([0.0, 1.0, 1.0, 0.5, 0.0])  # right, wrong, right, tie (not right), right
+    kinds = ["format", "correctness", "correctness", "format", None]
+    assert accuracy_by_kind(rc, rr, kinds) == {
+        "correctness": {"n": 2, "accuracy": 0.5}, "format": {"n": 2, "accuracy": 0.5},
+        UNLABELLED: {"n": 1, "accuracy": 1.0}}
+    assert accuracy_by_kind(rc, rr, [None] * 5) == {}  # no kind column: no breakdown
+
+
+def test_kind_column_is_carried_and_checked(tmp_path, tiny_cfg):
+    rows = [{"prompt": "q1", "chosen": "a", "rejected": "b", "kind": "format"},
+            {"prompt": "q2", "chosen": "a", "rejected": "b", "kind": ""},  # blank (a CSV cell): no kind
+            {"prompt": "q3", "responses": ["a", "b", "c"], "ranking": [2, 0, 1], "kind": "ranked"},
+            {"prompt": "q4", "chosen": "a", "rejected": "b"}]
+    cfg = tiny_cfg(f"rm.data.path={write_jsonl(tmp_path / 'kinds.jsonl', rows)}", "rm.eval_fraction=0")
+    pairs, _, _ = load_preferences(cfg)
+    assert [p.kind for p in pairs] == ["format", None, "ranked", "ranked", "ranked", None]
+    assert [row.kind for row in encode_pairs(load_tokenizer_of(cfg), pairs, 64)[0]] == [p.kind for p in pairs]
+    bad = write_jsonl(tmp_path / "bad_kind.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "kind": 3}])
+    with pytest.raises(DataError, match=r"bad_kind.jsonl:1: 'kind' must be a string"):
+        load_preferences(tiny_cfg(f"rm.data.path={bad}"))
+
+
+def load_tokenizer_of(cfg):
+    from pipeline.models import load_tokenizer, prepare_base
+
+    return load_tokenizer(prepare_base(cfg.model), cfg.model, cfg.chat)
+
+
+def test_rm_reports_heldout_accuracy_per_kind(tmp_path, tiny_cfg):
+    """The manifest's eval_accuracy_by_kind equals the saved RM's accuracy on each kind's held-out pairs,
+    counted here by scoring those pairs again."""
+    rng = random.Random(3)
+    rows = []
+    for i in range(24):
+        words = rng.sample(WORDS, 3)
+        kind = ("format", "correctness_house", "correctness_plain")[i % 3]
+        rows.append({"prompt": f"Say {words[0]} ({i}).", "chosen": f"{words[0]} {words[1]}",
+                     "rejected": f"{words[2]}", "kind": kind})
+    path = write_jsonl(tmp_path / "kinds.jsonl", rows)
+    cfg = tiny_cfg(f"rm.data.path={path}", "rm.init_from=base", "rm.eval_fraction=0.5", "rm.max_length=64",
+                   "rm.train.max_steps=2")
+    metrics = rm_stage.run(cfg)
+    by_kind = metrics["eval_accuracy_by_kind"]
+    manifest = json.loads((cfg.stage_dir("rm") / "manifest.json").read_text())
+    assert manifest["metrics"]["eval_accuracy_by_kind"] == by_kind
+
+    model, tok = load_reward_model(cfg.stage_dir("rm"), cfg.model)
+    _, held, _ = load_preferences(cfg)
+    encoded, _ = encode_pairs(tok, held, cfg.rm.max_length, cfg.chat.system_prompt)
+    batch = rm_stage.pair_collate(tok.pad_token_id)(encoded)
+    with torch.no_grad():
+        scores = score_sequences(model, batch["input_ids"], batch["attention_mask"])
+    n = len(encoded)
+    expected: dict[str, list[int]] = {}
+    for pair, c, r in zip(held, scores[:n].tolist(), scores[n:].tolist()):
+        expected.setdefault(pair.kind, []).append(int(c > r))
+    assert sorted(by_kind) == sorted(expected)
+    for kind, hits in expected.items():
+        assert by_kind[kind]["n"] == len(hits)
+        assert by_kind[kind]["accuracy"] == pytest.approx(sum(hits) / len(hits), abs=1e-6)
+    assert sum(v["n"] for v in by_kind.values()) == metrics["eval_pairs"]
