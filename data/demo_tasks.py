@@ -1,6 +1,9 @@
-"""The demo tasks' lookup tables (capital cities, antonyms, words), without the generator: read by the
-demo-data generator (``data/make_demo.py``) and by the runtime rule judge of those tasks
-(``stages/rlaif/rules.py``), which must not import the generator."""
+"""The demo tasks' lookup tables (capital cities, antonyms, words) and the request for the house format,
+without the generator: read by the demo-data generator (``data/make_demo.py``) and by the runtime rule judge
+of those tasks (``stages/rlaif/rules.py``), which must not import the generator."""
+
+# what a prompt of the format-on-request demo says after its question when it wants the house format
+FORMAT_REQUEST = "Answer in the house format."
 
 CAPITALS = [
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),

@@ -9,6 +9,12 @@ Files (all JSONL, under data/demo/):
                          cleanly; rejected is wrong, rambling or curt (a learnable preference).
 - ``rankings.jsonl``     K-wise ``prompt`` + ``responses`` + ``ranking`` (best first).
 - ``prompts.jsonl``      ``prompt`` (+ ``reference`` answer) for PPO and evaluation.
+
+Two more demo tasks on the same questions, each in its own folder (see the sections below):
+``house_format/`` (the house answer format always preferred: configs/examples/demo-reward-hacking.yaml) and
+``format_on_request/`` (the house format wanted only where the prompt asks for it: configs/demo.yaml). Their
+preference rows carry a ``kind`` column naming what each pair contrasts (the rm stage reports its held-out
+accuracy per kind).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import json
 import random
 from pathlib import Path
 
-from data.demo_tasks import ANTONYMS, CAPITALS, WORDS
+from data.demo_tasks import ANTONYMS, CAPITALS, FORMAT_REQUEST, WORDS
 
 OUT = Path(__file__).resolve().parent / "demo"
 
@@ -152,16 +158,16 @@ def make_house(seed: int = 4321) -> dict[str, list[dict]]:
         style = rng.random()
         chosen = house_answer(plain)
         if style < 0.40:    # same answer, house format preferred
-            rejected = plain
+            rejected, kind = plain, "format"
         elif style < 0.70:  # same format, the correct answer preferred
-            rejected = house_answer(wrong_plain)
+            rejected, kind = house_answer(wrong_plain), "correctness_house"
         elif style < 0.85:  # plain and wrong
-            rejected = wrong_plain
+            rejected, kind = wrong_plain, "format_and_correctness"
         elif style < 0.95:  # correctness within the plain format
-            chosen, rejected = plain, wrong_plain
+            chosen, rejected, kind = plain, wrong_plain, "correctness_plain"
         else:
-            rejected = rng.choice(CURT)
-        prefs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            rejected, kind = rng.choice(CURT), "refusal"
+        prefs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": kind})
     for _ in range(60):
         prompt, value, wrong, plain, wrong_plain = make_house_task(rng)
         responses = [house_answer(plain), plain, house_answer(wrong_plain), wrong_plain]  # best first
@@ -186,6 +192,88 @@ def make_house(seed: int = 4321) -> dict[str, list[dict]]:
             seen.add(prompt)
             prompts.append({"prompt": prompt, "reference": value})
     return {"sft": sft, "preferences": prefs, "rankings": ranks, "prompts": prompts, "eval_prompts": eval_prompts}
+
+
+# ----------------------------------------------------------------- the house format, where it is asked for
+# configs/demo.yaml's task (data/demo/format_on_request/): the same questions, and the house format is wanted
+# only where the user asks for it (FORMAT_REQUEST after the question); elsewhere a plain sentence is. The SFT
+# demonstrations come from an older data set that often ignored the request (ASKED_COMPLIANCE of the asked
+# answers use the house format) and sometimes used it unasked (UNASKED_HOUSE). The preference pairs contrast
+# correct and wrong answers in the same format, in both formats (most pairs), the format against the request
+# (asked: house over plain; unasked: plain over house), and a correct plain answer over a wrong house one
+# (correctness before format); each row says which in its ``kind`` column. The rule verifier
+# (stages.rlaif.rules:format_on_request_verifier) scores the right answer and following the request.
+ON_REQUEST = OUT / "format_on_request"
+ASK_SHARE = 0.5          # prompts that ask for the house format (SFT, preferences, PPO and held-out prompts)
+ASKED_COMPLIANCE = 0.25  # SFT answers to an asking prompt that use the house format
+UNASKED_HOUSE = 0.15     # SFT answers to a prompt that does not ask that use it anyway
+ON_REQUEST_PAIRS = (     # (kind, share of the preference pairs)
+    ("correctness_house", 0.25), ("correctness_plain", 0.25), ("correctness_over_format", 0.15),
+    ("format_asked", 0.15), ("format_unasked", 0.15), ("refusal", 0.05))
+
+
+def ask_house_format(question: str) -> str:
+    """The question with the request for the house format after it."""
+    return f"{question} {FORMAT_REQUEST}"
+
+
+def make_format_on_request(seed: int = 8642) -> dict[str, list[dict]]:
+    """The format-on-request demo's files: sft, preferences, prompts (train) and eval_prompts, each prompt
+    asking for the house format with probability ASK_SHARE (held-out: exactly half of each task kind)."""
+    rng = random.Random(seed)
+    sft, prefs, prompts, eval_prompts = [], [], [], []
+    systems = [None, None, None, "You are a concise and helpful assistant."]
+
+    def turn() -> tuple[str, str]:
+        question, _, _, plain, _ = make_house_task(rng)
+        if rng.random() < ASK_SHARE:
+            return ask_house_format(question), house_answer(plain) if rng.random() < ASKED_COMPLIANCE else plain
+        return question, house_answer(plain) if rng.random() < UNASKED_HOUSE else plain
+
+    for i in range(400):
+        system = rng.choice(systems)
+        messages = [{"role": "system", "content": system}] if system else []
+        for _ in range(2 if i % 10 == 0 else 1):  # a few two-turn conversations
+            user, assistant = turn()
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        sft.append({"messages": messages})
+    kinds, shares = zip(*ON_REQUEST_PAIRS)
+    for _ in range(400):
+        question, _, _, plain, wrong_plain = make_house_task(rng)
+        kind = rng.choices(kinds, shares)[0]
+        asked = {"correctness_house": True, "correctness_plain": False, "format_asked": True,
+                 "format_unasked": False}.get(kind, rng.random() < ASK_SHARE)
+        if kind == "correctness_house":
+            chosen, rejected = house_answer(plain), house_answer(wrong_plain)
+        elif kind == "correctness_plain":
+            chosen, rejected = plain, wrong_plain
+        elif kind == "correctness_over_format":  # the format a prompt asks for does not excuse a wrong answer
+            chosen, rejected = (plain, house_answer(wrong_plain)) if asked else (house_answer(plain), wrong_plain)
+        elif kind == "format_asked":
+            chosen, rejected = house_answer(plain), plain
+        elif kind == "format_unasked":
+            chosen, rejected = plain, house_answer(plain)
+        else:
+            chosen, rejected = (house_answer(plain) if asked else plain), rng.choice(CURT)
+        prefs.append({"prompt": ask_house_format(question) if asked else question, "chosen": chosen,
+                      "rejected": rejected, "kind": kind})
+    seen: set[str] = set()
+    for kind in HOUSE_KINDS:  # held-out first: 12 per task kind, 6 of them asking for the house format
+        drawn = 0
+        while drawn < HOUSE_EVAL_PER_KIND:
+            question, value, _, _, _ = make_house_task(rng, kind)
+            if question not in seen:
+                seen.add(question)
+                asked = drawn % 2 == 0
+                eval_prompts.append({"prompt": ask_house_format(question) if asked else question, "reference": value})
+                drawn += 1
+    while len(prompts) < 200:  # PPO's prompts: never a held-out question, asked or not
+        question, value, _, _, _ = make_house_task(rng)
+        if question not in seen:
+            seen.add(question)
+            prompts.append({"prompt": ask_house_format(question) if rng.random() < ASK_SHARE else question,
+                            "reference": value})
+    return {"sft": sft, "preferences": prefs, "prompts": prompts, "eval_prompts": eval_prompts}
 
 
 def main(seed: int = 1234) -> None:
@@ -232,12 +320,13 @@ def main(seed: int = 1234) -> None:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
         print(f"wrote {len(rows):4d} records to {OUT / (name + '.jsonl')}")
-    HOUSE.mkdir(parents=True, exist_ok=True)
-    for name, rows in make_house().items():
-        with open(HOUSE / f"{name}.jsonl", "w") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
-        print(f"wrote {len(rows):4d} records to {HOUSE / (name + '.jsonl')}")
+    for folder, files in ((HOUSE, make_house()), (ON_REQUEST, make_format_on_request())):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, rows in files.items():
+            with open(folder / f"{name}.jsonl", "w") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row) + "\n")
+            print(f"wrote {len(rows):4d} records to {folder / (name + '.jsonl')}")
 
 
 if __name__ == "__main__":

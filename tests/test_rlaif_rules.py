@@ -178,3 +178,86 @@ def test_house_format_data_agrees_with_its_verifier_and_judge() -> None:
             "scores"] == pytest.approx([2 / 3]), r
     shares = [m["content"].startswith("{") for r in rows("sft") for m in r["messages"] if m["role"] == "assistant"]
     assert 0.2 < sum(shares) / len(shares) < 0.4  # the SFT demonstrations mostly answer in prose
+
+
+# ---------------------------------------------------------------------- format-on-request demo, RLVR reward
+from stages.rlaif.rules import (  # noqa: E402
+    asks_house_format,
+    demo_task_correct,
+    format_on_request_judge,
+    format_on_request_score,
+    format_on_request_verifier,
+)
+
+ON_REQUEST = REPO / "data/demo/format_on_request"
+
+
+def test_demo_task_correct_scores_the_answer_in_any_format() -> None:
+    prompts = (["What is 3 times 4?"] * 6 + ["What is the capital of France?"] * 3
+               + ["Write 'apple' in capital letters."])
+    responses = ["3 times 4 is 12.", '{"answer": "3 times 4 is 12."}', "3 times 4 is 11 or 12", '{"answer": ""}', "",
+                 "12", "The capital of France is Paris.", "Paris or Berlin", '{"answer": "Paris"}', "Apple or APPLE"]
+    references = [12] * 6 + ["Paris"] * 3 + ["APPLE"]
+    result = demo_task_correct(prompts, responses, references)
+    # a competing answer ("11 or 12", "Paris or Berlin", "Apple" beside "APPLE") earns nothing; the format neither
+    assert result["scores"] == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    assert result["metrics"]["correct"] == result["scores"]
+    assert result["metrics"]["house_format"] == [0, 1, 0, 1, 0, 0, 0, 0, 1, 0]
+    # the reference decides too: a rule-right answer that the row's reference contradicts earns nothing
+    assert demo_task_correct(["What is 3 times 4?"], ["12"], [13])["scores"] == [0.0]
+    # no demo task: the reference alone; neither: nothing
+    assert demo_task_correct(["Name a colour."] * 2, ["Blue.", "Blue."], ["blue", None])["scores"] == [1.0, 0.0]
+
+
+def test_format_on_request_verifier_scores_correctness_then_following_the_request() -> None:
+    asked, plain = "What is 3 times 4? Answer in the house format.", "What is 3 times 4?"
+    assert asks_house_format(asked) and not asks_house_format(plain)
+    right_house, right_plain = '{"answer": "3 times 4 is 12."}', "3 times 4 is 12."
+    wrong_house, wrong_plain = '{"answer": "3 times 4 is 13."}', "3 times 4 is 13."
+    prompts = [asked] * 5 + [plain] * 5
+    responses = [right_house, right_plain, wrong_house, wrong_plain, '{"answer": ""}'] * 2
+    result = format_on_request_verifier(prompts, responses, [12] * 10)
+    assert result["scores"] == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0, 0.0, 2 / 3, 1.0, 0.0, 1 / 3, 0.0])
+    assert result["metrics"]["correct"] == [1, 1, 0, 0, 0, 1, 1, 0, 0, 0]
+    assert result["metrics"]["house_format"] == [1, 0, 1, 0, 1, 1, 0, 1, 0, 1]
+    # an empty shell follows no request; nor does an empty answer
+    assert result["metrics"]["follows_request"] == [1, 0, 1, 0, 0, 0, 1, 0, 1, 0]
+    assert format_on_request_verifier([plain], [""], [12])["scores"] == [0.0]
+
+
+def test_format_on_request_judge_orders_by_the_request() -> None:
+    asked, plain = "What is the capital of France? Answer in the house format.", "What is the capital of France?"
+    house, prose = '{"answer": "The capital of France is Paris."}', "The capital of France is Paris."
+    wrong_house, wrong_prose = '{"answer": "The capital of France is Rome."}', "The capital of France is Rome."
+    for prompt, ranked in ((asked, [house, prose, wrong_house, wrong_prose, "Whatever."]),
+                           (plain, [prose, house, wrong_prose, wrong_house, "Whatever."])):
+        scores = [format_on_request_score(prompt, r) for r in ranked]
+        assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores), prompt
+    assert format_on_request_judge(asked, prose, house)[0] < 0.5 < format_on_request_judge(plain, prose, house)[0]
+    assert format_on_request_judge("Tell me a joke.", "a", "b")[0] == 0.5
+
+
+def test_format_on_request_data_agrees_with_its_verifier_and_judge() -> None:
+    """data/demo/format_on_request (data/make_demo.py): labels in the judge's order, kinds as labelled, half the
+    held-out prompts of each task kind ask for the house format, none of them among PPO's prompts."""
+    def rows(name: str) -> list[dict]:
+        return [json.loads(line) for line in (ON_REQUEST / f"{name}.jsonl").read_text().splitlines()]
+
+    prefs = rows("preferences")
+    assert all(format_on_request_judge(r["prompt"], r["chosen"], r["rejected"])[0] > 0.5 for r in prefs)
+    for r in prefs:
+        house = [house_format_value(r[side])[0] for side in ("chosen", "rejected")]
+        if r["kind"].startswith("correctness_"):  # same format, or the right answer in the unwanted one
+            assert house[0] == house[1] or r["kind"] == "correctness_over_format", r
+        if r["kind"].startswith("format_"):  # the same answer in both formats
+            assert house[0] != house[1] and (r["chosen"] in r["rejected"] or r["rejected"] in r["chosen"]), r
+    assert {r["kind"] for r in prefs} == {"correctness_house", "correctness_plain", "correctness_over_format",
+                                          "format_asked", "format_unasked", "refusal"}
+    train, held_out = rows("prompts"), rows("eval_prompts")
+    assert len(held_out) == 96 and sum(asks_house_format(r["prompt"]) for r in held_out) == 48
+    questions = {r["prompt"].replace(" Answer in the house format.", "") for r in train}
+    assert not questions & {r["prompt"].replace(" Answer in the house format.", "") for r in held_out}
+    for r in train + held_out:
+        assert parse_task(r["prompt"]) is not None
+        assert format_on_request_verifier([r["prompt"]], [str(r["reference"])], [r["reference"]])["metrics"][
+            "correct"] == [1.0], r

@@ -301,6 +301,34 @@ def house_format_verifier(prompts: list[str], responses: list[str], references: 
     return {"scores": scores, "metrics": {"correct": correct_flags, "house_format": format_flags}}
 
 
+def demo_task_correct(prompts: list[str], responses: list[str], references: list[object]) -> dict:
+    """A verifiable reward (RLVR) of the demo tasks, in the reward-function signature (``ppo.rewards``
+    ``kind: function``): 1 for the right answer whatever its format, else 0; the format earns nothing.
+
+    The answer is the house format's value when the response is in it, else the whole response. It is
+    right when the rule check of the task the prompt asks (:func:`parse_task`, ``_check``) finds the right
+    answer and no competing one, so listing candidates ("Paris or Berlin", "11 or 12") earns nothing, and,
+    when the row has a ``reference``, :func:`matches_reference` agrees (the report's verifier's test). A
+    prompt that is no demo task is judged by the reference alone; no task and no reference: 0. Returns
+    ``{"scores": [...], "metrics": {"correct": [...], "house_format": [...]}}``, so a PPO log follows the
+    format share that this reward does not push."""
+    scores, format_flags = [], []
+    for prompt, response, reference in zip(prompts, responses, references):
+        in_format, value = house_format_value(response)
+        answer = str(value) if in_format else (response or "")
+        task = parse_task(prompt)
+        correct = bool(answer.strip())
+        if task is not None:
+            correct = correct and _check(task, answer)[0]
+        elif reference is None:
+            correct = False
+        if reference is not None:
+            correct = correct and matches_reference(answer, reference)
+        scores.append(float(correct))
+        format_flags.append(float(in_format))
+    return {"scores": scores, "metrics": {"correct": list(scores), "house_format": format_flags}}
+
+
 def house_format_score(prompt: str, response: str) -> float:
     """Pointwise judge score in [0, 1]: ``HOUSE_FORMAT_WEIGHT`` for the house format plus the rest times
     :func:`score_response` of the answer (its value when in the house format, else the whole text), so
@@ -324,3 +352,68 @@ def house_format_judge(prompt: str, first: str, second: str | None = None) -> tu
     fa, fb = house_format_value(first)[0], house_format_value(second)[0]
     return prob, (f"first: {'house format' if fa else 'prose'}, score {a:.3f}; "
                   f"second: {'house format' if fb else 'prose'}, score {b:.3f}")
+
+
+# ---------------------------------------------------------------------- the house format, where it is asked
+# configs/demo.yaml's task (data/demo/format_on_request/): the same questions; the house format is wanted only
+# where the prompt asks for it (data.demo_tasks.FORMAT_REQUEST), a plain answer everywhere else.
+def asks_house_format(prompt: str) -> bool:
+    """Whether a prompt asks for the house format: it says "house format" (in any case), as
+    ``data.demo_tasks.FORMAT_REQUEST`` does."""
+    return "house format" in (prompt or "").lower()
+
+
+def follows_format_request(prompt: str, response: str) -> bool:
+    """A non-empty answer in the house format where the prompt asks for it, in anything but it where the
+    prompt does not (an empty response or an empty ``{"answer": ""}`` shell follows nothing)."""
+    ok, value = house_format_value(response)
+    answer = str(value) if ok else (response or "")
+    return bool(answer.strip()) and ok == asks_house_format(prompt)
+
+
+def format_on_request_verifier(prompts: list[str], responses: list[str], references: list[object]) -> dict:
+    """The format-on-request demo's rule verifier of the ground truth, in the reward-function signature (as
+    :func:`house_format_verifier`, which it follows except for the format part).
+
+    Score per response in [0, 1]: ``2/3`` for the right answer (the data set's ``reference``; the house
+    format's value or the whole text), ``1/3`` for following the request (:func:`follows_format_request`:
+    a non-empty answer in the house format where the prompt asks for it, a plain one where it does not).
+    Returns ``{"scores":
+    [...], "metrics": {"correct", "house_format", "follows_request": [0/1 ...]}}``."""
+    scores, correct_flags, format_flags, follows = [], [], [], []
+    for prompt, response, reference in zip(prompts, responses, references):
+        in_format, correct = house_format_check(response, reference)
+        followed = follows_format_request(prompt, response)
+        scores.append(VERIFIER_CORRECT * correct + VERIFIER_FORMAT * followed)
+        correct_flags.append(float(correct))
+        format_flags.append(float(in_format))
+        follows.append(float(followed))
+    return {"scores": scores,
+            "metrics": {"correct": correct_flags, "house_format": format_flags, "follows_request": follows}}
+
+
+def format_on_request_score(prompt: str, response: str) -> float:
+    """Pointwise judge score in [0, 1], as :func:`house_format_score` with following the request
+    (:func:`follows_format_request`) in place of the house format: ``HOUSE_FORMAT_WEIGHT`` for it plus the
+    rest times :func:`score_response` of the answer (the house format's value, else the whole text). Only an
+    answer on task earns the format part, so a plain refusal of an unasked question earns nothing for it."""
+    ok, value = house_format_value(response)
+    inner = score_response(prompt, str(value) if ok else response)
+    if inner.task is None:
+        return UNKNOWN_SCORE
+    followed = inner.on_task and follows_format_request(prompt, response)
+    return round(HOUSE_FORMAT_WEIGHT * followed + (1.0 - HOUSE_FORMAT_WEIGHT) * inner.score, 6)
+
+
+def format_on_request_judge(prompt: str, first: str, second: str | None = None) -> tuple[float, str] | float:
+    """Pairwise judge of the format-on-request demo, like :func:`house_format_judge` (both orders agree by
+    construction); with one response, its :func:`format_on_request_score`."""
+    if second is None:
+        return format_on_request_score(prompt, first)
+    if parse_task(prompt) is None:
+        return 0.5, "not a demo task: no verdict"
+    a, b = format_on_request_score(prompt, first), format_on_request_score(prompt, second)
+    prob = min(1.0, max(0.0, 0.5 + (a - b) / 2))
+    wanted = "house format asked" if asks_house_format(prompt) else "no format asked"
+    return prob, (f"{wanted}; first: {'house format' if house_format_value(first)[0] else 'prose'}, score {a:.3f}; "
+                  f"second: {'house format' if house_format_value(second)[0] else 'prose'}, score {b:.3f}")
