@@ -125,5 +125,5 @@ def config_not_found(value: str | os.PathLike) -> str:
     stem = Path(text).stem if text.endswith((".yaml", ".yml")) else text
     close = difflib.get_close_matches(stem, names, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return (f"config not found: {text}{hint} (give a YAML file, or the name of a shipped config: "
+    return (f"config file not found: {text}{hint} (give a YAML file, or the name of a shipped config: "
             f"{', '.join(names) or 'none'})")

@@ -58,5 +58,5 @@ def test_unknown_command_suggests_the_closest(capsys, argv, expected):
 def test_unknown_config_name_suggests_the_closest(capsys):
     assert main(["status", "tnyi"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: config not found: tnyi; did you mean 'tiny'? ")
+    assert err.startswith("error: config file not found: tnyi; did you mean 'tiny'? ")
     assert "demo" in err and "tiny" in err

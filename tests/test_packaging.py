@@ -71,9 +71,9 @@ def test_config_by_name_and_closest_name(tmp_path, monkeypatch):
     assert cfg.paths.config_dir == str(REPO / "configs") and cfg.paths.work_dir == str(tmp_path)
     assert cfg.run_dir() == tmp_path / "out" / "tiny"
     assert load_config("configs/tiny.yaml").run_dir() == tmp_path / "outputs" / "tiny"  # a path still works
-    with pytest.raises(ConfigError, match="config not found: tiyn; did you mean 'tiny'"):
+    with pytest.raises(ConfigError, match="config file not found: tiyn; did you mean 'tiny'"):
         load_config("tiyn")
-    with pytest.raises(ConfigError, match=r"config not found: demo\.yml; did you mean 'demo'\? .*shipped config"):
+    with pytest.raises(ConfigError, match=r"config file not found: demo\.yml; did you mean 'demo'\? .*shipped config"):
         load_config("demo.yml")
 
 
