@@ -35,9 +35,9 @@ from .models import check_model_sources, describe_chat_templates
 from .orchestrator import StageFailed, format_status, run_pipeline, status_json
 from .paths import shipped_configs
 from .plan import check_deepspeed, memory_plans, select_stages
+from .registry import specs
 from .report import report_for
 from .slurm import SlurmError, slurm_pipeline
-from .stage import STAGE_ORDER
 
 # Every module above imports only the standard library, pydantic and yaml at import time, so the CLI
 # starts fast; torch, transformers and deepspeed are imported inside the functions that need them.
@@ -91,7 +91,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("config", help=config_help)
         if stages:
             p.add_argument("--stages", nargs="+", metavar="STAGE",
-                           help=f"stages to run, of {', '.join(STAGE_ORDER)} (default: the config's stages)")
+                           help=f"stages to run, of {', '.join(s.name for s in specs())} and the config's "
+                                "extra_stages (default: the config's stages)")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. sft.train.max_steps=10 run_name=try2")
         return p

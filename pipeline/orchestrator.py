@@ -21,7 +21,7 @@ keeps the strict behaviour. Before launching a stage, its parents must be ``comp
 chat-format fingerprints, or the run stops with a message naming the stage and why. A stage's output
 (stdout and stderr) goes to ``outputs/<run>/<stage>/stage.log`` and to the console, where (unless
 ``verbose``) what libraries say is left out (``pipeline/console.py``) and the memory plans are one line
-each; a stage's last line on the console names its key metrics (``STAGE_HEADLINES``). A non-zero exit
+each; a stage's last line on the console names its key metrics (its spec's ``headline``). A non-zero exit
 stops the chain and names that log.
 At the end the run report is written (``pipeline/report.py``) and its path printed.
 
@@ -58,9 +58,10 @@ from .plan import (
     write_resolved_config,
 )
 from .procs import RunLock, free_port, process_state, run_process
+from .registry import parents_of, spec_of, stage_names
 from .report import write_report
 from .slurm import format_job_states
-from .stage import STAGE_ORDER, parents_of, resume_step, stage_identity
+from .stage import resume_step, stage_identity
 
 
 class StageFailed(RuntimeError):
@@ -171,26 +172,15 @@ def _run_stages(cfg: RunConfig, selected: Sequence[str], config_file: Path, forc
         started = time.time()
         launch_stage(cfg, stage, config_file, decision, cpu=not cuda, entry=entry, echo=echo, verbose=verbose)
         ran_now.add(stage)
-        headline = stage_headline(stage, (read_manifest(cfg.stage_dir(stage)) or {}).get("metrics") or {})
+        headline = stage_headline(cfg, stage, (read_manifest(cfg.stage_dir(stage)) or {}).get("metrics") or {})
         out(f"[{stage}] complete in {time.time() - started:.1f} s" + (f": {headline}" if headline else ""))
     return result
 
 
-# Each stage's key metrics, in this order, for its closing line on the console (those it logged).
-STAGE_HEADLINES = {
-    "sft": ("eval_loss", "loss"),
-    "rm": ("eval_accuracy", "eval_mean_margin"),
-    "dpo": ("eval_accuracy", "eval_margin"),
-    "ppo": ("score", "kl", "eos_rate"),
-    "best_of_n": ("kept", "score_mean_kept"),
-    "rlaif_label": ("pairs_kept", "inconsistent"),
-    "distill": ("kept", "finished_rate"),
-}
-
-
-def stage_headline(stage: str, metrics: dict[str, Any]) -> str:
-    """``eval_accuracy=0.718, eval_mean_margin=2.41``: the stage's ``STAGE_HEADLINES`` metrics it has."""
-    return _short_metrics({k: metrics[k] for k in STAGE_HEADLINES.get(stage, ()) if k in metrics})
+def stage_headline(cfg: RunConfig, stage: str, metrics: dict[str, Any]) -> str:
+    """``eval_accuracy=0.718, eval_mean_margin=2.41``: the key metrics of the stage's closing console line
+    (its spec's ``headline``, in that order), those it has."""
+    return _short_metrics({k: metrics[k] for k in spec_of(cfg, stage).headline if k in metrics})
 
 
 # -------------------------------------------------------------------------------------------- status
@@ -254,7 +244,7 @@ def _short_metrics(metrics: dict[str, Any], limit: int = 6) -> str:
 def format_status(cfg: RunConfig) -> str:
     """The text ``pipeline status`` prints: each stage's state, metrics and folder, then Slurm jobs."""
     lines = [f"run '{cfg.run_name}': {cfg.run_dir()}"]
-    stages = list(cfg.stages) + [s for s in STAGE_ORDER if s not in cfg.stages and cfg.stage_dir(s).exists()]
+    stages = list(cfg.stages) + [s for s in stage_names(cfg) if s not in cfg.stages and cfg.stage_dir(s).exists()]
     will_rerun: list[str] = []
     for stage in stages:
         row = stage_status(cfg, stage, will_rerun)

@@ -30,7 +30,8 @@ from .manifest import (
     require_complete_parent,
 )
 from .procs import process_state
-from .stage import STAGE_ORDER, config_changes, hint_command, input_changes, parents_of, resume_step, stage_identity
+from .registry import parents_of, stage_names
+from .stage import config_changes, hint_command, input_changes, resume_step, stage_identity
 
 Printer = Callable[[str], None]
 
@@ -53,13 +54,14 @@ def select_stages(cfg: RunConfig, requested: Sequence[str] | None) -> list[str]:
     """
     if not requested:
         return list(cfg.stages)
-    unknown = [s for s in requested if s not in STAGE_ORDER]
+    known = stage_names(cfg)  # pipeline order
+    unknown = [s for s in requested if s not in known]
     if unknown:
-        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; expected some of {', '.join(STAGE_ORDER)}")
+        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
     missing = [s for s in requested if s not in cfg.stages]
     if missing:
         try:
-            cfg.stages = [s for s in STAGE_ORDER if s in cfg.stages or s in missing]  # validated assignment
+            cfg.stages = [s for s in known if s in cfg.stages or s in missing]  # validated assignment
         except ValidationError as err:  # e.g. ppo added without the reward model it needs
             reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
             raise ConfigError(f"--stages {' '.join(requested)}: {reasons}") from None

@@ -44,7 +44,8 @@ from .plan import (
     with_parents,
     write_resolved_config,
 )
-from .stage import hint_command, parents_of
+from .registry import parents_of, spec_of
+from .stage import hint_command
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                    "BOOT_FAIL", "DEADLINE"}
@@ -144,7 +145,7 @@ def sbatch_script(cfg: RunConfig, stage: str, config_file: Path, entry: str | No
     lines += ["", "set -eo pipefail", f"cd {shlex.quote(str(REPO_ROOT))}"]
     if s.setup:
         lines += ["# setup (slurm.setup)", *s.setup]
-    if cfg.rollout.backend == "vllm" and stage in ("ppo", "rlaif_label", "best_of_n", "distill"):
+    if cfg.rollout.backend == "vllm" and spec_of(cfg, stage).samples:
         lines += _vllm_lines(cfg)
     stage_log = cfg.stage_dir(stage) / "stage.log"
     lines += [

@@ -18,10 +18,11 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, model_location, resolve_path
+from .config import RunConfig, resolve_path
 from .manifest import (
     ManifestError,
     check_fingerprints,
@@ -32,74 +33,42 @@ from .manifest import (
     require_complete_parent,
     write_manifest,
 )
+from .registry import DATA_FIELDS, parents_of, spec_of
 
-# Which stage folders a stage reads, by config (the InstructGPT order of DESIGN §1).
-STAGE_ORDER = ("distill", "sft", "rlaif_label", "rm", "best_of_n", "ppo", "dpo")
-
-
-def parents_of(cfg: RunConfig, stage: str) -> list[str]:
-    if stage == "distill":
-        return []
-    if stage == "sft":  # with distill in the run, sft trains on the teacher's answers
-        return ["distill"] if "distill" in cfg.stages else []
-    if stage == "rlaif_label":
-        return ["sft"] if "sft" in cfg.stages else []
-    if stage in ("rm", "dpo"):
-        parents = ["sft"] if getattr(cfg, stage).init_from == "sft" else []
-        if "rlaif_label" in cfg.stages:
-            parents.append("rlaif_label")
-        return parents
-    if stage == "best_of_n":
-        bon = cfg.best_of_n
-        return (["sft"] if bon.policy_from == "sft" else []) + (["rm"] if any(r.kind == "rm" for r in bon.rewards)
-                                                                 else [])
-    if stage == "ppo":
-        ppo = cfg.ppo
-        parents = ["sft"] if ppo.policy_from == "sft" else []
-        # the rm stage is a parent only when PPO uses a reward model and none is brought (ppo.reward_model)
-        if ppo.reward_model is None and (any(r.kind == "rm" for r in ppo.rewards) or ppo.critic_from == "rm"):
-            parents.append("rm")
-        return parents
-    raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGE_ORDER)}")
-
-
-#: ``rollout`` keys that shape only PPO's loss (the other sampling stages' hashes leave them out).
+#: ``rollout`` keys that shape only PPO's loss: the sampling stages' hashes leave them out (the ppo stage's
+#: ``identity_extra`` puts them back into its own).
 PPO_ONLY_ROLLOUT_KEYS = ("importance_sampling", "importance_sampling_cap")
-
-#: Settings renamed after run folders were written with them: the config hash reads them under their former
-#: name, so a stage made before the rename stays up to date (same value, same meaning; only the name changed).
-FORMER_NAMES = {"ppo": {"episodes_per_rollout": "rollout_batch_size"}}
 
 
 def stage_section(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """What a stage's config hash covers (and its manifest records as ``config``): the model and chat sections,
+    its own section and the seed; for a stage that samples (``StageSpec.samples``) the judges and, with
+    another engine than hf, the rollout settings; then its spec's ``identity_extra``."""
+    spec = spec_of(cfg, stage)
     data = cfg.to_dict()
     # model.hub_id only names the base in model cards: it changes no weights, so it is not part of the identity
     model = {key: value for key, value in data["model"].items() if key != "hub_id"}
     section = {"model": model, "chat": data["chat"], stage: data[stage], "seed": data["seed"]}
-    if stage in ("rlaif_label", "ppo", "best_of_n", "distill"):
+    if spec.samples:
         section["rlaif"] = data["rlaif"]
         if cfg.rollout.backend != "hf":  # another engine samples other responses (hf: hashes stay as they were)
             # engine_logp_warn only decides when to print a warning
-            dropped = ("engine_logp_warn",) + (() if stage == "ppo" else PPO_ONLY_ROLLOUT_KEYS)
+            dropped = ("engine_logp_warn", *PPO_ONLY_ROLLOUT_KEYS)
             section["rollout"] = {k: v for k, v in data["rollout"].items() if k not in dropped}
-    if stage == "sft" and cfg.distill.token_level.enabled:  # the sft stage then trains on this teacher's logits
-        section["distill_token_level"] = {"teacher": data["distill"]["teacher"],
-                                          "token_level": data["distill"]["token_level"]}
+    if spec.identity_extra is not None:
+        section.update(spec.identity_extra(cfg, data))
     return section
 
 
 def data_sources(cfg: RunConfig, stage: str) -> list[str]:
-    """The local data files a stage reads by config. ``rm`` with ``rlaif_label`` among the stages trains on
-    the labelled file instead of ``rm.data``: that file is covered by the rlaif_label manifest's hash (a
-    parent), and the unused ``rm.data`` file is left out of the input hash."""
+    """The local data files a stage reads by config: its section's ``StageSpec.data_fields``. ``rm`` with
+    ``rlaif_label`` among the stages trains on the labelled file instead of ``rm.data``: that file is covered
+    by the rlaif_label manifest's hash (a parent), and the unused ``rm.data`` file is left out of the input
+    hash (likewise ``sft`` with ``distill``)."""
+    spec = spec_of(cfg, stage)
     section = getattr(cfg, stage)
     out = []
-    names = ("data", "eval_data", "ptx_data")
-    if stage in ("rm", "dpo") and "rlaif_label" in cfg.stages:
-        names = ("eval_data",)
-    if stage == "sft" and "distill" in cfg.stages:  # distill/data.jsonl replaces sft.data (a parent's hash)
-        names = ("eval_data",)
-    for name in names:
+    for name in spec.data_fields(cfg) if spec.data_fields is not None else DATA_FIELDS:
         source = getattr(section, name, None)
         if source is not None and not source.path.startswith("hub:"):
             out.append(source.path)
@@ -127,22 +96,10 @@ def parent_hashes(cfg: RunConfig, stage: str) -> dict[str, str | None]:
 
 def external_models(cfg: RunConfig, stage: str) -> dict[str, str]:
     """Models a stage loads that no stage of this run made (PPO: ``ppo.policy``, ``ppo.reward_model``, a
-    ``critic_from`` path), by config key -> location (local folder or hub name)."""
-    if stage != "ppo":
-        return {}
-    ppo = cfg.ppo
-    out: dict[str, str] = {}
-    if ppo.policy is not None:
-        out["ppo.policy.path"] = ppo.policy.path
-        if ppo.policy.tokenizer:
-            out["ppo.policy.tokenizer"] = ppo.policy.tokenizer
-    if ppo.reward_model is not None:
-        out["ppo.reward_model.path"] = ppo.reward_model.path
-        if ppo.reward_model.tokenizer:
-            out["ppo.reward_model.tokenizer"] = ppo.reward_model.tokenizer
-    if ppo.critic_from not in ("auto", "rm", "policy"):
-        out["ppo.critic_from"] = ppo.critic_from
-    return {key: model_location(value) for key, value in out.items()}
+    ``critic_from`` path), by config key -> location (local folder or hub name): its spec's
+    ``external_models``."""
+    spec = spec_of(cfg, stage)
+    return spec.external_models(cfg) if spec.external_models is not None else {}
 
 
 def model_fingerprint(location: str) -> str:
@@ -158,17 +115,18 @@ def model_fingerprint(location: str) -> str:
     return hash_json(files)
 
 
-def _renamed(section: dict[str, Any], names: dict[str, dict[str, str]]) -> dict[str, Any]:
+def _renamed(section: dict[str, Any], stage: str, renames: Mapping[str, str]) -> dict[str, Any]:
     section = dict(section)
-    for name, renames in names.items():
-        if isinstance(section.get(name), dict):
-            section[name] = {renames.get(key, key): value for key, value in section[name].items()}
+    if isinstance(section.get(stage), dict):
+        section[stage] = {renames.get(key, key): value for key, value in section[stage].items()}
     return section
 
 
 def hashed_section(cfg: RunConfig, stage: str) -> dict[str, Any]:
-    """``stage_section`` as the config hash reads it: renamed settings under their former names."""
-    return _renamed(stage_section(cfg, stage), FORMER_NAMES)
+    """``stage_section`` as the config hash reads it: settings renamed after run folders were written with them
+    (``StageSpec.former_names``) under their former names, so a stage made before the rename stays up to date
+    (same value, same meaning; only the name changed)."""
+    return _renamed(stage_section(cfg, stage), stage, spec_of(cfg, stage).former_names)
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -185,8 +143,8 @@ def config_changes(recorded: dict[str, Any], cfg: RunConfig, stage: str, limit: 
     messages: ``["ppo.kl_coef: 0.05 -> 0.1", "rollout.importance_sampling: (not set) -> 'auto'"]`` (at most
     ``limit`` entries, then ``"... N more"``). Settings recorded under a former name compare (and show)
     under the current one."""
-    current_names = {name: {old: new for new, old in renames.items()} for name, renames in FORMER_NAMES.items()}
-    old = _flatten(json.loads(json.dumps(_renamed(recorded, current_names), default=str)))
+    current_names = {old: new for new, old in spec_of(cfg, stage).former_names.items()}
+    old = _flatten(json.loads(json.dumps(_renamed(recorded, stage, current_names), default=str)))
     new = _flatten(json.loads(json.dumps(stage_section(cfg, stage), default=str)))
     unset = object()
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k, unset) != new.get(k, unset))

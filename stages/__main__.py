@@ -11,21 +11,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import ConfigError, config_from_dict, load_config
 from pipeline.console import setup_stage_output
-from stages import STAGE_MODULES, run_stage
+from pipeline.registry import RegistryError, spec_of
+from stages import run_stage
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, runner: Callable[[str, Any], dict] = run_stage) -> int:
+    """``runner(stage, cfg)`` runs the stage (the tests' fake stages pass their own)."""
     parser = argparse.ArgumentParser(prog="python -m stages", description=__doc__)
-    parser.add_argument("stage", choices=sorted(STAGE_MODULES))
+    parser.add_argument("stage", help="a stage of the run's config (pipeline/registry.py; its extra_stages too)")
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
     args = parser.parse_intermixed_args(argv)
     # every stage of ours loads models with transformers; other entries (the tests' fake stages) need not
-    setup_stage_output(transformers=STAGE_MODULES[args.stage].startswith("stages."))
+    setup_stage_output(transformers=runner is run_stage)
     try:
         if args.config.endswith(".json"):
             cfg = config_from_dict(json.loads(Path(args.config).read_text()), args.config)
@@ -35,10 +39,11 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = config_from_dict(apply_overrides(cfg.to_dict(), args.overrides), args.config)
         else:
             cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        spec_of(cfg, args.stage)  # the stages a config knows are its built-ins and its extra_stages
+    except (ConfigError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_stage(args.stage, cfg)
+    runner(args.stage, cfg)
     return 0
 
 

@@ -1,9 +1,9 @@
 """Quick fake stages (no torch) for the orchestrator, Slurm and report tests.
 
 Run as a stage process: ``python -m tests.fake_stages STAGE --config FILE`` (the orchestrator does this
-when ``ALIGNPIPE_STAGE_ENTRY=tests.fake_stages``). It registers this module as every stage in
-``stages.STAGE_MODULES`` and runs the real ``stages.__main__`` entry, so the config loading and the
-``StageRun`` manifest lifecycle are the real ones.
+when ``ALIGNPIPE_STAGE_ENTRY=tests.fake_stages``). It runs the real ``stages.__main__`` entry with this
+module's ``run_fake`` as every stage's body, so the config loading and the ``StageRun`` manifest lifecycle
+are the real ones.
 
 Each fake stage logs a few steps of metrics named like the real stage's, writes a checkpoint after every
 step (so an interrupted run resumes where it stopped), then ``model/weights.txt``. Environment knobs:
@@ -25,7 +25,6 @@ from typing import Any
 from pipeline.stage import StageRun
 
 FINGERPRINT = "fake-chat-format-0001"
-CURRENT: dict[str, str] = {}
 
 
 def stage_metrics(stage: str, step: int) -> dict[str, float]:
@@ -87,23 +86,14 @@ def run_fake(cfg: Any, stage: str) -> dict[str, Any]:
         return run.manifest["metrics"]
 
 
-def run(cfg: Any) -> dict[str, Any]:
-    """``stages.run_stage`` entry: the stage name comes from the command line (``main``)."""
-    return run_fake(cfg, CURRENT["stage"])
-
-
 def main(argv: list[str] | None = None) -> int:
-    import stages
     from stages.__main__ import main as stage_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         print("usage: python -m tests.fake_stages STAGE --config FILE", file=sys.stderr)
         return 2
-    CURRENT["stage"] = argv[0]
-    for name in list(stages.STAGE_MODULES):
-        stages.STAGE_MODULES[name] = __name__
-    return stage_main(argv)
+    return stage_main(argv, runner=lambda stage, cfg: run_fake(cfg, stage))
 
 
 if __name__ == "__main__":

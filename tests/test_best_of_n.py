@@ -55,11 +55,11 @@ def test_best_of_n_without_a_reward_source_fails_at_validate(tiny_cfg):
 
 def test_best_of_n_parents_and_memory_plan(tiny_cfg):
     from pipeline.memory import estimate
-    from pipeline.stage import STAGE_ORDER, parents_of
+    from pipeline.registry import parents_of, stage_names
 
     cfg = tiny_cfg("stages=[sft, rm, best_of_n]", "best_of_n.data={path: data/demo/prompts.jsonl}",
                    "best_of_n.rewards=[{kind: rm}]")
     assert parents_of(cfg, "best_of_n") == ["sft", "rm"]
-    assert STAGE_ORDER.index("rm") < STAGE_ORDER.index("best_of_n")
+    assert stage_names(cfg).index("rm") < stage_names(cfg).index("best_of_n")
     roles = {r.role for r in estimate(cfg, "best_of_n").roles}
     assert {"policy", "reward_model", "kv_cache"} <= roles
