@@ -24,7 +24,7 @@ export DS_ACCELERATOR ?= $(if $(HAS_CUDA),cuda,cpu)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: vllm-env help install demo pipeline sft rm ppo dpo best_of_n distill rlaif status report slurm serve validate lint test test-all bench bench-quality gpu-bundle gpu-check-dry clean
+.PHONY: vllm-env help install demo pipeline sft rm ppo dpo best_of_n distill rlaif status report slurm serve validate lint config-doc test test-all bench bench-quality gpu-bundle gpu-check-dry clean
 
 help:
 	@echo "make demo                      whole pipeline (sft -> rm -> ppo) on the embedded SmolLM2 default"
@@ -101,6 +101,10 @@ serve: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+
+# docs/CONFIG.md from the config models (tests/test_config_doc.py fails when it is stale)
+config-doc: $(VENV)/.installed
+	$(PY) -m pipeline.config_doc > docs/CONFIG.md
 
 test: lint
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)

@@ -438,7 +438,7 @@ def location_problem(key: str, value: str, model: bool = True, tokenizer: str | 
     ``value`` is a folder, ``hub:org/name`` or ``org/name`` (see ``config.model_location``); ``hub_only``:
     a hub name by ``model.source: hub``. A hub name is checked only offline (in the local cache or not).
     """
-    from .config import _HUB_NAME
+    from .sections import _HUB_NAME
 
     text = str(value).strip()
     folder = resolve_path(text)

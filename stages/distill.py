@@ -43,9 +43,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from data.formats import DataError, load_examples
-from pipeline.config import DistillConfig, RunConfig
+from pipeline.config import RunConfig
 from pipeline.manifest import atomic_write_text
 from pipeline.stage import StageRun
+from stages.distill_config import DistillConfig
 
 OUTPUT_FILE = "data.jsonl"
 REJECTED_FILE = "rejected.jsonl"

@@ -7,8 +7,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import SFTConfig
+from pydantic import Field
+
 from pipeline.registry import DATA_FIELDS, StageSpec, lazy
+from pipeline.sections import (
+    DataSource,
+    Section,
+    TrainConfig,
+    TuningConfig,
+    check_global_batch,
+    engine_training,
+    section,
+)
+
+
+class SFTConfig(Section):
+    """``sft``: supervised fine-tuning of the base model on conversations, the loss on the assistant tokens
+    (stages/sft.py)."""
+
+    data: DataSource | None = Field(
+        None, description="Conversations ('messages', or 'prompt' + 'completion'); unused when distill is in "
+                          "the run (its answers replace it).")
+    eval_data: DataSource | None = Field(None, description="Held-out conversations (default: eval_fraction of data).")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of data held out when eval_data is not set.")
+    max_length: int = Field(512, gt=8, description="Tokens per conversation; longer ones are cut (and counted).")
+    packing: bool = Field(False, description="Pack several conversations into one row (each attends only to "
+                                             "itself).")
+    train: TrainConfig = section(TrainConfig)
+    tuning: TuningConfig = section(TuningConfig)
 
 
 def parents(cfg: Any) -> list[str]:
@@ -31,6 +57,7 @@ def identity_extra(cfg: Any, data: dict[str, Any]) -> dict[str, Any]:
 
 SPEC = StageSpec(
     name="sft", order=20, title="SFT", config_model=SFTConfig, run=lazy("stages.sft:run"), parents=parents,
-    reads=("distill",), identity_extra=identity_extra, data_fields=data_fields, headline=("eval_loss", "loss"),
+    reads=("distill",), check=lambda cfg: check_global_batch(cfg, "sft"), identity_extra=identity_extra,
+    data_fields=data_fields, training=engine_training("sft"), headline=("eval_loss", "loss"),
     card=("supervised fine-tuning (SFT) on conversations, loss on the assistant tokens", ("sft",)),
 )

@@ -5,10 +5,69 @@ Light on purpose (no torch): the control plane reads it. The stage itself is ``s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pipeline.config import DPOConfig
+from pydantic import Field, model_validator
+
 from pipeline.registry import DATA_FIELDS, StageSpec, lazy
+from pipeline.sections import (
+    DataSource,
+    Section,
+    TrainConfig,
+    TuningConfig,
+    check_global_batch,
+    engine_training,
+    section,
+)
+
+
+class DPOTrainConfig(TrainConfig):
+    """``dpo.train``: ``TrainConfig`` with DPO's learning rate, 5e-6, by default (a subclass, not a default
+    factory, so that one key given keeps the rest of the defaults)."""
+
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate of AdamW (after warm-up).")
+
+
+class DPOConfig(Section):
+    """``dpo``: direct preference optimisation on the same preference data as ``rm`` (stages/dpo/).
+
+    loss: ``sigmoid`` (DPO), ``ipo`` (IPO, on per-token mean log-probs), ``cdpo`` (conservative DPO:
+    labels flipped with probability ``label_smoothing``). The reference is the starting policy (the SFT
+    model, or the base), in eval mode, and no second copy of the model is held: with a PEFT method its
+    log-probs are those of the same model with the adapter disabled, computed for each micro-batch's pairs
+    when it is first trained on and cached (kept in checkpoints); otherwise they are computed before the
+    first step for exactly the pairs the run's steps will train on.
+    """
+
+    data: DataSource | None = Field(
+        None, description="Preference pairs (as rm.data); unused when rlaif_label is in the run (its labelled "
+                          "pairs replace it).")
+    eval_data: DataSource | None = Field(None, description="Held-out pairs (default: eval_fraction of data, split by "
+                                                           "prompt).")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out when eval_data is not set.")
+    init_from: Literal["sft", "base"] = Field(
+        "sft", description="Start from (and take as reference) the sft stage's model or the base model.")
+    max_length: int = Field(512, gt=8, description="Tokens per sequence (prompt + response); prompts are cut from the "
+                                                   "left, pairs that still do not fit are skipped (and counted).")
+    loss: Literal["sigmoid", "ipo", "cdpo"] = Field(
+        "sigmoid", description="sigmoid: DPO; ipo: IPO on per-token mean log-probs; cdpo: conservative DPO.")
+    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward beta * (logp - ref_logp).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo only: probability that a label is flipped.")
+    disable_dropout: bool = Field(
+        True, description="Dropout off in the policy (as TRL's DPO default): the reference's log-probs come from "
+                          "eval mode, so with dropout on the policy would differ from it at step 0 already.")
+    train: DPOTrainConfig = section(DPOTrainConfig)
+    tuning: TuningConfig = section(TuningConfig)
+
+    @model_validator(mode="after")
+    def _smoothing_only_for_cdpo(self) -> "DPOConfig":
+        if self.loss == "cdpo" and self.label_smoothing == 0:
+            raise ValueError("dpo.loss='cdpo' needs dpo.label_smoothing > 0 (e.g. 0.1); with 0 it is plain "
+                             "sigmoid DPO")
+        if self.loss != "cdpo" and self.label_smoothing != 0:
+            raise ValueError(f"dpo.label_smoothing={self.label_smoothing} is only used by dpo.loss='cdpo' "
+                             f"(got loss {self.loss!r}); set dpo.loss=cdpo or label_smoothing=0")
+        return self
 
 
 def parents(cfg: Any) -> list[str]:
@@ -21,8 +80,26 @@ def data_fields(cfg: Any) -> tuple[str, ...]:
     return ("eval_data",) if "rlaif_label" in cfg.stages else DATA_FIELDS
 
 
+def check(cfg: Any) -> None:
+    """DPO needs preference data (dpo.data or rlaif_label's pairs) and its starting policy (before any model
+    loads); its global batch agrees with the launch section."""
+    check_global_batch(cfg, "dpo")
+    if "dpo" not in cfg.stages:
+        return
+    if cfg.dpo.data is None and "rlaif_label" not in cfg.stages:
+        raise ValueError(
+            "dpo.data is not set: point it at a preference file (prompt/chosen/rejected, HH transcripts, or "
+            "prompt/responses/ranking) or hub:name, or add rlaif_label to the run's stages to train on "
+            "AI-judged pairs of SFT samples")
+    if cfg.dpo.init_from == "sft" and "sft" not in cfg.stages:
+        raise ValueError(
+            f"dpo.init_from is 'sft' but stages {cfg.stages} do not include 'sft'. Add 'sft' to stages (a "
+            "complete stage of this run_name with the same config is skipped, not retrained), or set "
+            "dpo.init_from: base")
+
+
 SPEC = StageSpec(
     name="dpo", order=70, title="DPO", config_model=DPOConfig, run=lazy("stages.dpo.trainer:run"), parents=parents,
-    data_fields=data_fields, headline=("eval_accuracy", "eval_margin"), evaluated_policy=True,
-    card=("direct preference optimisation (DPO family) against the starting policy", ("dpo",)),
+    check=check, data_fields=data_fields, training=engine_training("dpo"), headline=("eval_accuracy", "eval_margin"),
+    evaluated_policy=True, card=("direct preference optimisation (DPO family) against the starting policy", ("dpo",)),
 )

@@ -1,14 +1,31 @@
 """The ``rlaif_label`` stage's declaration: its settings (``rlaif_label:``) and its ``SPEC``
 (pipeline/registry.py). Light on purpose (no torch): the control plane reads it. The stage itself is
-``stages/rlaif/label.py``.
+``stages/rlaif/label.py``; the judges it asks are the shared ``rlaif.judges`` (``pipeline/sections.py``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import RLAIFLabelConfig
+from pydantic import Field
+
 from pipeline.registry import StageSpec, lazy
+from pipeline.sections import DataSource, Section
+
+
+class RLAIFLabelConfig(Section):
+    """``rlaif_label``: offline RLAIF. The SFT policy samples responses to prompts and an AI judge labels every
+    pair of them, giving preference data the rm and dpo stages train on (stages/rlaif/label.py)."""
+
+    data: DataSource | None = Field(None, description="Prompts (a 'prompt' per record) the policy answers.")
+    judge: str = Field("default", description="The judge, by its name under rlaif.judges.")
+    num_responses: int = Field(2, ge=2, description="Responses sampled per prompt; every distinct pair is judged.")
+    max_prompt_length: int = Field(128, gt=0, description="Longer prompts (in tokens) are skipped (and counted).")
+    max_new_tokens: int = Field(48, gt=0, description="Most tokens sampled per response.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (no top-k/top-p).")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate call.")
+    seed: int = Field(0, description="Seed of the sampling (batch b samples under seed + b).")
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch default).")
 
 
 def parents(cfg: Any) -> list[str]:
