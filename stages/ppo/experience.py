@@ -1,5 +1,16 @@
-"""PPO experience (``PPORollout``, a part of ``PPOTrainer``): the step's prompts, generation, the
-forward passes that score the sampled tokens, the reward, and the ``Rollout`` record the update reads.
+"""PPO experience: steps 1 and 2 of the trainer's loop (``stages.ppo.trainer``), and the ``Rollout``
+record the update reads.
+
+``PPORollout`` is built once per run from what it reads (config, models, prompts, the process group, the
+KL controller, the reward normaliser, the rollout engine or None) and then, each step:
+
+1. ``make_rollout(step)``: this rank's prompts of the step, sampled responses, the forward passes that
+   score the sampled tokens (policy and reference log-probs, critic values), the reward sources' scores
+   and the sequence reward -> a ``Rollout`` without advantages;
+2. ``add_advantages(rollout)``: per-token rewards, then GAE or a critic-free estimator (the math is
+   ``stages.ppo.core``) -> ``rollout.advantages`` / ``rollout.returns``.
+
+``evaluate(prompts)`` samples and scores held-out prompts with fixed streams.
 
 Shapes: B episodes on this rank, P padded prompt length, T padded response length (the same on every
 rank: prompts and responses are padded to the longest anywhere), V vocabulary.
@@ -8,18 +19,18 @@ rank: prompts and responses are padded to the longest anywhere), V vocabulary.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from pipeline.config import RunConfig
 from stages.batching import left_pad, right_pad
-from stages.chat import position_ids_from_mask
 from stages.engine import epoch_order
 from stages.generation import neutral_generate, neutral_generation_config
 from stages.ppo.core import (
+    RunningMoments,
     compute_gae,
     discounted_returns,
     grpo_advantages,
@@ -30,17 +41,19 @@ from stages.ppo.core import (
     rloo_advantages,
     truncated_importance_weights,
 )
-from stages.ppo.distributed import global_whiten
+from stages.ppo.distributed import Comm, global_whiten
+from stages.ppo.models import PPOModels
 from stages.ppo.rewards import Responses, Scores
 from stages.ppo.rollout import (
+    EncodedPrompt,
     EpisodeSampler,
     engine_logp_diff,
     engine_logp_tensor,
-    episode_seed,
     episode_uniforms,
     response_mask,
     response_rows,
 )
+from stages.ppo.rollout_engine import RolloutEngine
 
 
 @dataclass
@@ -55,8 +68,7 @@ class Rollout:
     With ``num_samples_per_prompt`` K > 1 the rows come in groups: rows ``g*K .. g*K + K - 1`` are the K
     samples of one prompt (each with its own sampling stream).
     Outcome: ``score`` (B,) weighted sum of the reward sources; ``reward_parts`` each source's (B,) score;
-    ``reward`` (B,) the sequence reward used for RL (normalised, clipped, minus the missing-eos penalty);
-    ``advantages`` (B, T) fp32 (whitened when configured); ``returns`` (B, T) fp32.
+    ``reward`` (B,) the sequence reward used for RL (normalised, clipped, minus the missing-eos penalty).
     For logs: ``response_texts``, ``prompt_messages``, ``truncated_prompts`` (prompts cut to
     ``max_prompt_length`` in this batch), ``reward_stats`` (eos penalty, ``rm_truncated``, ``reward_metric/*``;
     with a rollout engine also ``rollout_engine_logp_diff``: mean |engine log-prob - old_logp| per token, and
@@ -64,6 +76,8 @@ class Rollout:
     Engine correction: ``is_weights`` (B, T) fp32 truncated importance weights ``min(exp(old_logp -
     engine_logp), rollout.importance_sampling_cap)`` that multiply each token's policy loss; None when the
     trainer sampled itself (``rollout.backend: hf``) or ``rollout.importance_sampling: false``.
+    Step 2 (``PPORollout.add_advantages``) fills ``advantages`` (B, T) fp32 (whitened when configured) and
+    ``returns`` (B, T) fp32; they are None before.
     """
 
     prompt_ids: torch.Tensor
@@ -74,8 +88,6 @@ class Rollout:
     old_logp: torch.Tensor
     ref_logp: torch.Tensor
     old_values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
     score: torch.Tensor
     reward: torch.Tensor
     kl: torch.Tensor
@@ -85,6 +97,8 @@ class Rollout:
     truncated_prompts: int
     reward_stats: dict[str, float] = field(default_factory=dict)
     is_weights: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
     def sequences(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         """[prompt | response] ids and attention mask for rows ``idx``: (b, P + T) each."""
@@ -93,87 +107,66 @@ class Rollout:
         return ids, att
 
 
+class Sampled(NamedTuple):
+    """What sampling gives, on the device: ``query`` / ``query_mask`` (B, P) left-padded prompts,
+    ``response`` (B, T) pad after eos, ``mask`` (B, T), ``has_eos`` (B,); P and T are the longest prompt /
+    real response on any rank."""
+
+    query: torch.Tensor
+    query_mask: torch.Tensor
+    response: torch.Tensor
+    mask: torch.Tensor
+    has_eos: torch.Tensor
+
+
 class PPORollout:
-    """Forward passes, generation, rollouts and evaluation; mixed into ``PPOTrainer``."""
+    """Makes each step's experience (steps 1-2 of the PPO loop) and evaluates; holds no state of its own
+    beyond what it was given: ``kl_ctl`` (its value is the step's beta) and ``reward_norm`` (updated with
+    each step's scores) are the trainer's, shared by reference, as is ``engine``."""
 
-    # ----------------------------------------------------------------------------- forwards
-    def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+    def __init__(self, cfg: RunConfig, models: PPOModels, prompts: list[EncodedPrompt], comm: Comm, kl_ctl: Any,
+                 reward_norm: RunningMoments, engine: RolloutEngine | None):
+        self.cfg, self.models, self.prompts, self.comm = cfg, models, prompts, comm
+        self.kl_ctl, self.reward_norm, self.engine = kl_ctl, reward_norm, engine
 
-    def policy_logits(self, model: Any, ids: torch.Tensor, att: torch.Tensor, T: int) -> torch.Tensor:
-        """(B, T, V) logits predicting the T response tokens (scaled by 1/temperature)."""
-        with self._autocast():
-            out = model(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att), use_cache=False,
-                        logits_to_keep=T + 1)
-        logits = out.logits[:, :T].float()
-        temperature = self.cfg.ppo.temperature
-        return logits if temperature == 1.0 else logits / temperature
+    # ------------------------------------------------------------------------------ step 1
+    @torch.no_grad()
+    def make_rollout(self, step: int, timings: dict[str, float]) -> Rollout:
+        """Step 1: one step's experience on this rank, without advantages; adds the seconds each part took
+        to ``timings``.
 
-    def critic_values(self, model: Any, ids: torch.Tensor, att: torch.Tensor, T: int) -> torch.Tensor:
-        """(B, T) fp32 values of the state before each response token."""
-        with self._autocast():
-            out = model(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att), use_cache=False)
-        S = ids.size(1)
-        return out.logits[:, S - T - 1:S - 1, 0].float()
+        a. Take this rank's prompts of step ``step`` and sample responses (per-episode random streams).
+        b. Score the sampled tokens: policy and reference log-probs, critic values, per-token KL.
+        c. Score the responses with the reward sources; sequence reward (normalise, clip, eos penalty).
+        """
+        # a. prompts and sampling
+        indices, positions = self.step_prompts(step)
+        prompts = [self.prompts[i] for i in indices]
+        t0 = time.perf_counter()
+        sampled, engine_logprobs = self.sample([x.ids for x in prompts], positions, step)
+        t1 = time.perf_counter()
+        # b. log-probs and values of the sampled tokens
+        ids = torch.cat([sampled.query, sampled.response], dim=1)
+        att = torch.cat([sampled.query_mask, sampled.mask], dim=1)
+        old_logp, ref_logp, old_values = self._score_sampled_tokens(ids, att, sampled.response)
+        query, query_mask, response, mask, has_eos = (x.cpu() for x in sampled)
+        t2 = time.perf_counter()
+        # c. reward
+        scores, texts = self.score_responses(prompts, response, mask, has_eos)
+        t3 = time.perf_counter()
+        reward, reward_stats = self._sequence_reward(scores, has_eos)
+        is_weights = self._engine_correction(old_logp, mask, engine_logprobs, reward_stats)
+        kl = kl_penalty(old_logp, ref_logp, self.cfg.ppo.kl_estimator)
+        timings.update(time_generate=t1 - t0, time_forward=t2 - t1, time_score=t3 - t2)
+        return Rollout(query, query_mask, response, mask, has_eos, old_logp, ref_logp, old_values, scores.total,
+                       reward, kl * mask, texts, [x.messages for x in prompts], scores.parts,
+                       sum(x.truncated for x in prompts), reward_stats=reward_stats, is_weights=is_weights)
 
-    def reference_logits(self, ids: torch.Tensor, att: torch.Tensor, T: int) -> torch.Tensor:
-        if self.ref is not None:
-            return self.policy_logits(self.ref, ids, att, T)
-        with self.actor.disable_adapter():  # LoRA: the reference is the same base, adapter off
-            return self.policy_logits(self.actor, ids, att, T)
-
-    # ----------------------------------------------------------------------- rollout engine
-    def start_rollout_engine(self) -> None:
-        """``rollout.backend: vllm``: rank 0 starts a vLLM worker on the actor's weights as they are in memory
-        (written to ``rollout_engine/start`` in the stage folder: the base weights, for a LoRA actor the
-        engine gets the adapter at each sync). Every rank learns whether it started (no rank waits forever).
-        ZeRO-3 partitions the actor's parameters over ranks, so rank 0 has no full copy to send: refused."""
-        self.rollout_engine, self.engine_stale, self.engine_sync_seconds = None, False, 0.0
-        if self.cfg.rollout.backend == "hf":
-            return
-        if self.zero_stage == 3:
-            raise ValueError("rollout.backend 'vllm' with ZeRO-3 (ppo.train.deepspeed) is not supported: the engine "
-                             "needs the full actor weights on rank 0 after each update; use ZeRO-1/2 or "
-                             "rollout.backend: hf")
-        failure: Exception | None = None
-        if self.dist.is_main:
-            from stages.rollout_backend.vllm_client import VLLMBackend, peft_lora_rank, write_policy_folder
-
-            ppo, work = self.cfg.ppo, self.run.dir / "rollout_engine"
-            try:
-                # a worker already running (base_url) loaded its model itself
-                folder = work / "start" if self.cfg.rollout.vllm.base_url else write_policy_folder(self.actor,
-                                                                                                 work / "start")
-                self.rollout_engine = VLLMBackend(
-                    self.cfg.rollout.vllm, str(folder), self.tokenizer, work,
-                    max_model_len=ppo.max_prompt_length + ppo.max_new_tokens, model_dtype=self.cfg.model.dtype,
-                    lora_rank=peft_lora_rank(self.actor))
-            except Exception as exc:  # noqa: BLE001  (sent to every rank, then raised)
-                failure = exc
-        # a worker already running (rollout.vllm.base_url) holds whatever it was started on: send the actor's
-        # weights before the first rollout (a LoRA actor's base must be the one the worker was started on)
-        self.engine_stale = self.cfg.rollout.vllm.base_url is not None
-        error = self.comm.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
-        if failure is not None:
-            raise failure
-        if error is not None:
-            from stages.rollout_backend import RolloutEngineError
-
-            raise RolloutEngineError(f"rank 0 could not start the rollout engine: {error}")
-
-    def close_rollout_engine(self) -> None:
-        """Stop the worker (rank 0) and remove the weights written for it (its log stays)."""
-        engine, self.rollout_engine = getattr(self, "rollout_engine", None), None
-        if engine is not None:
-            engine.close()
-            shutil.rmtree(self.run.dir / "rollout_engine" / "start", ignore_errors=True)
-
-    # ------------------------------------------------------------------------------ rollout
     def step_prompts(self, step: int) -> tuple[list[int], list[int]]:
         """(dataset indices, global episode positions) of this rank's episodes for PPO step ``step``:
         ``episodes_per_rollout / K`` prompts, each repeated K = ``num_samples_per_prompt`` times in a row (a
         group stays on one rank); the prompt at global position p gives episodes p*K .. p*K + K - 1."""
-        ppo, d = self.cfg.ppo, self.dist
+        ppo, d = self.cfg.ppo, self.comm.dist
         seed, k = ppo.train.seed, ppo.num_samples_per_prompt
         batch = ppo.episodes_per_rollout // k
         per_epoch = len(epoch_order(len(self.prompts), 0, seed, d.rank, d.world_size, batch))
@@ -183,110 +176,92 @@ class PPORollout:
         positions = [(d.rank + d.world_size * j) * k + s for j in range(len(prompt_indices)) for s in range(k)]
         return indices, positions
 
+    def generate(self, prompt_ids: list[list[int]], positions: list[int], stream: int) -> Sampled:
+        """:meth:`sample` without the engine's log-probs."""
+        return self.sample(prompt_ids, positions, stream)[0]
+
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], positions: list[int], stream: int) -> tuple[torch.Tensor, ...]:
-        """-> (prompt ids (B, P), prompt mask (B, P), response ids (B, T) pad after eos, response mask (B, T),
-        has_eos (B,)), on the device; P and T are the longest prompt / real response on any rank."""
-        tok = self.tokenizer
+    def sample(self, prompt_ids: list[list[int]], positions: list[int],
+               stream: int) -> tuple[Sampled, list[Any] | None]:
+        """Sample a response to each prompt (episode ``positions[i]`` of sampling stream ``stream``: the PPO
+        step, or -1 for evaluation), with the rollout engine when there is one, else HF ``generate``.
+        Responses are padded to the longest real response on any rank, so every rank's shapes agree.
+        -> (the samples, the engine's log-probs of each response: a list per row, None where it gave none;
+        None when the trainer sampled itself)."""
+        tok, device = self.models.tokenizer, self.models.device
         longest = int(self.comm.max(torch.tensor([max(len(x) for x in prompt_ids)]))[0])
         query, query_mask = left_pad(prompt_ids, tok.pad_token_id, longest)
-        query, query_mask = query.to(self.device), query_mask.to(self.device)
-        if self.cfg.rollout.backend != "hf":
-            response = right_pad(self.engine_responses(prompt_ids, positions, stream), tok.pad_token_id)[0]
-            response = response.to(self.device)
+        query, query_mask = query.to(device), query_mask.to(device)
+        engine_logprobs = None
+        if self.engine is not None:
+            rows, engine_logprobs = self.engine.responses(self.models.actor, prompt_ids, positions, stream)
+            response = right_pad(rows, tok.pad_token_id)[0].to(device)
         else:
             response = self._hf_responses(query, query_mask, positions, stream)
         if response.size(1) == 0:  # nothing generated (max_new_tokens reached at once): keep one pad
-            response = torch.full((query.size(0), 1), tok.pad_token_id, dtype=torch.long, device=self.device)
+            response = torch.full((query.size(0), 1), tok.pad_token_id, dtype=torch.long, device=device)
         mask, has_eos = response_mask(response, tok.eos_token_id)
         # identical shapes on every rank: pad to the longest real response anywhere
         length = int(self.comm.max(torch.tensor([int(mask.sum(1).max())]))[0])
         response = response[:, :length] if response.size(1) >= length else torch.cat(
             [response, torch.full((response.size(0), length - response.size(1)), tok.pad_token_id,
-                                  dtype=torch.long, device=self.device)], dim=1)
+                                  dtype=torch.long, device=device)], dim=1)
         mask, has_eos = response_mask(response, tok.eos_token_id)
         response = torch.where(mask.bool(), response, torch.full_like(response, tok.pad_token_id))
-        return query, query_mask, response, mask, has_eos
+        return Sampled(query, query_mask, response, mask, has_eos), engine_logprobs
 
     def _hf_responses(self, query: torch.Tensor, query_mask: torch.Tensor, positions: list[int],
                       stream: int) -> torch.Tensor:
         """HF ``generate`` with the per-episode sampler -> (B, T') generated ids (pad after eos)."""
-        ppo, tok = self.cfg.ppo, self.tokenizer
+        ppo, models = self.cfg.ppo, self.models
         sampler = EpisodeSampler(episode_uniforms(ppo.train.seed, stream, positions, ppo.max_new_tokens),
                                  query.size(1), ppo.temperature, ppo.top_k, ppo.top_p)
         from transformers import LogitsProcessorList
 
         # greedy over the sampler's one-hot logits, and nothing else: the checkpoint's generation_config
         # (repetition penalty, top-k/p, temperature, min length) must not reshape them (DESIGN §4)
-        gen_cfg = neutral_generation_config(tok, ppo.max_new_tokens)
+        gen_cfg = neutral_generation_config(models.tokenizer, ppo.max_new_tokens)
         kwargs = dict(input_ids=query, attention_mask=query_mask, logits_processor=LogitsProcessorList([sampler]))
-        if self.zero_stage == 3:
+        if models.zero_stage == 3:
             # ZeRO-3: the engine's hooks gather each layer's shards for every decoding forward; all ranks
             # keep stepping until every rank is done (synced_gpus), so the collectives stay matched
             kwargs["synced_gpus"] = self.comm.on
-        with self._autocast():
-            out = neutral_generate(self.actor, gen_cfg, **kwargs)
+        with models.autocast():
+            out = neutral_generate(models.actor, gen_cfg, **kwargs)
         return out[:, query.size(1):]
-
-    def engine_responses(self, prompt_ids: list[list[int]], positions: list[int], stream: int) -> list[list[int]]:
-        """The rollout engine's responses (ids up to and including eos) to this rank's prompts.
-
-        Only rank 0 talks to the engine: it gathers every rank's prompts and episode seeds, first syncs the
-        engine with the actor's weights if an update happened since the last sync, asks for all episodes in
-        one request and hands each rank its rows. Episode ``p`` of step ``stream`` samples under
-        ``episode_seed(seed, stream, p)``, so a rollout does not depend on the number of ranks. An engine
-        failure is broadcast too, so every rank raises instead of waiting for rows that never come."""
-        from stages.rollout_backend import RolloutEngineError, Sampling
-
-        ppo = self.cfg.ppo
-        seeds = [episode_seed(ppo.train.seed, stream, p) for p in positions]
-        everyone = self.comm.all_gather_objects((prompt_ids, seeds))
-        answer: dict[str, Any] = {}
-        failure: Exception | None = None
-        if self.dist.is_main:
-            try:
-                if self.engine_stale:
-                    started = time.perf_counter()
-                    self.rollout_engine.sync_weights(self.actor)
-                    self.engine_sync_seconds += time.perf_counter() - started
-                    self.engine_stale = False
-                sampling = Sampling(ppo.max_new_tokens, ppo.temperature, logprobs=True,
-                                    prompt_seeds=[s for _, rank_seeds in everyone for s in rank_seeds])
-                out = [g[0] for g in
-                       self.rollout_engine.generate([p for rank_ids, _ in everyone for p in rank_ids], sampling)]
-                sizes = [len(rank_ids) for rank_ids, _ in everyone]
-                starts = [sum(sizes[:r]) for r in range(len(sizes))]
-                answer = {"rows": [[g.token_ids for g in out[a:a + n]] for a, n in zip(starts, sizes)],
-                          "logprobs": [[g.logprobs for g in out[a:a + n]] for a, n in zip(starts, sizes)]}
-            except Exception as exc:  # noqa: BLE001  (sent to every rank, then raised)
-                failure, answer = exc, {"error": f"{type(exc).__name__}: {exc}"}
-        answer = self.comm.broadcast_object(answer)
-        if "error" in answer:
-            if failure is not None:
-                raise failure
-            raise RolloutEngineError(f"rank 0's rollout engine failed: {answer['error']}")
-        # the engine's log-probs of these rows (make_rollout logs their distance to old_logp and, with
-        # rollout.importance_sampling, turns them into per-token loss weights)
-        self.engine_logprobs = answer["logprobs"][self.dist.rank]
-        return answer["rows"][self.dist.rank]
 
     @torch.no_grad()
     def _score_sampled_tokens(self, ids: torch.Tensor, att: torch.Tensor,
                               response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (old_logp, ref_logp, old_values), each (B, T) fp32 on the CPU. No graph: chunked by a logits
         budget (~512 MB of fp32), not by micro-batch."""
+        models = self.models
         B, T = response.shape
-        vocab = int(self.actor.config.vocab_size)
+        vocab = int(models.actor.config.vocab_size)
         chunk = max(1, min(B, (1 << 27) // max(1, (T + 1) * vocab)))
         logp, ref_logp, values = [], [], []
         for s in range(0, B, chunk):
             c_ids, c_att, c_resp = ids[s:s + chunk], att[s:s + chunk], response[s:s + chunk]
-            logp.append(logprobs_from_logits(self.policy_logits(self.actor, c_ids, c_att, T), c_resp))
-            ref_logp.append(logprobs_from_logits(self.reference_logits(c_ids, c_att, T), c_resp))
-            if self.critic is not None:
-                values.append(self.critic_values(self.critic, c_ids, c_att, T))
+            logp.append(logprobs_from_logits(models.policy_logits(models.actor, c_ids, c_att, T), c_resp))
+            ref_logp.append(logprobs_from_logits(models.reference_logits(c_ids, c_att, T), c_resp))
+            if models.critic is not None:
+                values.append(models.critic_values(models.critic, c_ids, c_att, T))
         old_values = torch.cat(values).cpu() if values else torch.zeros(B, T)
         return torch.cat(logp).cpu(), torch.cat(ref_logp).cpu(), old_values
+
+    def score_responses(self, prompts: list[EncodedPrompt], response: torch.Tensor, mask: torch.Tensor,
+                        has_eos: torch.Tensor) -> tuple[Scores, list[str]]:
+        """Score this rank's responses with every reward source -> (scores, decoded texts).
+
+        ``prompts``: the prompts that were generated from; ``response`` (B, T) / ``mask`` (B, T) /
+        ``has_eos`` (B,) on the CPU, as ``generate`` returns them. The reward model is handed the prompt ids
+        the policy saw and the generated ids up to and including eos (see ``stages.ppo.rewards``).
+        """
+        rows = response_rows(response, mask)
+        texts = self.models.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        batch = Responses([x.messages for x in prompts], [list(x.ids) for x in prompts], rows,
+                          [bool(e) for e in has_eos.tolist()], texts, [x.reference for x in prompts])
+        return self.models.rewards.score(batch), texts
 
     def _sequence_reward(self, scores: Scores, has_eos: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """(B,) reward used for RL: the score normalised (running moments over all ranks) and/or clipped,
@@ -302,65 +277,37 @@ class PPORollout:
         eos_penalty = torch.where(has_eos, torch.zeros(()), torch.tensor(abs(ppo.missing_eos_penalty or 0.0)))
         stats = {"missing_eos_penalty": float(eos_penalty.mean()),
                  **{f"reward_metric/{k}": float(torch.nanmean(v)) for k, v in scores.metrics.items()}}
-        if self.rm is not None:
+        if self.models.reward_model is not None:
             stats["rm_truncated"] = float(scores.rm_truncated)
         return reward - eos_penalty, stats
 
-    @torch.no_grad()
-    def make_rollout(self, step: int, timings: dict[str, float]) -> Rollout:
-        """One step's experience on this rank.
-
-        1. Take this rank's prompts of step ``step`` and sample responses (per-episode random streams).
-        2. Score the sampled tokens: policy and reference log-probs, critic values.
-        3. Score the responses with the reward sources; sequence reward (normalise, clip, eos penalty).
-        4. Advantages (``advantages``): GAE on per-token rewards, or a critic-free estimator.
-        """
-        ppo = self.cfg.ppo
-        # 1. prompts and sampling
-        indices, positions = self.step_prompts(step)
-        prompts = [self.prompts[i] for i in indices]
-        t0 = time.perf_counter()
-        query, query_mask, response, mask, has_eos = self.generate([x.ids for x in prompts], positions, step)
-        t1 = time.perf_counter()
-        # 2. log-probs and values of the sampled tokens
-        ids, att = torch.cat([query, response], dim=1), torch.cat([query_mask, mask], dim=1)
-        old_logp, ref_logp, old_values = self._score_sampled_tokens(ids, att, response)
-        query, query_mask, response, mask, has_eos = (x.cpu() for x in (query, query_mask, response, mask, has_eos))
-        t2 = time.perf_counter()
-        # 3. reward
-        scores, texts = self.score_responses(prompts, response, mask, has_eos)
-        t3 = time.perf_counter()
-        reward, reward_stats = self._sequence_reward(scores, has_eos)
-        is_weights = self._engine_correction(old_logp, mask, reward_stats)
-        # 4. advantages, returns
-        kl = kl_penalty(old_logp, ref_logp, ppo.kl_estimator)
-        advantages, returns = self.advantages(reward, kl, old_values, mask)
-        timings.update(time_generate=t1 - t0, time_forward=t2 - t1, time_score=t3 - t2)
-        return Rollout(query, query_mask, response, mask, has_eos, old_logp, ref_logp, old_values, advantages,
-                       returns, scores.total, reward, kl * mask, texts, [x.messages for x in prompts], scores.parts,
-                       sum(x.truncated for x in prompts), reward_stats=reward_stats, is_weights=is_weights)
-
-    def _engine_correction(self, old_logp: torch.Tensor, mask: torch.Tensor,
+    def _engine_correction(self, old_logp: torch.Tensor, mask: torch.Tensor, engine_logprobs: list[Any] | None,
                            stats: dict[str, float]) -> torch.Tensor | None:
         """With a rollout engine: log how far its log-probs are from ``old_logp`` (B, T), and return the
         truncated importance weights (B, T) that move each token's policy loss from the engine's sampling
         distribution to the trainer's (``rollout.importance_sampling``), else None. Adds the statistics to
         ``stats``."""
         rollout = self.cfg.rollout
-        if rollout.backend == "hf":
+        if engine_logprobs is None:  # the trainer sampled itself
             return None
-        if any(x is None for x in self.engine_logprobs):
+        if any(x is None for x in engine_logprobs):
             if rollout.uses_importance_sampling:
                 raise ValueError("the rollout engine returned no log-probs for some responses; "
                                  "rollout.importance_sampling needs them (set it to false to train without)")
             return None
-        stats["rollout_engine_logp_diff"] = engine_logp_diff(self.engine_logprobs, old_logp, mask)
+        stats["rollout_engine_logp_diff"] = engine_logp_diff(engine_logprobs, old_logp, mask)
         if not rollout.uses_importance_sampling:
             return None
-        engine_logp = engine_logp_tensor(self.engine_logprobs, old_logp)
+        engine_logp = engine_logp_tensor(engine_logprobs, old_logp)
         weights, is_stats = truncated_importance_weights(old_logp, engine_logp, mask, rollout.importance_sampling_cap)
         stats.update({f"rollout_{key}": float(value) for key, value in is_stats.items()})
         return weights
+
+    # ------------------------------------------------------------------------------ step 2
+    def add_advantages(self, rollout: Rollout) -> None:
+        """Step 2: ``rollout.advantages`` and ``rollout.returns`` from its rewards, KL, values and mask."""
+        rollout.advantages, rollout.returns = self.advantages(rollout.reward, rollout.kl, rollout.old_values,
+                                                              rollout.response_mask)
 
     def advantages(self, reward: torch.Tensor, kl: torch.Tensor, old_values: torch.Tensor,
                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,28 +338,15 @@ class PPORollout:
             task_advantages = rloo_advantages(reward, mask, k)
         return task_advantages + kl_return(kl, mask, beta, ppo.gamma), returns
 
-    def score_responses(self, prompts: list[Any], response: torch.Tensor, mask: torch.Tensor,
-                        has_eos: torch.Tensor) -> tuple[Scores, list[str]]:
-        """Score this rank's responses with every reward source -> (scores, decoded texts).
-
-        ``prompts``: the EncodedPrompts that were generated from; ``response`` (B, T) / ``mask`` (B, T) /
-        ``has_eos`` (B,) on the CPU, as ``generate`` returns them. The reward model is handed the prompt ids
-        the policy saw and the generated ids up to and including eos (see ``stages.ppo.rewards``).
-        """
-        rows = response_rows(response, mask)
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        batch = Responses([x.messages for x in prompts], [list(x.ids) for x in prompts], rows,
-                          [bool(e) for e in has_eos.tolist()], texts, [x.reference for x in prompts])
-        return self.rewards.score(batch), texts
-
     # ------------------------------------------------------------------------------- eval
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean reward-source score on the held-out prompts (fixed sampling streams: comparable over time)."""
-        if not self.eval_prompts:
+    def evaluate(self, prompts: list[EncodedPrompt]) -> dict[str, float]:
+        """Mean reward-source score on held-out ``prompts`` (fixed sampling streams: comparable over time);
+        {} without prompts."""
+        if not prompts:
             return {}
-        d, batch = self.dist, self.cfg.ppo.episodes_per_rollout
-        n = len(self.eval_prompts)
+        d, batch = self.comm.dist, self.cfg.ppo.episodes_per_rollout
+        n = len(prompts)
         mine = list(range(d.rank, n, d.world_size))
         per_rank = math.ceil(n / d.world_size)
         mine += [-1] * (per_rank - len(mine))  # equal work on every rank; -1 rows are not counted
@@ -420,11 +354,10 @@ class PPORollout:
         for s in range(0, per_rank, batch):
             chunk = mine[s:s + batch]
             real = torch.tensor([i >= 0 for i in chunk])
-            prompts = [self.eval_prompts[max(i, 0)] for i in chunk]
-            _, _, response, mask, has_eos = self.generate([x.ids for x in prompts], [max(i, 0) for i in chunk],
-                                                          stream=-1)
-            response, mask, has_eos = response.cpu(), mask.cpu(), has_eos.cpu()
-            score = self.score_responses(prompts, response, mask, has_eos)[0].total
+            chunk_prompts = [prompts[max(i, 0)] for i in chunk]
+            sampled = self.generate([x.ids for x in chunk_prompts], [max(i, 0) for i in chunk], stream=-1)
+            response, mask, has_eos = sampled.response.cpu(), sampled.mask.cpu(), sampled.has_eos.cpu()
+            score = self.score_responses(chunk_prompts, response, mask, has_eos)[0].total
             totals += torch.stack([score[real].sum().double(), mask.sum(1)[real].sum().double(),
                                    has_eos[real].sum().double(), real.sum().double()])
         totals = self.comm.sum(totals)

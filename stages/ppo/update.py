@@ -1,5 +1,7 @@
-"""The PPO update (``PPOUpdate``, a part of ``PPOTrainer``): ``ppo_epochs`` passes over a ``Rollout`` in
-minibatches, each split into micro-batches.
+"""The PPO update: step 3 of the trainer's loop (``stages.ppo.trainer``). ``PPOUpdate.update(rollout, step)``
+runs ``ppo_epochs`` passes over a ``Rollout`` in minibatches, each split into micro-batches, and returns the
+step's statistics; ``PPOUpdate`` is built once per run from what it reads (config, models, sizes, the
+process group, the PTX stream, the actor's EMA or None, the folder a bad batch is saved to).
 
 A micro-step (``_micro_step``) computes the clipped value loss and (after the critic warm-up) the clipped
 policy loss (+ the KL loss with ``kl_in_loss``), each weighted by the micro-batch's share of the global
@@ -17,10 +19,11 @@ from __future__ import annotations
 from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from pipeline.config import RunConfig
 from stages.batching import pad_collate, target_tokens
 from stages.ppo.core import (
     clipped_policy_loss,
@@ -30,79 +33,146 @@ from stages.ppo.core import (
     logprobs_from_logits,
     masked_mean,
 )
+from stages.ppo.distributed import Comm
 from stages.ppo.experience import Rollout
+from stages.ppo.models import Optimisation, PPOModels
 from stages.training import loss_weight, step_without_update
 
+if TYPE_CHECKING:
+    from pipeline.config import PPOSizes
+
 Stats = dict[str, torch.Tensor]
+#: one micro-step's PTX batch (``input_ids``, ``attention_mask``, ``labels`` on the device) and its loss weight
+PTXBatch = tuple[dict[str, torch.Tensor], float]
+
+
+class MicroStepContext(NamedTuple):
+    """Where a micro-step is in the update: PPO ``step`` and ``epoch`` (named in the error of a non-finite
+    loss), ``train_actor`` (false during the critic warm-up), ``kl_coef`` (beta of the KL loss with
+    ``kl_in_loss``: the step's KL controller value)."""
+
+    step: int
+    epoch: int
+    train_actor: bool
+    kl_coef: float
+
+
+class PTXStream:
+    """The SFT rows mixed into the actor's loss (``ppo.ptx_coef``), read in order; ``position`` (micro-batches
+    read so far on each rank) is saved in checkpoints."""
+
+    def __init__(self, rows: list[dict[str, Any]], pad_token_id: int, sizes: PPOSizes, comm: Comm,
+                 device: torch.device):
+        self.rows, self.pad_token_id, self.sizes, self.comm, self.device = rows, pad_token_id, sizes, comm, device
+        self.position = 0
+
+    def _batch(self) -> dict[str, torch.Tensor]:
+        n, micro, dist = len(self.rows), self.sizes.micro_batch, self.comm.dist
+        start = (self.position * dist.world_size + dist.rank) * micro
+        rows = [self.rows[(start + i) % n] for i in range(micro)]
+        self.position += 1
+        return {k: v.to(self.device) for k, v in pad_collate(self.pad_token_id)(rows).items()}
+
+    def minibatch(self) -> deque[PTXBatch]:
+        """A minibatch's PTX batches (one per micro-step), each with its weight: the PTX loss is the mean over
+        every target token of the minibatch's PTX batches on all ranks (collective), not a mean of means."""
+        accum, world = self.sizes.grad_accum, self.comm.dist.world_size
+        batches = [self._batch() for _ in range(accum)]
+        counts = [float(target_tokens(b)) for b in batches]
+        total = float(self.comm.sum(torch.tensor([sum(counts)], dtype=torch.float64))[0])
+        return deque((b, loss_weight(n, total, world, accum)) for b, n in zip(batches, counts))
+
+
+class ActorEMA:
+    """An exponential moving average (fp32) of the actor's trainable weights (``ppo.ema_decay``): updated
+    after each actor optimiser step, saved in checkpoints, and saved as the policy at the end."""
+
+    def __init__(self, actor: Any, decay: float):
+        self.decay = decay
+        self.weights = {n: q.detach().float().clone() for n, q in actor.named_parameters() if q.requires_grad}
+
+    @torch.no_grad()
+    def update(self, actor: Any) -> None:
+        for name, param in actor.named_parameters():
+            if name in self.weights:
+                self.weights[name].mul_(self.decay).add_(param.detach().float(), alpha=1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_into(self, actor: Any) -> None:
+        named = dict(actor.named_parameters())
+        for name, value in self.weights.items():
+            named[name].copy_(value.to(named[name].dtype))
 
 
 class PPOUpdate:
-    """Minibatch loop, micro-steps, optimiser steps, EMA and PTX; mixed into ``PPOTrainer``."""
+    """Minibatch loop, micro-steps, optimiser steps, EMA and PTX."""
 
-    def update(self, rollout: Rollout) -> dict[str, float]:
-        """PPO epochs over the rollout; returns this rank's mean statistics (plus ``ratio_max`` over all
-        ranks and ``skipped_minibatches``)."""
-        ppo, sizes = self.cfg.ppo, self.sizes
-        train_actor = self.step >= ppo.critic_warmup_steps
+    def __init__(self, cfg: RunConfig, models: PPOModels, sizes: PPOSizes, comm: Comm, ptx: PTXStream,
+                 ema: ActorEMA | None, bad_batch_dir: Path):
+        self.cfg, self.models, self.sizes, self.comm = cfg, models, sizes, comm
+        self.ptx, self.ema, self.bad_batch_dir = ptx, ema, bad_batch_dir
+
+    def update(self, rollout: Rollout, step: int, kl_coef: float) -> dict[str, float]:
+        """PPO epochs over the rollout of PPO step ``step`` (``kl_coef``: its KL coefficient); returns this
+        rank's mean statistics (plus ``ratio_max`` over all ranks and ``skipped_minibatches``)."""
+        ppo, sizes, models = self.cfg.ppo, self.sizes, self.models
+        train_actor = step >= ppo.critic_warmup_steps
         sums: Stats = {}
         n_micro, ratio_max, skipped = 0, 0.0, 0
         for epoch in range(ppo.ppo_epochs):
-            for minibatch, n_tokens in self._minibatches(rollout, epoch):
+            context = MicroStepContext(step, epoch, train_actor, kl_coef)
+            for minibatch, n_tokens in self._minibatches(rollout, step, epoch):
                 mb_skipped = 0
-                ptx = self._ptx_minibatch() if train_actor and ppo.ptx_coef > 0 else None
+                ptx = self.ptx.minibatch() if train_actor and ppo.ptx_coef > 0 else None
                 for idx in minibatch.view(sizes.grad_accum, sizes.micro_batch):
                     stats, micro_ratio_max, was_skipped = self._micro_step(
-                        rollout, idx, n_tokens, train_actor, epoch, skipped_before=mb_skipped,
+                        rollout, idx, n_tokens, context, skipped_before=mb_skipped,
                         ptx=ptx.popleft() if ptx else None)
                     ratio_max = max(ratio_max, micro_ratio_max)
                     mb_skipped += was_skipped
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
                     n_micro += 1
-                if self.critic is not None:
-                    self._optimizer_step(self.critic_engine, self.critic_params, self.critic_opt, self.critic_sched,
-                                         False)
+                if models.critic is not None:
+                    self._optimizer_step(models.critic_optim, skip=False)
                 if train_actor:
-                    self._optimizer_step(self.actor_engine, self.actor_params, self.actor_opt, self.actor_sched,
-                                         skip=mb_skipped == sizes.grad_accum)
+                    self._optimizer_step(models.actor_optim, skip=mb_skipped == sizes.grad_accum)
                     skipped += bool(mb_skipped)
                     if self.ema is not None and mb_skipped < sizes.grad_accum:
-                        self._ema_update()
+                        self.ema.update(models.actor)
         out = {k: float(v) / max(n_micro, 1) for k, v in sums.items()}  # the one conversion, for the log row
         out["ratio_max"] = ratio_max
         out["skipped_minibatches"] = float(skipped)
         return out
 
-    def _minibatches(self, rollout: Rollout, epoch: int) -> list[tuple[torch.Tensor, float]]:
+    def _minibatches(self, rollout: Rollout, step: int, epoch: int) -> list[tuple[torch.Tensor, float]]:
         """This epoch's minibatches (index tensors of ``mini_batch_size`` rows, a seeded permutation) with
         the global number of response tokens in each (each micro-batch's loss is weighted by its share)."""
         ppo, sizes = self.cfg.ppo, self.sizes
-        g = torch.Generator().manual_seed(ppo.train.seed * 1_000_003 + self.step * 1_009 + epoch)
+        g = torch.Generator().manual_seed(ppo.train.seed * 1_000_003 + step * 1_009 + epoch)
         order = torch.randperm(ppo.episodes_per_rollout, generator=g)
         minibatches = order.view(sizes.n_minibatches, sizes.mini_batch)
         counts = self.comm.sum(torch.stack([rollout.response_mask[mb].sum() for mb in minibatches]).double())
         return list(zip(minibatches, counts.tolist()))
 
-    def _losses(self, rollout: Rollout, idx: torch.Tensor, weight: float, train_actor: bool,
-                ptx: tuple[dict[str, torch.Tensor], float] | None = None,
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None, Stats]:
+    def _losses(self, rollout: Rollout, idx: torch.Tensor, weight: float, context: MicroStepContext,
+                ptx: PTXBatch | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, Stats]:
         """-> (weighted value loss x vf_coef, or None without a critic; weighted policy loss, or None during the
-        critic warm-up; stats). ``ptx``: this micro-step's PTX batch and its weight (``_ptx_minibatch``)."""
-        ppo, T, dev = self.cfg.ppo, rollout.response_ids.size(1), self.device
+        critic warm-up; stats). ``ptx``: this micro-step's PTX batch and its weight (``PTXStream.minibatch``)."""
+        ppo, models, T, dev = self.cfg.ppo, self.models, rollout.response_ids.size(1), self.models.device
         ids, att = (x.to(dev) for x in rollout.sequences(idx))
         mask = rollout.response_mask[idx].to(dev)
         stats: Stats = {}
         vf_loss = None
-        if self.critic is not None:
-            values = self.critic_values(self.critic_engine or self.critic, ids, att, T)
+        if models.critic is not None:
+            values = models.critic_values(models.critic_forward, ids, att, T)
             vf_loss, vf_stats = clipped_value_loss(values, rollout.old_values[idx].to(dev),
                                                    rollout.returns[idx].to(dev), mask, ppo.cliprange_value)
             stats = {"value_loss": vf_loss.detach().double(), "vf_clipfrac": vf_stats["vf_clipfrac"].double()}
             vf_loss = ppo.vf_coef * vf_loss * weight
-        if not train_actor:
+        if not context.train_actor:
             return vf_loss, None, stats
-        actor_fw = self.actor_engine or self.actor
-        logits = self.policy_logits(actor_fw, ids, att, T)
+        logits = models.policy_logits(models.actor_forward, ids, att, T)
         logp = logprobs_from_logits(logits, rollout.response_ids[idx].to(dev))
         is_weights = None if rollout.is_weights is None else rollout.is_weights[idx].to(dev)  # engine correction
         pg_loss, pg_stats = clipped_policy_loss(logp, rollout.old_logp[idx].to(dev), rollout.advantages[idx].to(dev),
@@ -114,33 +184,33 @@ class PPOUpdate:
         if ppo.kl_in_loss:
             kl_term = masked_mean(kl_penalty(logp, rollout.ref_logp[idx].to(dev), ppo.kl_estimator), mask)
             stats["kl_loss"] = kl_term.detach().double()
-            pg_loss = pg_loss + self.kl_ctl.value * kl_term
+            pg_loss = pg_loss + context.kl_coef * kl_term
         pg_loss = pg_loss * weight
         if ptx is not None:
             ptx_batch, ptx_weight = ptx
-            with self._autocast():
-                ptx_loss = actor_fw(**ptx_batch, use_cache=False).loss.float()
+            with models.autocast():
+                ptx_loss = models.actor_forward(**ptx_batch, use_cache=False).loss.float()
             stats["ptx_loss"] = ptx_loss.detach().double()
             pg_loss = pg_loss + ppo.ptx_coef * ptx_loss * ptx_weight
         return vf_loss, pg_loss, stats
 
-    def _micro_step(self, rollout: Rollout, idx: torch.Tensor, n_tokens: float, train_actor: bool,
-                    epoch: int, skipped_before: int = 0,
-                    ptx: tuple[dict[str, torch.Tensor], float] | None = None) -> tuple[Stats, float, bool]:
+    def _micro_step(self, rollout: Rollout, idx: torch.Tensor, n_tokens: float, context: MicroStepContext,
+                    skipped_before: int = 0, ptx: PTXBatch | None = None) -> tuple[Stats, float, bool]:
         """Losses and backward passes of one micro-batch -> (stats as tensors, max ratio over ranks, skipped).
         ``skipped_before``: micro-batches of this minibatch skipped so far; ``ptx``: see ``_losses``."""
-        world, accum = self.dist.world_size, self.sizes.grad_accum
+        world, accum = self.comm.dist.world_size, self.sizes.grad_accum
+        actor_engine, critic_engine = self.models.actor_optim.engine, self._critic_engine
         weight = loss_weight(float(rollout.response_mask[idx].sum()), n_tokens, world, accum)
-        vf_total, pg_loss, stats = self._losses(rollout, idx, weight, train_actor, ptx)
+        vf_total, pg_loss, stats = self._losses(rollout, idx, weight, context, ptx)
         # NaN / inf: stop with the batch saved (sync point: every rank agrees before anyone raises)
         finite = torch.tensor([(1.0 if vf_total is None else float(torch.isfinite(vf_total))) * (
             1.0 if pg_loss is None else float(torch.isfinite(pg_loss)))])
         if float(self.comm.sum(finite)[0]) < world:
-            self._raise_non_finite(rollout, idx, stats, epoch)
+            self._raise_non_finite(rollout, idx, stats, context)
         if vf_total is not None:
-            self._backward(self.critic_engine, vf_total)
-            if self.critic_engine is not None:
-                self.critic_engine.step()
+            self._backward(critic_engine, vf_total)
+            if critic_engine is not None:
+                critic_engine.step()
         if pg_loss is None:
             return stats, 0.0, False
         # sync point: the largest ratio on any rank decides whether this micro-batch's policy gradient counts
@@ -148,42 +218,21 @@ class PPOUpdate:
         skipped = ratio_max > self.cfg.ppo.ratio_skip_threshold
         if skipped:
             pg_loss = pg_loss * 0.0  # keeps DeepSpeed's accumulation bookkeeping intact
-            if self.actor_engine is None:
+            if actor_engine is None:
                 pg_loss = None
         if pg_loss is not None:
-            self._backward(self.actor_engine, pg_loss)
-        if self.actor_engine is not None:
+            self._backward(actor_engine, pg_loss)
+        if actor_engine is not None:
             # the boundary of a minibatch skipped whole: DeepSpeed's step would still move the weights (Adam's
             # momentum, weight decay) and the schedule; like the plain path's skip, it must move nothing
             skipped_whole = skipped and skipped_before == accum - 1
-            with step_without_update(self.actor_engine) if skipped_whole else nullcontext():
-                self.actor_engine.step()
+            with step_without_update(actor_engine) if skipped_whole else nullcontext():
+                actor_engine.step()
         return stats, ratio_max, skipped
 
-    def _raise_non_finite(self, rollout: Rollout, idx: torch.Tensor, stats: Stats, epoch: int) -> None:
-        losses = {k: float(v) for k, v in stats.items() if k in ("policy_loss", "value_loss")}
-        path = self._save_bad_batch(rollout, idx, losses)
-        raise FloatingPointError(
-            f"ppo: non-finite loss at step {self.step} (epoch {epoch}); policy_loss={losses.get('policy_loss')}, "
-            f"value_loss={losses.get('value_loss')}. The micro-batch is saved to {path} (load with torch.load). "
-            "Lower ppo.train.learning_rate, check the reward scale (ppo.normalize_reward / reward_clip) or use "
-            "bf16/fp32 (never fp16).")
-
-    def _ptx_batch(self) -> dict[str, torch.Tensor]:
-        n, micro = len(self.ptx_rows), self.sizes.micro_batch
-        start = (self.ptx_pos * self.dist.world_size + self.dist.rank) * micro
-        rows = [self.ptx_rows[(start + i) % n] for i in range(micro)]
-        self.ptx_pos += 1
-        return {k: v.to(self.device) for k, v in pad_collate(self.tokenizer.pad_token_id)(rows).items()}
-
-    def _ptx_minibatch(self) -> deque[tuple[dict[str, torch.Tensor], float]]:
-        """A minibatch's PTX batches (one per micro-step), each with its weight: the PTX loss is the mean over
-        every target token of the minibatch's PTX batches on all ranks (collective), not a mean of means."""
-        batches = [self._ptx_batch() for _ in range(self.sizes.grad_accum)]
-        counts = [float(target_tokens(b)) for b in batches]
-        total = float(self.comm.sum(torch.tensor([sum(counts)], dtype=torch.float64))[0])
-        return deque((b, loss_weight(n, total, self.dist.world_size, self.sizes.grad_accum))
-                     for b, n in zip(batches, counts))
+    @property
+    def _critic_engine(self) -> Any | None:
+        return self.models.critic_optim.engine if self.models.critic_optim is not None else None
 
     def _backward(self, engine: Any, loss: torch.Tensor) -> None:
         if engine is not None:
@@ -191,29 +240,34 @@ class PPOUpdate:
         else:
             (loss / self.sizes.grad_accum).backward()
 
-    def _optimizer_step(self, engine: Any, params: list[torch.nn.Parameter], opt: Any, sched: Any, skip: bool) -> None:
-        if engine is not None:
+    def _optimizer_step(self, optim: Optimisation, skip: bool) -> None:
+        if optim.engine is not None:
             return  # DeepSpeed steps inside engine.step() at its accumulation boundary
         if skip:
-            opt.zero_grad(set_to_none=True)
+            optim.optimizer.zero_grad(set_to_none=True)
             return
-        if self.cfg.ppo.train.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.ppo.train.max_grad_norm, foreach=True)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        max_grad_norm = self.cfg.ppo.train.max_grad_norm
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(optim.params, max_grad_norm, foreach=True)
+        optim.optimizer.step()
+        optim.scheduler.step()
+        optim.optimizer.zero_grad(set_to_none=True)
 
-    @torch.no_grad()
-    def _ema_update(self) -> None:
-        decay = self.cfg.ppo.ema_decay
-        for name, param in self.actor.named_parameters():
-            if name in self.ema:
-                self.ema[name].mul_(decay).add_(param.detach().float(), alpha=1.0 - decay)
+    def _raise_non_finite(self, rollout: Rollout, idx: torch.Tensor, stats: Stats,
+                          context: MicroStepContext) -> None:
+        step, epoch = context.step, context.epoch
+        losses = {k: float(v) for k, v in stats.items() if k in ("policy_loss", "value_loss")}
+        path = self._save_bad_batch(rollout, idx, losses, step)
+        raise FloatingPointError(
+            f"ppo: non-finite loss at step {step} (epoch {epoch}); policy_loss={losses.get('policy_loss')}, "
+            f"value_loss={losses.get('value_loss')}. The micro-batch is saved to {path} (load with torch.load). "
+            "Lower ppo.train.learning_rate, check the reward scale (ppo.normalize_reward / reward_clip) or use "
+            "bf16/fp32 (never fp16).")
 
-    def _save_bad_batch(self, rollout: Rollout, idx: torch.Tensor, losses: dict[str, float]) -> Path:
-        path = self.run.dir / f"nan_batch_step{self.step}_rank{self.dist.rank}.pt"
+    def _save_bad_batch(self, rollout: Rollout, idx: torch.Tensor, losses: dict[str, float], step: int) -> Path:
+        path = self.bad_batch_dir / f"nan_batch_step{step}_rank{self.comm.dist.rank}.pt"
         ids, att = rollout.sequences(idx)
-        torch.save({"step": self.step, "losses": losses, "input_ids": ids, "attention_mask": att,
+        torch.save({"step": step, "losses": losses, "input_ids": ids, "attention_mask": att,
                     "response": rollout.response_ids[idx], "mask": rollout.response_mask[idx],
                     "old_logp": rollout.old_logp[idx], "ref_logp": rollout.ref_logp[idx],
                     "values": rollout.old_values[idx], "advantages": rollout.advantages[idx],
