@@ -43,15 +43,13 @@ Target: within 25% for SFT and RM, within 40% for PPO.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import re
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.config import RunConfig, TuningConfig, resolve_path
-from pipeline.paths import output_path
+from pipeline.config import RunConfig, TuningConfig
+from pipeline.model_dims import ModelDims, model_dims, trainable_params  # noqa: F401  (re-exported for callers)
+from pipeline.registry import spec_of
 
 GIB = 1024**3
 
@@ -62,299 +60,8 @@ GIB = 1024**3
 _ACT_HIDDEN_FACTOR = 8
 _ACT_INTERMEDIATE_FACTOR = 4
 
-# Well-known hub models, so a planner run needs neither the network nor a gated-model token.
-# Values are those of each model's config.json.
-_KNOWN_MODELS: list[tuple[str, dict[str, Any]]] = [
-    (r"llama-?3(\.\d)?-8b", dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
-                                 vocab_size=128256, num_attention_heads=32, num_key_value_heads=8,
-                                 tie_word_embeddings=False)),
-    (r"llama-?3(\.\d)?-70b", dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672,
-                                  vocab_size=128256, num_attention_heads=64, num_key_value_heads=8,
-                                  tie_word_embeddings=False)),
-    (r"llama-?3\.2-1b", dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, vocab_size=128256,
-                             num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                             tie_word_embeddings=True)),
-    (r"llama-?3\.2-3b", dict(hidden_size=3072, num_hidden_layers=28, intermediate_size=8192, vocab_size=128256,
-                             num_attention_heads=24, num_key_value_heads=8, head_dim=128,
-                             tie_word_embeddings=True)),
-    (r"llama-2-7b", dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, vocab_size=32000,
-                         num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)),
-    (r"llama-2-13b", dict(hidden_size=5120, num_hidden_layers=40, intermediate_size=13824, vocab_size=32000,
-                          num_attention_heads=40, num_key_value_heads=40, tie_word_embeddings=False)),
-    (r"llama-2-70b", dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, vocab_size=32000,
-                          num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)),
-    (r"mistral-7b", dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, vocab_size=32000,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)),
-]
-
-# Linear projections of a Llama-style layer by their usual module names: (in_features, out_features)
-# as functions of the model dims. Aliases cover Mistral/Qwen/Gemma, which use the same names.
-_LINEAR_SHAPES: dict[str, Callable[["ModelDims"], tuple[int, int]]] = {
-    "q_proj": lambda d: (d.hidden, d.heads * d.head_dim),
-    "k_proj": lambda d: (d.hidden, d.kv_heads * d.head_dim),
-    "v_proj": lambda d: (d.hidden, d.kv_heads * d.head_dim),
-    "o_proj": lambda d: (d.heads * d.head_dim, d.hidden),
-    "gate_proj": lambda d: (d.hidden, d.intermediate),
-    "up_proj": lambda d: (d.hidden, d.intermediate),
-    "down_proj": lambda d: (d.intermediate, d.hidden),
-}
-
-
 class MemoryPlanError(RuntimeError):
     """The plan does not fit the device; the message lists the changes that would fit."""
-
-
-# ---------------------------------------------------------------------------------------- model dims
-@dataclasses.dataclass(frozen=True)
-class ModelDims:
-    """The architecture numbers the planner needs (Llama-style decoder)."""
-
-    hidden: int
-    layers: int
-    intermediate: int
-    vocab: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tie_embeddings: bool = False
-    experts: int = 1  # MoE: MLP copies per layer (router weights added separately)
-    source: str = "config"
-
-    @classmethod
-    def from_config_dict(cls, config: dict[str, Any], source: str) -> "ModelDims":
-        """From a transformers config dict (also multimodal ones with a ``text_config``)."""
-        if "text_config" in config and isinstance(config["text_config"], dict) and "hidden_size" not in config:
-            config = {**config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", False)}
-
-        def first(*names: str, default: Any = None) -> Any:
-            for name in names:
-                if config.get(name) is not None:
-                    return config[name]
-            if default is None:
-                raise ValueError(f"model config ({source}) has none of {names}; pass param_count instead")
-            return default
-
-        hidden = int(first("hidden_size", "n_embd", "d_model"))
-        heads = int(first("num_attention_heads", "n_head", "num_heads"))
-        return cls(
-            hidden=hidden,
-            layers=int(first("num_hidden_layers", "n_layer", "num_layers")),
-            intermediate=int(first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
-            vocab=int(first("vocab_size")),
-            heads=heads,
-            kv_heads=int(first("num_key_value_heads", "num_kv_heads", default=heads)),
-            head_dim=int(first("head_dim", default=hidden // heads)),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            experts=int(first("num_local_experts", "num_experts", "n_routed_experts", default=1)),
-            source=source,
-        )
-
-    @classmethod
-    def from_param_count(cls, param_count: int) -> "ModelDims":
-        """Plausible Llama-like dims for a bare parameter count (used when no config is readable).
-
-        Assumes head_dim 128, layers ~ hidden / 128, intermediate 3.5 x hidden, vocab 32000, so that
-        12-ish x layers x hidden^2 + embeddings matches the count; only KV cache, activations and LoRA
-        sizes depend on this guess, never the weight/gradient/optimizer bytes.
-        """
-        vocab = 32000
-        hidden = 128
-        while True:  # grow until the model built from these dims reaches the count
-            layers = max(1, hidden // 128)
-            dims = cls(hidden, layers, int(3.5 * hidden), vocab, hidden // 128, hidden // 128, 128,
-                       source=f"guessed from param_count={param_count:,}")
-            if dims.causal_lm_params() >= param_count or hidden > 65536:
-                return dims
-            hidden += 128
-
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer (no biases: Llama/Mistral have none)."""
-        attn = sum(math.prod(_LINEAR_SHAPES[n](self)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        mlp = 3 * self.hidden * self.intermediate * self.experts
-        router = self.hidden * self.experts if self.experts > 1 else 0
-        return attn + mlp + router + 2 * self.hidden  # two RMSNorm weights
-
-    def causal_lm_params(self) -> int:
-        """Embeddings + layers + final norm + LM head (shared with embeddings when tied)."""
-        embed = self.vocab * self.hidden
-        head = 0 if self.tie_embeddings else self.vocab * self.hidden
-        return embed + self.layers * self.layer_params() + self.hidden + head
-
-    def seq_cls_params(self, num_labels: int = 1) -> int:
-        """A reward model / critic: the LM head replaced by a ``hidden -> num_labels`` score head."""
-        head = 0 if self.tie_embeddings else self.vocab * self.hidden
-        return self.causal_lm_params() - head + self.hidden * num_labels
-
-
-def _config_dict_from_folder(folder: Path) -> dict[str, Any] | None:
-    """A folder's config through AutoConfig (class defaults filled in), else its raw config.json."""
-    if not (folder / "config.json").exists():
-        return None
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(str(folder)).to_dict()
-    except Exception:  # custom architectures without trust_remote_code: the raw JSON has the numbers
-        return json.loads((folder / "config.json").read_text())
-
-
-def _known_model(name: str) -> dict[str, Any] | None:
-    lowered = name.lower()
-    for pattern, dims in _KNOWN_MODELS:
-        if re.search(pattern, lowered):
-            return dims
-    return None
-
-
-def model_dims(cfg: RunConfig, param_count: int | None = None) -> ModelDims:
-    """Dims of the run's base model, without downloading weights.
-
-    tiny: ``cfg.model.tiny``; local: the folder's config; hub: the local HF cache, then a table of
-    well-known models, then the hub itself (unless HF_HUB_OFFLINE); gguf: the cached converted
-    folder. Where none is available, ``param_count`` gives guessed dims; without it, an error.
-    """
-    model = cfg.model
-    if model.source == "tiny":
-        t = model.tiny
-        return ModelDims(t.hidden_size, t.num_layers, t.intermediate_size, t.vocab_size, t.num_heads,
-                         t.num_kv_heads, t.hidden_size // t.num_heads, tie_embeddings=False, source="model.tiny")
-    config: dict[str, Any] | None = None
-    where = model.source
-    if model.source == "local":
-        config = _config_dict_from_folder(resolve_path(model.path))
-        where = f"local folder {model.path}"
-    elif model.source == "gguf":
-        from pipeline.models import _cache_key  # the converted folder's name (models.prepare_base)
-
-        folder = output_path(model.cache_dir) / f"gguf-{_cache_key(model)}"
-        config = _config_dict_from_folder(folder) if (folder / "READY").exists() else None
-        where = f"converted GGUF cache {folder}"
-        if config is None:  # not converted yet: the GGUF header has the numbers
-            config = _gguf_header_config(model)
-            where = f"GGUF header of {model.gguf_file}"
-    elif model.source == "hub":
-        where = f"hub model {model.path}"
-        config = _hub_config(model.path, model.revision, model.trust_remote_code)
-    if config is not None:
-        dims = ModelDims.from_config_dict(config, where)
-        if param_count is None:
-            return dims
-        return dataclasses.replace(dims, source=f"{where}; param_count={param_count:,} given")
-    if param_count is not None:
-        return ModelDims.from_param_count(param_count)
-    raise ValueError(
-        f"cannot read the model config of {where} (not cached, not a well-known model, offline); "
-        "pass param_count= to the planner, or point model.path at a folder with its config.json"
-    )
-
-
-def _gguf_header_config(model: Any) -> dict[str, Any] | None:
-    """Architecture numbers from a GGUF file's metadata (reads the header, not the tensors)."""
-    try:
-        import gguf
-
-        from pipeline.models import gguf_folder
-
-        file = gguf_folder(model) / model.gguf_file
-        if not file.exists():
-            return None
-        reader = gguf.GGUFReader(str(file))
-    except Exception:  # package missing, file unreadable: the caller asks for param_count
-        return None
-
-    def value(key: str) -> Any:
-        field = reader.fields.get(key)
-        return None if field is None else field.contents()
-
-    arch = value("general.architecture")
-    if not arch or value(f"{arch}.embedding_length") is None:
-        return None
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    return {
-        "hidden_size": value(f"{arch}.embedding_length"),
-        "num_hidden_layers": value(f"{arch}.block_count"),
-        "intermediate_size": value(f"{arch}.feed_forward_length"),
-        "num_attention_heads": value(f"{arch}.attention.head_count"),
-        "num_key_value_heads": value(f"{arch}.attention.head_count_kv"),
-        "head_dim": value(f"{arch}.attention.key_length"),
-        "vocab_size": value(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None),
-        "num_local_experts": value(f"{arch}.expert_count"),
-        # GGUF stores no separate output matrix when the LM head shares the embeddings.
-        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
-    }
-
-
-def _hub_config(name: str, revision: str | None, trust_remote_code: bool) -> dict[str, Any] | None:
-    """Hub config: HF cache first (no network), then the built-in table, then the hub if online."""
-    try:
-        from transformers import AutoConfig
-    except ImportError:
-        AutoConfig = None  # type: ignore[assignment]
-    if AutoConfig is not None:
-        try:
-            return AutoConfig.from_pretrained(
-                name, revision=revision, local_files_only=True, trust_remote_code=trust_remote_code
-            ).to_dict()
-        except Exception:  # not in the local cache
-            pass
-    known = _known_model(name)
-    if known is not None:
-        return known
-    if AutoConfig is not None and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "TRUE", "yes"):
-        try:
-            return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code).to_dict()
-        except Exception:  # offline, gated, or misspelt: the caller explains
-            return None
-    return None
-
-
-# ---------------------------------------------------------------------------------------- trainables
-def _matches_targets(name: str, targets: list[str] | str) -> bool:
-    if targets == "all-linear":
-        return True
-    if isinstance(targets, str):  # PEFT treats a string as a regex over module names
-        return re.fullmatch(targets, name) is not None or re.search(targets, name) is not None
-    return name in targets
-
-
-def trainable_params(dims: ModelDims, tuning: TuningConfig, total: int, kind: str) -> int:
-    """Trainable parameters of a model of ``total`` parameters under ``tuning``.
-
-    LoRA family: r x (in + out) per targeted projection per layer (``all-linear``: every projection but
-    the output head), plus the score head for seq_cls models (PEFT's modules_to_save). Other PEFT
-    methods from their own shapes. Freeze: the top ``trainable_layers`` layers (+ head);
-    gradual_unfreeze: planned at its peak (all layers), since it ends there on long runs.
-    """
-    head = dims.hidden if kind == "seq_cls" else 0
-    m = tuning.method
-    if m == "full" or m == "gradual_unfreeze":
-        return total
-    if m == "freeze":
-        return min(total, tuning.trainable_layers * dims.layer_params() + head + dims.hidden)
-    if tuning.is_lora_family:
-        r = tuning.lora_r
-        names = [n for n in _LINEAR_SHAPES if _matches_targets(n, tuning.target_modules)]
-        if not names:  # unknown module names (non-Llama): assume every projection, the safe side
-            names = list(_LINEAR_SHAPES)
-        per_layer = 0
-        for name in names:
-            fan_in, fan_out = _LINEAR_SHAPES[name](dims)
-            copies = dims.experts if name in ("gate_proj", "up_proj", "down_proj") else 1
-            per_layer += r * (fan_in + fan_out) * copies
-            if m == "dora":
-                per_layer += fan_out * copies  # DoRA's magnitude vector
-        return dims.layers * per_layer + head
-    if m == "ia3":  # scaling vectors on k, v and the MLP input of down_proj
-        return dims.layers * (2 * dims.kv_heads * dims.head_dim + dims.intermediate) + head
-    if m == "prefix":  # past key/values per layer per virtual token
-        return tuning.num_virtual_tokens * dims.layers * 2 * dims.kv_heads * dims.head_dim + head
-    if m == "prompt":
-        return tuning.num_virtual_tokens * dims.hidden + head
-    if m == "ptuning":  # prompt embeddings + PEFT's default MLP encoder (hidden -> hidden -> hidden)
-        return tuning.num_virtual_tokens * dims.hidden + 2 * dims.hidden * dims.hidden + head
-    if m == "llama_adapter":
-        return tuning.adapter_layers * (tuning.adapter_len * dims.hidden + 1) + head
-    raise ValueError(f"memory planner: unknown tuning method {m!r}")
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -492,9 +199,6 @@ def _count(n: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------- estimate
-_STAGES = ("sft", "rm", "ppo", "rlaif_label", "dpo", "best_of_n", "distill")
-
-
 def world_size_of(cfg: RunConfig) -> int:
     return cfg.world_size
 
@@ -513,25 +217,16 @@ def device_memory_bytes(cfg: RunConfig) -> int | None:
     return None
 
 
-def _stage_ds_path(cfg: RunConfig, stage: str) -> str | None:
-    if stage == "sft":
-        return cfg.sft.train.deepspeed
-    if stage == "rm":
-        return cfg.rm.train.deepspeed
-    if stage == "dpo":
-        return cfg.dpo.train.deepspeed
-    if stage == "ppo":
-        return cfg.ppo.train.deepspeed
-    return None
-
-
 def _dtype_bytes(name: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}[name]
 
 
 def _initial_knobs(cfg: RunConfig, stage: str) -> tuple[_Knobs, str]:
-    """Knobs from the config: DeepSpeed JSON, precision, tuning, micro-batch."""
-    ds_path = _stage_ds_path(cfg, stage)
+    """Knobs from the config: the stage's ``StageSpec.training`` (DeepSpeed JSON, precision, tuning,
+    micro-batch); a stage that trains nothing plans inference only."""
+    spec = spec_of(cfg, stage)
+    shape = spec.training(cfg) if spec.training is not None else None
+    ds_path = shape.deepspeed if shape is not None else None
     zero_stage, offload_opt, offload_param = 0, False, False
     ds_bf16_setting: Any = None
     if ds_path is not None:
@@ -540,13 +235,7 @@ def _initial_knobs(cfg: RunConfig, stage: str) -> tuple[_Knobs, str]:
         ds = load_ds_config(ds_path)
         zero_stage, offload_opt, offload_param = zero_settings(ds)
         ds_bf16_setting = (ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled", False)
-
-    if stage == "ppo":
-        precision = cfg.ppo.train.precision
-    elif stage in ("sft", "rm", "dpo"):
-        precision = getattr(cfg, stage).train.precision
-    else:
-        precision = "auto"
+    precision = shape.precision if shape is not None else "auto"
     # "auto" means bf16 on an accelerator; the planner plans for one unless the run is clearly CPU
     # (no device memory given and no CUDA), where "auto" resolves to fp32 like the engine does.
     if precision == "auto":
@@ -554,28 +243,14 @@ def _initial_knobs(cfg: RunConfig, stage: str) -> tuple[_Knobs, str]:
     bf16 = precision == "bf16"
     deepspeed_bf16 = ds_path is not None and bf16 and ds_bf16_setting in (True, "auto")
     weight_bytes = _dtype_bytes(cfg.model.dtype)
-    if stage in ("rlaif_label", "best_of_n", "distill") and bf16:
+    if shape is None and bf16:
         weight_bytes = 2  # inference only: loaded in bf16 on accelerators
-    act_bytes = 2 if bf16 else 4
-
-    if stage == "ppo":
-        tuning = cfg.ppo.tuning
-        micro = max(1, cfg.ppo.sizes(world_size_of(cfg)).micro_batch)
-        grad_ckpt = cfg.ppo.train.gradient_checkpointing
-        rollout = cfg.ppo.episodes_per_rollout
-    elif stage in ("sft", "rm", "dpo"):
-        section = getattr(cfg, stage)
-        tuning = section.tuning
-        micro = section.train.per_device_batch_size
-        grad_ckpt = section.train.gradient_checkpointing
-        rollout = 0
+    if shape is None:
+        shape_knobs: tuple[Any, ...] = (TuningConfig(), 0, False, 0)
     else:
-        batch = cfg.best_of_n.batch_size * cfg.best_of_n.n if stage == "best_of_n" else cfg.rlaif_label.batch_size
-        if stage == "distill":
-            batch = cfg.distill.batch_size
-        tuning, micro, grad_ckpt, rollout = TuningConfig(), 0, False, batch
-    knobs = _Knobs(zero_stage, offload_opt, offload_param, deepspeed_bf16, weight_bytes, act_bytes, tuning,
-                   micro, grad_ckpt, rollout)
+        shape_knobs = (shape.tuning, shape.micro_batch, shape.gradient_checkpointing, shape.rollout_batch)
+    knobs = _Knobs(zero_stage, offload_opt, offload_param, deepspeed_bf16, weight_bytes, 2 if bf16 else 4,
+                   *shape_knobs)
     return knobs, precision
 
 
@@ -640,148 +315,100 @@ def _train_activations(dims: ModelDims, knobs: _Knobs, seq: int, sequences: int,
     return layers + logits
 
 
-# DPO's response log-probs (stages.dpo.core.sequence_logprobs) at the backward's peak, bytes per token and
-# vocabulary entry: the fp32 logits the log-softmax keeps for backward, plus three fp32 tensors of that size
-# alive together in it (logsumexp's gradient, gather's scattered gradient, the logits slice's gradient).
-# Measured on CPU (sequence_logprobs + backward, 8 x 128 tokens x 49,152): 4.1 fp32 logits tensors at the
-# peak, under fp32 and bf16 alike (the bf16 logits are freed once upcast).
-_DPO_LOGPROB_BYTES = 16
+class MemoryBuilder:
+    """What a stage's ``memory_estimate(cfg, plan)`` (``StageSpec``) fills in: the models it holds on a device,
+    by role, and notes. The arithmetic stays here; the stage says which models it has and how it uses them.
+
+    ``knobs`` (ZeRO stage, offload, bytes per weight and activation, tuning, micro-batch, gradient checkpointing,
+    rollout batch) and ``precision`` are the ones being planned (``check``'s alternatives vary them); ``dims`` are
+    the base model's unless ``use_model`` names another."""
+
+    def __init__(self, cfg: RunConfig, knobs: _Knobs, precision: str, param_count: int | None,
+                 dims_of: Callable[[str | None], ModelDims]):
+        self.cfg, self.knobs, self.precision = cfg, knobs, precision
+        self.world = world_size_of(cfg)
+        self.roles: list[RoleMemory] = []
+        self.notes: list[str] = []
+        self._param_count, self._dims_of = param_count, dims_of
+        self.dims = dims_of(None)
+
+    def use_model(self, location: str, *, may_be_missing: bool = False) -> None:
+        """Plan with the dims of the model at ``location`` (a folder or hub name: a policy the run brings, a
+        teacher) instead of ``model.*``. ``may_be_missing``: a folder a parent stage makes later (not a hub
+        name): planned as the base model until it exists, with a note."""
+        if may_be_missing and not Path(location).is_dir():
+            self.note(f"{location} does not exist yet: sized as the base model")
+            return
+        self.dims = self._dims_of(location)
+
+    @property
+    def lm_total(self) -> int:
+        """Parameters of the causal LM (``param_count`` when given)."""
+        return self._param_count if self._param_count is not None else self.dims.causal_lm_params()
+
+    @property
+    def cls_total(self) -> int:
+        """Parameters of the same model as a one-label classifier (the LM head dropped)."""
+        return self.lm_total - (self.dims.causal_lm_params() - self.dims.seq_cls_params())
+
+    def _total(self, kind: str) -> int:
+        return self.lm_total if kind == "causal_lm" else self.cls_total
+
+    def trained(self, role: str, kind: str = "causal_lm", activations: int = 0) -> None:
+        """A model the stage trains (``kind``: causal_lm or seq_cls), its trainable share by the tuning method."""
+        total = self._total(kind)
+        trainable = min(total, trainable_params(self.dims, self.knobs.tuning, total, kind))
+        self.roles.append(_model_role(role, self.dims, total, trainable, self.knobs, self.world,
+                                      activations=activations))
+
+    def frozen(self, role: str, kind: str = "causal_lm", activations: int = 0) -> None:
+        """A frozen copy of a model (a reference, a reward model, a teacher, a sampling policy)."""
+        self.roles.append(_model_role(role, self.dims, self._total(kind), 0, self.knobs, self.world,
+                                      activations=activations))
+
+    def shared(self, role: str, kind: str = "causal_lm") -> None:
+        """A model that costs no extra weights (the trained one with its adapter disabled)."""
+        self.roles.append(RoleMemory(role, self._total(kind), 0))
+
+    def activations(self, seq: int, sequences: int, lm_head: bool) -> int:
+        """Activation bytes of one training micro-batch of ``sequences`` x ``seq`` tokens."""
+        return _train_activations(self.dims, self.knobs, seq, sequences, lm_head)
+
+    def layer_token_bytes(self) -> int:
+        """Bytes one decoder layer keeps for backward per token."""
+        return _layer_token_bytes(self.dims, self.knobs)
+
+    def kv_cache(self, seq: int, batch: int | None = None) -> None:
+        """The generation KV cache of ``batch`` sequences (default: the rollout batch) of ``seq`` tokens."""
+        dims, rows = self.dims, self.knobs.rollout_batch if batch is None else batch
+        kv = 2 * dims.layers * dims.kv_heads * dims.head_dim * seq * rows * self.knobs.act_bytes
+        self.roles.append(RoleMemory("kv_cache", other=kv))
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
 
 
-def dpo_activations(dims: ModelDims, knobs: _Knobs, seq: int, pairs: int) -> dict[str, int]:
-    """Activation bytes of a DPO micro-batch of ``pairs`` pairs, by component.
-
-    A micro-batch is one forward over 2 x ``pairs`` sequences (the chosen rows, then the rejected ones) of
-    up to ``seq`` tokens:
-
-    - ``layers``: what the decoder layers keep for backward (``_train_activations`` without the head);
-    - ``logprobs``: the log-softmax over the whole vocabulary for every token (``_DPO_LOGPROB_BYTES``);
-    - ``reference_pass``: the reference's forward over the same micro-batch (and the held-out one's), with
-      no gradient: the logits in the compute dtype, their fp32 copy and logsumexp's temporary, plus one
-      layer's tensors in flight. It runs before a step's training forward, not beside it;
-    - ``peak``: the larger of training (``layers + logprobs``) and the reference pass.
-    """
-    tokens = 2 * pairs * seq
-    layers = _train_activations(dims, knobs, seq, 2 * pairs, lm_head=False)
-    logprobs = tokens * dims.vocab * _DPO_LOGPROB_BYTES
-    reference_pass = tokens * dims.vocab * (knobs.act_bytes + 8) + tokens * _layer_token_bytes(dims, knobs)
-    return {"layers": layers, "logprobs": logprobs, "reference_pass": reference_pass,
-            "peak": max(layers + logprobs, reference_pass)}
-
-
-def _estimate(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int | None, knobs: _Knobs,
-              precision: str) -> MemoryPlan:
-    world = world_size_of(cfg)
-    lm_total = param_count if param_count is not None else dims.causal_lm_params()
-    # A seq_cls model drops the LM head; with an explicit count, scale by the same difference.
-    cls_total = lm_total - (dims.causal_lm_params() - dims.seq_cls_params())
-    roles: list[RoleMemory] = []
-    notes: list[str] = [f"model dims from {dims.source}"]
-
-    def trainable(total: int, kind: str) -> int:
-        return min(total, trainable_params(dims, knobs.tuning, total, kind))
-
-    if stage == "sft":
-        acts = _train_activations(dims, knobs, cfg.sft.max_length, knobs.micro_batch, lm_head=True)
-        roles.append(_model_role("policy", dims, lm_total, trainable(lm_total, "causal_lm"), knobs, world,
-                                 activations=acts))
-        if cfg.distill.token_level.enabled and cfg.distill.teacher.kind != "http":
-            # a frozen forward per micro-batch: its logits in the compute dtype plus the fp32 softmax
-            logits = knobs.micro_batch * cfg.sft.max_length * dims.vocab * (knobs.act_bytes + 8)
-            roles.append(_model_role("teacher", dims, lm_total, 0, knobs, world, activations=logits))
-            notes.append("teacher (distill.token_level) sized as the student: same vocabulary; a larger teacher "
-                         "needs more")
-    elif stage == "rm":
-        # Each preference pair is two sequences (chosen, rejected) in one forward.
-        acts = _train_activations(dims, knobs, cfg.rm.max_length, 2 * knobs.micro_batch, lm_head=False)
-        roles.append(_model_role("reward_model", dims, cls_total, trainable(cls_total, "seq_cls"), knobs, world,
-                                 activations=acts))
-    elif stage == "dpo":
-        # Each pair is two sequences (chosen, rejected) in one forward, through the LM head.
-        acts = dpo_activations(dims, knobs, cfg.dpo.max_length, knobs.micro_batch)
-        roles.append(_model_role("policy", dims, lm_total, trainable(lm_total, "causal_lm"), knobs, world,
-                                 activations=acts["peak"]))
-        roles.append(RoleMemory("reference", lm_total, 0))
-        if knobs.tuning.is_peft:
-            notes.append("reference = the policy with the adapter disabled: no extra weights (DESIGN §7)")
-        else:
-            notes.append("reference log-probs come from the starting policy before the first step: no reference "
-                         "copy of the weights")
-        notes.append("the reference's forward (no gradient) runs before a step's training forward: the policy's "
-                     "activations are the larger of the two, not their sum")
-    elif stage == "ppo":
-        ppo = cfg.ppo
-        seq = ppo.max_prompt_length + ppo.max_new_tokens
-        # Actor and critic backward passes happen one after the other; the larger one is the peak.
-        actor_acts = _train_activations(dims, knobs, seq, knobs.micro_batch, lm_head=True)
-        critic_acts = _train_activations(dims, knobs, seq, knobs.micro_batch, lm_head=False) if ppo.uses_critic else 0
-        roles.append(_model_role("actor", dims, lm_total, trainable(lm_total, "causal_lm"), knobs, world,
-                                 activations=max(actor_acts, critic_acts)))
-        if ppo.uses_critic:
-            roles.append(_model_role("critic", dims, cls_total, trainable(cls_total, "seq_cls"), knobs, world))
-        else:
-            notes.append(f"no critic: ppo.advantage_estimator={ppo.advantage_estimator} is critic-free")
-        if knobs.tuning.is_peft:
-            roles.append(RoleMemory("reference", lm_total, 0))
-            notes.append("reference = actor base with the adapter disabled: no extra weights (DESIGN §4)")
-        else:
-            roles.append(_model_role("reference", dims, lm_total, 0, knobs, world))
-        if any(r.kind == "rm" for r in ppo.rewards):
-            roles.append(_model_role("reward_model", dims, cls_total, 0, knobs, world))
-        kv_bytes = 2 if precision == "bf16" else 4
-        kv = 2 * dims.layers * dims.kv_heads * dims.head_dim * seq * knobs.rollout_batch * kv_bytes
-        roles.append(RoleMemory("kv_cache", other=kv))
-    elif stage == "best_of_n":
-        bon = cfg.best_of_n
-        seq = bon.max_prompt_length + bon.max_new_tokens
-        roles.append(_model_role("policy", dims, lm_total, 0, knobs, world))
-        if any(r.kind == "rm" for r in bon.rewards):
-            roles.append(_model_role("reward_model", dims, cls_total, 0, knobs, world))
-        kv = 2 * dims.layers * dims.kv_heads * dims.head_dim * seq * knobs.rollout_batch * knobs.act_bytes
-        roles.append(RoleMemory("kv_cache", other=kv))
-    elif stage == "distill":
-        d = cfg.distill
-        if d.teacher.kind == "http":
-            notes.append("the teacher is an HTTP endpoint: nothing is loaded on this device")
-        else:
-            seq = d.max_prompt_length + d.max_new_tokens
-            roles.append(_model_role("teacher", dims, lm_total, 0, knobs, world))
-            kv = 2 * dims.layers * dims.kv_heads * dims.head_dim * seq * knobs.rollout_batch * knobs.act_bytes
-            roles.append(RoleMemory("kv_cache", other=kv))
-    elif stage == "rlaif_label":
-        lab = cfg.rlaif_label
-        seq = lab.max_prompt_length + lab.max_new_tokens
-        roles.append(_model_role("policy", dims, lm_total, 0, knobs, world))
-        kv = 2 * dims.layers * dims.kv_heads * dims.head_dim * seq * knobs.rollout_batch * knobs.act_bytes
-        roles.append(RoleMemory("kv_cache", other=kv))
-        notes.append("an hf judge model, if any, is not included")
-    else:
-        raise ValueError(f"memory planner: unknown stage {stage!r} (expected one of {', '.join(_STAGES)})")
-
-    if knobs.micro_batch and stage != "rlaif_label":
+def _estimate(cfg: RunConfig, stage: str, param_count: int | None, knobs: _Knobs, precision: str,
+              dims_of: Callable[[str | None], ModelDims]) -> MemoryPlan:
+    plan = MemoryBuilder(cfg, knobs, precision, param_count, dims_of)
+    spec_of(cfg, stage).memory_estimate(cfg, plan)
+    notes = [f"model dims from {plan.dims.source}", *plan.notes]
+    if knobs.micro_batch:
         notes.append(f"activations for micro-batch {knobs.micro_batch}"
                      f"{' with gradient checkpointing' if knobs.grad_ckpt else ''} (rough)")
-    return MemoryPlan(stage, world, knobs.zero_stage, knobs.offload_optimizer, knobs.offload_param, precision, dims,
-                      roles, notes)
+    return MemoryPlan(stage, plan.world, knobs.zero_stage, knobs.offload_optimizer, knobs.offload_param, precision,
+                      plan.dims, plan.roles, notes)
 
 
-def _alternatives(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int | None, knobs: _Knobs,
-                  precision: str) -> list[tuple[str, MemoryPlan]]:
-    """Re-estimate the plan under the usual ways out of an OOM, each with the override that does it."""
-    prefix = {"sft": "sft", "rm": "rm", "ppo": "ppo", "dpo": "dpo"}.get(stage)
-    if prefix is None:
+def _alternatives(cfg: RunConfig, stage: str, knobs: _Knobs, precision: str,
+                  estimate_with: Callable[[_Knobs], MemoryPlan]) -> list[tuple[str, MemoryPlan]]:
+    """Re-estimate the plan under the usual ways out of an OOM, each with the override that does it (the keys
+    of the stage's ``StageSpec.training``; a stage that trains nothing has none)."""
+    spec = spec_of(cfg, stage)
+    shape = spec.training(cfg) if spec.training is not None else None
+    if shape is None:
         return []
-    ds_key = f"{prefix}.deepspeed" if stage == "ppo" else f"{prefix}.train.deepspeed"
-    tuning_key = f"{prefix}.tuning.method"
-    if stage == "ppo":
-        small_batch = (f"ppo.gradient_accumulation_steps={cfg.ppo.mini_batch_size} "
-                       f"ppo.train.gradient_checkpointing=true")
-    else:
-        train = getattr(cfg, stage).train
-        small_batch = (f"{prefix}.train.per_device_batch_size=1 "
-                       f"{prefix}.train.gradient_accumulation_steps="
-                       f"{train.gradient_accumulation_steps * train.per_device_batch_size} "
-                       f"{prefix}.train.gradient_checkpointing=true")
+    ds_key, tuning_key, small_batch = shape.keys["deepspeed"], shape.keys["tuning"], shape.keys["small_batch"]
     lora = TuningConfig(method="lora", lora_r=16)
     ds_bf16 = precision == "bf16"  # our JSONs have bf16 "auto": DeepSpeed mixed precision when bf16
 
@@ -800,9 +427,9 @@ def _alternatives(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int 
     if knobs.micro_batch > 1 or not knobs.grad_ckpt:
         options.append((f"micro-batch 1 + gradient checkpointing ({small_batch})",
                         dict(micro_batch=1, grad_ckpt=True)))
-    if stage == "ppo" and knobs.rollout_batch > 1:
-        options.append((f"smaller rollout batch (ppo.episodes_per_rollout={cfg.ppo.mini_batch_size})",
-                        dict(rollout_batch=cfg.ppo.mini_batch_size)))
+    if shape.smaller_rollout_batch and knobs.rollout_batch > 1:
+        options.append((f"smaller rollout batch ({shape.keys['rollout_batch']})",
+                        dict(rollout_batch=shape.smaller_rollout_batch)))
     # Combined remedies, for the cases no single change rescues.
     combined: dict[str, Any] = dict(zero_stage=3, offload_optimizer=True, offload_param=True, deepspeed_bf16=ds_bf16,
                                     micro_batch=1, grad_ckpt=True)
@@ -812,42 +439,39 @@ def _alternatives(cfg: RunConfig, stage: str, dims: ModelDims, param_count: int 
         options.append((f"LoRA + ZeRO-3 + CPU offload + micro-batch 1 + gradient checkpointing "
                         f"({tuning_key}=lora {ds_key}=configs/deepspeed/zero3_offload.json {small_batch})",
                         dict(combined, tuning=lora)))
-    return [(how, _estimate(cfg, stage, dims, param_count, dataclasses.replace(knobs, **changes), precision))
-            for how, changes in options]
+    return [(how, estimate_with(dataclasses.replace(knobs, **changes))) for how, changes in options]
 
 
-def estimate(cfg: RunConfig, stage: str, param_count: int | None = None) -> MemoryPlan:
-    """Per-device memory plan of ``stage`` ("sft", "rm", "ppo", "rlaif_label") for the run ``cfg``.
+def estimate(cfg: RunConfig, stage: str, param_count: int | None = None) -> MemoryPlan | None:
+    """Per-device memory plan of ``stage`` for the run ``cfg``; None for a stage whose spec has no
+    ``memory_estimate`` (nothing planned). An unknown stage is a ValueError.
 
     ``param_count`` overrides the base model's parameter count (e.g. a GGUF not converted yet, or a
     hub model not cached while offline). The plan's ``check(device_bytes)`` raises MemoryPlanError
     naming the config changes that would fit.
     """
-    if stage not in _STAGES:
-        raise ValueError(f"memory planner: unknown stage {stage!r} (expected one of {', '.join(_STAGES)})")
-    if stage == "ppo" and cfg.ppo.policy is not None:  # a policy you bring: plan with its dims, not model.*
-        from .config import ModelConfig, model_location
+    if spec_of(cfg, stage).memory_estimate is None:
+        return None
+    found: dict[str | None, ModelDims] = {}
 
-        location = model_location(cfg.ppo.policy.path)
-        policy_model = ModelConfig(source="local" if Path(location).is_dir() else "hub", path=location,
-                                   dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-        cfg = cfg.model_copy(update={"model": policy_model})
-    teacher = cfg.distill.teacher
-    missing_teacher = None
-    if stage == "distill" and teacher.kind != "http" and not (teacher.kind == "hf" and teacher.model == "base"):
-        from .config import ModelConfig  # plan with the teacher's dims, not model.*
+    def dims_of(location: str | None) -> ModelDims:
+        """The base model's dims (None) or those of the model at ``location``, read once."""
+        if location not in found:
+            if location is None:
+                found[location] = model_dims(cfg, param_count)
+            else:
+                from .config import ModelConfig
 
-        location = teacher.model if teacher.kind == "hf" else str(Path(teacher.path) / "model")
-        source = "local" if Path(location).is_dir() else "hub"
-        if teacher.kind == "stage" and source == "hub":  # not made yet (a fresh clone): the pre-flight says so
-            missing_teacher = location
-        else:
-            cfg = cfg.model_copy(update={"model": ModelConfig(source=source, path=location, dtype=cfg.model.dtype,
-                                                              trust_remote_code=cfg.model.trust_remote_code)})
-    dims = model_dims(cfg, param_count)
+                model = ModelConfig(source="local" if Path(location).is_dir() else "hub", path=location,
+                                    dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+                found[location] = model_dims(cfg.model_copy(update={"model": model}), param_count)
+        return found[location]
+
     knobs, precision = _initial_knobs(cfg, stage)
-    plan = _estimate(cfg, stage, dims, param_count, knobs, precision)
-    if missing_teacher is not None:
-        plan.notes.append(f"teacher sized as the base model: {missing_teacher} does not exist yet")
-    plan._alternatives = lambda: _alternatives(cfg, stage, dims, param_count, knobs, precision)
+
+    def estimate_with(k: _Knobs) -> MemoryPlan:
+        return _estimate(cfg, stage, param_count, k, precision, dims_of)
+
+    plan = estimate_with(knobs)
+    plan._alternatives = lambda: _alternatives(cfg, stage, knobs, precision, estimate_with)
     return plan

@@ -30,7 +30,7 @@ from .manifest import (
     require_complete_parent,
 )
 from .procs import process_state
-from .registry import parents_of, stage_names
+from .registry import TrainingShape, parents_of, spec_of, stage_names
 from .stage import config_changes, hint_command, input_changes, resume_step, stage_identity
 
 Printer = Callable[[str], None]
@@ -194,23 +194,19 @@ def memory_plans(cfg: RunConfig, stages: Sequence[str], out: Printer, check: boo
     device = memory.device_memory_bytes(cfg) if check else None
     for stage in stages:
         plan = memory.estimate(cfg, stage)
+        if plan is None:
+            out(f"stage {stage}: no memory plan (its StageSpec has no memory_estimate)")
+            continue
         out(plan.format() if detail else plan.summary())
         if device is not None:
             plan.check(device)
 
 
-def _stage_deepspeed(cfg: RunConfig, stage: str) -> tuple[str, int, int, float, str, float | None] | None:
-    """(json path, micro batch, grad accum, lr, precision, max grad norm) of a stage that names a DeepSpeed JSON."""
-    if stage in ("sft", "rm", "dpo"):
-        train = getattr(cfg, stage).train
-        if train.deepspeed:
-            return (train.deepspeed, train.per_device_batch_size, train.gradient_accumulation_steps,
-                    train.learning_rate, train.precision, train.max_grad_norm)
-    if stage == "ppo" and cfg.ppo.train.deepspeed:
-        train, sizes = cfg.ppo.train, cfg.ppo.sizes(cfg.world_size)
-        return (train.deepspeed, sizes.micro_batch, sizes.grad_accum, train.learning_rate, train.precision,
-                train.max_grad_norm)
-    return None
+def _stage_deepspeed(cfg: RunConfig, stage: str) -> TrainingShape | None:
+    """The training shape (``StageSpec.training``) of a stage that names a DeepSpeed JSON."""
+    spec = spec_of(cfg, stage)
+    shape = spec.training(cfg) if spec.training is not None else None
+    return shape if shape is not None and shape.deepspeed else None
 
 
 def check_deepspeed(cfg: RunConfig, stages: Sequence[str], cuda: bool, out: Printer) -> None:
@@ -220,12 +216,13 @@ def check_deepspeed(cfg: RunConfig, stages: Sequence[str], cuda: bool, out: Prin
         return
     world = cfg.launch.nnodes * cfg.launch.nproc_per_node
     problems: list[str] = []
-    for stage, (path, micro, accum, lr, precision, clip) in wanted.items():
-        bf16 = precision == "bf16" or (precision == "auto" and cuda)
-        found = validate_ds_config(path, world, micro, accum, lr, bf16, max_grad_norm=clip)
+    for stage, shape in wanted.items():
+        bf16 = shape.precision == "bf16" or (shape.precision == "auto" and cuda)
+        found = validate_ds_config(shape.deepspeed, world, shape.micro_batch, shape.grad_accum, shape.learning_rate,
+                                   bf16, max_grad_norm=shape.max_grad_norm)
         problems += [f"stage '{stage}': {p}" for p in found]
         if not found:
-            out(f"[{stage}] DeepSpeed config {path}: valid at world size {world}")
+            out(f"[{stage}] DeepSpeed config {shape.deepspeed}: valid at world size {world}")
     if problems:
         raise ConfigError("DeepSpeed config problems:\n  " + "\n  ".join(problems))
 

@@ -44,8 +44,10 @@ class RegistryError(ValueError):
 @dataclass(frozen=True)
 class TrainingShape:
     """What the planner needs of a training stage's settings (``StageSpec.training``): the DeepSpeed JSON it
-    names and the batch it trains with (per device), its precision and tuning, and the config keys a user
-    changes to make it fit (for the memory planner's suggestions)."""
+    names and the batch it trains with (per device), its precision and tuning, and the overrides a user
+    gives to make it fit (the memory planner's suggestions: ``keys["deepspeed"]`` and ``keys["tuning"]`` name
+    the settings, ``keys["small_batch"]`` is the overrides of micro-batch 1 with gradient checkpointing; a
+    stage that samples during training may offer ``smaller_rollout_batch`` with ``keys["rollout_batch"]``)."""
 
     deepspeed: str | None
     micro_batch: int
@@ -56,7 +58,8 @@ class TrainingShape:
     tuning: Any
     gradient_checkpointing: bool
     rollout_batch: int = 0
-    keys: Mapping[str, str] = field(default_factory=dict)  # deepspeed, tuning, small_batch, rollout_batch
+    keys: Mapping[str, str] = field(default_factory=dict)
+    smaller_rollout_batch: int = 0
 
 
 def _no_parents(cfg: Any) -> list[str]:

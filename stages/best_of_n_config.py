@@ -61,8 +61,17 @@ def check(cfg: Any) -> None:
                          "or set best_of_n.policy_from: base")
 
 
+def memory_estimate(cfg: Any, plan: Any) -> None:
+    """The sampling policy, the reward model of a kind 'rm' source, and the KV cache of n responses per prompt."""
+    bon = cfg.best_of_n
+    plan.frozen("policy")
+    if any(r.kind == "rm" for r in bon.rewards):
+        plan.frozen("reward_model", "seq_cls")
+    plan.kv_cache(bon.max_prompt_length + bon.max_new_tokens, bon.batch_size * bon.n)
+
+
 SPEC = StageSpec(
     name="best_of_n", order=50, config_model=BestOfNConfig, run=lazy("stages.best_of_n:run"), parents=parents,
-    reads=("rm",), check=check, samples=True, headline=("kept", "score_mean_kept"),
+    reads=("rm",), check=check, samples=True, memory_estimate=memory_estimate, headline=("kept", "score_mean_kept"),
     card=("best-of-N / rejection-sampling fine-tuning", ("best-of-n", "rejection-sampling")),
 )

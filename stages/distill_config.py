@@ -5,6 +5,7 @@ control plane reads it. The stage itself is ``stages/distill.py``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -115,7 +116,22 @@ def check(cfg: Any) -> None:
                          "false for sequence-level distillation only")
 
 
+def memory_estimate(cfg: Any, plan: Any) -> None:
+    """An hf/stage teacher and its KV cache, with the teacher's own dims (a stage folder not made yet: the base
+    model's); an http teacher loads nothing here."""
+    d = cfg.distill
+    if d.teacher.kind == "http":
+        plan.note("the teacher is an HTTP endpoint: nothing is loaded on this device")
+        return
+    if d.teacher.kind == "stage":
+        plan.use_model(str(Path(d.teacher.path) / "model"), may_be_missing=True)
+    elif d.teacher.model != "base":
+        plan.use_model(d.teacher.model)
+    plan.frozen("teacher")
+    plan.kv_cache(d.max_prompt_length + d.max_new_tokens, d.batch_size)
+
+
 SPEC = StageSpec(
     name="distill", order=10, config_model=DistillConfig, run=lazy("stages.distill:run"), check=check, samples=True,
-    headline=("kept", "finished_rate"),
+    memory_estimate=memory_estimate, headline=("kept", "finished_rate"),
 )

@@ -59,9 +59,16 @@ def data_fields(cfg: Any) -> tuple[str, ...]:
     return ("eval_data",) if "rlaif_label" in cfg.stages else DATA_FIELDS
 
 
+def memory_estimate(cfg: Any, plan: Any) -> None:
+    """The reward model trained on pairs: each pair is two sequences (chosen, rejected) in one forward."""
+    plan.trained("reward_model", "seq_cls",
+                 plan.activations(cfg.rm.max_length, 2 * plan.knobs.micro_batch, lm_head=False))
+
+
 SPEC = StageSpec(
     name="rm", order=40, title="Reward model", config_model=RMConfig, run=lazy("stages.rm:run"), parents=parents,
     check=lambda cfg: check_global_batch(cfg, "rm"), data_fields=data_fields, training=engine_training("rm"),
+    memory_estimate=memory_estimate,
     headline=("eval_accuracy", "eval_mean_margin"),
     card=("a pairwise reward model (Bradley-Terry), score read at the response's last token", ("reward-model", "rlhf")),
 )

@@ -55,9 +55,21 @@ def identity_extra(cfg: Any, data: dict[str, Any]) -> dict[str, Any]:
                                     "token_level": data["distill"]["token_level"]}}
 
 
+def memory_estimate(cfg: Any, plan: Any) -> None:
+    """The policy trained on micro-batches of ``max_length`` tokens; with token-level distillation, a frozen
+    teacher's forward per micro-batch (its logits and their fp32 softmax)."""
+    k = plan.knobs
+    plan.trained("policy", "causal_lm", plan.activations(cfg.sft.max_length, k.micro_batch, lm_head=True))
+    if cfg.distill.token_level.enabled and cfg.distill.teacher.kind != "http":
+        logits = k.micro_batch * cfg.sft.max_length * plan.dims.vocab * (k.act_bytes + 8)
+        plan.frozen("teacher", "causal_lm", activations=logits)
+        plan.note("teacher (distill.token_level) sized as the student: same vocabulary; a larger teacher needs more")
+
+
 SPEC = StageSpec(
     name="sft", order=20, title="SFT", config_model=SFTConfig, run=lazy("stages.sft:run"), parents=parents,
     reads=("distill",), check=lambda cfg: check_global_batch(cfg, "sft"), identity_extra=identity_extra,
-    data_fields=data_fields, training=engine_training("sft"), headline=("eval_loss", "loss"),
+    data_fields=data_fields, training=engine_training("sft"), memory_estimate=memory_estimate,
+    headline=("eval_loss", "loss"),
     card=("supervised fine-tuning (SFT) on conversations, loss on the assistant tokens", ("sft",)),
 )

@@ -189,11 +189,15 @@ def test_dpo_activation_components_by_hand() -> None:
     entries of the vocabulary 16 bytes per entry; the reference's forward (no gradient) the logits, their fp32
     copy and a temporary (4 + 8 bytes per entry) plus one layer. Training (layers + log-probs) is the peak:
     the reference pass runs before it, so it is not added."""
-    from pipeline.memory import _initial_knobs, dpo_activations
+    from pipeline.memory import MemoryBuilder, _initial_knobs
+    from stages.dpo.config import dpo_activations
+
+    def builder(cfg, knobs):
+        return MemoryBuilder(cfg, knobs, "fp32", None, lambda location: model_dims(cfg))
 
     cfg = tiny("dpo.train.precision=fp32", "dpo.init_from=base")
     knobs, _ = _initial_knobs(cfg, "dpo")
-    parts = dpo_activations(model_dims(cfg), knobs, 128, 8)
+    parts = dpo_activations(builder(cfg, knobs), 128, 8)
     tokens = 2 * 8 * 128
     assert parts["layers"] == 2 * tokens * 4_352 == 17_825_792
     assert parts["logprobs"] == tokens * 512 * 16 == 16_777_216
@@ -204,7 +208,7 @@ def test_dpo_activation_components_by_hand() -> None:
     # gradient checkpointing keeps each layer's input (64 x 4 bytes) plus one layer in flight; the log-probs
     # stay (16 bytes per entry under bf16 autocast too: the log-softmax runs in fp32)
     ckpt, _ = _initial_knobs(tiny("dpo.train.precision=bf16", "dpo.train.gradient_checkpointing=true"), "dpo")
-    parts = dpo_activations(model_dims(cfg), ckpt, 128, 8)
+    parts = dpo_activations(builder(cfg, ckpt), 128, 8)
     assert parts["layers"] == 2 * tokens * 64 * 2 + tokens * 4_352 // 2
     assert parts["logprobs"] == 16_777_216
     assert parts["reference_pass"] == tokens * 512 * 10 + tokens * 4_352 // 2 < parts["peak"]

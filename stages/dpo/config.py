@@ -98,8 +98,53 @@ def check(cfg: Any) -> None:
             "dpo.init_from: base")
 
 
+# DPO's response log-probs (stages.dpo.core.sequence_logprobs) at the backward's peak, bytes per token and
+# vocabulary entry: the fp32 logits the log-softmax keeps for backward, plus three fp32 tensors of that size
+# alive together in it (logsumexp's gradient, gather's scattered gradient, the logits slice's gradient).
+# Measured on CPU (sequence_logprobs + backward, 8 x 128 tokens x 49,152): 4.1 fp32 logits tensors at the
+# peak, under fp32 and bf16 alike (the bf16 logits are freed once upcast).
+LOGPROB_BYTES = 16
+
+
+def dpo_activations(plan: Any, seq: int, pairs: int) -> dict[str, int]:
+    """Activation bytes of a DPO micro-batch of ``pairs`` pairs, by component (``plan``: the memory planner's
+    ``MemoryBuilder``).
+
+    A micro-batch is one forward over 2 x ``pairs`` sequences (the chosen rows, then the rejected ones) of
+    up to ``seq`` tokens:
+
+    - ``layers``: what the decoder layers keep for backward (no LM head);
+    - ``logprobs``: the log-softmax over the whole vocabulary for every token (``LOGPROB_BYTES``);
+    - ``reference_pass``: the reference's forward over the same micro-batch (and the held-out one's), with
+      no gradient: the logits in the compute dtype, their fp32 copy and logsumexp's temporary, plus one
+      layer's tensors in flight. It runs before a step's training forward, not beside it;
+    - ``peak``: the larger of training (``layers + logprobs``) and the reference pass.
+    """
+    tokens, vocab = 2 * pairs * seq, plan.dims.vocab
+    layers = plan.activations(seq, 2 * pairs, lm_head=False)
+    logprobs = tokens * vocab * LOGPROB_BYTES
+    reference_pass = tokens * vocab * (plan.knobs.act_bytes + 8) + tokens * plan.layer_token_bytes()
+    return {"layers": layers, "logprobs": logprobs, "reference_pass": reference_pass,
+            "peak": max(layers + logprobs, reference_pass)}
+
+
+def memory_estimate(cfg: Any, plan: Any) -> None:
+    """The policy (each pair two sequences in one forward, through the LM head); the reference is the same
+    weights (adapter disabled, or log-probs taken before the first step): no copy."""
+    plan.trained("policy", "causal_lm", dpo_activations(plan, cfg.dpo.max_length, plan.knobs.micro_batch)["peak"])
+    plan.shared("reference")
+    if plan.knobs.tuning.is_peft:
+        plan.note("reference = the policy with the adapter disabled: no extra weights (DESIGN §7)")
+    else:
+        plan.note("reference log-probs come from the starting policy before the first step: no reference copy of "
+                  "the weights")
+    plan.note("the reference's forward (no gradient) runs before a step's training forward: the policy's "
+              "activations are the larger of the two, not their sum")
+
+
 SPEC = StageSpec(
     name="dpo", order=70, title="DPO", config_model=DPOConfig, run=lazy("stages.dpo.trainer:run"), parents=parents,
-    check=check, data_fields=data_fields, training=engine_training("dpo"), headline=("eval_accuracy", "eval_margin"),
+    check=check, data_fields=data_fields, training=engine_training("dpo"), memory_estimate=memory_estimate,
+    headline=("eval_accuracy", "eval_margin"),
     evaluated_policy=True, card=("direct preference optimisation (DPO family) against the starting policy", ("dpo",)),
 )

@@ -422,13 +422,38 @@ def training(cfg: Any) -> TrainingShape:
         keys={"deepspeed": "ppo.deepspeed", "tuning": "ppo.tuning.method",
               "small_batch": f"ppo.gradient_accumulation_steps={ppo.mini_batch_size} "
                              "ppo.train.gradient_checkpointing=true",
-              "rollout_batch": f"ppo.episodes_per_rollout={ppo.mini_batch_size}"})
+              "rollout_batch": f"ppo.episodes_per_rollout={ppo.mini_batch_size}"},
+        smaller_rollout_batch=ppo.mini_batch_size)
+
+
+def memory_estimate(cfg: Any, plan: Any) -> None:
+    """Actor, critic (gae), reference, reward model and the rollout's KV cache; with a policy you bring, its
+    dims. The actor's and critic's backward passes happen one after the other: the larger is the peak."""
+    ppo = cfg.ppo
+    if ppo.policy is not None:
+        plan.use_model(model_location(ppo.policy.path))
+    seq, micro = ppo.max_prompt_length + ppo.max_new_tokens, plan.knobs.micro_batch
+    actor = plan.activations(seq, micro, lm_head=True)
+    critic = plan.activations(seq, micro, lm_head=False) if ppo.uses_critic else 0
+    plan.trained("actor", "causal_lm", max(actor, critic))
+    if ppo.uses_critic:
+        plan.trained("critic", "seq_cls")
+    else:
+        plan.note(f"no critic: ppo.advantage_estimator={ppo.advantage_estimator} is critic-free")
+    if plan.knobs.tuning.is_peft:
+        plan.shared("reference")
+        plan.note("reference = actor base with the adapter disabled: no extra weights (DESIGN §4)")
+    else:
+        plan.frozen("reference")
+    if any(r.kind == "rm" for r in ppo.rewards):
+        plan.frozen("reward_model", "seq_cls")
+    plan.kv_cache(seq)
 
 
 SPEC = StageSpec(
     name="ppo", order=60, title="PPO", config_model=PPOConfig, run=lazy("stages.ppo.trainer:run"), parents=parents,
     reads=("sft", "rm"), check=check, samples=True, identity_extra=identity_extra,
     former_names={"episodes_per_rollout": "rollout_batch_size"}, external_models=external_models,
-    training=training, headline=("score", "kl", "eos_rate"), evaluated_policy=True,
+    training=training, memory_estimate=memory_estimate, headline=("score", "kl", "eos_rate"), evaluated_policy=True,
     card=("PPO with a KL penalty to the reference policy (RLHF)", ("ppo", "rlhf")),
 )

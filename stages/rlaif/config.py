@@ -33,7 +33,16 @@ def parents(cfg: Any) -> list[str]:
     return ["sft"] if "sft" in cfg.stages else []
 
 
+def memory_estimate(cfg: Any, plan: Any) -> None:
+    """The sampling policy and its KV cache (an hf judge model is not planned)."""
+    lab = cfg.rlaif_label
+    plan.frozen("policy")
+    plan.kv_cache(lab.max_prompt_length + lab.max_new_tokens, lab.batch_size)
+    plan.note("an hf judge model, if any, is not included")
+
+
 SPEC = StageSpec(
     name="rlaif_label", order=30, title="RLAIF labels", config_model=RLAIFLabelConfig,
-    run=lazy("stages.rlaif.label:run"), parents=parents, samples=True, headline=("pairs_kept", "inconsistent"),
+    run=lazy("stages.rlaif.label:run"), parents=parents, samples=True, memory_estimate=memory_estimate,
+    headline=("pairs_kept", "inconsistent"),
 )
