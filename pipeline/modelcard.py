@@ -17,17 +17,10 @@ from typing import Any
 
 import yaml
 
+from .registry import loaded_spec
+
 CARD = "README.md"
 
-# what each stage is, in one line, and its hub tags
-STAGE_TEXT = {
-    "sft": ("supervised fine-tuning (SFT) on conversations, loss on the assistant tokens", ["sft"]),
-    "rm": ("a pairwise reward model (Bradley-Terry), score read at the response's last token",
-           ["reward-model", "rlhf"]),
-    "ppo": ("PPO with a KL penalty to the reference policy (RLHF)", ["ppo", "rlhf"]),
-    "dpo": ("direct preference optimisation (DPO family) against the starting policy", ["dpo"]),
-    "best_of_n": ("best-of-N / rejection-sampling fine-tuning", ["best-of-n", "rejection-sampling"]),
-}
 # train settings worth a line in the card (all stages); each stage's own scalar settings are added
 TRAIN_KEYS = ("learning_rate", "max_steps", "epochs", "per_device_batch_size", "gradient_accumulation_steps",
               "global_batch_size", "precision", "seed")
@@ -141,10 +134,18 @@ def results(manifest: dict[str, Any]) -> dict[str, Any]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
 
 
+def stage_text(stage: str) -> tuple[str, list[str]]:
+    """What the stage is, in one line, and its hub tags (its spec's ``card``)."""
+    spec = loaded_spec(stage)
+    if spec is None or spec.card is None:
+        return f"the '{stage}' stage", [stage]
+    return spec.card[0], list(spec.card[1])
+
+
 def card_metadata(manifest: dict[str, Any], kind: str) -> dict[str, Any]:
     """The hub YAML metadata of a stage's ``model`` or ``adapter`` card."""
     stage = manifest.get("stage", "")
-    _, stage_tags = STAGE_TEXT.get(stage, ("", [stage]))
+    _, stage_tags = stage_text(stage)
     meta: dict[str, Any] = {}
     base = base_model_id(manifest)
     if base:
@@ -184,7 +185,7 @@ def card_text(manifest: dict[str, Any], kind: str) -> str:
     """The whole card (``kind``: ``model`` or ``adapter``)."""
     stage = manifest.get("stage", "")
     meta = card_metadata(manifest, kind)
-    what, _ = STAGE_TEXT.get(stage, (f"the '{stage}' stage", []))
+    what, _ = stage_text(stage)
     base = meta.get("base_model") or "a local base model"
     run = manifest.get("run_name") or "run"
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",

@@ -180,6 +180,13 @@ def spec_of(cfg: Any, stage: str) -> StageSpec:
     raise RegistryError(f"unknown stage {stage!r}; expected one of {', '.join(stage_names(cfg))}")
 
 
+def loaded_spec(stage: str) -> StageSpec | None:
+    """The spec of ``stage`` among the built-ins and the stages this process has loaded (a run's extra_stages
+    load with its config), or None: for code that has a manifest but no config (model cards)."""
+    specs()  # the built-ins
+    return next((spec for spec in _LOADED.values() if spec.name == stage), None)
+
+
 def parents_of(cfg: Any, stage: str) -> list[str]:
     """The stages whose output ``stage`` reads in the run ``cfg`` (its spec's ``parents``)."""
     return spec_of(cfg, stage).parents(cfg)

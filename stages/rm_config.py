@@ -5,6 +5,7 @@ Light on purpose (no torch): the control plane reads it. The stage itself is ``s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -65,10 +66,42 @@ def memory_estimate(cfg: Any, plan: Any) -> None:
                  plan.activations(cfg.rm.max_length, 2 * plan.knobs.micro_batch, lm_head=False))
 
 
+def _histogram(stage_dir: Path) -> Path | None:
+    """The held-out score histogram the stage saved (``score_histogram.png``)."""
+    for candidate in (stage_dir / "score_histogram.png", stage_dir / "model" / "score_histogram.png"):
+        if candidate.exists():
+            return candidate
+    found = sorted(stage_dir.rglob("score_histogram.png")) if stage_dir.exists() else []
+    return found[0] if found else None
+
+
+def report_section(section: Any) -> list[str]:
+    """Held-out accuracy and margin, accuracy and loss curves, the score histogram, accuracy by margin bucket."""
+    lines: list[str] = []
+    acc, margin = section.metrics.get("eval_accuracy"), section.metrics.get("eval_mean_margin")
+    if acc is not None or margin is not None:
+        lines += [f"Held-out accuracy: **{section.cell(acc)}**, mean margin (chosen − rejected): "
+                  f"**{section.cell(margin)}**", ""]
+    lines += section.plot("rm_accuracy.png", "RM accuracy", {"train accuracy": "accuracy",
+                                                             "eval accuracy": "eval_accuracy"}, "accuracy")
+    lines += section.plot("rm_loss.png", "RM loss", {"train loss": "loss", "eval loss": "eval_loss"}, "loss")
+    histogram = _histogram(section.dir)
+    if histogram is not None:
+        lines += ["Scores of chosen and rejected responses on held-out pairs:", ""]
+        lines += section.image(histogram, "rm_score_histogram.png", "RM score histogram")
+    buckets = section.metrics.get("accuracy_by_margin_bucket")
+    if isinstance(buckets, dict) and buckets:
+        lines += ["Accuracy by margin bucket:", ""] + section.table(["bucket", "accuracy"], list(buckets.items()))
+    elif isinstance(buckets, list) and buckets and all(isinstance(b, dict) for b in buckets):
+        header = list(dict.fromkeys(k for b in buckets for k in b))
+        rows = [[b.get(h) for h in header] for b in buckets]
+        lines += ["Accuracy by margin bucket:", ""] + section.table(header, rows)
+    return lines
+
+
 SPEC = StageSpec(
     name="rm", order=40, title="Reward model", config_model=RMConfig, run=lazy("stages.rm:run"), parents=parents,
     check=lambda cfg: check_global_batch(cfg, "rm"), data_fields=data_fields, training=engine_training("rm"),
-    memory_estimate=memory_estimate,
-    headline=("eval_accuracy", "eval_mean_margin"),
+    memory_estimate=memory_estimate, report_section=report_section, headline=("eval_accuracy", "eval_mean_margin"),
     card=("a pairwise reward model (Bradley-Terry), score read at the response's last token", ("reward-model", "rlhf")),
 )

@@ -66,10 +66,17 @@ def memory_estimate(cfg: Any, plan: Any) -> None:
         plan.note("teacher (distill.token_level) sized as the student: same vocabulary; a larger teacher needs more")
 
 
+def report_section(section: Any) -> list[str]:
+    """The training loss and held-out loss (with token-level distillation also its two parts)."""
+    curves = {"train loss": "loss", "eval loss": "eval_loss", "train CE": "ce_loss", "train KD": "kd_loss"}
+    return section.plot("sft_loss.png", "SFT loss", curves, "loss", missing="no loss logged")
+
+
 SPEC = StageSpec(
     name="sft", order=20, title="SFT", config_model=SFTConfig, run=lazy("stages.sft:run"), parents=parents,
     reads=("distill",), check=lambda cfg: check_global_batch(cfg, "sft"), identity_extra=identity_extra,
     data_fields=data_fields, training=engine_training("sft"), memory_estimate=memory_estimate,
+    report_section=report_section,
     headline=("eval_loss", "loss"),
     card=("supervised fine-tuning (SFT) on conversations, loss on the assistant tokens", ("sft",)),
 )

@@ -9,16 +9,19 @@ from typing import Any
 
 from ..config import RunConfig
 from ..manifest import read_manifest
+from ..registry import specs, stage_names
 
 EVALUATION_FILE = "evaluation.json"
 RESULTS_DIR = "report"  # the answer rows (report/samples*.json) beside the report's plots
-STAGE_TITLES = {"sft": "SFT", "rlaif_label": "RLAIF labels", "rm": "Reward model", "ppo": "PPO", "dpo": "DPO"}
-POLICY_STAGES = ("ppo", "dpo")  # stages whose output is a policy the evaluation compares with its SFT parent
+# the built-in stages' titles, and those whose output is a policy the evaluation compares with its SFT parent
+# (``StageSpec.title``, ``StageSpec.evaluated_policy``)
+STAGE_TITLES = {spec.name: spec.title for spec in specs() if spec.title}
+POLICY_STAGES = tuple(spec.name for spec in specs() if spec.evaluated_policy)
 
 
 def run_stages(cfg: RunConfig) -> list[str]:
-    """The config's stages, then any other stage of STAGE_TITLES whose folder exists."""
-    return list(cfg.stages) + [s for s in STAGE_TITLES if s not in cfg.stages and cfg.stage_dir(s).exists()]
+    """The config's stages, then any other stage of its registry whose folder exists."""
+    return list(cfg.stages) + [s for s in stage_names(cfg) if s not in cfg.stages and cfg.stage_dir(s).exists()]
 
 
 def stage_manifest(cfg: RunConfig, stage: str) -> dict[str, Any] | None:

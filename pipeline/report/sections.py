@@ -1,5 +1,6 @@
-"""The report's sections from each stage's ``manifest.json`` and ``metrics.jsonl``: the overview, the SFT,
-RLAIF, RM, PPO and DPO sections with their plots, the training signals under the verdict, the
+"""The report's sections from each stage's ``manifest.json`` and ``metrics.jsonl``: the overview, each stage's
+own section (its spec's ``report_section``, written with ``StageSection``: the SFT, RLAIF, RM, PPO and DPO
+ones live in their stages' declaration modules), the training signals under the verdict, the
 lm-evaluation-harness figures of ``python -m pipeline eval`` and every stage's final metrics. A stage that
 has not run says so."""
 
@@ -15,11 +16,10 @@ from typing import Any
 from ..config import RunConfig
 from ..evaluation.runs import STAGE_TITLES, stage_manifest
 from ..manifest import MANIFEST, hash_file
+from ..registry import stage_specs
 from .markdown import md_cell, md_table, metrics_table
 from .plots import number, plot_curves, plot_grid, read_metrics, series
 
-PPO_KEYS = ("score", "kl", "response_length", "entropy", "eos_rate", "kl_coef")
-DPO_KEYS = ("loss", "eval_loss", "margin", "eval_margin", "accuracy", "eval_accuracy")
 STANDARD_EVAL_FILE = "standard_eval.json"  # lm-evaluation-harness results, written by pipeline eval
 STANDARD_EVAL_SAMPLES = "standard_eval"  # its per-question answers: <this folder>/<model>-<task>.jsonl
 FULL_METRICS_TITLE = "Full metrics"
@@ -55,81 +55,57 @@ def _overview(cfg: RunConfig, stages: Sequence[str]) -> list[str]:
     return md_table(["stage", "status", "wall time (s)", "folder"], rows)
 
 
-def _sft_section(cfg: RunConfig, plots: Path) -> list[str]:
-    lines, manifest = _section_head(cfg, "sft", "SFT")
-    if manifest is None:
-        return lines
-    rows = read_metrics(cfg.stage_dir("sft"))
-    png = plot_curves(plots / "sft_loss.png", "SFT loss",
-                      {"train loss": series(rows, "loss"), "eval loss": series(rows, "eval_loss"),
-                       # token-level distillation: the two parts of the train loss
-                       "train CE": series(rows, "ce_loss"), "train KD": series(rows, "kd_loss")}, "loss")
-    lines += [f"![SFT loss]({png.relative_to(cfg.run_dir())})", ""] if png else ["no loss logged", ""]
-    return lines
+class StageSection:
+    """What a stage's ``report_section(section)`` (``StageSpec``) builds its section from: the complete stage's
+    manifest, final ``metrics`` and ``metrics.jsonl`` rows, and plots, tables and images that land in the
+    report's folder (links relative to the run folder). The report writes the section's heading, and for a stage
+    that is not complete its status instead of calling the stage."""
 
+    full_metrics_title = FULL_METRICS_TITLE
 
-def _rlaif_section(cfg: RunConfig) -> list[str]:
-    lines, manifest = _section_head(cfg, "rlaif_label", "RLAIF labels")
-    if manifest is None:
-        return lines
-    return lines + [f"The labelling stage's final metrics are under *{FULL_METRICS_TITLE}* at the end.", ""]
+    def __init__(self, cfg: RunConfig, stage: str, manifest: dict[str, Any], plots: Path):
+        self.cfg, self.stage, self.manifest, self.plots = cfg, stage, manifest, plots
+        self.dir = cfg.stage_dir(stage)
+        self.metrics: dict[str, Any] = manifest.get("metrics") or {}
+        self._rows: list[dict[str, Any]] | None = None
 
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The stage's ``metrics.jsonl`` rows."""
+        if self._rows is None:
+            self._rows = read_metrics(self.dir)
+        return self._rows
 
-def _find_histogram(cfg: RunConfig) -> Path | None:
-    stage_dir = cfg.stage_dir("rm")
-    for candidate in (stage_dir / "score_histogram.png", stage_dir / "model" / "score_histogram.png"):
-        if candidate.exists():
-            return candidate
-    found = sorted(stage_dir.rglob("score_histogram.png")) if stage_dir.exists() else []
-    return found[0] if found else None
+    def _image(self, png: Path | None, alt: str, missing: str | None) -> list[str]:
+        if png is None:
+            return [missing, ""] if missing else []
+        return [f"![{alt}]({png.relative_to(self.cfg.run_dir())})", ""]
 
+    def plot(self, file: str, title: str, curves: dict[str, str], ylabel: str = "", missing: str | None = None
+             ) -> list[str]:
+        """One plot of ``{label: metric key}`` curves over the steps (``missing``: the line when none was logged)."""
+        png = plot_curves(self.plots / file, title, {label: series(self.rows, key) for label, key in curves.items()},
+                          ylabel)
+        return self._image(png, title, missing)
 
-def _rm_section(cfg: RunConfig, plots: Path) -> list[str]:
-    lines, manifest = _section_head(cfg, "rm", "Reward model")
-    if manifest is None:
-        return lines
-    rows = read_metrics(cfg.stage_dir("rm"))
-    metrics = manifest.get("metrics") or {}
-    acc = metrics.get("eval_accuracy")
-    margin = metrics.get("eval_mean_margin")
-    if acc is not None or margin is not None:
-        lines += [f"Held-out accuracy: **{md_cell(acc)}**, mean margin (chosen − rejected): **{md_cell(margin)}**", ""]
-    png = plot_curves(plots / "rm_accuracy.png", "RM accuracy",
-                      {"train accuracy": series(rows, "accuracy"), "eval accuracy": series(rows, "eval_accuracy")},
-                      "accuracy")
-    if png:
-        lines += [f"![RM accuracy]({png.relative_to(cfg.run_dir())})", ""]
-    loss_png = plot_curves(plots / "rm_loss.png", "RM loss",
-                           {"train loss": series(rows, "loss"), "eval loss": series(rows, "eval_loss")}, "loss")
-    if loss_png:
-        lines += [f"![RM loss]({loss_png.relative_to(cfg.run_dir())})", ""]
-    histogram = _find_histogram(cfg)
-    if histogram is not None:
-        target = plots / "rm_score_histogram.png"
-        shutil.copyfile(histogram, target)
-        lines += ["Scores of chosen and rejected responses on held-out pairs:", "",
-                  f"![RM score histogram]({target.relative_to(cfg.run_dir())})", ""]
-    buckets = metrics.get("accuracy_by_margin_bucket")
-    if isinstance(buckets, dict) and buckets:
-        lines += ["Accuracy by margin bucket:", ""]
-        lines += md_table(["bucket", "accuracy"], [(k, v) for k, v in buckets.items()]) + [""]
-    elif isinstance(buckets, list) and buckets and all(isinstance(b, dict) for b in buckets):
-        header = list(dict.fromkeys(k for b in buckets for k in b))
-        lines += ["Accuracy by margin bucket:", ""]
-        lines += md_table(header, [[b.get(h) for h in header] for b in buckets]) + [""]
-    return lines
+    def grid(self, file: str, title: str, keys: Sequence[str], missing: str | None = None) -> list[str]:
+        """Small multiples, one panel per metric key."""
+        png = plot_grid(self.plots / file, title, {k: series(self.rows, k) for k in keys})
+        return self._image(png, f"{title} curves", missing)
 
+    def image(self, source: Path, file: str, alt: str) -> list[str]:
+        """A picture the stage saved, copied into the report's folder."""
+        target = self.plots / file
+        shutil.copyfile(source, target)
+        return self._image(target, alt, None)
 
-def _curves_section(cfg: RunConfig, plots: Path, stage: str, keys: Sequence[str]) -> list[str]:
-    """``## PPO`` / ``## DPO``: the stage's logged curves in one grid of plots."""
-    title = stage.upper()
-    lines, manifest = _section_head(cfg, stage, title)
-    if manifest is None:
-        return lines
-    rows = read_metrics(cfg.stage_dir(stage))
-    png = plot_grid(plots / f"{stage}_curves.png", title, {k: series(rows, k) for k in keys})
-    lines += [f"![{title} curves]({png.relative_to(cfg.run_dir())})", ""] if png else [f"no {title} metrics logged", ""]
-    return lines
+    @staticmethod
+    def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+        return md_table(header, rows) + [""]
+
+    @staticmethod
+    def cell(value: Any) -> str:
+        return md_cell(value)
 
 
 def _trend(rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float, float, float, int] | None:
@@ -232,16 +208,13 @@ def full_metrics_lines(cfg: RunConfig, stages: Sequence[str]) -> list[str]:
 
 
 def stage_lines(cfg: RunConfig, stages: Sequence[str], plots: Path) -> list[str]:
-    """``## Stages`` (the overview table), then the section of each stage the run has, plots into ``plots``."""
+    """``## Stages`` (the overview table), then the section of each stage the run has (its spec's
+    ``report_section``, in pipeline order), plots into ``plots``."""
     lines = ["## Stages", ""] + _overview(cfg, stages) + [""]
-    if "sft" in stages:
-        lines += _sft_section(cfg, plots)
-    if "rlaif_label" in stages:
-        lines += _rlaif_section(cfg)
-    if "rm" in stages:
-        lines += _rm_section(cfg, plots)
-    if "ppo" in stages:
-        lines += _curves_section(cfg, plots, "ppo", PPO_KEYS)
-    if "dpo" in stages:
-        lines += _curves_section(cfg, plots, "dpo", DPO_KEYS)
+    for spec in stage_specs(cfg):
+        if spec.name in stages and spec.report_section is not None:
+            head, manifest = _section_head(cfg, spec.name, spec.display)
+            lines += head
+            if manifest is not None:
+                lines += spec.report_section(StageSection(cfg, spec.name, manifest, plots))
     return lines

@@ -142,9 +142,15 @@ def memory_estimate(cfg: Any, plan: Any) -> None:
               "activations are the larger of the two, not their sum")
 
 
+def report_section(section: Any) -> list[str]:
+    return section.grid("dpo_curves.png", "DPO", ("loss", "eval_loss", "margin", "eval_margin", "accuracy",
+                                                  "eval_accuracy"), missing="no DPO metrics logged")
+
+
 SPEC = StageSpec(
     name="dpo", order=70, title="DPO", config_model=DPOConfig, run=lazy("stages.dpo.trainer:run"), parents=parents,
     check=check, data_fields=data_fields, training=engine_training("dpo"), memory_estimate=memory_estimate,
+    report_section=report_section,
     headline=("eval_accuracy", "eval_margin"),
     evaluated_policy=True, card=("direct preference optimisation (DPO family) against the starting policy", ("dpo",)),
 )

@@ -450,10 +450,16 @@ def memory_estimate(cfg: Any, plan: Any) -> None:
     plan.kv_cache(seq)
 
 
+def report_section(section: Any) -> list[str]:
+    return section.grid("ppo_curves.png", "PPO", ("score", "kl", "response_length", "entropy", "eos_rate", "kl_coef"),
+                        missing="no PPO metrics logged")
+
+
 SPEC = StageSpec(
     name="ppo", order=60, title="PPO", config_model=PPOConfig, run=lazy("stages.ppo.trainer:run"), parents=parents,
     reads=("sft", "rm"), check=check, samples=True, identity_extra=identity_extra,
     former_names={"episodes_per_rollout": "rollout_batch_size"}, external_models=external_models,
-    training=training, memory_estimate=memory_estimate, headline=("score", "kl", "eos_rate"), evaluated_policy=True,
+    training=training, memory_estimate=memory_estimate, report_section=report_section,
+    headline=("score", "kl", "eos_rate"), evaluated_policy=True,
     card=("PPO with a KL penalty to the reference policy (RLHF)", ("ppo", "rlhf")),
 )

@@ -41,8 +41,13 @@ def memory_estimate(cfg: Any, plan: Any) -> None:
     plan.note("an hf judge model, if any, is not included")
 
 
+def report_section(section: Any) -> list[str]:
+    return [f"The labelling stage's final metrics are under *{section.full_metrics_title}* at the end.", ""]
+
+
 SPEC = StageSpec(
     name="rlaif_label", order=30, title="RLAIF labels", config_model=RLAIFLabelConfig,
     run=lazy("stages.rlaif.label:run"), parents=parents, samples=True, memory_estimate=memory_estimate,
+    report_section=report_section,
     headline=("pairs_kept", "inconsistent"),
 )
