@@ -112,6 +112,12 @@ class ReportConfig(Section):
         None, description="Held-out prompts (with a 'reference' column for the verifier). Default: "
                           "ppo.eval_data, else the tail of ppo.data.")
     n_prompts: int = Field(8, gt=0, description="How many held-out prompts both policies answer (greedy).")
+    general_prompts: DataSource | None = Field(
+        None, description="Off-task drift: prompts unlike the training tasks, never trained on (an optional "
+                          "'reference' column for the overlap score); each policy and its parent answer them "
+                          "greedily and the report compares format share, length, eos rate, empty answers, KL "
+                          "and reference overlap (docs/USAGE.md). None: not measured.")
+    n_general: int = Field(48, gt=0, description="How many general_prompts (the head) each model answers.")
     verifier: str | None = Field(
         None, description="A rule verifier of the task's ground truth, 'module:function' with the reward "
                           "function signature fn(prompts, responses, references) -> scores (higher is better).")

@@ -38,6 +38,21 @@ def _fake_model_stage(cfg, stage: str, src: str, tokenizer, kind: str) -> None:
     write_manifest(out, manifest)
 
 
+def perturbed_model(cfg, base: str, tokenizer, folder: Path) -> str:
+    """The tiny base with every weight perturbed (seeded), saved in ``folder``: a policy that answers otherwise."""
+    import torch
+
+    from pipeline.models import load_model
+
+    model = load_model(base, cfg.model, tokenizer)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.5 * torch.randn_like(param) * param.std().clamp(min=1e-3))
+    model.save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
 def test_sample_generations_with_tiny_models(tmp_path):
     """Identical SFT and PPO policies: same greedy outputs, same RM scores, so a 50% win rate (all ties)."""
     import torch
@@ -95,7 +110,7 @@ def test_judge_win_rate_in_report_and_evaluation_json(tmp_path):
 
     torch.set_num_threads(1)
     from pipeline.evaluation.compare import judge_win_rate, sample_generations
-    from pipeline.models import load_model, load_tokenizer, prepare_base
+    from pipeline.models import load_tokenizer, prepare_base
 
     judges = ("rlaif:\n  judges:\n"
               "    short: {kind: function, function: 'tests.test_evaluation:prefers_shorter'}\n"
@@ -106,14 +121,8 @@ def test_judge_win_rate_in_report_and_evaluation_json(tmp_path):
     tokenizer = load_tokenizer(base, cfg.model, cfg.chat)
     for stage, kind in (("sft", "causal_lm"), ("rm", "seq_cls")):
         _fake_model_stage(cfg, stage, base, tokenizer, kind)
-    perturbed = tmp_path / "perturbed"
-    model = load_model(base, cfg.model, tokenizer)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.5 * torch.randn_like(param) * param.std().clamp(min=1e-3))
-    model.save_pretrained(perturbed, safe_serialization=True)
-    _fake_model_stage(cfg, "ppo", str(perturbed), tokenizer, "causal_lm")
+    _fake_model_stage(cfg, "ppo", perturbed_model(cfg, base, tokenizer, tmp_path / "perturbed"), tokenizer,
+                      "causal_lm")
 
     result = sample_generations(cfg, None, n=6)
     rows = result["rows"]
@@ -192,6 +201,11 @@ def test_verifier_parts_are_averaged_per_policy(tmp_path):
     verifier = result["comparisons"]["verifier"]
     assert verifier["wins"] == 3 and verifier["ties"] == 1
     assert verifier["metrics"] == {"correct": {"sft": 0.0, "policy": 0.5}, "short": {"sft": 0.0, "policy": 0.5}}
+    # each part paired: diffs 1, 0, 0, 1 (correct): mean 0.5, sd sqrt(1/3), half-width 1.96 * sd / 2
+    correct = verifier["parts"]["correct"]
+    assert (correct["n"], correct["mean_parent"], correct["mean_policy"]) == (4, 0.0, 0.5)
+    assert (correct["diff_ci_low"], correct["diff_ci_high"]) == pytest.approx(
+        (0.5 - 0.979982 * (1 / 3) ** 0.5, 0.5 + 0.979982 * (1 / 3) ** 0.5))
 
 
 def test_one_verdict_table_for_every_policy(tmp_path):

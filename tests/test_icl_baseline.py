@@ -79,7 +79,7 @@ def test_icl_rows_in_verdict_and_evaluation(tmp_path):
         for check in ("verifier tests.test_icl_baseline:longer_is_better", "judge short (function), both orders",
                       "reward model (rm stage)"):
             assert f"| {who} vs ICL (2-shot base) | {check} | 4 |" in verdict, (who, check)
-    assert "Verifier parts, SFT vs ICL (2-shot base), mean over the same prompts (ICL (2-shot base) -> SFT)" in text
+    assert "| SFT vs ICL (2-shot base) | verifier part nonempty | 4 |" in verdict  # the verifier's part, paired
     assert "## Few-shot baseline: the base model with 2 examples (ICL)" in text
     evaluation = json.loads((cfg.run_dir() / "evaluation.json").read_text())
     icl = evaluation["icl"]

@@ -173,20 +173,32 @@ def test_render_from_hand_written_evaluation(tmp_path, no_model):
                                                                                  "sft": "four"}]}}}),
         "distill": write_rows(cfg, "samples_distill", {"overlap": 0, "rows": [
             {"prompt": prompt, "teacher": "T says 4", "base": "B says 5", "sft": "S says 4", "verifier_teacher": 1.0,
-             "verifier_base": 0.0, "verifier_sft": 1.0}]})}
+             "verifier_base": 0.0, "verifier_sft": 1.0}]}),
+        "off_task_ppo": write_rows(cfg, "samples_off_task_ppo", {"rows": [
+            {"prompt": [{"role": "user", "content": "Name a colour."}], "reference": "Red.", "parent": "Red is one.",
+             "policy": '{"answer": ""}'}]})}
+    diff = {"diff": -2.5, "ci_low": -4.0, "ci_high": -1.0, "n": 4}
+    off_task = {"source": "greedy decoding", "n": 4, "drift": True, "reasons": ["length fell (-2.500, 95% CI "
+                                                                                 "entirely below 0)"],
+                "parent": {"length": 10.0, "kl": 0.0}, "policy": {"length": 7.5, "kl": 0.25},
+                "diffs": {"length": diff, "kl": {"diff": 0.25, "ci_low": 0.125, "ci_high": 0.375, "n": 4}}}
+    parts = {"house_format": {"n": 4, "mean_parent": 0.25, "mean_policy": 1.0, "diff": 0.75, "diff_ci_low": 0.25,
+                              "diff_ci_high": 1.25}}
     evaluation = {
         "run_name": "r", "policy": "ppo", "baseline": "sft", "n_prompts": 4, "source": "greedy decoding (cached)",
         "comparisons": {"verifier": comparison("verifier v:f", 4, 3, 0, metrics={"correct": {"sft": 0.25,
                                                                                               "policy": 0.75}}),
                         "rm": comparison("reward model (rm stage)", 4, 1, 2)},
-        "policies": {"dpo": {"source": "not run (needs a complete DPO stage)", "n_prompts": 0, "comparisons": {}}},
+        "off_task": off_task,
+        "policies": {"dpo": {"source": "not run (needs a complete DPO stage)", "n_prompts": 0, "comparisons": {},
+                             "off_task": {"source": "not measured (report.general_prompts is not set)"}}},
         "icl": {"shots": 1, "source": "greedy decoding", "examples": [{"role": "user", "content": "1+1?"},
                                                                       {"role": "assistant", "content": "2"}],
                 "policies": {"sft": {"n_prompts": 4, "comparisons": {"rm": comparison("reward model (rm stage)",
                                                                                       4, 0, 4)}}}},
         "distill": {"source": "greedy decoding", "overlap": 0,
-                    "against": {"teacher": {"n_prompts": 4, "comparisons": {"verifier": comparison("verifier v:f",
-                                                                                                   4, 0, 0)}}}},
+                    "against": {"teacher": {"n_prompts": 4, "comparisons": {"verifier": comparison(
+                        "verifier v:f", 4, 0, 0, parts=parts)}}}},
         "samples": samples}
     text = render_report(cfg, evaluation, out=lambda line: None).read_text()
     verdict = text.split("## Verdict", 1)[1].split("\n## ", 1)[0]
@@ -197,6 +209,18 @@ def test_render_from_hand_written_evaluation(tmp_path, no_model):
     assert "| SFT vs distill teacher | verifier v:f | 4 | 0 | 0 | 4 | 0.500 |" in verdict
     assert "Verifier parts, PPO, mean over the same prompts (SFT -> PPO): correct 0.250 -> 0.750." in verdict
     assert "DPO: no comparison available (not run (needs a complete DPO stage))." in verdict
+    # the verifier's parts as rows (the distillation row has parts; PPO's older "metrics" form stays a line)
+    assert ("| SFT vs distill teacher | verifier part house_format | 4 |  |  |  |  |  | **policy higher** | "
+            "0.250 -> 1.000 (diff +0.750, 95% CI +0.250 to +1.250) |") in verdict
+    # off-task drift: the verdict row, the figures, the note of a policy without general prompts
+    assert ("| PPO | off-task drift (4 general prompts) | 4 |  |  |  |  |  | **measurable** | length fell (-2.500, "
+            "95% CI entirely below 0) |") in verdict
+    assert "| PPO | length (tokens) | 4 | 10.000 | 7.500 | -2.500 | -4.000 to -1.000 |" in verdict
+    assert "| PPO | KL to the parent (per token) | 4 | 0.000 | 0.250 | +0.250 | +0.125 to +0.375 |" in verdict
+    assert "DPO, off-task drift: not measured (report.general_prompts is not set)." in verdict
+    off = text.split("## Off-task answers: SFT vs PPO", 1)[1].split("\n## ", 1)[0]
+    assert "The first 1 of 1 general prompts (all in `report/samples_off_task_ppo.json`)." in off
+    assert '| user: Name a colour. | Red is one. | {"answer": ""} |' in off
     ppo = text.split("## Sample generations: SFT vs PPO", 1)[1].split("\n## ", 1)[0]
     assert "1 held-out prompts, greedy decoding (cached)." in ppo
     assert "Judge: not computed (judge `short`: RuntimeError: judge down)." in ppo

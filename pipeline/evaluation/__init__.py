@@ -9,8 +9,10 @@
   student after against the teacher and against the student before (``baselines.py``).
 
 Each comparison's answer rows are cached in ``report/samples*.json`` (``cache.py``): a report generates again
-only what changed. Modules: ``stats`` (pure), ``generate`` (models answering prompts), ``compare``,
-``baselines``, ``cache``, ``runs`` (the run folder). torch and transformers are imported inside the functions
+only what changed. With ``report.general_prompts``, each policy and SFT also answer prompts unlike the training
+tasks, and ``drift.py`` measures off-task drift (format share, length, eos rate, empty answers, KL, reference
+overlap). Modules: ``stats`` (pure), ``generate`` (models answering prompts), ``compare``, ``baselines``,
+``drift``, ``cache``, ``runs`` (the run folder). torch and transformers are imported inside the functions
 that load models.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..manifest import atomic_write_json
-from .cache import Outcome, Printer, load_distill, load_icl, load_samples
+from .cache import Outcome, Printer, load_distill, load_icl, load_off_task, load_samples
 from .runs import EVALUATION_FILE, POLICY_STAGES, STAGE_TITLES, is_complete, rows_file, run_stages
 
 NO_PPO = "no PPO stage"  # evaluation.json's source when the run has no PPO stage
@@ -38,11 +40,15 @@ def evaluate(cfg: RunConfig, out: Printer = print, generate: bool = True,
     stages = run_stages(cfg)
     n = n or cfg.report.n_prompts
     results: dict[str, Outcome] = {}
+    off_task: dict[str, Outcome] = {}
     for policy in POLICY_STAGES:
         if policy not in stages:
             continue
-        results[policy] = (load_samples(cfg, generate, n, out, policy) if is_complete(cfg, policy)
-                           else (None, f"not run (needs a complete {STAGE_TITLES[policy]} stage)"))
+        if not is_complete(cfg, policy):
+            results[policy] = (None, f"not run (needs a complete {STAGE_TITLES[policy]} stage)")
+            continue
+        results[policy] = load_samples(cfg, generate, n, out, policy)
+        off_task[policy] = load_off_task(cfg, generate, out, policy)
     icl: Outcome | None = None
     if cfg.report.icl_shots > 0 and "sft" in stages:
         icl = (load_icl(cfg, generate, n, out, results) if is_complete(cfg, "sft")
@@ -53,22 +59,32 @@ def evaluate(cfg: RunConfig, out: Printer = print, generate: bool = True,
                    else (None, "not run (needs complete distill and SFT stages)"))
     if not results and icl is None and distill is None:
         return None
-    return write_evaluation(cfg, results, icl, distill)
+    return write_evaluation(cfg, results, icl, distill, off_task)
+
+
+def off_task_block(outcome: Outcome) -> dict[str, Any]:
+    """evaluation.json's ``off_task`` of one policy: ``{source, n, parent, policy, diffs, drift, reasons}``
+    (``drift.summarise``), or ``{source}`` (why it was not measured)."""
+    result, source = outcome
+    keys = ("n", "parent", "policy", "diffs", "drift", "reasons")
+    return {"source": source, **{k: result[k] for k in keys if k in result}} if result else {"source": source}
 
 
 def write_evaluation(cfg: RunConfig, results: dict[str, Outcome], icl: Outcome | None = None,
-                     distill: Outcome | None = None) -> dict[str, Any]:
+                     distill: Outcome | None = None, off_task: dict[str, Outcome] | None = None) -> dict[str, Any]:
     """``outputs/<run>/evaluation.json``: PPO vs SFT on held-out prompts at the top level, every other policy
     stage (DPO ...) under ``policies.<stage>`` with its source and comparisons; returns what it wrote.
 
     Keys: ``n_prompts``, ``source`` (where the generations came from), ``rm_win_rate``, ``rm_mean_sft``,
     ``rm_mean_ppo`` (when there is an RM), ``judge``, ``judge_kind``, ``judge_win_rate``, ``judge_wins``,
     ``judge_losses``, ``judge_ties``, ``judge_inconsistent``, ``judge_malformed`` (or ``judge_error``),
-    ``comparisons``. With the few-shot baseline (``icl``: ``icl_generations`` result, source): ``icl`` =
-    ``{shots, source, examples, policies: {sft|<policy>: {n_prompts, comparisons}}}``, each against the k-shot
-    base model. With distillation: ``distill`` = ``{source, overlap, against: {base|teacher: {n_prompts,
-    comparisons}}}``. ``samples``: the run-relative file of each comparison's answer rows ("ppo", "dpo",
-    "icl", "distill"), for the report's tables.
+    ``comparisons`` (the verifier's with ``parts``: each part's paired mean difference with its interval).
+    Off-task drift (``off_task``: policy -> ``drift.off_task_generations`` outcome): ``off_task`` (PPO) and
+    ``policies.<stage>.off_task``, each :func:`off_task_block`. With the few-shot baseline (``icl``:
+    ``icl_generations`` result, source): ``icl`` = ``{shots, source, examples, policies: {sft|<policy>:
+    {n_prompts, comparisons}}}``, each against the k-shot base model. With distillation: ``distill`` =
+    ``{source, overlap, against: {base|teacher: {n_prompts, comparisons}}}``. ``samples``: the run-relative file
+    of each comparison's answer rows ("ppo", "dpo", "icl", "distill", "off_task_<policy>"), for the report.
     """
     ppo_result, ppo_source = results.get("ppo", (None, NO_PPO))
     ppo = ppo_result or {"rows": []}
@@ -78,6 +94,8 @@ def write_evaluation(cfg: RunConfig, results: dict[str, Outcome], icl: Outcome |
                                        "comparisons": (res or {}).get("comparisons") or {}}
                                for stage, (res, src) in results.items() if stage != "ppo"},
                   "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for stage, outcome in (off_task or {}).items():
+        (evaluation if stage == "ppo" else evaluation["policies"][stage])["off_task"] = off_task_block(outcome)
     if icl is not None:
         icl_result, icl_source = icl
         evaluation["icl"] = {"shots": cfg.report.icl_shots, "source": icl_source,
@@ -91,7 +109,8 @@ def write_evaluation(cfg: RunConfig, results: dict[str, Outcome], icl: Outcome |
             "source": distill_source, "overlap": (distill_result or {}).get("overlap"),
             "against": {parent: {"n_prompts": len(res["rows"]), "comparisons": res.get("comparisons")}
                         for parent, res in against}}
-    outcomes = {**results, **({"icl": icl} if icl else {}), **({"distill": distill} if distill else {})}
+    outcomes = {**results, **({"icl": icl} if icl else {}), **({"distill": distill} if distill else {}),
+                **{f"off_task_{stage}": outcome for stage, outcome in (off_task or {}).items()}}
     evaluation["samples"] = {name: str(rows_file(cfg, name).relative_to(cfg.run_dir()))
                              for name, (result, _) in outcomes.items() if result is not None}
     atomic_write_json(cfg.run_dir() / EVALUATION_FILE, evaluation)

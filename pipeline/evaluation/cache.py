@@ -13,6 +13,7 @@ from ..config import RunConfig
 from ..manifest import MANIFEST, atomic_write_json, hash_file, hash_json
 from .baselines import distill_generations, icl_generations
 from .compare import add_comparisons, judge_or_reason, sample_generations
+from .drift import off_task_generations
 from .runs import STAGE_TITLES, rows_file
 from .stats import win_rate
 
@@ -124,3 +125,15 @@ def load_distill(cfg: RunConfig, generate: bool, n: int, out: Printer) -> Outcom
         rows_file(cfg, "distill"), key, generate, out,
         f"generating {n} answers each of the distill teacher, the base model and SFT", "distillation comparison",
         lambda: distill_generations(cfg, n))
+
+
+def load_off_task(cfg: RunConfig, generate: bool, out: Printer, policy: str) -> Outcome:
+    """:func:`off_task_generations` of ``policy`` against SFT on ``report.general_prompts`` (cached in
+    ``report/samples_off_task_<policy>.json``) and where it came from, or (None, why not)."""
+    if cfg.report.general_prompts is None:
+        return None, "not measured (report.general_prompts is not set)"
+    n = cfg.report.n_general
+    return cached_or_generated(
+        rows_file(cfg, f"off_task_{policy}"), hash_json({"off_task": samples_key(cfg, n, policy)}), generate, out,
+        f"answering {n} general prompts with SFT and {STAGE_TITLES[policy]} (off-task drift)", "off-task drift",
+        lambda: off_task_generations(cfg, policy))

@@ -10,7 +10,7 @@ from typing import Any
 from ..config import RunConfig
 from .generate import Messages, generate, generation_threads, held_out_examples, last_user, prompt_ids
 from .runs import is_complete
-from .stats import mean_known, outcome_comparison, paired_comparison, win_rate
+from .stats import mean_known, outcome_comparison, paired_comparison, paired_difference_known, win_rate
 
 
 def score_responses(cfg: RunConfig, prompts: list[Messages], responses: list[list[int]]) -> list[float]:
@@ -114,10 +114,14 @@ def _verifier_comparison(cfg: RunConfig, rows: list[dict[str, Any]], policy: str
     comparison = {"check": f"verifier {cfg.report.verifier}", **paired_comparison(
         [r[f"verifier_{policy}"] for r in rows], [r[f"verifier_{parent}"] for r in rows])}
     if all(f"verifier_metrics_{parent}" in r and f"verifier_metrics_{policy}" in r for r in rows):
-        comparison["metrics"] = {
-            name: {side: mean_known([r[f"verifier_metrics_{who}"].get(name) for r in rows])
-                   for side, who in ((parent, parent), ("policy", policy))}
-            for name in rows[0][f"verifier_metrics_{parent}"]}
+        names = list(rows[0][f"verifier_metrics_{parent}"])
+        values = {who: {name: [r[f"verifier_metrics_{who}"].get(name) for r in rows] for name in names}
+                  for who in (parent, policy)}
+        comparison["metrics"] = {name: {parent: mean_known(values[parent][name]),
+                                        "policy": mean_known(values[policy][name])} for name in names}
+        # each part paired over the prompts where both have it: the mean difference with its interval
+        parts = {name: paired_difference_known(values[policy][name], values[parent][name]) for name in names}
+        comparison["parts"] = {name: part for name, part in parts.items() if part is not None}
     return comparison
 
 

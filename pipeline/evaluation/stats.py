@@ -69,6 +69,12 @@ def paired_difference(policy: Sequence[float], parent: Sequence[float]) -> dict[
             "diff": diff, "diff_ci_low": low, "diff_ci_high": high}
 
 
+def paired_difference_known(policy: Sequence[float | None], parent: Sequence[float | None]) -> dict[str, Any] | None:
+    """:func:`paired_difference` over the prompts where both values are known (not None); None when none is."""
+    pairs = [(a, b) for a, b in zip(policy, parent) if a is not None and b is not None]
+    return paired_difference([a for a, _ in pairs], [b for _, b in pairs]) if pairs else None
+
+
 def paired_comparison(policy: Sequence[str | float], parent: Sequence[str | float]) -> dict[str, Any]:
     """Per-prompt comparison of a policy against its parent, with a 95% interval.
 

@@ -49,7 +49,14 @@ from .sections import (
     standard_eval_lines,
     training_summary_lines,
 )
-from .verdict import distill_section, icl_section, samples_section, verdict_entries, verdict_lines
+from .verdict import (
+    distill_section,
+    icl_section,
+    off_task_samples_section,
+    samples_section,
+    verdict_entries,
+    verdict_lines,
+)
 
 
 def render_report(cfg: RunConfig, evaluation: dict[str, Any] | None, out: Printer = print) -> Path:
@@ -71,6 +78,7 @@ def render_report(cfg: RunConfig, evaluation: dict[str, Any] | None, out: Printe
     for policy in POLICY_STAGES:
         if policy in entries:
             lines += samples_section(cfg, evaluation, policy, entries[policy][1])
+            lines += off_task_samples_section(cfg, evaluation, policy)
     if "icl" in evaluation:
         lines += icl_section(cfg, evaluation)
     if "distill" in evaluation:

@@ -9,6 +9,7 @@ from typing import Any
 from ..config import RunConfig
 from ..evaluation import EVALUATION_FILE, NO_PPO
 from ..evaluation.baselines import DISTILL_MODELS
+from ..evaluation.drift import EMPTY_WORDS, FORMAT_DRIFT, METRICS
 from ..evaluation.runs import STAGE_TITLES, read_rows_file, rows_file, stage_manifest
 from ..evaluation.stats import mean_interval, mean_known
 from .markdown import md_cell, md_table, prompt_text
@@ -22,11 +23,11 @@ def verdict_entries(evaluation: dict[str, Any]) -> dict[str, Entry]:
     "icl_<who>" (against the few-shot base), "distill_<parent>" (the student after against a parent)."""
     entries: dict[str, Entry] = {}
     if evaluation.get("source", NO_PPO) != NO_PPO:
-        entries["ppo"] = ({"policy": "ppo", "parent": "sft", "comparisons": evaluation.get("comparisons")},
-                          evaluation["source"])
+        entries["ppo"] = ({"policy": "ppo", "parent": "sft", "comparisons": evaluation.get("comparisons"),
+                           "off_task": evaluation.get("off_task")}, evaluation["source"])
     for stage, entry in (evaluation.get("policies") or {}).items():
-        entries[stage] = ({"policy": stage, "parent": "sft", "comparisons": entry.get("comparisons")},
-                          entry.get("source", ""))
+        entries[stage] = ({"policy": stage, "parent": "sft", "comparisons": entry.get("comparisons"),
+                           "off_task": entry.get("off_task")}, entry.get("source", ""))
     if (icl := evaluation.get("icl")) is not None:
         rows = {f"icl_{who}": ({"policy": who, "parent": "icl", "shots": icl.get("shots"),
                                 "comparisons": e.get("comparisons")}, icl.get("source", ""))
@@ -53,23 +54,45 @@ def _titles(key: str, result: dict[str, Any] | None) -> tuple[str, str, str, str
     return policy, parent, title, parent_title
 
 
+def _means(parent: float, policy: float, diff: float, low: float, high: float) -> str:
+    return f"{parent:.3f} -> {policy:.3f} (diff {diff:+.3f}, 95% CI {low:+.3f} to {high:+.3f})"
+
+
+def direction_of(low: float, high: float) -> str:
+    """'policy higher' / 'parent higher' when the 95% interval of a mean difference excludes 0."""
+    return "policy higher" if low > 0 else "parent higher" if high < 0 else "no measurable difference"
+
+
 def _check_rows(title: str, comparisons: dict[str, Any]) -> list[list[Any]]:
-    """One verdict-table row per check (verifier, judge, RM) the comparisons hold."""
+    """One verdict-table row per check (verifier, judge, RM) the comparisons hold, and one per verifier part."""
     table = []
     for name in CHECKS:
         c = comparisons.get(name)
         if c is None:
             continue
-        mean = (f"{c['mean_parent']:.3f} -> {c['mean_policy']:.3f} (diff {c['mean_diff']:+.3f}, 95% CI "
-                f"{c['diff_ci_low']:+.3f} to {c['diff_ci_high']:+.3f})") if name != "judge" else ""
+        mean = (_means(c["mean_parent"], c["mean_policy"], c["mean_diff"], c["diff_ci_low"], c["diff_ci_high"])
+                if name != "judge" else "")
         table.append([title, c["check"], c["n"], c["wins"], c["losses"], c["ties"], f"{c['win_rate']:.3f}",
                       f"{c['ci_low']:.3f} to {c['ci_high']:.3f}", f"**{c['verdict']}**", mean])
+        for part, p in (c.get("parts") or {}).items() if name == "verifier" else ():
+            table.append([title, f"verifier part {part}", p["n"], "", "", "", "", "",
+                          f"**{direction_of(p['diff_ci_low'], p['diff_ci_high'])}**",
+                          _means(p["mean_parent"], p["mean_policy"], p["diff"], p["diff_ci_low"], p["diff_ci_high"])])
     return table
+
+
+def _off_task_row(title: str, off_task: dict[str, Any]) -> list[Any]:
+    """The verdict-table row of a measured off-task drift: none / measurable, and why."""
+    why = "; ".join(off_task.get("reasons") or []) or "no rule met (see Off-task drift below)"
+    return [title, f"off-task drift ({off_task['n']} general prompts)", off_task["n"], "", "", "", "", "",
+            f"**{'measurable' if off_task['drift'] else 'none'}**", why]
 
 
 def _parts_line(key: str, result: dict[str, Any], comparisons: dict[str, Any]) -> str | None:
     """The verifier's parts, parent -> policy means, as one line under the table (None without parts)."""
     policy, parent, title, parent_title = _titles(key, result)
+    if (comparisons.get("verifier") or {}).get("parts"):
+        return None  # rows of the table instead
     parts = (comparisons.get("verifier") or {}).get("metrics") or {}
     known = [f"{name} {m[parent]:.3f} -> {m['policy']:.3f}" for name, m in parts.items()
              if m.get(parent) is not None and m.get("policy") is not None]
@@ -80,10 +103,18 @@ def _parts_line(key: str, result: dict[str, Any], comparisons: dict[str, Any]) -
             + "; ".join(known) + ".")
 
 
-def _verdict_notes(keys: list[str]) -> list[str]:
+def _verdict_notes(keys: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["", "Win rate: ties count half; the interval is Wilson's score interval over prompts; a result "
              "whose interval includes 0.5 is \"no measurable difference\". The verifier and judge are checks "
              "the reward model cannot see; the RM row is the reward PPO optimised."]
+    if any(str(row[1]).startswith("verifier part ") for row in rows):
+        lines += ["", "Rows \"verifier part X\": one part of the verifier's score (e.g. correct, house_format), "
+                  "its mean difference with a normal 95% interval over the same prompts (paired)."]
+    if any(str(row[1]).startswith("off-task drift") for row in rows):
+        lines += ["", f"Row \"off-task drift\": the policy and its parent on general prompts unlike the training "
+                  f"tasks; \"measurable\" when the format share rises by more than {FORMAT_DRIFT:.2f}, the length or "
+                  "the reference overlap falls (95% CI below 0) or the share of empty answers rises (95% CI "
+                  "above 0); the figures are under *Off-task drift* below."]
     if any(k.startswith("icl_") for k in keys):
         lines += ["", "Rows \"X vs ICL (k-shot base)\": the fine-tuned model X (policy) against the base model "
                   "prompted with k examples from the run's SFT data (parent), on the same prompts: did "
@@ -107,18 +138,48 @@ def verdict_lines(entries: dict[str, Entry]) -> list[str]:
         comparisons = (result or {}).get("comparisons") or {}
         if not comparisons:
             notes.append(f"{title}: no comparison available ({source}).")
-            continue
         table += _check_rows(title, comparisons)
         if (line := _parts_line(key, result or {}, comparisons)) is not None:
             parts_lines.append(line)
+        off_task = (result or {}).get("off_task") or {}
+        if "drift" in off_task:
+            table.append(_off_task_row(title, off_task))
+        elif off_task:
+            notes.append(f"{title}, off-task drift: {off_task.get('source')}.")
     if table:
         lines += md_table(["policy", "check", "prompts", "policy wins", "parent wins", "ties", "win rate",
                            "95% CI", "verdict", "mean score parent -> policy"], table)
     for line in parts_lines + notes:
         lines += ["", line]
     if table:
-        lines += _verdict_notes(list(entries))
-    return lines + [""]
+        lines += _verdict_notes(list(entries), table)
+    return lines + [""] + off_task_lines(entries)
+
+
+OFF_TASK_LABELS = {"format_share": "format share (verifier's format part)", "length": "length (tokens)",
+                   "eos_rate": "eos rate", "empty_share": f"empty share (< {EMPTY_WORDS} words)",
+                   "kl": "KL to the parent (per token)", "reference_overlap": "reference overlap (ROUGE-L F1)"}
+OFF_TASK_SHOWN = 8  # the off-task answers the report lists (all are in the rows file)
+
+
+def off_task_lines(entries: dict[str, Entry]) -> list[str]:
+    """``### Off-task drift``: every measured policy's metrics on the general prompts, parent -> policy."""
+    table = []
+    for key, (result, _) in entries.items():
+        off_task = (result or {}).get("off_task") or {}
+        for metric in METRICS if "diffs" in off_task else ():
+            if (d := off_task["diffs"].get(metric)) is not None:
+                table.append([_titles(key, result)[2], OFF_TASK_LABELS[metric], d["n"],
+                              f"{off_task['parent'][metric]:.3f}", f"{off_task['policy'][metric]:.3f}",
+                              f"{d['diff']:+.3f}", f"{d['ci_low']:+.3f} to {d['ci_high']:+.3f}"])
+    if not table:
+        return []
+    return (["### Off-task drift: each policy against its parent on general prompts", ""]
+            + md_table(["policy", "metric", "prompts", "parent", "policy", "diff", "95% CI (paired)"], table)
+            + ["", f"Greedy answers to `report.general_prompts` (never trained on). Empty: fewer than {EMPTY_WORDS} "
+               "words once a JSON object or code fence around the answer is stripped; reference overlap on the "
+               "stripped answer; KL: mean over the policy's answer tokens of KL(policy || parent), both "
+               "teacher-forced (the parent's is 0).", ""])
 
 
 def saved_rows(cfg: RunConfig, evaluation: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -214,3 +275,16 @@ def distill_section(cfg: RunConfig, evaluation: dict[str, Any]) -> list[str]:
     lines += md_table(["prompt", "teacher", "student before (base)", "student after (SFT)"],
                       [[prompt_text(r["prompt"]), r["teacher"], r["base"], r["sft"]] for r in rows])
     return lines + [""]
+
+
+def off_task_samples_section(cfg: RunConfig, evaluation: dict[str, Any], policy: str) -> list[str]:
+    """``## Off-task answers``: the first general prompts with the parent's and the policy's answers."""
+    result = saved_rows(cfg, evaluation, f"off_task_{policy}")
+    if result is None:
+        return []
+    rows, title = result["rows"], STAGE_TITLES[policy]
+    samples = (evaluation.get("samples") or {}).get(f"off_task_{policy}")
+    lines = [f"## Off-task answers: SFT vs {title}", "",
+             f"The first {min(OFF_TASK_SHOWN, len(rows))} of {len(rows)} general prompts (all in `{samples}`).", ""]
+    return lines + md_table(["prompt", "SFT", title], [[prompt_text(r["prompt"]), r["parent"], r["policy"]]
+                                                      for r in rows[:OFF_TASK_SHOWN]]) + [""]
