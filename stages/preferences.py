@@ -159,6 +159,49 @@ def print_encode_reports(name: str, max_length: int, reports: dict[str, EncodeRe
                   f"{name}.max_length={max_length}{first}", flush=True)
 
 
+@dataclass
+class EncodedSplit:
+    """A preference stage's pairs in the reward layout (``encoded_preferences``): train and held-out rows, their
+    encode reports, the data report per split and the source the pairs came from."""
+
+    train: list[EncodedPair]
+    eval: list[EncodedPair]
+    train_report: EncodeReport
+    eval_report: EncodeReport
+    info: dict[str, Any]
+    source: DataSource
+
+    def counts(self, per_split: bool = False) -> dict[str, int]:
+        """Pairs whose prompt was cut and pairs skipped as too long (train + eval; ``per_split``: each split's
+        too), and the bad records skipped under ``max_bad_fraction``: the manifest's metrics."""
+        t, e = self.train_report, self.eval_report
+        out = {"prompt_truncated": t.prompt_truncated + e.prompt_truncated,
+               "skipped_too_long": t.skipped_too_long + e.skipped_too_long}
+        if per_split:
+            out.update(train_prompt_truncated=t.prompt_truncated, train_skipped_too_long=t.skipped_too_long,
+                       eval_prompt_truncated=e.prompt_truncated, eval_skipped_too_long=e.skipped_too_long)
+        out["skipped_records"] = sum(d.get("skipped", 0) for d in self.info.values())
+        return out
+
+
+def encoded_preferences(cfg: Any, run: Any, stage: str, tokenizer: Any, is_main: bool) -> EncodedSplit:
+    """The ``rm`` / ``dpo`` stage's pairs (``preference_source``: its data or rlaif_label's), held out by prompt
+    (``load_preference_split``) and encoded within ``<stage>.max_length``; the cut and skipped pairs are
+    printed, and a run with no training pair left is an error saying to raise max_length."""
+    section = getattr(cfg, stage)
+    source = preference_source(cfg, run, stage, is_main)
+    train_pairs, eval_pairs, info = load_preference_split(section, cfg.seed, source, stage)
+    system = cfg.chat.system_prompt
+    train, train_report = encode_pairs(tokenizer, train_pairs, section.max_length, system)
+    held, eval_report = encode_pairs(tokenizer, eval_pairs, section.max_length, system)
+    if is_main:
+        print_encode_reports(stage, section.max_length, {"train": train_report, "eval": eval_report})
+    if not train:
+        raise DataError(f"{source.path}: no training pairs fit in {stage}.max_length={section.max_length} "
+                        f"({train_report.skipped_too_long} skipped as too long); raise max_length")
+    return EncodedSplit(train, held, train_report, eval_report, info, source)
+
+
 def pair_count(batch: dict[str, torch.Tensor]) -> int:
     """Pairs in a preference batch (``pair_collate``'s or DPO's: the chosen rows, then as many rejected
     rows): the units the RM and DPO losses are means over."""

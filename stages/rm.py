@@ -49,7 +49,6 @@ Metrics
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,22 +57,18 @@ import torch.nn.functional as F
 
 from data.formats import DataError, PreferencePair
 from pipeline.config import DataSource, RunConfig
-from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
-from pipeline.stage import StageRun
-from stages.engine import Engine, init_distributed, set_seed
-from stages.preferences import (  # noqa: F401  (EncodedPair, encode_pair: re-exported for callers of stages.rm)
+from stages.context import StageContext, numeric
+from stages.engine import Engine
+from stages.preferences import (  # noqa: F401  (encode_pair, encode_pairs: re-exported for callers of stages.rm)
     EncodedPair,
     encode_pair,
     encode_pairs,
+    encoded_preferences,
     load_preference_split,
     pair_collate,
     pair_count,
-    preference_source,
-    print_encode_reports,
 )
-from stages.saving import save_stage_model
 from stages.scoring import READ_TRAINED, REWARD_LAYOUT, score_sequences, write_reading_file
-from stages.tuning import apply_tuning, quantization_kwargs, trainable_summary
 
 HISTOGRAM_FILE = "score_histogram.png"
 
@@ -218,102 +213,53 @@ def load_preferences(cfg: RunConfig, source: DataSource | None = None,
     return load_preference_split(cfg.rm, cfg.seed, source, "rm")
 
 
+def kwise_groups(rows: list[EncodedPair]) -> tuple[list[int] | None, int]:
+    """(a group id per row when some prompt has several pairs (a K-wise ranking), the number of such groups):
+    the engine keeps a group in one micro-batch."""
+    sizes: dict[int, int] = {}
+    for row in rows:
+        sizes[row.group] = sizes.get(row.group, 0) + 1
+    n = sum(1 for size in sizes.values() if size > 1)
+    return ([row.group for row in rows] if n else None), n
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
+    """The ``rm`` stage: pairs in the reward layout, a Bradley-Terry loss on the shared engine, ``model/`` with
+    where it is read, the held-out histogram and metrics (see the module doc)."""
     rm = cfg.rm
     if rm.data is None and "rlaif_label" not in cfg.stages:
         raise DataError("rm.data is not set: point it at a preference file (prompt/chosen/rejected, "
                         "HH transcripts, or prompt/responses/ranking) or hub:name, or add rlaif_label to the "
                         "run's stages (make rlaif) to train on AI-judged pairs of SFT samples")
-    dist = init_distributed()
-    with StageRun(cfg, "rm", is_main=dist.is_main) as run:
-        if rm.train.num_threads:
-            torch.set_num_threads(rm.train.num_threads)
-        if rm.init_from == "sft":
-            sft_dir = run.parent_dir("sft")
-            init_path = str(sft_dir / "model")
-            if not (sft_dir / "model").exists():
-                method = run.parents["sft"].get("tuning_method")
-                raise FileNotFoundError(
-                    f"{sft_dir}/model not found: the sft stage (tuning method {method!r}) saved only an "
-                    "adapter, and a reward model needs a full or merged SFT model to start from. Re-run sft "
-                    "with a mergeable method (full, lora, dora, ...) or set rm.init_from=base.")
-            tokenizer = load_tokenizer(str(sft_dir), cfg.model, cfg.chat)
-        else:
-            base = prepare_base(cfg.model) if dist.is_main else None
-            if dist.world_size > 1:  # rank 0 builds/converts the base once; the others wait for it
-                holder = [base]
-                torch.distributed.broadcast_object_list(holder, src=0)
-                base = holder[0]
-            init_path = base
-            tokenizer = load_tokenizer(base, cfg.model, cfg.chat)
-        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-            raise ValueError("the tokenizer's pad must differ from eos for the reward model (set model.pad_token)")
-        fmt = chat_format(tokenizer, cfg.chat)
-        run.set_chat_format(fmt, chat_fingerprint(fmt))
-        run.update(reward_layout=dict(REWARD_LAYOUT), reward_model_read=READ_TRAINED)
-
+    with StageContext(cfg, "rm", num_threads=rm.train.num_threads) as ctx:
+        start = ctx.starting_model(rm.init_from == "sft", needs_full_model="a reward model")
+        tokenizer = ctx.use_tokenizer(start.tokenizer_dir, distinct_pad="the reward model")
+        ctx.run.update(reward_layout=dict(REWARD_LAYOUT), reward_model_read=READ_TRAINED)
         # offline RLAIF: with rlaif_label among the stages, its labelled pairs replace rm.data
-        source = preference_source(cfg, run, "rm", dist.is_main)
-        train_pairs, eval_pairs, data_info = load_preferences(cfg, source)
-        system = cfg.chat.system_prompt
-        train_rows, train_enc = encode_pairs(tokenizer, train_pairs, rm.max_length, system)
-        eval_rows, eval_enc = encode_pairs(tokenizer, eval_pairs, rm.max_length, system)
-        if dist.is_main:
-            print_encode_reports("rm", rm.max_length, {"train": train_enc, "eval": eval_enc})
-        if not train_rows:
-            raise DataError(f"{source.path}: no training pairs fit in rm.max_length={rm.max_length} "
-                            f"({train_enc.skipped_too_long} skipped as too long); raise max_length")
-        if not eval_rows and dist.is_main:
-            print("[alignpipe] rm: no held-out pairs (set rm.eval_data or rm.eval_fraction): no eval metrics "
-                  "or histogram", flush=True)
-
-        group_sizes: dict[int, int] = {}
-        for row in train_rows:
-            group_sizes[row.group] = group_sizes.get(row.group, 0) + 1
-        kwise_groups = sum(1 for n in group_sizes.values() if n > 1)
-        groups = [row.group for row in train_rows] if kwise_groups else None
-
-        t = rm.train
-        steps_guess = t.max_steps or max(1, math.ceil(
-            t.epochs * len(train_rows) / (t.per_device_batch_size * dist.world_size * t.gradient_accumulation_steps)))
-        set_seed(t.seed)  # the new score head's initialisation is reproducible
-        model = load_model(init_path, cfg.model, tokenizer, kind="seq_cls", **quantization_kwargs(rm.tuning))
-        model.config.use_cache = False
-        model, unfreezer = apply_tuning(model, rm.tuning, "seq_cls", steps_guess)
-        params = trainable_summary(model)
-        if dist.is_main:
-            print(f"[alignpipe] rm: {len(train_rows)} train pairs ({kwise_groups} K-wise groups), {len(eval_rows)} "
-                  f"eval, init from {rm.init_from}, method {rm.tuning.method}, trainable "
-                  f"{params['params_trainable']:,} / {params['params_total']:,}", flush=True)
-        collate = pair_collate(tokenizer.pad_token_id)
-        kept: dict[str, torch.Tensor] = {}
-        engine = Engine(
-            model, t, run, dist, train_rows, collate, make_loss_fn(rm.center_rewards_coefficient),
-            loss_units=pair_count, groups=groups, unfreezer=unfreezer, desc="rm",
-            eval_fn=make_eval_fn(eval_rows, collate, t.per_device_batch_size, dist.device,
-                                 rm.center_rewards_coefficient, kept) if eval_rows else None,
-        )
+        pairs = encoded_preferences(cfg, ctx.run, "rm", tokenizer, ctx.is_main)
+        if not pairs.eval:
+            ctx.say("no held-out pairs (set rm.eval_data or rm.eval_fraction): no eval metrics or histogram")
+        groups, n_groups = kwise_groups(pairs.train)
+        model, unfreezer, params = ctx.trainable_model(start.model_dir, tokenizer, "seq_cls", len(pairs.train))
+        ctx.say(f"{len(pairs.train)} train pairs ({n_groups} K-wise groups), {len(pairs.eval)} eval, init from "
+                f"{rm.init_from}, method {rm.tuning.method}, trainable {params['params_trainable']:,} / "
+                f"{params['params_total']:,}")
+        collate, kept = pair_collate(tokenizer.pad_token_id), {}
+        evaluate = make_eval_fn(pairs.eval, collate, rm.train.per_device_batch_size, ctx.device,
+                                rm.center_rewards_coefficient, kept) if pairs.eval else None
+        engine = Engine(model, rm.train, ctx.run, ctx.dist, pairs.train, collate,
+                        make_loss_fn(rm.center_rewards_coefficient), loss_units=pair_count, groups=groups,
+                        unfreezer=unfreezer, desc="rm", eval_fn=evaluate)
         result = engine.fit()
-        save_stage_model(engine, tokenizer, run, rm.tuning, init_path, cfg, "seq_cls")
-        if dist.is_main and (run.dir / "model").is_dir():  # model/ on its own says where it is read
-            write_reading_file(run.dir / "model", rm.max_length, cfg.chat.system_prompt)
-
-        metrics: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-        if kept and dist.is_main:
-            write_score_histogram(kept["chosen"], kept["rejected"], run.dir / HISTOGRAM_FILE)
+        ctx.save_model(engine, tokenizer, start.model_dir, "seq_cls")
+        if ctx.is_main and (ctx.dir / "model").is_dir():  # model/ on its own says where it is read
+            write_reading_file(ctx.dir / "model", rm.max_length, cfg.chat.system_prompt)
+        metrics = numeric(result.metrics)
+        if kept and ctx.is_main:
+            write_score_histogram(kept["chosen"], kept["rejected"], ctx.dir / HISTOGRAM_FILE)
             metrics["score_histogram"] = HISTOGRAM_FILE
-        for key in ("accuracy_by_margin_bucket", "eval_accuracy_by_kind"):
-            if key in result.metrics:
-                metrics[key] = result.metrics[key]
-        metrics.update(
-            steps=result.global_step, train_pairs=len(train_rows), eval_pairs=len(eval_rows),
-            prompt_truncated=train_enc.prompt_truncated + eval_enc.prompt_truncated,
-            skipped_too_long=train_enc.skipped_too_long + eval_enc.skipped_too_long,
-            train_prompt_truncated=train_enc.prompt_truncated, train_skipped_too_long=train_enc.skipped_too_long,
-            eval_prompt_truncated=eval_enc.prompt_truncated, eval_skipped_too_long=eval_enc.skipped_too_long,
-            skipped_records=sum(d.get("skipped", 0) for d in data_info.values()),
-            kwise_groups=kwise_groups, world_size=dist.world_size,
-        )
-        run.update(data=data_info, params=params)
-        run.manifest["metrics"] = metrics
-        return metrics
+        metrics.update({key: result.metrics[key] for key in ("accuracy_by_margin_bucket", "eval_accuracy_by_kind")
+                        if key in result.metrics})
+        metrics.update(steps=result.global_step, train_pairs=len(pairs.train), eval_pairs=len(pairs.eval),
+                       **pairs.counts(per_split=True), kwise_groups=n_groups, world_size=ctx.dist.world_size)
+        return ctx.finish(metrics, data=pairs.info, params=params)

@@ -42,7 +42,6 @@ Metrics
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -50,22 +49,17 @@ import torch
 
 from data.formats import DataError
 from pipeline.config import RunConfig
-from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
-from pipeline.stage import StageRun
 from stages.batching import right_pad
+from stages.context import StageContext, numeric
 from stages.dpo.core import preference_loss, preference_metrics, sequence_logprobs
-from stages.engine import Engine, init_distributed, set_seed, use_bf16
-from stages.preferences import (
-    EncodedPair,
-    encode_pairs,
-    load_preference_split,
-    pair_count,
-    preference_source,
-    print_encode_reports,
-)
-from stages.saving import save_stage_model
+from stages.engine import Engine, use_bf16
+from stages.preferences import EncodedPair, encoded_preferences, pair_count
 from stages.training import disable_dropout
-from stages.tuning import apply_tuning, quantization_kwargs, trainable_summary
+
+#: the manifest's ``reference``: how the reference's log-probs were computed
+REFERENCE_LAZY = ("the starting policy with the adapter disabled: log-probs of each micro-batch's new pairs, computed "
+                  "when it is first trained on")
+REFERENCE_BEFORE = "the starting policy before the first step: log-probs of the pairs the run's steps use"
 
 
 # ------------------------------------------------------------------------------------------ layout
@@ -236,114 +230,60 @@ def make_eval_fn(rows: list[DPORow], collate: Callable[[list[DPORow]], dict[str,
 
 
 # ----------------------------------------------------------------------------------------------- run
-def _starting_policy(cfg: RunConfig, run: StageRun, dist: Any) -> tuple[str, Any, str]:
-    """(model folder, tokenizer, what it is) of the policy DPO starts from (and takes as reference)."""
-    if cfg.dpo.init_from == "sft":
-        sft_dir = run.parent_dir("sft")
-        if not (sft_dir / "model").exists():
-            method = run.parents["sft"].get("tuning_method")
-            raise FileNotFoundError(
-                f"{sft_dir}/model not found: the sft stage (tuning method {method!r}) saved only an adapter, and "
-                "DPO needs a full or merged SFT model to start from. Re-run sft with a mergeable method (full, "
-                "lora, dora, ...) or set dpo.init_from=base.")
-        return str(sft_dir / "model"), load_tokenizer(str(sft_dir), cfg.model, cfg.chat), f"sft stage ({sft_dir})"
-    base = prepare_base(cfg.model) if dist.is_main else None
-    if dist.world_size > 1:  # rank 0 builds/converts the base once; the others wait for it
-        holder = [base]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        base = holder[0]
-    return base, load_tokenizer(base, cfg.model, cfg.chat), f"base model ({base})"
+def _reference(model: Any, engine: Engine, eval_rows: list[DPORow], reference: ReferenceCache,
+               collate: Callable[[list[DPORow]], dict[str, torch.Tensor]], lazy: bool, dpo: Any, ctx: StageContext
+               ) -> None:
+    """The reference's log-probs before the first step: the held-out pairs', and with full (or partial)
+    fine-tuning, whose weights move from step 1 on, every training pair the run's steps will use. Called after
+    the engine is built: under DeepSpeed the reference computes with the weights it will train."""
+    reference.lockstep = ctx.dist.world_size > 1 and engine.zero_stage == 3
+    compute_reference(model, eval_rows, collate, dpo.train.per_device_batch_size, ctx.device, reference.bf16,
+                      reference.mean)
+    if not lazy:
+        for indices in engine.scheduled_batches():
+            reference.fill(indices)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
+    """The ``dpo`` stage: 1. the starting policy and its chat format, 2. the pairs, 3. the reference's log-probs
+    (the starting policy; adapter disabled for PEFT), 4. train, evaluate, save (see the module doc)."""
     dpo = cfg.dpo
     if dpo.data is None and "rlaif_label" not in cfg.stages:
         raise DataError("dpo.data is not set: point it at a preference file (prompt/chosen/rejected, HH "
                         "transcripts, or prompt/responses/ranking) or hub:name, or add rlaif_label to the run's "
                         "stages to train on AI-judged pairs of SFT samples")
-    dist = init_distributed()
-    with StageRun(cfg, "dpo", is_main=dist.is_main) as run:
-        t = dpo.train
-        if t.num_threads:
-            torch.set_num_threads(t.num_threads)
-        # 1. the starting policy and the chat format
-        init_path, tokenizer, policy_source = _starting_policy(cfg, run, dist)
-        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-            raise ValueError("the tokenizer's pad must differ from eos for DPO (set model.pad_token; DESIGN §3)")
-        fmt = chat_format(tokenizer, cfg.chat)
-        run.set_chat_format(fmt, chat_fingerprint(fmt))
-
-        # 2. pairs
-        source = preference_source(cfg, run, "dpo", dist.is_main)
-        train_pairs, eval_pairs, data_info = load_preference_split(dpo, cfg.seed, source, "dpo")
-        system = cfg.chat.system_prompt
-        train_enc_rows, train_enc = encode_pairs(tokenizer, train_pairs, dpo.max_length, system)
-        eval_enc_rows, eval_enc = encode_pairs(tokenizer, eval_pairs, dpo.max_length, system)
-        if dist.is_main:
-            print_encode_reports("dpo", dpo.max_length, {"train": train_enc, "eval": eval_enc})
-        if not train_enc_rows:
-            raise DataError(f"{source.path}: no training pairs fit in dpo.max_length={dpo.max_length} "
-                            f"({train_enc.skipped_too_long} skipped as too long); raise max_length")
-        train_rows = [DPORow(p, i) for i, p in enumerate(train_enc_rows)]
-        eval_rows = [DPORow(p, i) for i, p in enumerate(eval_enc_rows)]
-
-        steps_guess = t.max_steps or max(1, math.ceil(
-            t.epochs * len(train_rows) / (t.per_device_batch_size * dist.world_size * t.gradient_accumulation_steps)))
-        set_seed(t.seed)
-        model = load_model(init_path, cfg.model, tokenizer, kind="causal_lm", **quantization_kwargs(dpo.tuning))
-        model.config.use_cache = False
-        model, unfreezer = apply_tuning(model, dpo.tuning, "causal_lm", steps_guess)
+    with StageContext(cfg, "dpo", num_threads=dpo.train.num_threads) as ctx:
+        start = ctx.starting_model(dpo.init_from == "sft", needs_full_model="DPO")
+        tokenizer = ctx.use_tokenizer(start.tokenizer_dir, distinct_pad="DPO")
+        pairs = encoded_preferences(cfg, ctx.run, "dpo", tokenizer, ctx.is_main)
+        train_rows = [DPORow(p, i) for i, p in enumerate(pairs.train)]
+        eval_rows = [DPORow(p, i) for i, p in enumerate(pairs.eval)]
+        model, unfreezer, params = ctx.trainable_model(start.model_dir, tokenizer, "causal_lm", len(train_rows))
         if dpo.disable_dropout:
             disable_dropout(model)
-        params = trainable_summary(model)
-        model = model.to(dist.device)
-
-        # 3. the reference: the starting policy (adapter disabled for PEFT), log-probs of the pairs used only
-        collate = dpo_collate(tokenizer.pad_token_id)
-        bf16 = use_bf16(t.precision, dist.device)
-        mean = dpo.loss == "ipo"
-        reference = ReferenceCache(model, train_rows, collate, dist.device, bf16, mean)
-        lazy = dpo.tuning.is_peft
-        described = ("the starting policy with the adapter disabled: log-probs of each micro-batch's new pairs, "
-                     "computed when it is first trained on" if lazy else
-                     "the starting policy before the first step: log-probs of the pairs the run's steps use")
-        run.update(policy_source=policy_source, reference=described,
-                   dpo_loss={"loss": dpo.loss, "beta": dpo.beta, "label_smoothing": dpo.label_smoothing})
-        if dist.is_main:
-            print(f"[alignpipe] dpo: {len(train_rows)} train pairs, {len(eval_rows)} eval, from {policy_source}, "
-                  f"loss {dpo.loss} (beta {dpo.beta}), method {dpo.tuning.method}, trainable "
-                  f"{params['params_trainable']:,} / {params['params_total']:,}", flush=True)
-
-        # 4. train, evaluate, save
-        engine = Engine(
-            model, t, run, dist, train_rows, reference.collate,
-            make_loss_fn(dpo.beta, dpo.loss, dpo.label_smoothing), loss_units=pair_count, unfreezer=unfreezer,
-            desc="dpo",
-            eval_fn=make_eval_fn(eval_rows, collate, t.per_device_batch_size, dist.device, dpo.beta, dpo.loss,
-                                 dpo.label_smoothing) if eval_rows else None,
-            stage_state=reference,
-        )
-        # after the engine is built: under DeepSpeed the reference computes with the weights it will train
-        reference.lockstep = dist.world_size > 1 and engine.zero_stage == 3
-        compute_reference(model, eval_rows, collate, t.per_device_batch_size, dist.device, bf16, mean)
-        if not lazy:  # the weights move from step 1 on: every pair the run will use, now
-            for indices in engine.scheduled_batches():
-                reference.fill(indices)
+        model = model.to(ctx.device)
+        collate, lazy = dpo_collate(tokenizer.pad_token_id), dpo.tuning.is_peft
+        reference = ReferenceCache(model, train_rows, collate, ctx.device, use_bf16(dpo.train.precision, ctx.device),
+                                   dpo.loss == "ipo")
+        ctx.run.update(policy_source=start.description, reference=REFERENCE_LAZY if lazy else REFERENCE_BEFORE,
+                       dpo_loss={"loss": dpo.loss, "beta": dpo.beta, "label_smoothing": dpo.label_smoothing})
+        ctx.say(f"{len(train_rows)} train pairs, {len(eval_rows)} eval, from {start.description}, loss {dpo.loss} "
+                f"(beta {dpo.beta}), method {dpo.tuning.method}, trainable {params['params_trainable']:,} / "
+                f"{params['params_total']:,}")
+        evaluate = make_eval_fn(eval_rows, collate, dpo.train.per_device_batch_size, ctx.device, dpo.beta, dpo.loss,
+                                dpo.label_smoothing) if eval_rows else None
+        engine = Engine(model, dpo.train, ctx.run, ctx.dist, train_rows, reference.collate,
+                        make_loss_fn(dpo.beta, dpo.loss, dpo.label_smoothing), loss_units=pair_count,
+                        unfreezer=unfreezer, desc="dpo", eval_fn=evaluate, stage_state=reference)
+        _reference(model, engine, eval_rows, reference, collate, lazy, dpo, ctx)
         result = engine.fit()
-        save_stage_model(engine, tokenizer, run, dpo.tuning, init_path, cfg, "causal_lm")
-
-        metrics: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-        if eval_rows:
+        ctx.save_model(engine, tokenizer, start.model_dir, "causal_lm")
+        metrics = numeric(result.metrics)
+        if eval_rows:  # what DPO moved: the same two on the starting policy
             before = logp_agreement(torch.tensor([r.ref_chosen for r in eval_rows]),
                                     torch.tensor([r.ref_rejected for r in eval_rows]))
             metrics.update({f"reference_eval_{k}": v for k, v in before.items()})
-        metrics.update(
-            steps=result.global_step, train_pairs=len(train_rows), eval_pairs=len(eval_rows),
-            reference_train_pairs=len(reference.computed),
-            prompt_truncated=train_enc.prompt_truncated + eval_enc.prompt_truncated,
-            skipped_too_long=train_enc.skipped_too_long + eval_enc.skipped_too_long,
-            skipped_records=sum(d.get("skipped", 0) for d in data_info.values()), world_size=dist.world_size,
-        )
-        run.update(data=data_info, params=params)
-        run.manifest["metrics"] = metrics
-        return metrics
+        metrics.update(steps=result.global_step, train_pairs=len(train_rows), eval_pairs=len(eval_rows),
+                       reference_train_pairs=len(reference.computed), **pairs.counts(),
+                       world_size=ctx.dist.world_size)
+        return ctx.finish(metrics, data=pairs.info, params=params)
