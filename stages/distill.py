@@ -45,7 +45,7 @@ from typing import Any, Callable
 from data.formats import DataError, load_examples
 from pipeline.config import RunConfig
 from pipeline.manifest import atomic_write_text
-from pipeline.stage import StageRun
+from stages.context import StageContext
 from stages.distill_config import DistillConfig
 
 OUTPUT_FILE = "data.jsonl"
@@ -245,115 +245,149 @@ def _filter_scores(d: DistillConfig, cfg: RunConfig, messages: list[list[dict[st
     return [float(x) for x in scores.total], parts, sources.names
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
-    import torch
+def _sampling(cfg: RunConfig) -> dict[str, Any]:
+    """The sampling settings an answer was made with (part of its cache key and provenance)."""
+    d = cfg.distill
+    sampling = {"max_new_tokens": d.max_new_tokens, "temperature": d.temperature,
+                "seed": d.seed if d.temperature > 0 else None}
+    if d.temperature > 0 and cfg.rollout.backend != "hf" and d.teacher.kind != "http":
+        sampling["rollout_backend"] = cfg.rollout.backend  # other random streams: other cached answers
+    return sampling
 
-    from stages.chat import with_system
+
+@dataclass
+class Collected:
+    """The teacher's answers by prompt index (``_collect``): which came from the cache, the counts so far, the
+    seconds spent asking and the teacher's request counters."""
+
+    answers: dict[int, Answer]
+    from_cache: set[int]
+    counts: dict[str, int]
+    seconds: float
+    teacher_stats: dict[str, int]
+
+
+def _collect(ctx: StageContext, teacher: Any, identity: dict[str, Any], sampling: dict[str, Any],
+             messages: list[list[dict[str, str]]]) -> Collected:
+    """Every prompt's answer: from the cache (``distill.cache``) where it has one, else asked (and cached as it
+    arrives). A teacher that stays down raises TeacherUnavailable, saying how many answers are kept."""
     from stages.http_client import EndpointError, EndpointUnavailable
     from stages.rlaif.judges.cache import JudgmentCache
+
+    d = ctx.settings
+    too_long: set[int] = set()
+    if isinstance(teacher, HFTeacher):
+        too_long = {i for i, m in enumerate(messages) if len(teacher.prompt_ids(m)) > d.max_prompt_length}
+    cache = JudgmentCache(ctx.dir / CACHE_FILE) if d.cache else None
+    keys = [_cache_key(identity, sampling, m) for m in messages]
+    answers: dict[int, Answer] = {}
+    for i, key in enumerate(keys):
+        hit = cache.get(key) if cache is not None and i not in too_long else None
+        if hit is not None:
+            answers[i] = Answer(hit["text"], hit["finished"], hit["answered_at"])
+    from_cache = set(answers)
+    todo = [i for i in range(len(messages)) if i not in answers and i not in too_long]
+
+    def done(j: int, answer: Answer) -> None:
+        answers[todo[j]] = answer
+        if cache is not None:
+            cache.put(keys[todo[j]], {"text": answer.text, "finished": answer.finished,
+                                      "answered_at": answer.answered_at, "teacher": identity, "sampling": sampling})
+
+    counts = {"prompts": len(messages), "prompts_too_long": len(too_long), "from_cache": len(from_cache),
+              "asked": len(todo)}
+    ctx.say(f"teacher {teacher.name}: {len(from_cache)} answers from the cache, asking {len(todo)}")
+    started = time.perf_counter()
+    try:
+        teacher.answer_batches([messages[i] for i in todo], done)
+    except EndpointError as exc:
+        answered = len(answers) - len(from_cache)
+        counts.update(answered=answered, failed=len(todo) - answered,
+                      **{f"teacher_{k}": v for k, v in getattr(teacher, "stats", {}).items()})
+        ctx.run.update(counts=counts, teacher=identity)
+        kept = (f"the {len(answers)} answers received so far ({len(from_cache)} from earlier runs) are kept "
+                f"in {cache.path}; re-run to resume from them" if cache is not None
+                else f"{answered} answers were received but distill.cache is off, so they are lost")
+        what = "stayed unavailable" if isinstance(exc, EndpointUnavailable) else "refused a request"
+        raise TeacherUnavailable(f"distill: the teacher {what}: {exc}; {kept}") from None
+    finally:
+        teacher.close()
+        if cache is not None:
+            cache.close()
+    stats = {f"teacher_{k}": v for k, v in getattr(teacher, "stats", {}).items()}
+    return Collected(answers, from_cache, counts, time.perf_counter() - started, stats)
+
+
+def _sorted(cfg: RunConfig, examples: list[Any], messages: list[list[dict[str, str]]], got: Collected,
+            identity: dict[str, Any], sampling: dict[str, Any]) -> tuple[list, list, dict[str, int], list, list[str]]:
+    """Each answer as an SFT record with its provenance, kept or rejected (empty, unfinished with
+    ``require_eos``, or below ``threshold`` by the ``filter`` sources) -> (kept records, rejected records,
+    counts by reason, the filter's score per answer (None without a filter), the filter's source names)."""
+    d, order = cfg.distill, sorted(got.answers)
+    scores: list[float | None] = [None] * len(order)
+    parts: list[dict[str, float]] = [{} for _ in order]
+    names: list[str] = []
+    if d.filter:
+        scored, parts, names = _filter_scores(d, cfg, [messages[i] for i in order], [got.answers[i] for i in order],
+                                              [examples[i].reference for i in order])
+        scores = list(scored)
+    records, rejected = [], []
+    reasons = {"empty": 0, "unfinished": 0, "filtered_out": 0}
+    for k, i in enumerate(order):
+        a = got.answers[i]
+        reason = ("empty" if not a.text else "unfinished" if d.require_eos and not a.finished
+                  else "filtered_out" if scores[k] is not None and scores[k] < d.threshold else None)
+        row = {"messages": [*examples[i].prompt, {"role": "assistant", "content": a.text}],
+               "teacher": identity, "sampling": sampling,
+               "answered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a.answered_at)),
+               "finished": a.finished, "from_cache": i in got.from_cache, "score": scores[k], "scores": parts[k],
+               "source": examples[i].where}
+        if reason is None:
+            records.append(row)
+        else:
+            reasons[reason] += 1
+            rejected.append({**row, "rejected": reason})
+    return records, rejected, reasons, scores, names
+
+
+def _jsonl(records: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """The ``distill`` stage: 1. the teacher answers every prompt (cached), 2. the answers are filtered, 3. the
+    kept ones are written as SFT data, the others to rejected.jsonl with their reason (see the module doc)."""
+    from stages.chat import with_system
+    from stages.http_client import EndpointError
 
     d = cfg.distill
     if d.data is None:
         raise DataError("distill.data is not set: point it at a prompt file (a 'prompt' per record)")
-    if d.num_threads:
-        torch.set_num_threads(d.num_threads)
-    with StageRun(cfg, "distill") as run:
+    with StageContext(cfg, "distill", distributed=False, num_threads=d.num_threads) as ctx:
         examples, report = load_examples(d.data, "prompt")
         messages = [with_system(ex.prompt, cfg.chat.system_prompt) for ex in examples]
         try:
             teacher, identity = build_teacher(cfg)
         except EndpointError as exc:
             raise DataError(str(exc)) from None
-        sampling = {"max_new_tokens": d.max_new_tokens, "temperature": d.temperature,
-                    "seed": d.seed if d.temperature > 0 else None}
-        if d.temperature > 0 and cfg.rollout.backend != "hf" and d.teacher.kind != "http":
-            sampling["rollout_backend"] = cfg.rollout.backend  # other random streams: other cached answers
-        too_long: set[int] = set()
-        if isinstance(teacher, HFTeacher):
-            too_long = {i for i, m in enumerate(messages) if len(teacher.prompt_ids(m)) > d.max_prompt_length}
-        cache = JudgmentCache(run.dir / CACHE_FILE) if d.cache else None
-        keys = [_cache_key(identity, sampling, m) for m in messages]
-        answers: dict[int, Answer] = {}
-        from_cache: set[int] = set()
-        for i, key in enumerate(keys):
-            hit = cache.get(key) if cache is not None and i not in too_long else None
-            if hit is not None:
-                answers[i] = Answer(hit["text"], hit["finished"], hit["answered_at"])
-                from_cache.add(i)
-        todo = [i for i in range(len(messages)) if i not in answers and i not in too_long]
-
-        def done(j: int, answer: Answer) -> None:
-            i = todo[j]
-            answers[i] = answer
-            if cache is not None:
-                cache.put(keys[i], {"text": answer.text, "finished": answer.finished,
-                                    "answered_at": answer.answered_at, "teacher": identity, "sampling": sampling})
-
-        counts = {"prompts": len(messages), "prompts_too_long": len(too_long), "from_cache": len(from_cache),
-                  "asked": len(todo)}
-        print(f"[alignpipe] distill: teacher {teacher.name}: {len(from_cache)} answers from the cache, asking "
-              f"{len(todo)}", flush=True)
-        started = time.perf_counter()
-        try:
-            teacher.answer_batches([messages[i] for i in todo], done)
-        except EndpointError as exc:
-            answered = len(answers) - len(from_cache)
-            counts.update(answered=answered, failed=len(todo) - answered,
-                          **{f"teacher_{k}": v for k, v in getattr(teacher, "stats", {}).items()})
-            run.update(counts=counts, teacher=identity)
-            kept = (f"the {len(answers)} answers received so far ({len(from_cache)} from earlier runs) are kept "
-                    f"in {cache.path}; re-run to resume from them" if cache is not None
-                    else f"{answered} answers were received but distill.cache is off, so they are lost")
-            what = "stayed unavailable" if isinstance(exc, EndpointUnavailable) else "refused a request"
-            raise TeacherUnavailable(f"distill: the teacher {what}: {exc}; {kept}") from None
-        finally:
-            teacher.close()
-            if cache is not None:
-                cache.close()
-        answer_s = time.perf_counter() - started
-        teacher_stats = {f"teacher_{k}": v for k, v in getattr(teacher, "stats", {}).items()}
-
-        order = sorted(answers)
-        scores: list[float | None] = [None] * len(order)
-        parts: list[dict[str, float]] = [{} for _ in order]
-        names: list[str] = []
-        if d.filter:
-            scored, parts, names = _filter_scores(d, cfg, [messages[i] for i in order], [answers[i] for i in order],
-                                                  [examples[i].reference for i in order])
-            scores = list(scored)
-        records, rejected = [], []
-        reasons = {"empty": 0, "unfinished": 0, "filtered_out": 0}
-        for k, i in enumerate(order):
-            a = answers[i]
-            reason = ("empty" if not a.text else "unfinished" if d.require_eos and not a.finished
-                      else "filtered_out" if scores[k] is not None and scores[k] < d.threshold else None)
-            row = {"messages": [*examples[i].prompt, {"role": "assistant", "content": a.text}],
-                   "teacher": identity, "sampling": sampling,
-                   "answered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a.answered_at)),
-                   "finished": a.finished, "from_cache": i in from_cache, "score": scores[k], "scores": parts[k],
-                   "source": examples[i].where}
-            if reason is None:
-                records.append(row)
-            else:
-                reasons[reason] += 1
-                rejected.append({**row, "rejected": reason})
-        atomic_write_text(run.dir / REJECTED_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
+        sampling = _sampling(cfg)
+        got = _collect(ctx, teacher, identity, sampling, messages)
+        records, rejected, reasons, scores, names = _sorted(cfg, examples, messages, got, identity, sampling)
+        atomic_write_text(ctx.dir / REJECTED_FILE, _jsonl(rejected))
+        n = len(got.answers)
         if not records:
-            raise DataError(f"distill: no answer kept of {len(order)} ({reasons}); see {run.dir / REJECTED_FILE}: "
+            raise DataError(f"distill: no answer kept of {n} ({reasons}); see {ctx.dir / REJECTED_FILE}: "
                             "lower distill.threshold, raise max_new_tokens or set require_eos: false")
-        path = distill_data(run.dir)
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        counts.update(answered=len(order) - len(from_cache), failed=0, kept=len(records), **reasons)
-        metrics = {"kept": len(records), **counts, **teacher_stats,
-                   "finished_rate": sum(answers[i].finished for i in order) / len(order),
-                   "answer_s": answer_s}
+        path = distill_data(ctx.dir)
+        atomic_write_text(path, _jsonl(records))
+        counts = {**got.counts, "answered": n - len(got.from_cache), "failed": 0, "kept": len(records), **reasons}
+        metrics = {"kept": len(records), **counts, **got.teacher_stats,
+                   "finished_rate": sum(a.finished for a in got.answers.values()) / n, "answer_s": got.seconds}
         if d.filter:
-            metrics["score_mean_all"] = sum(s for s in scores if s is not None) / len(order)
-        run.log(0, metrics)
-        run.update(data=report.as_dict(), output=str(path), counts=counts, teacher=identity, sampling=sampling,
-                   filter_sources=names)
-        run.manifest["metrics"] = metrics
-        print(f"[alignpipe] distill: kept {len(records)} of {len(order)} answers ({counts['from_cache']} from the "
-              f"cache, {counts['answered']} asked; {reasons['filtered_out']} filtered out, {reasons['unfinished']} "
-              f"unfinished, {reasons['empty']} empty) -> {path}", flush=True)
-        return metrics
+            metrics["score_mean_all"] = sum(s for s in scores if s is not None) / n
+        ctx.run.log(0, metrics)
+        ctx.say(f"kept {len(records)} of {n} answers ({counts['from_cache']} from the cache, {counts['answered']} "
+                f"asked; {reasons['filtered_out']} filtered out, {reasons['unfinished']} unfinished, "
+                f"{reasons['empty']} empty) -> {path}")
+        return ctx.finish(metrics, data=report.as_dict(), output=str(path), counts=counts, teacher=identity,
+                          sampling=sampling, filter_sources=names)

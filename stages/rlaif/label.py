@@ -29,9 +29,10 @@ from typing import Any
 from data.formats import DataError, load_examples
 from pipeline.config import RunConfig
 from pipeline.manifest import atomic_write_text
-from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
+from pipeline.models import load_model
 from pipeline.stage import StageRun
 from stages.chat import prompt_ids_within
+from stages.context import StageContext
 
 from .judges import JudgeError, build_judge
 
@@ -48,17 +49,14 @@ def labelled_preferences(stage_dir: str | Path) -> Path:
     return path
 
 
-def _policy_dirs(cfg: RunConfig, run: StageRun) -> tuple[str, str, str]:
-    """(model folder, tokenizer folder, what it is) of the policy that samples."""
-    if "sft" in run.parents:
-        stage = run.parent_dir("sft")
-        model_dir = stage / "model"
-        if not (model_dir / "config.json").exists():
-            raise JudgeError(f"the sft stage at {stage} is complete but has no model/config.json; re-run it with "
-                             "--force")
-        return str(model_dir), str(stage), "sft"
-    base = prepare_base(cfg.model)
-    return base, base, "base"
+def _policy_dirs(ctx: StageContext) -> tuple[str, str, str]:
+    """(model folder, tokenizer folder, what it is) of the policy that samples: the sft stage's when it is a
+    parent, else the base model."""
+    start = ctx.starting_model("sft" in ctx.run.parents)
+    if start.from_sft and not (Path(start.model_dir) / "config.json").exists():
+        raise JudgeError(f"the sft stage at {start.tokenizer_dir} is complete but has no model/config.json; re-run "
+                         "it with --force")
+    return start.model_dir, start.tokenizer_dir, "sft" if start.from_sft else "base"
 
 
 def sample_responses(backend: Any, tokenizer: Any, prompts: list[list[int]], num_responses: int,
@@ -196,6 +194,24 @@ def _mean_chars(texts: list[str]) -> float | None:
     return round(sum(map(len, texts)) / len(texts), 2) if texts else None
 
 
+def _metrics(policy: str, kept: int, too_long: int, pairs: CandidatePairs, records: list[dict[str, Any]], ties: int,
+             stats: dict[str, Any], n_responses: int, sample_s: float, judge_s: float) -> dict[str, Any]:
+    """The manifest's metrics: prompts, responses, pairs judged and kept, ties, the judge's counters, times."""
+    n_items = len(pairs.items)
+    return {
+        "policy": policy, "prompts": kept, "prompts_too_long": too_long,
+        "responses": n_responses, "empty_responses": pairs.empty, "duplicate_responses": pairs.duplicate,
+        "eos_rate": round(pairs.ended / max(1, n_responses), 4),
+        "pairs_judged": n_items, "pairs_kept": len(records), "ties_dropped": ties,
+        "inconsistent": stats["inconsistent"], "malformed": stats["malformed"],
+        "judge_cache_hits": stats["cache_hits"], "judge_requests": stats["requests"],
+        "judge_retries": stats["retries"], "sample_s": round(sample_s, 3), "judge_s": round(judge_s, 3),
+        "pair_judgments_per_s": round(n_items / judge_s, 3) if judge_s > 0 else None,
+        "chosen_mean_chars": _mean_chars([r["chosen"] for r in records]),
+        "rejected_mean_chars": _mean_chars([r["rejected"] for r in records]),
+    }
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """The ``rlaif_label`` stage: 1. encode the prompts, 2. sample responses from the policy, 3. pair the
     distinct ones, 4. judge every pair in both orders, 5. keep the decided pairs as preference data."""
@@ -203,60 +219,40 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if label_cfg.data is None:
         raise DataError("rlaif_label.data is not set: point it at a prompt file (a 'prompt' per record), "
                         "e.g. data/demo/prompts.jsonl")
-    import torch
-
-    if label_cfg.num_threads:
-        torch.set_num_threads(label_cfg.num_threads)
-    with StageRun(cfg, "rlaif_label") as run:
-        model_dir, tok_dir, policy = _policy_dirs(cfg, run)
-        tokenizer = load_tokenizer(tok_dir, cfg.model, cfg.chat)
+    with StageContext(cfg, "rlaif_label", distributed=False, num_threads=label_cfg.num_threads) as ctx:
+        model_dir, tok_dir, policy = _policy_dirs(ctx)
+        tokenizer = ctx.use_tokenizer(tok_dir)
         tokenizer.padding_side = "left"
-        fmt = chat_format(tokenizer, cfg.chat)
-        run.set_chat_format(fmt, chat_fingerprint(fmt))
-
         # 1. encode
         examples, report = load_examples(label_cfg.data, "prompt")
         encoded, kept_examples, too_long = _encode_prompts(cfg, tokenizer, examples)
         # 2. sample
-        samples, sample_s = _sample(cfg, run, model_dir, tokenizer, encoded, policy)
+        samples, sample_s = _sample(cfg, ctx.run, model_dir, tokenizer, encoded, policy)
         # 3. pair
         pairs = _distinct_pairs(kept_examples, samples)
         n_responses = len(kept_examples) * label_cfg.num_responses
-        run.log(0, {"prompts": len(kept_examples), "responses": n_responses, "pairs": len(pairs.items),
-                    "sample_s": round(sample_s, 3)})
+        ctx.run.log(0, {"prompts": len(kept_examples), "responses": n_responses, "pairs": len(pairs.items),
+                        "sample_s": round(sample_s, 3)})
         if not pairs.items:
             raise DataError(f"rlaif_label: no pair of distinct non-empty responses to judge ({pairs.empty} empty, "
                             f"{pairs.duplicate} duplicate responses); raise temperature, max_new_tokens or "
                             "num_responses")
         # 4. judge
-        verdicts, stats, judge_s, judge, chunk = _judge_all(cfg, run, pairs.items)
+        verdicts, stats, judge_s, judge, chunk = _judge_all(cfg, ctx.run, pairs.items)
         # 5. keep the decided pairs
         records, ties = _preference_records(cfg, pairs, verdicts, judge.kind)
+        metrics = _metrics(policy, len(kept_examples), too_long, pairs, records, ties, stats, n_responses, sample_s,
+                           judge_s)
         n_items = len(pairs.items)
-        metrics: dict[str, Any] = {
-            "policy": policy, "prompts": len(kept_examples), "prompts_too_long": too_long,
-            "responses": n_responses, "empty_responses": pairs.empty, "duplicate_responses": pairs.duplicate,
-            "eos_rate": round(pairs.ended / max(1, n_responses), 4),
-            "pairs_judged": n_items, "pairs_kept": len(records), "ties_dropped": ties,
-            "inconsistent": stats["inconsistent"], "malformed": stats["malformed"],
-            "judge_cache_hits": stats["cache_hits"], "judge_requests": stats["requests"],
-            "judge_retries": stats["retries"], "sample_s": round(sample_s, 3), "judge_s": round(judge_s, 3),
-            "pair_judgments_per_s": round(n_items / judge_s, 3) if judge_s > 0 else None,
-            "chosen_mean_chars": _mean_chars([r["chosen"] for r in records]),
-            "rejected_mean_chars": _mean_chars([r["rejected"] for r in records]),
-        }
-        run.log(1 + (n_items - 1) // chunk + 1, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        ctx.run.log(1 + (n_items - 1) // chunk + 1, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if not records:
-            run.manifest["metrics"] = metrics
+            ctx.finish(metrics)
             raise DataError(
                 f"rlaif_label: the judge {label_cfg.judge!r} kept no pair: all {n_items} were ties "
                 f"({stats['inconsistent']} inconsistent across orders, {stats['malformed']} unreadable answers). "
                 "A judge that always prefers one position gives only ties; use a stronger judge "
                 "(rlaif.judges.<name>.model) or check its output")
-        path = Path(run.dir) / OUTPUT_FILE
+        path = Path(ctx.dir) / OUTPUT_FILE
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        run.update(data=report.as_dict(), output=str(path), judge=repr(judge))
-        run.manifest["metrics"] = metrics
-        print(f"[alignpipe] rlaif_label: kept {len(records)} of {n_items} judged pairs "
-              f"({ties} ties dropped) -> {path}", flush=True)
-        return metrics
+        ctx.say(f"kept {len(records)} of {n_items} judged pairs ({ties} ties dropped) -> {path}")
+        return ctx.finish(metrics, data=report.as_dict(), output=str(path), judge=repr(judge))
