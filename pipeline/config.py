@@ -213,6 +213,12 @@ class RunConfig(Section):
     output_root: str = Field("outputs", description="Where run folders go (relative to the working directory).")
     seed: int = Field(0, description="The run's seed (part of every stage's identity; stages seed from it and from "
                                      "their own seed settings).")
+    determinism: bool = Field(
+        True, description="Every stage process starts with its generators seeded from `seed` and torch's "
+        "deterministic kernels (use_deterministic_algorithms, warn-only; CUBLAS_WORKSPACE_CONFIG on CUDA), so two "
+        "runs of one config and seed on one machine and thread count end with the same bits. false: torch's "
+        "defaults (its deterministic kernels can be slower on a GPU). Not part of the stage hashes. Cost: "
+        "docs/RESULTS.md, Determinism.")
     model: ModelConfig = section(ModelConfig)
     chat: ChatConfig = section(ChatConfig)
     extra_stages: list[str] = Field(

@@ -11,7 +11,12 @@ from typing import Any
 
 
 def run_stage(stage: str, cfg: Any) -> dict:
-    """Run ``stage`` of the run ``cfg`` in this process (its spec's ``run``)."""
+    """Run ``stage`` of the run ``cfg`` in this process (its spec's ``run``), after putting the process in a
+    known state (``stages.training.start_reproducibly``)."""
     from pipeline.registry import spec_of
 
-    return spec_of(cfg, stage).run(cfg)
+    spec = spec_of(cfg, stage)  # an unknown stage is an error before anything is imported
+    from stages.training import start_reproducibly
+
+    start_reproducibly(cfg.seed, cfg.determinism)
+    return spec.run(cfg)

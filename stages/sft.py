@@ -34,7 +34,7 @@ from pipeline.models import chat_fingerprint, chat_format, load_model, load_toke
 from pipeline.stage import StageRun
 from stages.batching import IGNORE, pad_collate, split_eval, target_tokens
 from stages.chat import tokenize_sft
-from stages.engine import Engine, init_distributed
+from stages.engine import Engine, init_distributed, set_seed
 from stages.saving import save_stage_model
 from stages.tuning import apply_tuning, quantization_kwargs, trainable_summary
 
@@ -216,6 +216,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         steps_guess = sft.train.max_steps or max(1, math.ceil(
             sft.train.epochs * len(train_rows) / (sft.train.per_device_batch_size * dist.world_size
                                                   * sft.train.gradient_accumulation_steps)))
+        set_seed(sft.train.seed)  # new weights (LoRA's A, a resized embedding) start the same in every run
         model = load_model(base, cfg.model, tokenizer, **quantization_kwargs(sft.tuning))
         model.config.use_cache = False
         model, unfreezer = apply_tuning(model, sft.tuning, "causal_lm", steps_guess)

@@ -14,6 +14,8 @@ One home for what is not the algorithm:
   it only folders under the run's own ``checkpoints/`` that match the index written when they were
   saved (docs/ARCHITECTURE.md, "Checkpoints");
 - ``rng_state`` / ``set_rng_state``: python, numpy, torch and CUDA generator states (per rank);
+- ``start_reproducibly``: a stage process's generators seeded from the run's seed, and (``determinism``)
+  torch's deterministic kernels, before anything is built;
 - ``trainable_state`` / ``load_trainable``: the weights a checkpoint keeps and puts back;
 - ``disable_dropout``: dropout off in a built model (modules, the probabilities attention modules copied
   from the config, the config), so a train-mode forward equals an eval-mode one;
@@ -354,6 +356,33 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+#: cuBLAS's workspace setting that makes its GEMMs deterministic (read when its handle is made)
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+def start_reproducibly(seed: int, deterministic: bool) -> None:
+    """Put a stage process in a known state before it builds anything (``stages.run_stage`` calls it first).
+
+    The python, numpy and torch generators are seeded with ``seed``: torch's own starting seed differs in
+    every new process, so anything drawn before a stage seeds for itself would differ between two runs of
+    one config. ``deterministic`` (the run's ``determinism``) asks torch for deterministic kernels
+    (``torch.use_deterministic_algorithms``; an op without one warns instead of failing the stage), sets
+    ``CUBLAS_WORKSPACE_CONFIG`` for CUDA (unless already set) and turns cuDNN's autotuner off. It leaves
+    torch's filling of every new uninitialised tensor off (``fill_uninitialized_memory``, on by default in
+    that mode): it only hides kernels that read memory they never wrote, and it is the mode's CPU cost.
+    The price is measured in docs/RESULTS.md ("Determinism"). Runs with different thread counts
+    (``train.num_threads``) still differ in the last bits: a CPU reduction is split by thread.
+    """
+    seed_everything(seed)
+    if not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 # ----------------------------------------------------------------------------------------- weights
