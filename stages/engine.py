@@ -167,6 +167,29 @@ def group_batches(groups: Sequence[int], epoch: int, seed: int, rank: int, world
 
 # ------------------------------------------------------------------------------------------ engine
 @dataclass
+class _StepWindow:
+    """One optimizer step in the making: its planned micro-batches and their units (all ranks), the loss x units
+    and metrics summed over its micro-batches so far, the tokens since the last step (tokens/s) and the rate
+    its update uses."""
+
+    plan: deque = field(default_factory=deque)
+    units: float = 0.0
+    loss_sum: float = 0.0
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    micro: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.time)
+    lr: float = 0.0
+
+    def add(self, weighted_loss: float, metrics: dict[str, float], tokens: int) -> None:
+        self.loss_sum += weighted_loss
+        for k, v in metrics.items():
+            self.metric_sums[k] = self.metric_sums.get(k, 0.0) + float(v)
+        self.micro += 1
+        self.tokens += tokens
+
+
+@dataclass
 class TrainResult:
     global_step: int
     metrics: dict[str, float]
@@ -205,14 +228,7 @@ class Engine:
         self.total_steps = train.max_steps or (self._ramped_total_steps() if train.batch_ramp else
                                                max(1, math.ceil(train.epochs * steps_per_epoch)))
         self.warmup = int(round(train.warmup_ratio * self.total_steps))
-        if train.global_batch_size is not None:
-            actual = train.global_batch(dist.world_size)
-            if actual != train.global_batch_size:
-                raise ValueError(
-                    f"train.global_batch_size={train.global_batch_size} but per_device_batch_size "
-                    f"({train.per_device_batch_size}) x gradient_accumulation_steps ({self.accum}) x world size "
-                    f"({dist.world_size}) = {actual}; change one so they agree"
-                )
+        self._check_global_batch()
         self.model = model.to(dist.device)
         if train.gradient_checkpointing:
             enable_activation_checkpointing(model)
@@ -247,6 +263,15 @@ class Engine:
         if (train.lr_plateau_factor is not None or train.early_stopping_patience is not None) and eval_fn is None:
             raise ValueError(f"{desc}: lr_plateau_factor / early_stopping_patience need held-out data to watch "
                              f"{train.monitor} (eval_data or eval_fraction)")
+
+    def _check_global_batch(self) -> None:
+        """``train.global_batch_size``, when set, is what the batch, accumulation and world size give."""
+        train, world = self.train, self.dist.world_size
+        if train.global_batch_size is not None and train.global_batch(world) != train.global_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={train.global_batch_size} but per_device_batch_size "
+                f"({train.per_device_batch_size}) x gradient_accumulation_steps ({self.accum}) x world size "
+                f"({world}) = {train.global_batch(world)}; change one so they agree")
 
     def _ramped_total_steps(self) -> int:
         """Optimizer steps in ``train.epochs`` epochs when the accumulation follows ``batch_ramp``."""
@@ -373,113 +398,125 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
+        """Train to ``total_steps`` (or an early stop), resuming from the latest checkpoint; then the best
+        evaluation's weights (early stopping) and a final evaluation."""
         t = self.train
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        resumed = self.maybe_resume()
-        if not resumed:
+        if not self.maybe_resume():
             set_seed(t.seed + self.dist.rank)
-        bar = None
-        if self.dist.is_main and self.run.cfg.logging.progress_bar:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.desc, dynamic_ncols=True)
+        bar = self._progress_bar()
         model = self.forward_model
         model.train()
-        window_tokens, window_start = 0, time.time()
-        loss_sum, metric_sums, micro_count = 0.0, {}, 0  # loss_sum: mean loss x units, over the step's micro-batches
-        step_plan: deque = deque()
-        step_units = 0.0
-        last_metrics: dict[str, float] = {}
+        window = _StepWindow()
+        last_row: dict[str, float] = {}
         while self.global_step < self.total_steps and not self.watch["stopped"]:
             batches = self._batches_of(self.epoch)
             while (self.micro_in_epoch < len(batches) and self.global_step < self.total_steps
                    and not self.watch["stopped"]):
                 accum = t.accumulation_at(self.global_step)  # batch_ramp: more micro-batches per step later on
-                if micro_count == 0:
-                    step_plan, step_units = self._plan_step(accum)
-                if self.ds_engine is not None and t.batch_ramp:
-                    self._deepspeed_accumulation(accum, last_micro=micro_count + 1 == accum)
-                batch, units = step_plan.popleft()
-                batch = self._to_device(batch)
-                with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss, metrics = self.loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"{self.desc}: non-finite loss {loss.item()} at step {self.global_step} "
-                        f"(epoch {self.epoch}, micro-batch {self.micro_in_epoch}); lower the learning rate")
-                # the mean over this micro-batch's units -> its share of the mean over the global batch's
-                weighted = loss * loss_weight(units, step_units, self.dist.world_size, accum)
-                if self.ds_engine is not None:
-                    self.ds_engine.backward(weighted)  # DeepSpeed divides by its accumulation count (= accum)
-                else:
-                    (weighted / accum).backward()
-                loss_sum += float(loss.detach()) * units
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-                micro_count += 1
-                window_tokens += self.count_tokens(batch)
-                self.micro_in_epoch += 1
-                boundary = micro_count == accum
-                # the rate this step's update uses: the schedule moves on with the optimizer step below
-                step_lr = self.scheduler.get_last_lr()[0] * self.watch["lr_scale"]
-                if self.ds_engine is not None:
-                    self.ds_engine.step()  # DeepSpeed counts accumulation itself
-                if not boundary:
+                if not self._micro_step(model, window, accum):
                     continue
-                grad_norm = None
-                if self.ds_engine is None:
-                    if t.max_grad_norm:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                            [p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm))
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self._apply_lr_scale()
-                    self.optimizer.zero_grad(set_to_none=True)
-                else:
-                    self._apply_lr_scale()  # DeepSpeed's step has just stepped the schedule
-                    grad_norm = self.ds_engine.get_global_grad_norm()
-                    grad_norm = float(grad_norm) if grad_norm is not None else None
+                grad_norm = self._optimizer_step()
                 self.global_step += 1
                 if self.unfreezer is not None:
                     self.unfreezer.step(self.global_step)
-                elapsed = max(time.time() - window_start, 1e-9)
-                tokens_per_s = window_tokens * self.dist.world_size / elapsed
-                row = {"loss": self._sum_across_ranks(loss_sum) / max(step_units, 1.0),
-                       "lr": step_lr,
-                       "epoch": self.epoch + self.micro_in_epoch / max(1, len(batches)),
-                       "tokens_per_s": tokens_per_s}
-                row.update({k: v / micro_count for k, v in metric_sums.items()})
-                if grad_norm is not None:
-                    row["grad_norm"] = grad_norm
-                if t.lr_plateau_factor is not None:
-                    row["lr_scale"] = self.watch["lr_scale"]
-                if t.batch_ramp:
-                    row["grad_accum_steps"] = accum
-                    row["global_batch_size"] = accum * t.per_device_batch_size * self.dist.world_size
-                last_metrics = row
-                if self.global_step % t.logging_steps == 0 or self.global_step == self.total_steps:
-                    self.run.log(self.global_step, row)
-                    self.history.append({"step": self.global_step, **row})
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-                if self.eval_fn is not None and t.eval_steps and self.global_step % t.eval_steps == 0:
-                    self._evaluate(watch=True)
-                if self.global_step % t.save_steps == 0 and self.global_step < self.total_steps:
-                    self.save_checkpoint()
-                loss_sum, metric_sums, micro_count = 0.0, {}, 0
-                window_tokens, window_start = 0, time.time()
+                last_row = self._step_row(window, accum, grad_norm, len(batches))
+                self._after_step(last_row, bar)
+                window = _StepWindow()
             if self.micro_in_epoch >= len(batches):
                 self.epoch += 1
                 self.micro_in_epoch = 0
         if bar is not None:
             bar.close()
         self._restore_best()
-        final = dict(last_metrics)
+        final = dict(last_row)
         if self.eval_fn is not None:
             final.update(self._evaluate())
         return TrainResult(self.global_step, final, self.history)
+
+    def _progress_bar(self) -> Any:
+        if not (self.dist.is_main and self.run.cfg.logging.progress_bar):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.global_step, desc=self.desc, dynamic_ncols=True)
+
+    def _micro_step(self, model: Any, window: "_StepWindow", accum: int) -> bool:
+        """Forward and backward of the step's next micro-batch (its loss weighted by its share of the step's
+        units); True when it is the step's last (the optimizer steps next)."""
+        if window.micro == 0:
+            window.plan, window.units = self._plan_step(accum)
+        if self.ds_engine is not None and self.train.batch_ramp:
+            self._deepspeed_accumulation(accum, last_micro=window.micro + 1 == accum)
+        batch, units = window.plan.popleft()
+        batch = self._to_device(batch)
+        with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, metrics = self.loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{self.desc}: non-finite loss {loss.item()} at step {self.global_step} "
+                f"(epoch {self.epoch}, micro-batch {self.micro_in_epoch}); lower the learning rate")
+        # the mean over this micro-batch's units -> its share of the mean over the global batch's
+        weighted = loss * loss_weight(units, window.units, self.dist.world_size, accum)
+        if self.ds_engine is not None:
+            self.ds_engine.backward(weighted)  # DeepSpeed divides by its accumulation count (= accum)
+        else:
+            (weighted / accum).backward()
+        window.add(float(loss.detach()) * units, metrics, self.count_tokens(batch))
+        self.micro_in_epoch += 1
+        # the rate this step's update uses: the schedule moves on with the optimizer step below
+        window.lr = self.scheduler.get_last_lr()[0] * self.watch["lr_scale"]
+        if self.ds_engine is not None:
+            self.ds_engine.step()  # DeepSpeed counts accumulation itself
+        return window.micro == accum
+
+    def _optimizer_step(self) -> float | None:
+        """Clip, step the optimizer and the schedule (DeepSpeed has stepped already); the gradient norm."""
+        if self.ds_engine is not None:
+            self._apply_lr_scale()  # DeepSpeed's step has just stepped the schedule
+            grad_norm = self.ds_engine.get_global_grad_norm()
+            return float(grad_norm) if grad_norm is not None else None
+        grad_norm = None
+        if self.train.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.train.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self._apply_lr_scale()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _step_row(self, window: "_StepWindow", accum: int, grad_norm: float | None, n_batches: int
+                  ) -> dict[str, float]:
+        """The metrics row of the optimizer step just taken (loss: the mean over the global batch's units)."""
+        t, world = self.train, self.dist.world_size
+        tokens_per_s = window.tokens * world / max(time.time() - window.started, 1e-9)
+        row = {"loss": self._sum_across_ranks(window.loss_sum) / max(window.units, 1.0), "lr": window.lr,
+               "epoch": self.epoch + self.micro_in_epoch / max(1, n_batches), "tokens_per_s": tokens_per_s}
+        row.update({k: v / window.micro for k, v in window.metric_sums.items()})
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm
+        if t.lr_plateau_factor is not None:
+            row["lr_scale"] = self.watch["lr_scale"]
+        if t.batch_ramp:
+            row["grad_accum_steps"] = accum
+            row["global_batch_size"] = accum * t.per_device_batch_size * world
+        return row
+
+    def _after_step(self, row: dict[str, float], bar: Any) -> None:
+        """Log the step's row, move the progress bar, evaluate and checkpoint when they are due."""
+        t = self.train
+        if self.global_step % t.logging_steps == 0 or self.global_step == self.total_steps:
+            self.run.log(self.global_step, row)
+            self.history.append({"step": self.global_step, **row})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+        if self.eval_fn is not None and t.eval_steps and self.global_step % t.eval_steps == 0:
+            self._evaluate(watch=True)
+        if self.global_step % t.save_steps == 0 and self.global_step < self.total_steps:
+            self.save_checkpoint()
 
     def _sum_across_ranks(self, value: float) -> float:
         """``value`` summed over the ranks (collective when there are several)."""
