@@ -23,20 +23,18 @@ not train and is loaded again from the config.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from data.formats import DataError, load_examples
 from pipeline.config import DataSource, RunConfig
-from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
 from pipeline.stage import StageRun
 from stages.batching import IGNORE, pad_collate, split_eval, target_tokens
 from stages.chat import tokenize_sft
-from stages.engine import Engine, init_distributed, set_seed
-from stages.saving import save_stage_model
-from stages.tuning import apply_tuning, quantization_kwargs, trainable_summary
+from stages.context import StageContext, numeric
+from stages.engine import Engine
 
 
 def pack_rows(rows: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
@@ -171,82 +169,80 @@ def _sft_source(cfg: RunConfig, run: StageRun, is_main: bool) -> DataSource:
     return DataSource(path=str(path))
 
 
+@dataclass
+class SFTRows:
+    """The stage's encoded rows: training (packed with ``sft.packing``) and held-out, their collate functions,
+    how many training conversations were cut at ``max_length``, and the data report."""
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    collate: Any
+    eval_collate: Any
+    truncated: int
+    report: Any
+
+
+def encoded_rows(ctx: StageContext, tokenizer: Any) -> SFTRows:
+    """``sft.data`` (or distill's answers) split into training and held-out conversations (``sft.eval_data``, else
+    ``eval_fraction``), encoded with the loss on the assistant tokens; a conversation with no assistant token left
+    within ``max_length`` is an error."""
+    cfg, sft = ctx.cfg, ctx.settings
+    examples, report = load_examples(_sft_source(cfg, ctx.run, ctx.is_main), "sft")
+    if sft.eval_data is not None:
+        train_examples, (eval_examples, _) = examples, load_examples(sft.eval_data, "sft")
+    else:
+        train_examples, eval_examples = split_eval(examples, sft.eval_fraction, cfg.seed)
+
+    def encode(ex: Any) -> dict[str, Any]:
+        return tokenize_sft(tokenizer, ex.messages, sft.max_length, cfg.chat.system_prompt)
+
+    train, held = [encode(ex) for ex in train_examples], [encode(ex) for ex in eval_examples]
+    no_target = [ex.where for ex, r in zip(train_examples, train) if all(label == IGNORE for label in r["labels"])]
+    if no_target:
+        raise DataError(f"{no_target[0]}: no assistant tokens left within sft.max_length={sft.max_length} "
+                        f"({len(no_target)} such records); raise max_length")
+    truncated = sum(r["truncated"] for r in train)
+    collate = pad_collate(tokenizer.pad_token_id)
+    if sft.packing:
+        train, collate = pack_rows(train, sft.max_length), packed_collate(tokenizer.pad_token_id)
+    return SFTRows(train, held, collate, pad_collate(tokenizer.pad_token_id), truncated, report)
+
+
+def loss_with_teacher(ctx: StageContext, tokenizer: Any) -> tuple[Any, Any]:
+    """(the loss function, the frozen teacher or None): ``sft_loss``, or with ``distill.token_level`` the loss
+    on the teacher's logits too (recorded in the manifest)."""
+    token_level = ctx.cfg.distill.token_level
+    if not token_level.enabled:
+        return sft_loss, None
+    teacher, identity = load_distillation_teacher(ctx.cfg, tokenizer)
+    ctx.run.update(token_level={**token_level.model_dump(mode="json"), "teacher": identity})
+    ctx.say(f"token-level distillation ({token_level.loss}, weight {token_level.weight}, temperature "
+            f"{token_level.temperature}) from {identity}")
+    return distillation_sft_loss(teacher, token_level), teacher
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
+    """The ``sft`` stage: the base model trained on the conversations' assistant tokens (see the module doc)."""
     sft = cfg.sft
     if sft.data is None and "distill" not in cfg.stages:
         raise DataError("sft.data is not set: point it at a JSONL/JSON/CSV/Parquet file or hub:name, or add "
                         "distill to the run's stages to train on a teacher's answers")
-    dist = init_distributed()
-    with StageRun(cfg, "sft", is_main=dist.is_main) as run:
-        if sft.train.num_threads:
-            torch.set_num_threads(sft.train.num_threads)
-        base = prepare_base(cfg.model) if dist.is_main else None
-        if dist.world_size > 1:  # rank 0 builds/converts the base once; the others wait for it
-            holder = [base]
-            torch.distributed.broadcast_object_list(holder, src=0)
-            base = holder[0]
-        tokenizer = load_tokenizer(base, cfg.model, cfg.chat)
-        fmt = chat_format(tokenizer, cfg.chat)
-        run.set_chat_format(fmt, chat_fingerprint(fmt))
-
-        examples, report = load_examples(_sft_source(cfg, run, dist.is_main), "sft")
-        if sft.eval_data is not None:
-            eval_examples, _ = load_examples(sft.eval_data, "sft")
-            train_examples = examples
-        else:
-            train_examples, eval_examples = split_eval(examples, sft.eval_fraction, cfg.seed)
-        def encode(ex):
-            return tokenize_sft(tokenizer, ex.messages, sft.max_length, cfg.chat.system_prompt)
-
-        train_rows = [encode(ex) for ex in train_examples]
-        eval_rows = [encode(ex) for ex in eval_examples]
-        no_target = [ex.where for ex, r in zip(train_examples, train_rows)
-                     if all(label == IGNORE for label in r["labels"])]
-        if no_target:
-            raise DataError(f"{no_target[0]}: no assistant tokens left within sft.max_length={sft.max_length} "
-                            f"({len(no_target)} such records); raise max_length")
-        truncated = sum(r["truncated"] for r in train_rows)
-        if sft.packing:
-            train_rows = pack_rows(train_rows, sft.max_length)
-            collate = packed_collate(tokenizer.pad_token_id)
-        else:
-            collate = pad_collate(tokenizer.pad_token_id)
-        eval_collate = pad_collate(tokenizer.pad_token_id)
-
-        steps_guess = sft.train.max_steps or max(1, math.ceil(
-            sft.train.epochs * len(train_rows) / (sft.train.per_device_batch_size * dist.world_size
-                                                  * sft.train.gradient_accumulation_steps)))
-        set_seed(sft.train.seed)  # new weights (LoRA's A, a resized embedding) start the same in every run
-        model = load_model(base, cfg.model, tokenizer, **quantization_kwargs(sft.tuning))
-        model.config.use_cache = False
-        model, unfreezer = apply_tuning(model, sft.tuning, "causal_lm", steps_guess)
-        params = trainable_summary(model)
-        loss_fn, teacher = sft_loss, None
-        token_level = cfg.distill.token_level
-        if token_level.enabled:
-            teacher, teacher_identity = load_distillation_teacher(cfg, tokenizer)
-            loss_fn = distillation_sft_loss(teacher, token_level)
-            run.update(token_level={**token_level.model_dump(mode="json"), "teacher": teacher_identity})
-            if dist.is_main:
-                print(f"[alignpipe] sft: token-level distillation ({token_level.loss}, weight {token_level.weight}, "
-                      f"temperature {token_level.temperature}) from {teacher_identity}", flush=True)
-        if dist.is_main:
-            print(f"[alignpipe] sft: {len(train_rows)} train rows, {len(eval_rows)} eval, method "
-                  f"{sft.tuning.method}, trainable {params['params_trainable']:,} / {params['params_total']:,}",
-                  flush=True)
-        engine = Engine(
-            model, sft.train, run, dist, train_rows, collate, loss_fn, count_tokens=count_tokens,
-            loss_units=target_tokens, unfreezer=unfreezer, desc="sft",
-            eval_fn=make_eval_fn(eval_rows, eval_collate, sft.train.per_device_batch_size, dist.device),
-        )
+    with StageContext(cfg, "sft", num_threads=sft.train.num_threads) as ctx:
+        base = ctx.base_model()
+        tokenizer = ctx.use_tokenizer(base)
+        rows = encoded_rows(ctx, tokenizer)
+        # new weights (LoRA's A, a resized embedding) start the same in every run: trainable_model seeds them
+        model, unfreezer, params = ctx.trainable_model(base, tokenizer, "causal_lm", len(rows.train))
+        loss_fn, teacher = loss_with_teacher(ctx, tokenizer)
+        ctx.say(f"{len(rows.train)} train rows, {len(rows.eval)} eval, method {sft.tuning.method}, trainable "
+                f"{params['params_trainable']:,} / {params['params_total']:,}")
+        engine = Engine(model, sft.train, ctx.run, ctx.dist, rows.train, rows.collate, loss_fn,
+                        count_tokens=count_tokens, loss_units=target_tokens, unfreezer=unfreezer, desc="sft",
+                        eval_fn=make_eval_fn(rows.eval, rows.eval_collate, sft.train.per_device_batch_size, ctx.device))
         result = engine.fit()
         del teacher, loss_fn  # frozen, nothing of it is saved; free its memory before the final save
-        save_stage_model(engine, tokenizer, run, sft.tuning, base, cfg, "causal_lm")
-        run.update(data=report.as_dict(), params=params)
-        run.manifest["metrics"] = {
-            **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-            "steps": result.global_step, "train_rows": len(train_rows), "eval_rows": len(eval_rows),
-            "truncated": truncated, "skipped_records": report.skipped, "packing": sft.packing,
-            "world_size": dist.world_size,
-        }
-        return run.manifest["metrics"]
+        ctx.save_model(engine, tokenizer, base, "causal_lm")
+        metrics = {**numeric(result.metrics), "steps": result.global_step, "train_rows": len(rows.train),
+                   "eval_rows": len(rows.eval), "truncated": rows.truncated, "skipped_records": rows.report.skipped,
+                   "packing": sft.packing, "world_size": ctx.dist.world_size}
+        return ctx.finish(metrics, data=rows.report.as_dict(), params=params)
