@@ -20,9 +20,10 @@ import torch
 
 from data.formats import DataError, load_examples
 from pipeline.config import ChatConfig, RunConfig, model_location
-from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer, prepare_base
+from pipeline.models import chat_fingerprint, chat_format, load_model, load_tokenizer
 from pipeline.stage import StageRun
 from stages.chat import tokenize_sft
+from stages.context import shared_base_model
 from stages.engine import DistInfo, enable_activation_checkpointing
 from stages.ppo.models import ModelSources, Optimisation, PPOModels
 from stages.ppo.rewards import RewardSources
@@ -136,16 +137,6 @@ def build(cfg: RunConfig, run: StageRun, dist: DistInfo, sizes: PPOSizes, bf16: 
                        reward_model=reward_model, rewards=rewards, unfreezer=unfreezer, zero_stage=zero_stage,
                        sources=sources, device=dist.device, bf16=bf16, temperature=ppo.temperature)
     return models, data
-
-
-def shared_base_model(cfg: RunConfig, dist: DistInfo) -> str:
-    """The base model folder (``prepare_base``): prepared on rank 0, its location broadcast to every rank."""
-    base = prepare_base(cfg.model) if dist.is_main else None
-    if dist.world_size > 1:
-        holder = [base]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        base = holder[0]
-    return base
 
 
 # ------------------------------------------------------------------------------------- policy, data

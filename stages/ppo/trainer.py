@@ -124,14 +124,15 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.stage import StageRun
-from stages.engine import DistInfo, init_distributed, use_bf16
+from stages.context import StageContext, numeric
+from stages.engine import DistInfo, use_bf16
 from stages.ppo.checkpoint import load_checkpoint, save_checkpoint
 from stages.ppo.core import AdaptiveKLController, FixedKLController, RunningMoments, explained_variance
 from stages.ppo.distributed import Comm, global_whiten  # noqa: F401  (re-exported: the trainer's collectives)
 from stages.ppo.experience import PPORollout, Rollout, Sampled
 from stages.ppo.models import update_mode
 from stages.ppo.rollout_engine import RolloutEngine
-from stages.ppo.setup import build, head_in_fp32, shared_base_model  # noqa: F401  (head_in_fp32: re-exported)
+from stages.ppo.setup import build, head_in_fp32  # noqa: F401  (head_in_fp32: re-exported)
 from stages.ppo.update import ActorEMA, PPOUpdate, PTXStream
 from stages.training import Checkpoints, rng_state, save_final_model, seed_everything, set_rng_state, trim_logs_after
 from stages.tuning import trainable_summary
@@ -460,21 +461,16 @@ class PPOTrainer:
 def run(cfg: RunConfig, on_step_end: StepCallback | None = None) -> dict[str, Any]:
     """The ``ppo`` stage: train, save the policy, write the manifest; returns the final metrics.
     ``on_step_end(step)`` is called after every step (and its checkpoint), on every rank."""
-    # the set-up every stage shares: processes, the stage run (manifest, logs), the base model
-    dist = init_distributed()
-    with StageRun(cfg, "ppo", is_main=dist.is_main) as run_:
+    with StageContext(cfg, "ppo") as ctx:  # processes, the stage run (manifest, logs), the base model
         t_load = time.perf_counter()
-        base_model = shared_base_model(cfg, dist) if cfg.ppo.policy_from == "base" else None
-        # PPO
-        trainer = PPOTrainer(cfg, run_, dist, on_step_end=on_step_end, base_model=base_model)
+        base_model = ctx.base_model() if cfg.ppo.policy_from == "base" else None
+        trainer = PPOTrainer(cfg, ctx.run, ctx.dist, on_step_end=on_step_end, base_model=base_model)
         load_seconds = time.perf_counter() - t_load
         models = trainer.models
-        if dist.is_main:
-            print(f"[alignpipe] ppo: {len(trainer.data.prompts)} prompts, {trainer.total_steps} steps x "
-                  f"{trainer.sizes.global_batch} episodes, actor {cfg.ppo.tuning.method} "
-                  f"({trainable_summary(models.actor)['params_trainable']:,} trainable), critic from "
-                  f"{models.sources.critic_source}, rewards {', '.join(models.rewards.names)}, rollouts by "
-                  f"{cfg.rollout.backend}", flush=True)
+        ctx.say(f"{len(trainer.data.prompts)} prompts, {trainer.total_steps} steps x {trainer.sizes.global_batch} "
+                f"episodes, actor {cfg.ppo.tuning.method} ({trainable_summary(models.actor)['params_trainable']:,} "
+                f"trainable), critic from {models.sources.critic_source}, rewards {', '.join(models.rewards.names)}, "
+                f"rollouts by {cfg.rollout.backend}")
         try:
             final = trainer.train()
         finally:  # the vllm worker stops with the stage, also on errors and interrupts
@@ -482,11 +478,7 @@ def run(cfg: RunConfig, on_step_end: StepCallback | None = None) -> dict[str, An
         if trainer.engine is not None:
             final["rollout_engine_sync_seconds"] = trainer.engine.sync_seconds
         trainer.save_policy()
-        run_.update(data=trainer.data.report.as_dict(), params=trainable_summary(models.actor),
-                    critic_source=models.sources.critic_source, reward_sources=models.rewards.names)
-        run_.manifest["metrics"] = {
-            **{k: v for k, v in final.items() if isinstance(v, (int, float))},
-            "steps": trainer.step, "episodes": trainer.episodes, "world_size": dist.world_size,
-            "load_seconds": load_seconds,
-        }
-        return run_.manifest["metrics"]
+        metrics = {**numeric(final), "steps": trainer.step, "episodes": trainer.episodes,
+                   "world_size": ctx.dist.world_size, "load_seconds": load_seconds}
+        return ctx.finish(metrics, data=trainer.data.report.as_dict(), params=trainable_summary(models.actor),
+                          critic_source=models.sources.critic_source, reward_sources=models.rewards.names)
