@@ -151,3 +151,19 @@ def test_built_in_order_puts_parents_first():
     assert order == ("distill", "sft", "rlaif_label", "rm", "best_of_n", "ppo", "dpo")
     for stage in order:
         assert all(order.index(p) < order.index(stage) for p in parents_of(cfg, stage)), stage
+
+
+def test_reading_a_config_and_its_stage_specs_imports_no_model_library(tmp_path):
+    """The declaration modules are light: loading a config (built-in and plugin stages), its specs, parents and
+    status text needs neither torch nor transformers (``pipeline status`` stays fast)."""
+    import subprocess
+    import sys
+
+    config = _toy_config(tmp_path, copy_from="sft")
+    code = ("import sys; from pipeline.config import load_config; from pipeline.registry import stage_specs; "
+            "from pipeline.orchestrator import format_status; "
+            f"cfg = load_config({str(config)!r}, ['stages=[sft, toy]']); "
+            "[s.parents(cfg) for s in stage_specs(cfg)]; format_status(cfg); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr

@@ -15,7 +15,6 @@ from pydantic import Field
 
 from pipeline.registry import StageSpec
 from pipeline.sections import Section
-from pipeline.stage import StageRun
 
 ARTIFACT = "artifact.txt"
 
@@ -33,15 +32,19 @@ def parents(cfg: Any) -> list[str]:
 
 
 def run(cfg: Any) -> dict[str, Any]:
-    toy = cfg.toy
-    with StageRun(cfg, "toy") as stage:
+    """The stage's body, in its own process. The shared set-up (StageRun, manifest, parents) comes from
+    StageContext, imported here: this module is also read by the control plane, which never imports torch."""
+    from stages.context import StageContext
+
+    with StageContext(cfg, "toy", distributed=False) as ctx:
+        toy = ctx.settings
         text = "".join(f"{toy.message}\n" for _ in range(toy.repeat))
-        (stage.dir / ARTIFACT).write_text(text)
+        (ctx.dir / ARTIFACT).write_text(text)
         if toy.copy_from:
-            shutil.copytree(stage.parent_dir(toy.copy_from) / "model", stage.dir / "model", dirs_exist_ok=True)
-        stage.log(1, {"lines": toy.repeat, "chars": len(text)})
-        stage.manifest["metrics"] = {"lines": toy.repeat, "chars": len(text)}
-        return stage.manifest["metrics"]
+            shutil.copytree(ctx.run.parent_dir(toy.copy_from) / "model", ctx.dir / "model", dirs_exist_ok=True)
+        metrics = {"lines": toy.repeat, "chars": len(text)}
+        ctx.run.log(1, metrics)
+        return ctx.finish(metrics)
 
 
 def memory_estimate(cfg: Any, plan: Any) -> None:
