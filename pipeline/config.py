@@ -42,6 +42,7 @@ from .sections import (  # noqa: F401  (re-exported: the shared sections' long-s
     TrainConfig,
     TuningConfig,
     VLLMRolloutConfig,
+    check_global_batch,
     model_location,
     section,
 )
@@ -259,10 +260,15 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _stage_checks(self) -> "RunConfig":
-        """Each stage's cross-section checks (``StageSpec.check``), in pipeline order."""
+        """Each stage's global batch against the launch section (``TrainingShape.global_batch_size``) and its
+        cross-section checks (``StageSpec.check``), in pipeline order."""
         fields = type(self).model_fields
         for spec in stage_specs(self):
-            if spec.check is not None and spec.name in fields:
+            if spec.name not in fields:
+                continue
+            if spec.training is not None:
+                check_global_batch(spec.training(self), self.world_size)
+            if spec.check is not None:
                 spec.check(self)
         return self
 

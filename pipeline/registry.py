@@ -60,6 +60,7 @@ class TrainingShape:
     rollout_batch: int = 0
     keys: Mapping[str, str] = field(default_factory=dict)
     smaller_rollout_batch: int = 0
+    global_batch_size: int | None = None  # the setting that must equal micro x accumulation x world (keys["global"])
 
 
 def _no_parents(cfg: Any) -> list[str]:

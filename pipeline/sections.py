@@ -272,19 +272,31 @@ class TrainConfig(Section):
         return self.per_device_batch_size * self.gradient_accumulation_steps * world_size
 
 
-def check_global_batch(cfg: Any, stage: str) -> None:
-    """``<stage>.train.global_batch_size``, when set, equals the batch the launch section gives (a stage check)."""
-    train = getattr(cfg, stage).train
-    if train.global_batch_size is None:
+class PreferenceSection(Section):
+    """The settings the stages that train on preference pairs share (``rm``, ``dpo``; stages/preferences.py)."""
+
+    data: DataSource | None = Field(
+        None, description="Preference pairs (prompt/chosen/rejected, HH transcripts, or prompt/responses/ranking); "
+                          "unused when rlaif_label is in the run (its labelled pairs replace it).")
+    eval_data: DataSource | None = Field(None, description="Held-out pairs (default: eval_fraction of data, split by "
+                                                           "prompt).")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out when eval_data is not set.")
+    init_from: Literal["sft", "base"] = Field(
+        "sft", description="Start from the sft stage's model or the base model (for dpo also the reference).")
+    max_length: int = Field(512, gt=8, description="Tokens per sequence (prompt + response); prompts are cut from the "
+                                                   "left, pairs that still do not fit are skipped (and counted).")
+
+
+def check_global_batch(shape: TrainingShape, world: int) -> None:
+    """A training stage's global batch size, when set (``TrainingShape.global_batch_size``), equals micro-batch x
+    accumulation x the world size the launch section gives (the run config checks every stage's)."""
+    if shape.global_batch_size is None:
         return
-    world = cfg.world_size
-    actual = train.global_batch(world)
-    if actual != train.global_batch_size:
+    actual = shape.micro_batch * shape.grad_accum * world
+    if actual != shape.global_batch_size:
         raise ValueError(
-            f"{stage}.train.global_batch_size={train.global_batch_size} but per_device_batch_size "
-            f"({train.per_device_batch_size}) x gradient_accumulation_steps "
-            f"({train.gradient_accumulation_steps}) x world size ({world}, from launch) = {actual}"
-        )
+            f"{shape.keys['global']}={shape.global_batch_size} but per_device_batch_size ({shape.micro_batch}) x "
+            f"gradient_accumulation_steps ({shape.grad_accum}) x world size ({world}, from launch) = {actual}")
 
 
 def engine_training(stage: str) -> Callable[[Any], TrainingShape]:
@@ -300,8 +312,9 @@ def engine_training(stage: str) -> Callable[[Any], TrainingShape]:
             deepspeed=train.deepspeed, micro_batch=train.per_device_batch_size,
             grad_accum=train.gradient_accumulation_steps, learning_rate=train.learning_rate,
             precision=train.precision, max_grad_norm=train.max_grad_norm, tuning=section_.tuning,
-            gradient_checkpointing=train.gradient_checkpointing,
-            keys={"deepspeed": f"{stage}.train.deepspeed", "tuning": f"{stage}.tuning.method", "small_batch": small})
+            gradient_checkpointing=train.gradient_checkpointing, global_batch_size=train.global_batch_size,
+            keys={"deepspeed": f"{stage}.train.deepspeed", "tuning": f"{stage}.tuning.method", "small_batch": small,
+                  "global": f"{stage}.train.global_batch_size"})
 
     return shape
 

@@ -32,6 +32,13 @@ NO_DATA_HINT = ("point it at a preference file (prompt/chosen/rejected, HH trans
 
 
 # ------------------------------------------------------------------------------------------ source
+def require_preference_data(cfg: Any, stage: str) -> None:
+    """Before ``rm`` / ``dpo`` starts: it has pairs to train on, ``<stage>.data`` or rlaif_label's (DataError)."""
+    if getattr(cfg, stage).data is None and "rlaif_label" not in cfg.stages:
+        raise DataError(f"{stage}.data is not set: {NO_DATA_HINT}, or add rlaif_label to the run's stages (make "
+                        "rlaif) to train on AI-judged pairs of SFT samples")
+
+
 def preference_source(cfg: RunConfig, run: StageRun, section: str, is_main: bool = True) -> DataSource:
     """``<section>.data``, or the labelled pairs of ``rlaif_label`` when it is a parent of this stage."""
     data = getattr(cfg, section).data

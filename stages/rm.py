@@ -55,7 +55,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from data.formats import DataError, PreferencePair
+from data.formats import PreferencePair
 from pipeline.config import DataSource, RunConfig
 from stages.context import StageContext, numeric
 from stages.engine import Engine
@@ -67,6 +67,7 @@ from stages.preferences import (  # noqa: F401  (encode_pair, encode_pairs: re-e
     load_preference_split,
     pair_collate,
     pair_count,
+    require_preference_data,
 )
 from stages.scoring import READ_TRAINED, REWARD_LAYOUT, score_sequences, write_reading_file
 
@@ -227,10 +228,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """The ``rm`` stage: pairs in the reward layout, a Bradley-Terry loss on the shared engine, ``model/`` with
     where it is read, the held-out histogram and metrics (see the module doc)."""
     rm = cfg.rm
-    if rm.data is None and "rlaif_label" not in cfg.stages:
-        raise DataError("rm.data is not set: point it at a preference file (prompt/chosen/rejected, "
-                        "HH transcripts, or prompt/responses/ranking) or hub:name, or add rlaif_label to the "
-                        "run's stages (make rlaif) to train on AI-judged pairs of SFT samples")
+    require_preference_data(cfg, "rm")
     with StageContext(cfg, "rm", num_threads=rm.train.num_threads) as ctx:
         start = ctx.starting_model(rm.init_from == "sft", needs_full_model="a reward model")
         tokenizer = ctx.use_tokenizer(start.tokenizer_dir, distinct_pad="the reward model")

@@ -6,20 +6,12 @@ Light on purpose (no torch): the control plane reads it. The stage itself is ``s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
 from pipeline.registry import DATA_FIELDS, StageSpec, lazy
-from pipeline.sections import (
-    DataSource,
-    Section,
-    TrainConfig,
-    TuningConfig,
-    check_global_batch,
-    engine_training,
-    section,
-)
+from pipeline.sections import PreferenceSection, TrainConfig, TuningConfig, engine_training, section
 
 
 # A stage whose defaults differ from TrainConfig's has a subclass with those defaults, not a default_factory
@@ -31,19 +23,10 @@ class RMTrainConfig(TrainConfig):
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW (after warm-up).")
 
 
-class RMConfig(Section):
+class RMConfig(PreferenceSection):
     """``rm``: a pairwise (Bradley-Terry) reward model trained on preference pairs, its score read at the
-    response's last token (stages/rm.py)."""
+    response's last token (stages/rm.py). The pair settings are ``PreferenceSection``'s."""
 
-    data: DataSource | None = Field(
-        None, description="Preference pairs (prompt/chosen/rejected, HH transcripts, or prompt/responses/ranking); "
-                          "unused when rlaif_label is in the run (its labelled pairs replace it).")
-    eval_data: DataSource | None = Field(None, description="Held-out pairs (default: eval_fraction of data, split by "
-                                                           "prompt).")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out when eval_data is not set.")
-    init_from: Literal["sft", "base"] = Field("sft", description="Start from the sft stage's model or the base model.")
-    max_length: int = Field(512, gt=8, description="Tokens per sequence (prompt + response); prompts are cut from the "
-                                                   "left, pairs that still do not fit are skipped (and counted).")
     center_rewards_coefficient: float = Field(
         0.0, ge=0, description="Weight of the reward-centring term mean((r_chosen + r_rejected)^2) (0: off).")
     train: RMTrainConfig = section(RMTrainConfig)
@@ -101,7 +84,7 @@ def report_section(section: Any) -> list[str]:
 
 SPEC = StageSpec(
     name="rm", order=40, title="Reward model", config_model=RMConfig, run=lazy("stages.rm:run"), parents=parents,
-    check=lambda cfg: check_global_batch(cfg, "rm"), data_fields=data_fields, training=engine_training("rm"),
+    data_fields=data_fields, training=engine_training("rm"),
     memory_estimate=memory_estimate, report_section=report_section, headline=("eval_accuracy", "eval_mean_margin"),
     card=("a pairwise reward model (Bradley-Terry), score read at the response's last token", ("reward-model", "rlhf")),
 )

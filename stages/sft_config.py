@@ -10,15 +10,7 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.registry import DATA_FIELDS, StageSpec, lazy
-from pipeline.sections import (
-    DataSource,
-    Section,
-    TrainConfig,
-    TuningConfig,
-    check_global_batch,
-    engine_training,
-    section,
-)
+from pipeline.sections import DataSource, Section, TrainConfig, TuningConfig, engine_training, section
 
 
 class SFTConfig(Section):
@@ -74,7 +66,7 @@ def report_section(section: Any) -> list[str]:
 
 SPEC = StageSpec(
     name="sft", order=20, title="SFT", config_model=SFTConfig, run=lazy("stages.sft:run"), parents=parents,
-    reads=("distill",), check=lambda cfg: check_global_batch(cfg, "sft"), identity_extra=identity_extra,
+    reads=("distill",), identity_extra=identity_extra,
     data_fields=data_fields, training=engine_training("sft"), memory_estimate=memory_estimate,
     report_section=report_section,
     headline=("eval_loss", "loss"),

@@ -10,15 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.registry import DATA_FIELDS, StageSpec, lazy
-from pipeline.sections import (
-    DataSource,
-    Section,
-    TrainConfig,
-    TuningConfig,
-    check_global_batch,
-    engine_training,
-    section,
-)
+from pipeline.sections import PreferenceSection, TrainConfig, TuningConfig, engine_training, section
 
 
 class DPOTrainConfig(TrainConfig):
@@ -28,7 +20,7 @@ class DPOTrainConfig(TrainConfig):
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate of AdamW (after warm-up).")
 
 
-class DPOConfig(Section):
+class DPOConfig(PreferenceSection):
     """``dpo``: direct preference optimisation on the same preference data as ``rm`` (stages/dpo/).
 
     loss: ``sigmoid`` (DPO), ``ipo`` (IPO, on per-token mean log-probs), ``cdpo`` (conservative DPO:
@@ -36,19 +28,10 @@ class DPOConfig(Section):
     model, or the base), in eval mode, and no second copy of the model is held: with a PEFT method its
     log-probs are those of the same model with the adapter disabled, computed for each micro-batch's pairs
     when it is first trained on and cached (kept in checkpoints); otherwise they are computed before the
-    first step for exactly the pairs the run's steps will train on.
+    first step for exactly the pairs the run's steps will train on. The pair settings are
+    ``PreferenceSection``'s.
     """
 
-    data: DataSource | None = Field(
-        None, description="Preference pairs (as rm.data); unused when rlaif_label is in the run (its labelled "
-                          "pairs replace it).")
-    eval_data: DataSource | None = Field(None, description="Held-out pairs (default: eval_fraction of data, split by "
-                                                           "prompt).")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out when eval_data is not set.")
-    init_from: Literal["sft", "base"] = Field(
-        "sft", description="Start from (and take as reference) the sft stage's model or the base model.")
-    max_length: int = Field(512, gt=8, description="Tokens per sequence (prompt + response); prompts are cut from the "
-                                                   "left, pairs that still do not fit are skipped (and counted).")
     loss: Literal["sigmoid", "ipo", "cdpo"] = Field(
         "sigmoid", description="sigmoid: DPO; ipo: IPO on per-token mean log-probs; cdpo: conservative DPO.")
     beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward beta * (logp - ref_logp).")
@@ -82,8 +65,7 @@ def data_fields(cfg: Any) -> tuple[str, ...]:
 
 def check(cfg: Any) -> None:
     """DPO needs preference data (dpo.data or rlaif_label's pairs) and its starting policy (before any model
-    loads); its global batch agrees with the launch section."""
-    check_global_batch(cfg, "dpo")
+    loads)."""
     if "dpo" not in cfg.stages:
         return
     if cfg.dpo.data is None and "rlaif_label" not in cfg.stages:

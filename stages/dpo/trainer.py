@@ -47,13 +47,12 @@ from typing import Any, Callable
 
 import torch
 
-from data.formats import DataError
 from pipeline.config import RunConfig
 from stages.batching import right_pad
 from stages.context import StageContext, numeric
 from stages.dpo.core import preference_loss, preference_metrics, sequence_logprobs
 from stages.engine import Engine, use_bf16
-from stages.preferences import EncodedPair, encoded_preferences, pair_count
+from stages.preferences import EncodedPair, encoded_preferences, pair_count, require_preference_data
 from stages.training import disable_dropout
 
 #: the manifest's ``reference``: how the reference's log-probs were computed
@@ -248,10 +247,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """The ``dpo`` stage: 1. the starting policy and its chat format, 2. the pairs, 3. the reference's log-probs
     (the starting policy; adapter disabled for PEFT), 4. train, evaluate, save (see the module doc)."""
     dpo = cfg.dpo
-    if dpo.data is None and "rlaif_label" not in cfg.stages:
-        raise DataError("dpo.data is not set: point it at a preference file (prompt/chosen/rejected, HH "
-                        "transcripts, or prompt/responses/ranking) or hub:name, or add rlaif_label to the run's "
-                        "stages to train on AI-judged pairs of SFT samples")
+    require_preference_data(cfg, "dpo")
     with StageContext(cfg, "dpo", num_threads=dpo.train.num_threads) as ctx:
         start = ctx.starting_model(dpo.init_from == "sft", needs_full_model="DPO")
         tokenizer = ctx.use_tokenizer(start.tokenizer_dir, distinct_pad="DPO")
