@@ -28,6 +28,7 @@ import re
 from typing import Any
 
 from ..config import RunConfig
+from .compare import verifier_scores
 from .generate import Messages, generation_threads, greedy_answers, load_answerer, prompt_ids
 from .stats import paired_difference_known
 
@@ -168,8 +169,6 @@ def general_examples(cfg: RunConfig) -> list[Any]:
 def off_task_generations(cfg: RunConfig, policy: str, parent: str = "sft") -> dict[str, Any]:
     """``policy`` against ``parent`` (stage names, or "base") on the general prompts: ``{"rows": [{prompt,
     reference, parent, policy}], "policy_name", "parent_name", **summarise(...)}`` (see the module doc)."""
-    from .compare import verifier_scores
-
     examples = general_examples(cfg)
     prompts, references = [ex.prompt for ex in examples], [ex.reference for ex in examples]
     with generation_threads(cfg):
