@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from data.formats import DataError
 
@@ -97,6 +98,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                        help="dotted overrides, e.g. sft.train.max_steps=10 run_name=try2")
         return p
 
+    _add_pipeline_commands(config_command)
+    _add_model_commands(sub)
+    _add_score_command(sub)
+    for name, command in sub.choices.items():
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        command.epilog = _examples(EXAMPLES[name], prog)
+    return parser
+
+
+def _add_pipeline_commands(config_command: Callable[..., argparse.ArgumentParser]) -> None:
+    """run, status, report, slurm, validate and eval: the commands that take a run config."""
     run = config_command("run", "run the stages of a config, each as its own process", stages=True)
     run.add_argument("--force", action="store_true",
                      help="re-run the requested stages from scratch even when complete and unchanged")
@@ -131,6 +143,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--force", action="store_true",
                           help="evaluate again models whose weights and settings already have results")
 
+
+def _add_model_commands(sub: Any) -> None:
+    """serve, push and export: the commands that take a stage's model."""
     serve = sub.add_parser("serve", help="serve a stage's model with an OpenAI-compatible HTTP API",
                            description="serve a stage's model with an OpenAI-compatible HTTP API")
     serve.add_argument("checkpoint_pos", nargs="*", metavar="CHECKPOINT",
@@ -167,6 +182,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     export.add_argument("--output", default=None, metavar="FILE",
                         help="default <stage>/export/<run>-<stage>.<quant>.gguf")
 
+
+def _add_score_command(sub: Any) -> None:
+    """score: a data file scored by a reward model."""
     score_help = "score a data file with a reward model (rows come back with 'score' added)"
     score = sub.add_parser(
         "score", help=score_help, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -187,10 +205,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     score.add_argument("--chat-template", default=None, metavar="TEMPLATE",
                        help="for a reward model trained elsewhere whose tokenizer has none (or the wrong one): "
                             "Jinja text, a file, chatml or raw")
-    for name, command in sub.choices.items():
-        command.formatter_class = argparse.RawDescriptionHelpFormatter
-        command.epilog = _examples(EXAMPLES[name], prog)
-    return parser
 
 
 def unknown_command(word: str) -> str | None:

@@ -107,17 +107,9 @@ def _vllm_lines(cfg: RunConfig) -> list[str]:
             "run make vllm-env where the nodes see it\" >&2; exit 1; }"]
 
 
-def sbatch_script(cfg: RunConfig, stage: str, config_file: Path, entry: str | None = None,
-                  python: str | None = None, env: Mapping[str, str] | None = None) -> tuple[str, Path]:
-    """The sbatch script text for ``stage`` and its output log pattern (``%j`` = job id)."""
-    _check_resources(cfg)
+def _sbatch_header(cfg: RunConfig, stage: str, log_pattern: Path) -> list[str]:
+    """The script's first lines: what it is, and its ``#SBATCH`` resources from the ``slurm`` section."""
     s = cfg.slurm
-    out_dir = slurm_dir(cfg)
-    log_pattern = out_dir / f"{stage}-%j.log"
-    multi = s.nodes > 1
-    rdzv = Rendezvous(master_addr="$MASTER_ADDR", master_port="$MASTER_PORT", nnodes=s.nodes,
-                      node_rank="$SLURM_NODEID", explicit_addr=multi)
-    cmd = stage_command(cfg, stage, config_file, python=python, entry=entry, env=env, rdzv=rdzv)
     lines = [
         "#!/bin/bash",
         f"# alignpipe: stage '{stage}' of run '{cfg.run_name}'. Written by `python -m pipeline slurm`;",
@@ -142,7 +134,21 @@ def sbatch_script(cfg: RunConfig, stage: str, config_file: Path, entry: str | No
     for extra in s.extra_sbatch:
         extra = extra.strip()
         lines.append(extra if extra.startswith("#SBATCH") else f"#SBATCH {extra}")
-    lines += ["", "set -eo pipefail", f"cd {shlex.quote(str(REPO_ROOT))}"]
+    return lines
+
+
+def sbatch_script(cfg: RunConfig, stage: str, config_file: Path, entry: str | None = None,
+                  python: str | None = None, env: Mapping[str, str] | None = None) -> tuple[str, Path]:
+    """The sbatch script text for ``stage`` and its output log pattern (``%j`` = job id)."""
+    _check_resources(cfg)
+    s = cfg.slurm
+    out_dir = slurm_dir(cfg)
+    log_pattern = out_dir / f"{stage}-%j.log"
+    multi = s.nodes > 1
+    rdzv = Rendezvous(master_addr="$MASTER_ADDR", master_port="$MASTER_PORT", nnodes=s.nodes,
+                      node_rank="$SLURM_NODEID", explicit_addr=multi)
+    cmd = stage_command(cfg, stage, config_file, python=python, entry=entry, env=env, rdzv=rdzv)
+    lines = _sbatch_header(cfg, stage, log_pattern) + ["", "set -eo pipefail", f"cd {shlex.quote(str(REPO_ROOT))}"]
     if s.setup:
         lines += ["# setup (slurm.setup)", *s.setup]
     if cfg.rollout.backend == "vllm" and spec_of(cfg, stage).samples:
