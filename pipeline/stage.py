@@ -1,8 +1,9 @@
 """What every stage process shares: its folder, its manifest lifecycle, its metrics log, its parents.
 
-A stage module (``stages/sft.py`` ...) exposes ``run(cfg: RunConfig) -> dict`` and does its work inside
-``with StageRun(cfg, "sft") as run:``. On entry the manifest says ``running`` (with this pid); on a clean
-exit it says ``complete`` with final metrics and wall time; on an exception, ``failed`` with the error.
+A stage's ``run(cfg: RunConfig) -> dict`` (its ``StageSpec``, pipeline/registry.py) does its work inside
+``with StageContext(cfg, "sft") as ctx:`` (stages/context.py), which holds a ``StageRun``. On entry the manifest
+says ``running`` (with this pid); on a clean exit it says ``complete`` with final metrics and wall time; on an
+exception, ``failed`` with the error.
 
 ``stage_identity`` gives the (config_hash, input_hash) pair that the orchestrator compares to decide
 whether a complete stage can be skipped: the stage's own config section plus the model/chat sections,
