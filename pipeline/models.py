@@ -41,11 +41,16 @@ TINY_SPECIALS = {"pad": "<|pad|>", "bos": "<|bos|>", "eos": "<|im_end|>", "im_st
 REWARD_READ_POSITION = "last_token_of_response_eos"
 
 
+# the demo files the tiny tokenizer learns from, named so that adding a data file (e.g. the general prompts
+# the report asks off-task) does not change the tiny tokenizer, hence every tiny model and stage hash
+TINY_CORPUS_FILES = ("preferences.jsonl", "prompts.jsonl", "rankings.jsonl", "sft.jsonl")
+
+
 def _tiny_corpus() -> list[str]:
     """Text to train the tiny tokenizer on: the project's demo data plus generic English."""
     lines: list[str] = []
     demo = demo_data_dir()
-    for file in sorted(demo.glob("*.jsonl")):
+    for file in (demo / name for name in TINY_CORPUS_FILES):
         lines.extend(file.read_text().splitlines())
     filler = (
         "the quick brown fox jumps over the lazy dog. numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000. "
@@ -171,7 +176,7 @@ def _cache_key(cfg: ModelConfig) -> str:
     if cfg.source == "tiny":
         relevant["tiny"] = cfg.tiny.model_dump()
         corpus = demo_data_dir()
-        relevant["corpus"] = sorted((p.name, p.stat().st_size) for p in corpus.glob("*.jsonl"))
+        relevant["corpus"] = sorted((name, (corpus / name).stat().st_size) for name in TINY_CORPUS_FILES)
     else:
         relevant.update(path=cfg.path, package=cfg.package, gguf_file=cfg.gguf_file)
     return hash_json(relevant)[:16]
