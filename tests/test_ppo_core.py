@@ -1,4 +1,4 @@
-"""Hand-worked checks of the pure PPO math in stages/ppo/core.py (DESIGN §4)."""
+"""Hand-worked checks of the pure PPO math in stages/ppo/core/ (DESIGN §4)."""
 
 import math
 
