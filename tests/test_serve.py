@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (pipeline/serve.py) on the tiny model, over real HTTP on 127.0.0.1."""
+"""The OpenAI-compatible server (pipeline/serve/) on the tiny model, over real HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
