@@ -36,6 +36,15 @@ def tiny_cfg(tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def tiny_base() -> str:
+    """The tiny base model's folder (configs/tiny.yaml's model, built once and cached by ``prepare_base``)."""
+    from pipeline.config import load_config
+    from pipeline.models import prepare_base
+
+    return prepare_base(load_config("configs/tiny.yaml").model)
+
+
 @pytest.fixture
 def tiny_dropout_base(tmp_path, tiny_cfg):
     """``tiny_dropout_base(p) -> overrides``: the tiny base model copied with ``attention_dropout=p`` in its

@@ -10,15 +10,9 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.models import prepare_base
 from stages.rlaif.judges import Constitution, HFJudge, resolve_judge_model
 from tests.test_judges import CONSTITUTION, PAIRS
 from tests.test_serve_adapters import _lora_stage
-
-
-@pytest.fixture(scope="module")
-def tiny_base() -> str:
-    return prepare_base(load_config("configs/tiny.yaml").model)
 
 
 def test_hf_judge_on_an_adapter_only_stage(tmp_path: Path, tiny_base: str) -> None:

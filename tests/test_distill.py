@@ -9,12 +9,10 @@ import json
 
 import pytest
 
+from tests.helpers.common import read_jsonl
+
 PROMPTS = "distill.data={path: data/demo/prompts.jsonl, max_records: %d}"
 COMMON = ["distill.max_new_tokens=8", "distill.num_threads=1", "distill.batch_size=4"]
-
-
-def _rows(path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_hf_teacher_cache_filter_and_sft_trains_on_it(tiny_cfg):
@@ -23,7 +21,7 @@ def test_hf_teacher_cache_filter_and_sft_trains_on_it(tiny_cfg):
     cfg = tiny_cfg("stages=[distill, sft]", PROMPTS % 6, *COMMON, "sft.train.max_steps=2", "sft.eval_fraction=0")
     m = run_stage("distill", cfg)
     out = cfg.stage_dir("distill")
-    rows = _rows(out / "data.jsonl")
+    rows = read_jsonl(out / "data.jsonl")
     assert m["prompts"] == 6 and m["asked"] == 6 and m["from_cache"] == 0 and m["failed"] == 0
     assert m["kept"] == len(rows) and m["kept"] + m["empty"] == 6 and m["filtered_out"] == 0
     for r in rows:
@@ -38,7 +36,7 @@ def test_hf_teacher_cache_filter_and_sft_trains_on_it(tiny_cfg):
                      "sft.train.max_steps=2", "sft.eval_fraction=0")
     m2 = run_stage("distill", again)
     assert m2["asked"] == 0 and m2["from_cache"] == 6 and m2["kept"] == m["kept"]
-    assert [r["messages"] for r in _rows(out / "data.jsonl")] == [r["messages"] for r in rows]
+    assert [r["messages"] for r in read_jsonl(out / "data.jsonl")] == [r["messages"] for r in rows]
 
     # sft in the same run trains on distill/data.jsonl, not sft.data
     assert run_stage("sft", again)
@@ -50,10 +48,10 @@ def test_hf_teacher_cache_filter_and_sft_trains_on_it(tiny_cfg):
                         "distill.filter=[{kind: function, function: 'stages.ppo.rewards:digit_fraction'}]")
     m3 = run_stage("distill", filtered)
     assert m3["asked"] == 0 and m3["kept"] + m3["filtered_out"] + m3["empty"] == 6
-    rejected = _rows(out / "rejected.jsonl")
+    rejected = read_jsonl(out / "rejected.jsonl", missing_ok=True)
     assert sum(r["rejected"] == "filtered_out" for r in rejected) == m3["filtered_out"]
     assert all(r["score"] < 0.05 for r in rejected if r["rejected"] == "filtered_out")
-    assert all(r["score"] >= 0.05 and "digit_fraction" in r["scores"] for r in _rows(out / "data.jsonl"))
+    assert all(r["score"] >= 0.05 and "digit_fraction" in r["scores"] for r in read_jsonl(out / "data.jsonl"))
 
 
 def test_distill_validation_order_and_plan(tiny_cfg):
@@ -102,7 +100,7 @@ def test_http_teacher_retries_stops_clearly_and_resumes(tiny_cfg, served_tiny):
         m = run_stage("distill", cfg)
         assert server.stats["failed_injected"] == 2 and server.stats["completions"] == 5
         assert m["asked"] == 3 and m["kept"] + m["empty"] == 3
-        row = _rows(cfg.stage_dir("distill") / "data.jsonl")[0]
+        row = read_jsonl(cfg.stage_dir("distill") / "data.jsonl")[0]
         assert row["teacher"] == {"kind": "http", "model": "tiny", "base_url": url}
     finally:
         server.close()

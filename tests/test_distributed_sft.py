@@ -17,7 +17,7 @@ import torch
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parent.parent
-DRIVER = REPO / "tests" / "helpers" / "dist_engine_driver.py"
+DRIVER = "tests.helpers.dist_engine_driver"  # run as a module from the repository root
 
 
 def _uniform_data(path: Path) -> Path:
@@ -53,7 +53,7 @@ def _torchrun(out: Path, overrides: list[str], unsync: bool = False) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(DRIVER), str(REPO / "configs" / "tiny.yaml"), str(out), *overrides]
+           "-m", DRIVER, str(REPO / "configs" / "tiny.yaml"), str(out), *overrides]
     if unsync:
         cmd.append("--unsync")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)

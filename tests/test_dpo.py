@@ -19,6 +19,7 @@ from data.formats import DataError
 from pipeline.config import ConfigError
 from stages.dpo import trainer as dpo_stage
 from stages.dpo.core import preference_loss, preference_metrics, sequence_logprobs
+from tests.helpers.common import train_rows
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER = REPO / "tests" / "helpers" / "dist_engine_driver.py"
@@ -280,7 +281,7 @@ def test_interrupted_stage_resumes_to_the_same_weights(tiny_cfg, monkeypatch, me
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    rows, rows_straight = _train_rows(cfg.stage_dir("dpo")), _train_rows(straight.stage_dir("dpo"))
+    rows, rows_straight = train_rows(cfg.stage_dir("dpo"), "loss"), train_rows(straight.stage_dir("dpo"), "loss")
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert [r["loss"] for r in rows] == [r["loss"] for r in rows_straight]
     whole, killed, resumed = caches
@@ -291,10 +292,6 @@ def test_interrupted_stage_resumes_to_the_same_weights(tiny_cfg, monkeypatch, me
 
 
 # ------------------------------------------------------------------------------- reference and dropout
-def _train_rows(stage_dir: Path) -> list[dict]:
-    return [r for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_reference_logprobs_only_for_the_pairs_the_steps_use(tmp_path, tiny_cfg, monkeypatch, method):
     """5 steps of 4 pairs out of 96 compute the reference for exactly the 20 pairs they train on, each once;
@@ -351,12 +348,12 @@ def test_step_zero_is_log2_and_zero_margin_in_a_model_built_with_dropout(tiny_cf
               "dpo.train.max_steps=1", *tuning]
     off = tiny_cfg("run_name=dropout-off", *common)
     dpo_stage.run(off)
-    first = _train_rows(off.stage_dir("dpo"))[0]
+    first = train_rows(off.stage_dir("dpo"), "loss")[0]
     assert abs(first["loss"] - math.log(2)) < 1e-6 and abs(first["margin"]) < 1e-6, first
     assert first["accuracy"] == 0.0  # no pair has reward_chosen strictly above reward_rejected
     on = tiny_cfg("run_name=dropout-on", *common, "dpo.disable_dropout=false")
     dpo_stage.run(on)
-    assert abs(_train_rows(on.stage_dir("dpo"))[0]["loss"] - math.log(2)) > 1e-3
+    assert abs(train_rows(on.stage_dir("dpo"), "loss")[0]["loss"] - math.log(2)) > 1e-3
 
 
 def test_logged_lr_is_the_rate_each_step_used(tiny_cfg):
@@ -367,10 +364,10 @@ def test_logged_lr_is_the_rate_each_step_used(tiny_cfg):
               "dpo.train.lr_scheduler=cosine", "dpo.train.per_device_batch_size=4"]
     plain = tiny_cfg("run_name=plain", *common, "dpo.train.max_steps=3", "dpo.train.warmup_ratio=0")
     dpo_stage.run(plain)
-    assert [r["lr"] for r in _train_rows(plain.stage_dir("dpo"))] == pytest.approx([1e-3, 7.5e-4, 2.5e-4])
+    assert [r["lr"] for r in train_rows(plain.stage_dir("dpo"), "loss")] == pytest.approx([1e-3, 7.5e-4, 2.5e-4])
     warm = tiny_cfg("run_name=warm", *common, "dpo.train.max_steps=4", "dpo.train.warmup_ratio=0.5")
     dpo_stage.run(warm)
-    assert [r["lr"] for r in _train_rows(warm.stage_dir("dpo"))] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
+    assert [r["lr"] for r in train_rows(warm.stage_dir("dpo"), "loss")] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
 
 
 # ------------------------------------------------------------------------------------ against TRL

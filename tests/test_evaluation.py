@@ -5,19 +5,16 @@ to evaluation.json and reused from the cache."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from pipeline.config import load_config
+from pipeline.manifest import read_manifest, write_manifest
+from pipeline.report import write_report
+from tests.helpers.common import write_config
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.manifest import read_manifest, write_manifest  # noqa: E402
-from pipeline.report import write_report  # noqa: E402
-from tests.test_report import write_config  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _fake_model_stage(cfg, stage: str, src: str, tokenizer, kind: str) -> None:

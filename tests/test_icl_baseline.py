@@ -4,17 +4,14 @@ with SFT and each policy by the same verifier, judge and RM as the verdict (repo
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from pipeline.config import load_config
+from pipeline.report import write_report
+from tests.helpers.common import write_config
+from tests.test_evaluation import _fake_model_stage
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.report import write_report  # noqa: E402
-from tests.test_evaluation import _fake_model_stage  # noqa: E402
-from tests.test_report import write_config  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def longer_is_better(prompts, responses, references):

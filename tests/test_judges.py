@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.models import prepare_base
 from pipeline.serve import ChatModel, start_server_in_thread
 from stages.rlaif.judges import (
     Constitution,
@@ -184,11 +183,6 @@ def test_parse_score() -> None:
 
 
 # --------------------------------------------------------------------------------------- HTTP judge
-@pytest.fixture(scope="module")
-def tiny_base() -> str:
-    return prepare_base(load_config("configs/tiny.yaml").model)
-
-
 @pytest.fixture(scope="module")
 def chat_model(tiny_base: str) -> ChatModel:
     return ChatModel(tiny_base, name="tiny")

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests" / "helpers"))
+from tests.helpers import grad_accum_driver as driver
 
-import grad_accum_driver as driver  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 ATOL = 1e-6
 
@@ -84,7 +83,7 @@ def _torchrun(out: Path, specs: list[str]) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(REPO / "tests" / "helpers" / "grad_accum_driver.py"), str(out), *specs]
+           "-m", "tests.helpers.grad_accum_driver", str(out), *specs]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -4,17 +4,12 @@ numbers, the teacher-forced KL against torch's own kl_div, and a tiny-model repo
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluation.drift import (  # noqa: E402
+from pipeline.config import load_config
+from pipeline.evaluation.drift import (
     answer_values,
     content_text,
     content_words,
@@ -23,8 +18,10 @@ from pipeline.evaluation.drift import (  # noqa: E402
     rouge_l,
     summarise,
 )
-from pipeline.evaluation.stats import paired_difference_known  # noqa: E402
-from tests.test_report import write_config  # noqa: E402
+from pipeline.evaluation.stats import paired_difference_known
+from tests.helpers.common import write_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 HALF = 1.959964 / 2  # Z95 / sqrt(4): the interval's half-width per unit of sample sd, over 4 prompts
 

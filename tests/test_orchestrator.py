@@ -17,13 +17,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from pipeline.cli import main  # noqa: E402
-from pipeline.config import ConfigError, RunConfig, load_config  # noqa: E402
-from pipeline.launch import (  # noqa: E402
+from pipeline.cli import main
+from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.launch import (
     ENTRY_ENV,
     Rendezvous,
     deepspeed_command,
@@ -33,10 +29,13 @@ from pipeline.launch import (  # noqa: E402
     stage_env,
     torchrun_command,
 )
-from pipeline.manifest import ManifestError, read_manifest, write_manifest  # noqa: E402
-from pipeline.orchestrator import StageFailed, format_status, run_pipeline  # noqa: E402
-from pipeline.plan import decide  # noqa: E402
-from pipeline.procs import process_state  # noqa: E402
+from pipeline.manifest import ManifestError, read_manifest, write_manifest
+from pipeline.orchestrator import StageFailed, format_status, run_pipeline
+from pipeline.plan import decide
+from pipeline.procs import process_state
+from tests.helpers.common import write_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 FAKE_KNOBS = ("FAKE_STEPS", "FAKE_SLEEP", "FAKE_FAIL", "FAKE_CRASH", "FAKE_FINGERPRINT_SFT", "FAKE_FINGERPRINT_RM",
               "FAKE_FINGERPRINT_PPO")
@@ -49,17 +48,6 @@ def fake(monkeypatch):
     for knob in FAKE_KNOBS:
         monkeypatch.delenv(knob, raising=False)
     return monkeypatch
-
-
-def write_config(tmp_path: Path, extra: str = "") -> Path:
-    path = tmp_path / "run.yaml"
-    path.write_text(
-        "run_name: t\n"
-        f"output_root: {tmp_path / 'out'}\n"
-        "model: {source: tiny}\n"
-        "ppo:\n  data: {path: data/demo/prompts.jsonl}\n" + extra
-    )
-    return path
 
 
 def run(config: Path, *overrides: str, **kwargs):
@@ -90,7 +78,7 @@ def test_chain_skip_and_force(fake, tmp_path):
         assert (cfg.stage_dir(stage) / "model" / "weights.txt").exists()
         assert "[fake " + stage + "]" in (cfg.stage_dir(stage) / "stage.log").read_text()
     resolved = json.loads((cfg.run_dir() / "config.resolved.json").read_text())
-    assert resolved["run_name"] == "t" and resolved["stages"] == ["sft", "rm", "ppo"]
+    assert resolved["run_name"] == "r" and resolved["stages"] == ["sft", "rm", "ppo"]
     # stages ran in order: each child started after its parent finished
     ms = {s: read_manifest(cfg.stage_dir(s)) for s in ("sft", "rm", "ppo")}
     assert ms["sft"]["metrics"]["finished_at"] <= ms["rm"]["started_at"]

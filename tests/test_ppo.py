@@ -17,26 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.common import saved_weights, train_rows
+
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # the worker is started as a script
-    sys.path.insert(0, str(REPO))
 
 DIGITS = "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:digit_fraction', weight: 10}]"
 EVAL = "ppo.eval_data={path: data/demo/prompts.jsonl, max_records: 32}"
-
-
-def _rows(stage_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _train_rows(stage_dir: Path) -> list[dict]:
-    return [r for r in _rows(stage_dir) if "score" in r]
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
 
 
 def _base_overrides(*extra: str) -> list[str]:
@@ -149,7 +135,7 @@ def test_reward_rises_eval_improves_and_high_kl_stays_near_reference(tiny_cfg, t
                              "ppo.train.save_steps=1000", "ppo.missing_eos_penalty=0")
     cfg = tiny_cfg(*common, "ppo.kl_coef=0.02")
     final = trainer.run(cfg)
-    rows = _train_rows(cfg.stage_dir("ppo"))
+    rows = train_rows(cfg.stage_dir("ppo"), "score")
     first = sum(r["score"] for r in rows[:3]) / 3
     last = sum(r["score"] for r in rows[-3:]) / 3
     assert last > first + 0.5, (first, last)
@@ -165,7 +151,7 @@ def test_reward_rises_eval_improves_and_high_kl_stays_near_reference(tiny_cfg, t
 
     high = tiny_cfg(*common, "ppo.kl_coef=5.0", "run_name=highkl")
     final_high = trainer.run(high)
-    rows_high = _train_rows(high.stage_dir("ppo"))
+    rows_high = train_rows(high.stage_dir("ppo"), "score")
     high_kl = sum(r["kl"] for r in rows_high[-3:]) / 3
     assert high_kl < 0.35 * low_kl, (high_kl, low_kl)
     assert abs(final_high["eval_score"] - final_high["eval_score_before"]) < 0.5, final_high
@@ -209,7 +195,7 @@ def test_rm_reward_critic_from_rm_and_lora_reference(tiny_cfg):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["model_format"] == "merged"
     assert (out / "adapter").exists() and (out / "model" / "model.safetensors").exists()
-    rows = _train_rows(out)
+    rows = train_rows(out, "score")
     assert len(rows) == 2 and all("score/rm" in r for r in rows)
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert all(s["reward"] <= s["score"] + 1e-6 for s in samples)
@@ -256,12 +242,12 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_cfg, tmp_path):
     trainer.run(resumed)
     assert json.loads((out / "manifest.json").read_text())["resumed"] is True
 
-    a, b = _weights(straight.stage_dir("ppo") / "model"), _weights(out / "model")
+    a, b = saved_weights(straight.stage_dir("ppo") / "model"), saved_weights(out / "model")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-7, msg=name)
     skip = {"time", "episodes_per_s"}
-    rows_a, rows_b = _train_rows(straight.stage_dir("ppo")), _train_rows(out)
+    rows_a, rows_b = train_rows(straight.stage_dir("ppo"), "score"), train_rows(out, "score")
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
     for ra, rb in zip(rows_a, rows_b):
         for key in ra:
@@ -295,7 +281,7 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_cfg):
     finally:
         trainer.PPOTrainer.update = real
     assert seen and all(seen), "gradient checkpointing must be active (train mode) during the update"
-    a, b = _weights(plain.stage_dir("ppo") / "model"), _weights(ckpt.stage_dir("ppo") / "model")
+    a, b = saved_weights(plain.stage_dir("ppo") / "model"), saved_weights(ckpt.stage_dir("ppo") / "model")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
@@ -342,7 +328,7 @@ def test_exploding_ratio_minibatches_are_skipped_and_counted(tiny_cfg):
     cfg = tiny_cfg(*_base_overrides("ppo.total_episodes=32", "ppo.ppo_epochs=4", "ppo.train.learning_rate=2e-2",
                                     "ppo.ratio_skip_threshold=1.05", "ppo.kl_in_loss=true", "ppo.kl_estimator=k3"))
     trainer.run(cfg)
-    rows = _train_rows(cfg.stage_dir("ppo"))
+    rows = train_rows(cfg.stage_dir("ppo"), "score")
     assert all(r["non_score_reward"] == 0 and "kl_loss" in r and r["kl"] >= 0 for r in rows), "k3 KL in the loss"
     total = 2 * 4 * 2  # steps x epochs x minibatches
     skipped = sum(r["skipped_minibatches"] for r in rows)
@@ -363,7 +349,7 @@ def test_judge_reward_source_composes_with_a_function(tiny_cfg):
                    "ppo.rewards=[{kind: judge, judge: rule, weight: 0.5}, "
                    "{kind: function, function: 'stages.ppo.rewards:digit_fraction', weight: 2}]")
     trainer.run(cfg)
-    row = _train_rows(cfg.stage_dir("ppo"))[0]
+    row = train_rows(cfg.stage_dir("ppo"), "score")[0]
     assert 1 <= row["score/judge_rule"] <= 10
     assert row["score"] == pytest.approx(0.5 * row["score/judge_rule"] + 2 * row["score/digit_fraction"], rel=1e-5)
 
@@ -600,7 +586,7 @@ def test_actor_lr_schedule_skips_critic_warmup_and_manifest_has_run_throughput(t
                                     "ppo.train.lr_scheduler=linear", "ppo.train.learning_rate=1e-3",
                                     "ppo.train.save_steps=1000"))
     metrics = trainer.run(cfg)
-    rows = _train_rows(cfg.stage_dir("ppo"))
+    rows = train_rows(cfg.stage_dir("ppo"), "score")
     # 4 steps x 2 minibatches: the critic's linear schedule spans 8 optimizer steps (rate 1 - k/8 at its
     # k-th), the actor's only the 4 after the 2 warm-up steps (1 - k/4). A row logs the rate its step's
     # update began with: the actor's k = 0 until it first steps in step 3, then k = 2; the critic's k = 0,
@@ -659,14 +645,14 @@ def test_two_process_deepspeed_zero2_matches_one_process(tiny_cfg, tmp_path):
     one = tiny_cfg(*DIST_OVERRIDES, "run_name=one", "ppo.episodes_per_rollout=8", "ppo.mini_batch_size=8",
                    "ppo.gradient_accumulation_steps=2")
     trainer.run(one)
-    single = {k: v.float() for k, v in _weights(one.stage_dir("ppo") / "model").items()}
+    single = {k: v.float() for k, v in saved_weights(one.stage_dir("ppo") / "model").items()}
     assert set(info[0]["prompts"]) | set(info[1]["prompts"]) == set(_one_process_prompts(one))
     diffs = {k: float((ranks[0][k] - single[k]).abs().max()) for k in single}
     # rounding differs (micro-batch grouping, all-reduce order) and Adam amplifies it on tiny gradients
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
     # the same episodes were sampled: per-step metrics agree
-    rows_ds = _train_rows(tmp_path / "ds" / "run" / "tiny" / "ppo")
-    rows_one = _train_rows(one.stage_dir("ppo"))
+    rows_ds = train_rows(tmp_path / "ds" / "run" / "tiny" / "ppo", "score")
+    rows_one = train_rows(one.stage_dir("ppo"), "score")
     for a, b in zip(rows_ds, rows_one):
         for key in ("score", "response_length", "eos_rate", "kl"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key, a[key], b[key])
@@ -719,8 +705,8 @@ def test_two_process_deepspeed_zero3_generates_and_saves_gathered_weights(tiny_c
     one = tiny_cfg(*DIST_OVERRIDES, "run_name=one", "ppo.episodes_per_rollout=8", "ppo.mini_batch_size=8",
                    "ppo.gradient_accumulation_steps=2")
     trainer.run(one)
-    single = _weights(one.stage_dir("ppo") / "model")
-    saved = _weights(tmp_path / "z3" / "run" / "tiny" / "ppo" / "model")
+    single = saved_weights(one.stage_dir("ppo") / "model")
+    saved = saved_weights(tmp_path / "z3" / "run" / "tiny" / "ppo" / "model")
     assert saved.keys() == single.keys() and all(v.numel() for v in saved.values()), "full (gathered) tensors"
     diffs = {k: float((saved[k].float() - single[k].float()).abs().max()) for k in single}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]

@@ -20,19 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.common import saved_weights, train_rows
+
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:digit_fraction', weight: 10}]"
-
-
-def _train_rows(stage_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "score" in r]
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
 
 
 def _overrides(estimator: str, *extra: str) -> list[str]:
@@ -111,7 +102,7 @@ def test_critic_free_estimator_learns_without_a_critic(tiny_cfg, estimator, extr
                                "ppo.ppo_epochs=4", "ppo.train.save_steps=1000", "ppo.kl_coef=0.02", *extra))
     trainer.run(cfg)
     out = cfg.stage_dir("ppo")
-    rows = _train_rows(out)
+    rows = train_rows(out, "score")
     first = sum(r["score"] for r in rows[:3]) / 3
     last = sum(r["score"] for r in rows[-3:]) / 3
     assert last > first + 0.5, (estimator, [round(r["score"], 2) for r in rows])
@@ -202,11 +193,11 @@ def test_grpo_resume_after_kill_equals_uninterrupted_run(tiny_cfg):
     torch.manual_seed(12345)
     trainer.run(resumed)
     assert json.loads((out / "manifest.json").read_text())["resumed"] is True
-    a, b = _weights(straight.stage_dir("ppo") / "model"), _weights(out / "model")
+    a, b = saved_weights(straight.stage_dir("ppo") / "model"), saved_weights(out / "model")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-7, msg=name)
-    rows_a, rows_b = _train_rows(straight.stage_dir("ppo")), _train_rows(out)
+    rows_a, rows_b = train_rows(straight.stage_dir("ppo"), "score"), train_rows(out, "score")
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
     for ra, rb in zip(rows_a, rows_b):
         for key in ra:
@@ -244,7 +235,7 @@ def test_two_process_deepspeed_grpo_matches_one_process(tiny_cfg, tmp_path):
                    "ppo.train.save_steps=1000", "ppo.adaptive_kl=true", "run_name=one", "ppo.episodes_per_rollout=8",
                    "ppo.mini_batch_size=8", "ppo.gradient_accumulation_steps=2", *grpo)
     trainer.run(one)
-    single = {k: v.float() for k, v in _weights(one.stage_dir("ppo") / "model").items()}
+    single = {k: v.float() for k, v in saved_weights(one.stage_dir("ppo") / "model").items()}
     for r in ranks:
         diffs = {k: float((r[k] - single[k]).abs().max()) for k in single}
         assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]

@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.helpers.common import metrics_rows
+
 REPO = Path(__file__).resolve().parent.parent
 
 # another chat format for the second tiny tokenizer: bos first, "### role:" headers (prefix-stable, eos-closed)
@@ -27,10 +29,6 @@ OTHER_TEMPLATE = (
     "{{ '### ' + m['role'] + ':\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '### assistant:\n' }}{% endif %}"
 )
-
-
-def _rows(stage_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _base(cfg) -> str:
@@ -145,7 +143,7 @@ def test_reward_functions_get_eos_and_ids_and_their_metrics_are_logged(tiny_cfg)
     cfg = tiny_cfg("stages=[ppo]", "ppo.policy_from=base", "ppo.total_episodes=32", "ppo.max_new_tokens=6",
                    "ppo.rewards=[{kind: function, function: 'tests.test_ppo_external:eos_aware_reward'}]")
     trainer.run(cfg)
-    rows = [r for r in _rows(cfg.stage_dir("ppo")) if "score" in r]
+    rows = [r for r in metrics_rows(cfg.stage_dir("ppo")) if "score" in r]
     assert len(rows) == 2
     for r in rows:
         assert r["reward_metric/ids"] == pytest.approx(r["response_length"]), "ids up to and including eos"
@@ -176,7 +174,7 @@ def test_ppo_alone_on_a_policy_folder_and_a_reward_model_folder(tiny_cfg, same_t
     assert manifest["critic_from"] == "rm" and manifest["critic_source"] == str(same_tokenizer_rm)
     assert manifest["policy_source"] == base
     assert set(manifest["external_models"]) == {"ppo.policy.path", "ppo.reward_model.path"}
-    assert final["steps"] == 2 and "score/rm" in _rows(cfg.stage_dir("ppo"))[-1]
+    assert final["steps"] == 2 and "score/rm" in metrics_rows(cfg.stage_dir("ppo"))[-1]
     assert (cfg.stage_dir("ppo") / "model" / "model.safetensors").exists()
     assert decide(cfg, "ppo").action == "skip"
     before = stage_identity(cfg, "ppo")[1]
@@ -222,7 +220,7 @@ def test_a_reward_model_with_another_tokenizer_scores_text_in_its_own_template(t
     assert manifest["status"] == "complete" and manifest["rm_scoring"] == "text"
     assert manifest["reward_model_read"] == "transformers_last_non_pad"
     assert manifest["critic_from"] == "policy" and manifest["critic_source"].startswith(base)
-    assert "rm_truncated" in _rows(run_cfg.stage_dir("ppo"))[-1]
+    assert "rm_truncated" in metrics_rows(run_cfg.stage_dir("ppo"))[-1]
     # asking for a critic from it is refused, saying why
     bad = tiny_cfg("stages=[ppo]", f"ppo.policy.path={base}", f"ppo.reward_model.path={other_tokenizer_rm}",
                    "ppo.critic_from=rm", "run_name=bad")

@@ -11,24 +11,16 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from pipeline.config import load_config
+from pipeline.report import render_report, write_report
+from pipeline.report.markdown import md_cell
+from pipeline.report.plots import series
+from tests import fake_stages
+from tests.helpers.common import write_config
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.report import render_report, write_report  # noqa: E402
-from pipeline.report.markdown import md_cell  # noqa: E402
-from pipeline.report.plots import series  # noqa: E402
-from tests import fake_stages  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def write_config(tmp_path: Path, extra: str = "") -> Path:
-    path = tmp_path / "r.yaml"
-    path.write_text(f"run_name: r\noutput_root: {tmp_path / 'out'}\nmodel: {{source: tiny}}\n"
-                    "ppo:\n  data: {path: data/demo/prompts.jsonl}\n" + extra)
-    return path
 
 
 def assert_valid_png(path: Path) -> None:

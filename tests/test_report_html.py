@@ -8,19 +8,16 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from pipeline.config import load_config
+from pipeline.report import write_report
+from pipeline.report_html import markdown_to_html
+from tests import fake_stages
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.report import write_report  # noqa: E402
-from pipeline.report_html import markdown_to_html  # noqa: E402
-from tests import fake_stages  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmM"

@@ -12,15 +12,12 @@ from pathlib import Path
 import pytest
 
 from stages.rlaif.rules import demo_task_score
-
-
-def _rows(stage_dir: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (stage_dir / name).read_text().splitlines()]
+from tests.helpers.common import read_jsonl
 
 
 def _check_samples_scored_by_the_rule(stage_dir: Path) -> list[dict]:
     """Every logged sample's judge score is the rule's score of that (prompt, response)."""
-    samples = _rows(stage_dir, "samples.jsonl")
+    samples = read_jsonl(stage_dir / "samples.jsonl")
     assert samples
     for s in samples:
         assert s["score/judge_default"] == pytest.approx(demo_task_score(s["prompt"], s["response"]), abs=1e-6)
@@ -35,7 +32,7 @@ def test_judge_alone_is_the_ppo_reward(tiny_cfg) -> None:
     assert cfg.rlaif.judges["default"].function == "stages.rlaif.rules:demo_task_judge"
     final = trainer.run(cfg)
     stage = cfg.stage_dir("ppo")
-    rows = [r for r in _rows(stage, "metrics.jsonl") if "score" in r]
+    rows = [r for r in read_jsonl(stage / "metrics.jsonl") if "score" in r]
     assert len(rows) == 2 and final["steps"] == 2
     for row in rows:
         assert 0.0 <= row["score/judge_default"] <= 1.0
@@ -58,7 +55,7 @@ def test_judge_weighted_with_the_rm(tiny_cfg) -> None:
     stage = cfg.stage_dir("ppo")
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["reward_sources"] == ["rm", "judge_default"] and set(manifest["parents"]) == {"rm"}
-    rows = [r for r in _rows(stage, "metrics.jsonl") if "score" in r]
+    rows = [r for r in read_jsonl(stage / "metrics.jsonl") if "score" in r]
     assert len(rows) == 2
     for row in rows:
         assert 0.0 <= row["score/judge_default"] <= 1.0 and row["score/rm"] != 0.0

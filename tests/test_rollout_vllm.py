@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.common import read_jsonl
+
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("ALIGNPIPE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 # `make vllm-env` writes .installed last: a half-built environment (a failed install) counts as absent
@@ -108,10 +110,6 @@ def test_seeded_sampling_is_reproducible(tiny):
     assert alone[0] == together[2]
 
 
-def _rows(path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()]
-
-
 def test_distill_greedy_answers_are_the_same_with_hf_and_vllm(tiny, tiny_cfg):
     """The distill stage with an hf teacher (the base model) answers greedily: the same answers either way."""
     from stages import run_stage
@@ -124,8 +122,8 @@ def test_distill_greedy_answers_are_the_same_with_hf_and_vllm(tiny, tiny_cfg):
                         f"rollout.vllm.base_url={backend.base_url}", f"rollout.vllm.python={VLLM_PYTHON}")
     run_stage("distill", hf_cfg)
     run_stage("distill", vllm_cfg)
-    hf = [r["messages"] for r in _rows(hf_cfg.stage_dir("distill") / "data.jsonl")]
-    vllm = [r["messages"] for r in _rows(vllm_cfg.stage_dir("distill") / "data.jsonl")]
+    hf = [r["messages"] for r in read_jsonl(hf_cfg.stage_dir("distill") / "data.jsonl")]
+    vllm = [r["messages"] for r in read_jsonl(vllm_cfg.stage_dir("distill") / "data.jsonl")]
     assert hf and vllm == hf
 
 
@@ -147,7 +145,7 @@ def test_best_of_n_and_rlaif_label_sample_through_the_engine(tiny, tiny_cfg):
     run_stage("best_of_n", bon)
     base = prepare_base(bon.model)
     tok = load_tokenizer(base, bon.model, bon.chat)
-    rows = _rows(bon.stage_dir("best_of_n") / "data.jsonl")
+    rows = read_jsonl(bon.stage_dir("best_of_n") / "data.jsonl")
     assert len(rows) == 6  # every prompt kept, in order: the stage asked for all 6 in one call
     prompts = [prompt_ids(tok, r["messages"][:-1], bon.chat.system_prompt) for r in rows]
     for r, samples in zip(rows, backend.generate(prompts, Sampling(12, 1.0, n=3, seed=4))):
@@ -157,9 +155,9 @@ def test_best_of_n_and_rlaif_label_sample_through_the_engine(tiny, tiny_cfg):
     label = tiny_cfg(*TINY32, *engine, "stages=[rlaif_label]", "rlaif_label.data={path: data/demo/prompts.jsonl, "
                      "max_records: 6}", "rlaif_label.num_responses=3", "rlaif_label.max_new_tokens=12")
     run_stage("rlaif_label", label)
-    prefs = _rows(label.stage_dir("rlaif_label") / "preferences.jsonl")
+    prefs = read_jsonl(label.stage_dir("rlaif_label") / "preferences.jsonl")
     assert prefs
-    prompts = [[{"role": "user", "content": row["prompt"]}] for row in _rows(REPO / "data/demo/prompts.jsonl")[:6]]
+    prompts = [[{"role": "user", "content": row["prompt"]}] for row in read_jsonl(REPO / "data/demo/prompts.jsonl")[:6]]
     groups = backend.generate([prompt_ids(tok, m, label.chat.system_prompt) for m in prompts],
                               Sampling(12, label.rlaif_label.temperature, n=3, seed=label.rlaif_label.seed))
     texts = {json.dumps(m): {tok.decode(g.token_ids[:-1] if g.finished else g.token_ids,

@@ -12,18 +12,11 @@ import httpx
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.models import prepare_base
 from pipeline.serve import ChatModel, ServeError, main, resolve_checkpoint, start_server_in_thread
 
 torch.set_num_threads(1)
 
 MESSAGES = [{"role": "user", "content": "What is 6 times 7?"}]
-
-
-@pytest.fixture(scope="module")
-def tiny_base() -> str:
-    return prepare_base(load_config("configs/tiny.yaml").model)
 
 
 @pytest.fixture(scope="module")

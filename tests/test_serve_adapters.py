@@ -9,8 +9,7 @@ import httpx
 import pytest
 import torch
 
-from pipeline.config import ModelConfig, load_config
-from pipeline.models import prepare_base
+from pipeline.config import ModelConfig
 from pipeline.serve import (
     ChatModel,
     GenerationParams,
@@ -23,11 +22,6 @@ from pipeline.serve import (
 )
 
 MESSAGES = [{"role": "user", "content": "What is 6 times 7?"}]
-
-
-@pytest.fixture(scope="module")
-def tiny_base() -> str:
-    return prepare_base(load_config("configs/tiny.yaml").model)
 
 
 def _lora_stage(root: Path, tiny_base: str, stage: str, seed: int) -> Path:

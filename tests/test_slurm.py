@@ -11,20 +11,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from pipeline.config import ConfigError, load_config  # noqa: E402
-from pipeline.launch import ENTRY_ENV  # noqa: E402
-from pipeline.manifest import read_manifest, write_manifest  # noqa: E402
-from pipeline.slurm import (  # noqa: E402
+from pipeline.config import ConfigError, load_config
+from pipeline.launch import ENTRY_ENV
+from pipeline.manifest import read_manifest, write_manifest
+from pipeline.slurm import (
     TERMINAL_STATES,
     parse_scontrol,
     plan_submission,
@@ -32,24 +27,16 @@ from pipeline.slurm import (  # noqa: E402
     sbatch_script,
     slurm_pipeline,
 )
+from tests.helpers.common import write_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 START_SLURM = REPO.parent / "shared" / "tools" / "slurm" / "start_slurm.sh"
 
 
-def write_config(tmp_path: Path, run_name: str = "s", extra: str = "") -> Path:
-    path = tmp_path / f"{run_name}.yaml"
-    path.write_text(
-        f"run_name: {run_name}\n"
-        f"output_root: {tmp_path / 'out'}\n"
-        "model: {source: tiny}\n"
-        "ppo:\n  data: {path: data/demo/prompts.jsonl}\n" + extra
-    )
-    return path
-
-
 # ------------------------------------------------------------------------------------ script content
 def test_sbatch_script_multi_node_torchrun(tmp_path):
-    config = write_config(tmp_path, extra=(
+    config = write_config(tmp_path, run_name="s", extra=(
         "launch: {launcher: torchrun, nproc_per_node: 4, master_port: 29555}\n"
         "slurm:\n  nodes: 2\n  gpus_per_node: 4\n  cpus_per_task: 16\n  mem: 200G\n  time: '12:00:00'\n"
         "  partition: gpu\n  account: alignment\n  extra_sbatch: ['--qos=high', '#SBATCH --exclusive']\n"
@@ -84,13 +71,13 @@ def test_sbatch_script_multi_node_torchrun(tmp_path):
 
 
 def test_sbatch_script_single_node_cpu_and_deepspeed(tmp_path):
-    cfg = load_config(write_config(tmp_path))
+    cfg = load_config(write_config(tmp_path, run_name="s"))
     text, _ = sbatch_script(cfg, "sft", Path("/c.json"), python="/py", env={ENTRY_ENV: "tests.fake_stages"})
     assert "export DS_ACCELERATOR=cpu" in text and "--gres" not in text and "--partition" not in text
     assert ("srun --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --kill-on-bad-exit=1 "
             "/py -m tests.fake_stages sft --config /c.json 2>&1") in text
-    ds = load_config(write_config(tmp_path, "d", "launch: {launcher: deepspeed, nproc_per_node: 2}\n"
-                                                 "slurm: {nodes: 2, gpus_per_node: 2}\n"))
+    ds = load_config(write_config(tmp_path, "launch: {launcher: deepspeed, nproc_per_node: 2}\n"
+                                            "slurm: {nodes: 2, gpus_per_node: 2}\n", run_name="d"))
     text, _ = sbatch_script(ds, "rm", Path("/c.json"), python="/py", env={})
     srun = next(line for line in text.splitlines() if line.startswith("srun"))
     assert "-m deepspeed.launcher.runner --num_gpus 2" in srun and "--no_ssh" in srun
@@ -99,18 +86,18 @@ def test_sbatch_script_single_node_cpu_and_deepspeed(tmp_path):
 
 
 def test_sbatch_resource_mismatches_are_config_errors(tmp_path):
-    local_multi = load_config(write_config(tmp_path, "a", "slurm: {nodes: 2}\n"))
+    local_multi = load_config(write_config(tmp_path, run_name="a", extra="slurm: {nodes: 2}\n"))
     with pytest.raises(ConfigError, match="slurm.nodes=2 but launch.launcher='local'"):
         sbatch_script(local_multi, "sft", Path("/c.json"))
-    too_many = load_config(write_config(tmp_path, "b", "launch: {launcher: torchrun, nproc_per_node: 8}\n"
-                                                       "slurm: {gpus_per_node: 4}\n"))
+    too_many = load_config(write_config(tmp_path, "launch: {launcher: torchrun, nproc_per_node: 8}\n"
+                                                  "slurm: {gpus_per_node: 4}\n", run_name="b"))
     with pytest.raises(ConfigError, match="nproc_per_node=8"):
         sbatch_script(too_many, "sft", Path("/c.json"))
 
 
 def test_plan_submission_skips_complete_leading_stages(tmp_path, monkeypatch):
     monkeypatch.setenv(ENTRY_ENV, "tests.fake_stages")
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, run_name="s")
     from pipeline.orchestrator import run_pipeline
 
     run_pipeline(config, stages=["sft"], echo=False, report=False, out=lambda line: None)
@@ -179,7 +166,7 @@ def test_real_slurm_chain_runs_in_order_and_failure_cancels(slurm_cluster, tmp_p
     monkeypatch.setenv(ENTRY_ENV, "tests.fake_stages")
     for knob in ("FAKE_FAIL", "FAKE_CRASH", "FAKE_SLEEP"):
         monkeypatch.delenv(knob, raising=False)
-    good, bad = write_config(tmp_path, "good"), write_config(tmp_path, "bad")
+    good, bad = write_config(tmp_path, run_name="good"), write_config(tmp_path, run_name="bad")
     quiet = lambda line: None  # noqa: E731
     good_jobs = slurm_pipeline(good, do_submit=True, env=dict(os.environ), out=quiet)
     bad_jobs = slurm_pipeline(bad, do_submit=True, env={**os.environ, "FAKE_FAIL": "rm"}, out=quiet)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from stages.kd import distillation_loss, token_divergence, trained_positions
+from tests.helpers.common import read_jsonl
 
 LN2 = math.log(2.0)
 
@@ -94,10 +95,6 @@ def _teacher_folder(**tiny) -> str:
     return prepare_base(ModelConfig(source="tiny", tiny=TinyModelConfig(**tiny)))
 
 
-def _rows(path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()]
-
-
 def test_sft_with_token_level_distillation_trains_logs_and_resumes(tiny_cfg, monkeypatch, capsys):
     from stages import run_stage
     from stages.engine import Engine
@@ -107,7 +104,7 @@ def test_sft_with_token_level_distillation_trains_logs_and_resumes(tiny_cfg, mon
           "distill.token_level={enabled: true, loss: forward_kl, weight: 0.5, temperature: 2.0}"]
     cfg = tiny_cfg(*kd)
     run_stage("sft", cfg)
-    rows = [r for r in _rows(cfg.stage_dir("sft") / "metrics.jsonl") if "kd_loss" in r]
+    rows = [r for r in read_jsonl(cfg.stage_dir("sft") / "metrics.jsonl") if "kd_loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:  # one micro-batch per step: the logged loss is exactly the mixture of its parts
         assert r["kd_loss"] > 0 and r["ce_loss"] > 0
@@ -133,7 +130,7 @@ def test_sft_with_token_level_distillation_trains_logs_and_resumes(tiny_cfg, mon
     run_stage("sft", killed)
     out = capsys.readouterr().out
     assert "resumed sft from" in out and "(step 2)" in out
-    resumed = [r for r in _rows(killed.stage_dir("sft") / "metrics.jsonl") if "kd_loss" in r]
+    resumed = [r for r in read_jsonl(killed.stage_dir("sft") / "metrics.jsonl") if "kd_loss" in r]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(rows, resumed):
         assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=1e-4) and b["loss"] == pytest.approx(a["loss"], rel=1e-4)

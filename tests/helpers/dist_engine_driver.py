@@ -2,7 +2,7 @@
 distributed checks need.
 
 Usage (per rank, under torchrun):
-    python tests/helpers/dist_engine_driver.py CONFIG OUT_DIR [--stage=sft|rm|dpo] [--unsync] [k=v ...]
+    python -m tests.helpers.dist_engine_driver CONFIG OUT_DIR [--stage=sft|rm|dpo] [--unsync] [k=v ...]
 Writes OUT_DIR/rank<R>.json (world size, engine type, item indices seen) and OUT_DIR/rank<R>.pt (final
 trainable parameters). ``--unsync`` is the negative control: no DeepSpeed and no DDP, so each rank
 trains alone on its own shard while believing the run is distributed.
@@ -15,10 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 

@@ -4,7 +4,7 @@ step, training a tiny causal LM with the SFT loss on four rows of unequal length
 
 In a test process: ``accumulated_gradient(per_device_batch, accumulation, deepspeed=None)``. Under torchrun,
 per rank:
-    python tests/helpers/grad_accum_driver.py OUT_DIR SPEC [SPEC ...]
+    python -m tests.helpers.grad_accum_driver OUT_DIR SPEC [SPEC ...]
 with SPEC ``batch,accumulation`` or ``batch,accumulation,configs/deepspeed/zeroN.json``; writes
 OUT_DIR/spec<i>-rank<R>.pt: {"grads", "loss" (the logged loss), "world_size", "engine", "rows" (the item
 indices this rank trained on)}.
@@ -18,10 +18,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
+import torch
 
 IGNORE = -100
 # (length, first target position): rows of 6..23 tokens with 3..18 target tokens each, all different
