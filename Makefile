@@ -102,7 +102,7 @@ serve: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
-# docs/CONFIG.md from the config models (tests/test_config_doc.py fails when it is stale)
+# docs/CONFIG.md from the config models (tests/unit/test_config_doc.py fails when it is stale)
 config-doc: $(VENV)/.installed
 	$(PY) -m pipeline.config_doc > docs/CONFIG.md
 

@@ -3,7 +3,7 @@ and description (``python -m pipeline.config_doc > docs/CONFIG.md``, ``make conf
 
 The sections come from the models themselves (``pipeline.config.run_config_model``: the shared sections and
 each built-in stage's section from the registry), so the page cannot drift from the code;
-tests/test_config_doc.py fails when the committed page is stale or a field has no description.
+tests/unit/test_config_doc.py fails when the committed page is stale or a field has no description.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def sections(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, ty
 
 
 def missing_descriptions(model: type[BaseModel]) -> list[str]:
-    """Dotted keys of every field under ``model`` without a description (tests/test_config_doc.py)."""
+    """Dotted keys of every field under ``model`` without a description (tests/unit/test_config_doc.py)."""
     return [f"{path}.{name}" if path else name for path, section in sections(model)
             for name, field in section.model_fields.items() if not (field.description or "").strip()]
 

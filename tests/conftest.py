@@ -1,4 +1,9 @@
-"""Shared test set-up: offline, one torch thread, tiny configs written into tmp_path."""
+"""Shared test set-up: offline, one torch thread, tiny configs written into tmp_path.
+
+Tests by kind: ``tests/unit/`` holds the pure ones (math, parsing, configs, import rules: no model is
+built or loaded, a few seconds in all); ``tests/`` the ones that run stages, models, servers or
+processes. Helpers several files use live in ``tests/helpers/common.py``.
+"""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from stages.rlaif.rules import (
     score_response,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("prompt, kind, answer", [

@@ -8,7 +8,7 @@ alike (a function-level import is still a dependency, only a later one). Two rul
   only the data contract (``data.formats``); ``data/`` imports from ``pipeline/`` only the contract and
   never ``stages/``.
 
-``python tests/test_architecture.py [ROOT]`` prints the import cycles and rule violations of a checkout
+``python tests/unit/test_architecture.py [ROOT]`` prints the import cycles and rule violations of a checkout
 (e.g. an older commit checked out with ``git worktree add``).
 """
 
@@ -19,7 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipeline", "stages", "data")
 
 # What stages/ (and data/) may import from pipeline/: the run config, manifests and atomic writes, the
@@ -180,7 +180,7 @@ def test_stages_import_only_the_pipeline_contract():
                      f"{sorted(STAGE_CONTRACT | DATA_CONTRACT)}")
     fixed = sorted(KNOWN_VIOLATIONS - violations)
     if fixed:
-        warnings.warn(f"no longer occur, remove from KNOWN_VIOLATIONS in tests/test_architecture.py: {fixed}",
+        warnings.warn(f"no longer occur, remove from KNOWN_VIOLATIONS in tests/unit/test_architecture.py: {fixed}",
                       stacklevel=1)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ALL_STAGES = "stages=[distill, sft, rlaif_label, rm, best_of_n, ppo, dpo]"
 COMMON = ["output_root=/nonexistent/pin-outputs", ALL_STAGES, "distill.data={path: data/demo/prompts.jsonl}",
           "best_of_n.data={path: data/demo/prompts.jsonl}", "best_of_n.rewards=[{kind: rm}]"]
