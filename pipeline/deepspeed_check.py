@@ -158,6 +158,71 @@ def _find_auto(node: Any, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if node == "auto" else []
 
 
+def _fill_batch(config: dict[str, Any], problems: list[str], micro_batch: int, grad_accum: int, world_size: int,
+                check: bool) -> None:
+    """Batch arithmetic: DeepSpeed asserts train = micro x accum x world, but only once the job runs."""
+    _fill(config, "train_micro_batch_size_per_gpu", micro_batch, must_match=check, problems=problems)
+    _fill(config, "gradient_accumulation_steps", grad_accum, must_match=check, problems=problems)
+    expected_train = micro_batch * grad_accum * world_size
+    if check and config.get("train_batch_size", "auto") != "auto":
+        if config["train_batch_size"] != expected_train:
+            problems.append(
+                f"train_batch_size={config['train_batch_size']!r} != micro batch {micro_batch} x grad accumulation "
+                f"{grad_accum} x world size {world_size} = {expected_train} (set it to \"auto\")"
+            )
+    _fill(config, "train_batch_size", expected_train, must_match=False, problems=problems)
+
+
+def _fill_precision(config: dict[str, Any], problems: list[str], bf16: bool, check: bool) -> None:
+    """Precision: we never train in fp16 (DESIGN §5.2), so an "auto" fp16 is always off."""
+    _fill(config, "bf16.enabled", bool(bf16), must_match=check, problems=problems)
+    _fill(config, "fp16.enabled", False, must_match=False, problems=problems)
+    if check:
+        fp16_on = (config.get("fp16") or {}).get("enabled") is True
+        bf16_on = (config.get("bf16") or {}).get("enabled") is True
+        if fp16_on and bf16_on:
+            problems.append("fp16.enabled and bf16.enabled are both true; DeepSpeed allows only one")
+        elif fp16_on:
+            problems.append(
+                "fp16.enabled=true but alignpipe trains in bf16 or fp32 (fp16 diverges; refused on CPU); "
+                "set fp16.enabled to false or remove the fp16 section"
+            )
+
+
+def _fill_optimizer(config: dict[str, Any], problems: list[str], lr: float, betas: tuple[float, float], eps: float,
+                    weight_decay: float, num_training_steps: int | None, warmup_steps: int | None,
+                    check: bool) -> None:
+    """Optimizer / scheduler sections exist only when a JSON names them (ours do not, see the notes)."""
+    _fill(config, "optimizer.params.lr", lr, must_match=check, problems=problems)
+    _fill(config, "optimizer.params.betas", list(betas), must_match=check, problems=problems)
+    _fill(config, "optimizer.params.eps", eps, must_match=check, problems=problems)
+    _fill(config, "optimizer.params.weight_decay", weight_decay, must_match=check, problems=problems)
+    _fill(config, "scheduler.params.warmup_min_lr", 0, must_match=False, problems=problems)
+    _fill(config, "scheduler.params.warmup_max_lr", lr, must_match=check, problems=problems)
+    if num_training_steps is not None:
+        _fill(config, "scheduler.params.total_num_steps", num_training_steps, must_match=check, problems=problems)
+    if warmup_steps is not None:
+        # deepspeed>=0.19.6 rejects warmup_num_steps <= 0 (transformers clamps the same way).
+        _fill(config, "scheduler.params.warmup_num_steps", max(1, warmup_steps), must_match=False, problems=problems)
+
+
+def _fill_buckets(config: dict[str, Any], problems: list[str], hidden_size: int | None) -> None:
+    """Bucket sizes: HF's rules when the hidden size is known, DeepSpeed's defaults otherwise."""
+    _fill(
+        config, "zero_optimization.reduce_bucket_size",
+        hidden_size * hidden_size if hidden_size else _DS_DEFAULT_REDUCE_BUCKET, must_match=False, problems=problems,
+    )
+    _fill(
+        config, "zero_optimization.stage3_prefetch_bucket_size",
+        int(0.9 * hidden_size * hidden_size) if hidden_size else _DS_DEFAULT_PREFETCH_BUCKET,
+        must_match=False, problems=problems,
+    )
+    _fill(
+        config, "zero_optimization.stage3_param_persistence_threshold",
+        10 * hidden_size if hidden_size else _DS_DEFAULT_PERSISTENCE_THRESHOLD, must_match=False, problems=problems,
+    )
+
+
 def _fill_all(
     ds_config: dict[str, Any],
     *,
@@ -181,63 +246,12 @@ def _fill_all(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     config = copy.deepcopy(ds_config)
     problems: list[str] = []
-
-    # Batch arithmetic: DeepSpeed asserts train = micro x accum x world, but only once the job runs.
-    _fill(config, "train_micro_batch_size_per_gpu", micro_batch, must_match=check, problems=problems)
-    _fill(config, "gradient_accumulation_steps", grad_accum, must_match=check, problems=problems)
-    expected_train = micro_batch * grad_accum * world_size
-    if check and config.get("train_batch_size", "auto") != "auto":
-        if config["train_batch_size"] != expected_train:
-            problems.append(
-                f"train_batch_size={config['train_batch_size']!r} != micro batch {micro_batch} x grad accumulation "
-                f"{grad_accum} x world size {world_size} = {expected_train} (set it to \"auto\")"
-            )
-    _fill(config, "train_batch_size", expected_train, must_match=False, problems=problems)
-
+    _fill_batch(config, problems, micro_batch, grad_accum, world_size, check)
     # DeepSpeed's gradient_clipping 0.0 means "off", which is what max_grad_norm=None means for us.
     _fill(config, "gradient_clipping", float(max_grad_norm or 0.0), must_match=check, problems=problems)
-
-    # Precision: we never train in fp16 (DESIGN §5.2), so an "auto" fp16 is always off.
-    _fill(config, "bf16.enabled", bool(bf16), must_match=check, problems=problems)
-    _fill(config, "fp16.enabled", False, must_match=False, problems=problems)
-    if check:
-        fp16_on = (config.get("fp16") or {}).get("enabled") is True
-        bf16_on = (config.get("bf16") or {}).get("enabled") is True
-        if fp16_on and bf16_on:
-            problems.append("fp16.enabled and bf16.enabled are both true; DeepSpeed allows only one")
-        elif fp16_on:
-            problems.append(
-                "fp16.enabled=true but alignpipe trains in bf16 or fp32 (fp16 diverges; refused on CPU); "
-                "set fp16.enabled to false or remove the fp16 section"
-            )
-
-    # Optimizer / scheduler sections exist only when a JSON names them (ours do not, see the notes).
-    _fill(config, "optimizer.params.lr", lr, must_match=check, problems=problems)
-    _fill(config, "optimizer.params.betas", list(betas), must_match=check, problems=problems)
-    _fill(config, "optimizer.params.eps", eps, must_match=check, problems=problems)
-    _fill(config, "optimizer.params.weight_decay", weight_decay, must_match=check, problems=problems)
-    _fill(config, "scheduler.params.warmup_min_lr", 0, must_match=False, problems=problems)
-    _fill(config, "scheduler.params.warmup_max_lr", lr, must_match=check, problems=problems)
-    if num_training_steps is not None:
-        _fill(config, "scheduler.params.total_num_steps", num_training_steps, must_match=check, problems=problems)
-    if warmup_steps is not None:
-        # deepspeed>=0.19.6 rejects warmup_num_steps <= 0 (transformers clamps the same way).
-        _fill(config, "scheduler.params.warmup_num_steps", max(1, warmup_steps), must_match=False, problems=problems)
-
-    # Bucket sizes: HF's rules when the hidden size is known, DeepSpeed's defaults otherwise.
-    _fill(
-        config, "zero_optimization.reduce_bucket_size",
-        hidden_size * hidden_size if hidden_size else _DS_DEFAULT_REDUCE_BUCKET, must_match=False, problems=problems,
-    )
-    _fill(
-        config, "zero_optimization.stage3_prefetch_bucket_size",
-        int(0.9 * hidden_size * hidden_size) if hidden_size else _DS_DEFAULT_PREFETCH_BUCKET,
-        must_match=False, problems=problems,
-    )
-    _fill(
-        config, "zero_optimization.stage3_param_persistence_threshold",
-        10 * hidden_size if hidden_size else _DS_DEFAULT_PERSISTENCE_THRESHOLD, must_match=False, problems=problems,
-    )
+    _fill_precision(config, problems, bf16, check)
+    _fill_optimizer(config, problems, lr, betas, eps, weight_decay, num_training_steps, warmup_steps, check)
+    _fill_buckets(config, problems, hidden_size)
 
     if check:
         for dotted in _find_auto(config):
