@@ -369,30 +369,41 @@ def to_preferences(data: dict[str, Any], group: int) -> list[PreferencePair]:
         raise ValueError(f"'kind' must be a string (a label of what the pair contrasts), got {kind!r}")
     kind = (kind or "").strip() or None
     if "responses" in data or "ranking" in data:
-        missing = _missing(data, ("prompt", "responses", "ranking"))
-        if missing:
-            raise ValueError(f"missing column(s) {', '.join(missing)} for a K-wise ranking record")
-        prompt = _as_messages(data["prompt"], "prompt", "user")
-        responses, ranking = data["responses"], data["ranking"]
-        if not isinstance(responses, list) or len(responses) < 2:
-            raise ValueError("'responses' must be a list of at least 2 responses")
-        if sorted(ranking) != list(range(len(responses))):
-            raise ValueError(
-                f"'ranking' must be a permutation of 0..{len(responses) - 1} (best first), got {ranking!r}"
-            )
-        resp = [_as_messages(x, f"responses[{i}]", "assistant") for i, x in enumerate(responses)]
-        for i, x in enumerate(resp):
-            if not "".join(m["content"] for m in x).strip():
-                raise ValueError(f"empty response responses[{i}]")
-        pairs = []
-        for a in range(len(ranking)):
-            for b in range(a + 1, len(ranking)):
-                better, worse = resp[ranking[a]], resp[ranking[b]]
-                if better == worse:
-                    raise ValueError(f"responses {ranking[a]} and {ranking[b]} are identical")
-                pairs.append(PreferencePair(prompt, better, worse, margin, group, kind=kind))
-        check_conversation(prompt, need_final_assistant=False)
-        return pairs
+        return _ranking_pairs(data, group, margin, kind)
+    return [_chosen_rejected_pair(data, group, margin, kind)]
+
+
+def _ranking_pairs(data: dict[str, Any], group: int, margin: float | None, kind: str | None) -> list[PreferencePair]:
+    """A K-wise ranking record -> all K(K-1)/2 pairs, sharing ``group``."""
+    missing = _missing(data, ("prompt", "responses", "ranking"))
+    if missing:
+        raise ValueError(f"missing column(s) {', '.join(missing)} for a K-wise ranking record")
+    prompt = _as_messages(data["prompt"], "prompt", "user")
+    responses, ranking = data["responses"], data["ranking"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise ValueError("'responses' must be a list of at least 2 responses")
+    if sorted(ranking) != list(range(len(responses))):
+        raise ValueError(
+            f"'ranking' must be a permutation of 0..{len(responses) - 1} (best first), got {ranking!r}"
+        )
+    resp = [_as_messages(x, f"responses[{i}]", "assistant") for i, x in enumerate(responses)]
+    for i, x in enumerate(resp):
+        if not "".join(m["content"] for m in x).strip():
+            raise ValueError(f"empty response responses[{i}]")
+    pairs = []
+    for a in range(len(ranking)):
+        for b in range(a + 1, len(ranking)):
+            better, worse = resp[ranking[a]], resp[ranking[b]]
+            if better == worse:
+                raise ValueError(f"responses {ranking[a]} and {ranking[b]} are identical")
+            pairs.append(PreferencePair(prompt, better, worse, margin, group, kind=kind))
+    check_conversation(prompt, need_final_assistant=False)
+    return pairs
+
+
+def _chosen_rejected_pair(data: dict[str, Any], group: int, margin: float | None,
+                          kind: str | None) -> PreferencePair:
+    """A chosen/rejected record (prompt column, full conversations, or hh-rlhf text) -> one pair."""
     missing = _missing(data, ("chosen", "rejected"))
     if missing:
         raise ValueError(
@@ -429,7 +440,7 @@ def to_preferences(data: dict[str, Any], group: int) -> list[PreferencePair]:
         raise ValueError("'chosen' and 'rejected' responses are identical")
     check_conversation(prompt + chosen)
     check_conversation(prompt + rejected)
-    return [PreferencePair(prompt, chosen, rejected, margin, group, kind=kind)]
+    return PreferencePair(prompt, chosen, rejected, margin, group, kind=kind)
 
 
 def to_prompt(data: dict[str, Any]) -> PromptExample:
