@@ -540,21 +540,11 @@ def score_file(rm_location: str, data: str, out: str | None = None, batch_size: 
     summary line goes to ``stderr``. Every row is checked before the model loads: a bad one raises
     DataError naming its file and line and what was expected. ``chat_template``: see :func:`load_reward`.
     """
-    from data.formats import SCORING_ROWS, DataError, iter_records, to_scoring_row
     from pipeline.manifest import atomic_write_text
 
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    rows = []
-    for record in iter_records(data):
-        try:
-            if "__error__" in record.data:
-                raise ValueError(record.data["__error__"])
-            rows.append((record.data, to_scoring_row(record.data)))
-        except ValueError as exc:
-            raise DataError(f"{record.where}: {exc}; {SCORING_ROWS}") from None
-    if not rows:
-        raise DataError(f"{data}: no rows to score; {SCORING_ROWS}")
+    rows = _scoring_rows(data)
     reward = load_reward(rm_location, chat_template=chat_template)
     sequences, cut = [], 0
     for _, row in rows:
@@ -577,13 +567,40 @@ def score_file(rm_location: str, data: str, out: str | None = None, batch_size: 
         (stdout or sys.stdout).write(text)
     else:
         atomic_write_text(out, text)
+    summary, line = _score_summary(rm_location, reward, len(rows), scores, pairs, correct, ties, cut)
+    if out is not None:
+        line += f" -> {out}"
+    print(line, file=stderr or sys.stderr, flush=True)
+    return summary
+
+
+def _scoring_rows(data: str) -> list[tuple[dict[str, Any], Any]]:
+    """Every row of ``data`` as (the record, its scoring row), all checked before any model loads."""
+    from data.formats import SCORING_ROWS, DataError, iter_records, to_scoring_row
+
+    rows = []
+    for record in iter_records(data):
+        try:
+            if "__error__" in record.data:
+                raise ValueError(record.data["__error__"])
+            rows.append((record.data, to_scoring_row(record.data)))
+        except ValueError as exc:
+            raise DataError(f"{record.where}: {exc}; {SCORING_ROWS}") from None
+    if not rows:
+        raise DataError(f"{data}: no rows to score; {SCORING_ROWS}")
+    return rows
+
+
+def _score_summary(rm_location: str, reward: Any, n_rows: int, scores: list[float], pairs: int, correct: int,
+                   ties: int, cut: int) -> tuple[dict[str, Any], str]:
+    """-> (the summary dict, its one line for stderr)."""
     mean = sum(scores) / len(scores)
     summary: dict[str, Any] = {
-        "rows": len(rows), "responses": len(scores), "reward_model": str(rm_location),
+        "rows": n_rows, "responses": len(scores), "reward_model": str(rm_location),
         "reward_model_read": reward.read, "why": reward.reading.why, "score_mean": mean,
         "score_std": math.sqrt(sum((v - mean) ** 2 for v in scores) / len(scores)),
         "score_min": min(scores), "score_max": max(scores), "cut_to_max_length": cut}
-    line = (f"score: {len(rows)} rows ({len(scores)} responses) scored by {rm_location}, read at {reward.read} "
+    line = (f"score: {n_rows} rows ({len(scores)} responses) scored by {rm_location}, read at {reward.read} "
             f"({reward.reading.why}); score mean {mean:.4f}, std {summary['score_std']:.4f}, min "
             f"{summary['score_min']:.4f}, max {summary['score_max']:.4f}")
     if pairs:
@@ -592,7 +609,4 @@ def score_file(rm_location: str, data: str, out: str | None = None, batch_size: 
                  f"rejected_score, {ties} ties)")
     if cut:
         line += f"; {cut} cut from the left to its max_length {reward.reading.max_length}"
-    if out is not None:
-        line += f" -> {out}"
-    print(line, file=stderr or sys.stderr, flush=True)
-    return summary
+    return summary, line
