@@ -213,39 +213,43 @@ class ChatModel:
                 sequences = sequences * p.n
                 if logprob_steps is not None:
                     logprob_steps = [step.expand(p.n, -1) for step in logprob_steps]
-        choices = []
-        for row, seq in enumerate(sequences):
-            tokens: list[int] = []
-            finish = "length"
-            for tok in seq:
-                if tok == eos:
-                    finish = "stop"
-                    break
-                if tok == self.tokenizer.pad_token_id:
-                    continue
-                tokens.append(tok)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            text, stopped = self._cut_at_stop(text, p.stop)
-            if stopped:
-                finish = "stop"
-            entries = None
-            if logprob_steps is not None:
-                entries = []
-                for step, tok in enumerate(tokens):
-                    dist = logprob_steps[step][row]
-                    entry = self._token_entry(tok, float(dist[tok]))
-                    if p.top_logprobs:
-                        values, indices = dist.topk(p.top_logprobs)
-                        entry["top_logprobs"] = [self._token_entry(int(i), float(v))
-                                                 for v, i in zip(values.tolist(), indices.tolist())]
-                    else:
-                        entry["top_logprobs"] = []
-                    entries.append(entry)
-            choices.append(Choice(text, finish, len(tokens), entries))
+        choices = [self._choice(p, row, seq, eos, logprob_steps) for row, seq in enumerate(sequences)]
         if per_choice > 1:
             choices = [self.best_of.pick(p.messages, choices[i * per_choice:(i + 1) * per_choice])
                        for i in range(p.n)]
         return choices, len(ids)
+
+    def _choice(self, p: GenerationParams, row: int, seq: list[int], eos: int | None,
+                logprob_steps: list[Any] | None) -> Choice:
+        """One generated row -> its Choice: tokens up to eos (pads dropped), cut at a stop string, and the
+        log-probs of its tokens when asked for."""
+        tokens: list[int] = []
+        finish = "length"
+        for tok in seq:
+            if tok == eos:
+                finish = "stop"
+                break
+            if tok == self.tokenizer.pad_token_id:
+                continue
+            tokens.append(tok)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text, stopped = self._cut_at_stop(text, p.stop)
+        if stopped:
+            finish = "stop"
+        entries = None
+        if logprob_steps is not None:
+            entries = []
+            for step, tok in enumerate(tokens):
+                dist = logprob_steps[step][row]
+                entry = self._token_entry(tok, float(dist[tok]))
+                if p.top_logprobs:
+                    values, indices = dist.topk(p.top_logprobs)
+                    entry["top_logprobs"] = [self._token_entry(int(i), float(v))
+                                             for v, i in zip(values.tolist(), indices.tolist())]
+                else:
+                    entry["top_logprobs"] = []
+                entries.append(entry)
+        return Choice(text, finish, len(tokens), entries)
 
     def stream(self, p: GenerationParams) -> Iterator[tuple[str, str | None]]:
         """Yield ``(text_delta, None)`` while generating and ``("", finish_reason)`` at the end (n=1)."""
