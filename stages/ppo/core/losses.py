@@ -71,16 +71,9 @@ def clipped_policy_loss(
     loss = masked_mean(per_token, m)
 
     with torch.no_grad():
-        clipfrac = masked_mean((pg_clipped > pg_unclipped).to(dtype), m)
-        approx_kl = 0.5 * masked_mean(log_ratio.square(), m)
-        ratio_max = ratio.masked_fill(~m, float("-inf")).max()
-        ratio_mean = masked_mean(ratio, m)
-    stats = {
-        "clipfrac": clipfrac.detach(),
-        "approx_kl": approx_kl.detach(),
-        "ratio_max": ratio_max.detach(),
-        "ratio_mean": ratio_mean.detach(),
-    }
+        stats = {"clipfrac": masked_mean((pg_clipped > pg_unclipped).to(dtype), m),
+                 "approx_kl": 0.5 * masked_mean(log_ratio.square(), m),
+                 "ratio_max": ratio.masked_fill(~m, float("-inf")).max(), "ratio_mean": masked_mean(ratio, m)}
     return loss, stats
 
 
