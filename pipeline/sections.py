@@ -31,6 +31,31 @@ def describe(model: type[BaseModel]) -> str:
     return " ".join((model.__doc__ or model.__name__).strip().split("\n\n")[0].split())
 
 
+#: ``json_schema_extra`` flag of a setting added after run folders were written without it (:func:`added_setting`).
+ADDED_SETTING = "alignpipe_added_setting"
+
+
+def added_setting(default: Any, **field: Any) -> Any:
+    """A field for a setting added to an existing section: at its default it is left out of the stage identity
+    (``pipeline.stage.stage_section``), so stages made before it existed, which ran exactly as the default
+    runs, stay up to date; set to anything else it is hashed like any setting."""
+    return Field(default, json_schema_extra={ADDED_SETTING: True}, **field)
+
+
+def drop_added_defaults(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    """``dumped`` (``model``'s JSON dump) without the :func:`added_setting` fields that hold their default, in
+    ``model`` and the sections inside it."""
+    out = dict(dumped)
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get(ADDED_SETTING) and name in out and value == info.get_default(call_default_factory=True):
+            del out[name]
+        elif isinstance(value, BaseModel) and isinstance(out.get(name), dict):
+            out[name] = drop_added_defaults(value, out[name])
+    return out
+
+
 def section(model: type[BaseModel], description: str | None = None) -> Any:
     """A field holding the section ``model`` (default: its defaults), described by its docstring."""
     return Field(default_factory=model, description=description or describe(model))

@@ -35,6 +35,7 @@ from .manifest import (
     write_manifest,
 )
 from .registry import DATA_FIELDS, parents_of, spec_of
+from .sections import drop_added_defaults
 
 #: ``rollout`` keys that shape only PPO's loss: the sampling stages' hashes leave them out (the ppo stage's
 #: ``identity_extra`` puts them back into its own).
@@ -46,7 +47,7 @@ def stage_section(cfg: RunConfig, stage: str) -> dict[str, Any]:
     its own section and the seed; for a stage that samples (``StageSpec.samples``) the judges and, with
     another engine than hf, the rollout settings; then its spec's ``identity_extra``."""
     spec = spec_of(cfg, stage)
-    data = cfg.to_dict()
+    data = drop_added_defaults(cfg, cfg.to_dict())  # settings added since, at their defaults: as before them
     # model.hub_id only names the base in model cards: it changes no weights, so it is not part of the identity
     model = {key: value for key, value in data["model"].items() if key != "hub_id"}
     section = {"model": model, "chat": data["chat"], stage: data[stage], "seed": data["seed"]}

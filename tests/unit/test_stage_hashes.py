@@ -65,3 +65,22 @@ def test_stage_hashes_of_a_fixed_config_do_not_change(variant):
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", COMMON + VARIANTS[variant])
     assert {stage: stage_identity(cfg, stage) for stage in cfg.stages} == PINNED[variant]
+
+
+def test_an_added_setting_is_hashed_only_when_it_is_not_at_its_default():
+    from pipeline.sections import Section, added_setting, drop_added_defaults, section
+
+    class Inner(Section):
+        old: int = 1
+        new: float = added_setting(0.5, description="added later")
+
+    class Outer(Section):
+        kept: str = "x"
+        inner: Inner = section(Inner, "inner")
+        flag: bool = added_setting(False, description="added later")
+
+    at_default = Outer()
+    assert drop_added_defaults(at_default, at_default.model_dump(mode="json")) == {"kept": "x", "inner": {"old": 1}}
+    changed = Outer(flag=True, inner=Inner(new=0.25))
+    assert drop_added_defaults(changed, changed.model_dump(mode="json")) == {
+        "kept": "x", "inner": {"old": 1, "new": 0.25}, "flag": True}
