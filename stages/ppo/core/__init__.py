@@ -19,10 +19,12 @@ bf16 log-probabilities lose too much precision for ratios exp(logp - old_logp) n
 Modules by concern: ``checks`` (argument validation), ``stats`` (masked statistics, explained
 variance, running moments), ``advantages`` (GAE, discounted returns, group estimators, KL return),
 ``kl`` (KL estimators, penalty, per-token rewards, controllers), ``losses`` (clipped losses,
-importance weights), ``logits`` (log-probabilities, entropy). Import from ``stages.ppo.core``.
+importance weights, loss aggregation), ``shaping`` (length penalties on the sequence reward), ``logits``
+(log-probabilities, entropy). Import from ``stages.ppo.core``.
 """
 
 from stages.ppo.core.advantages import (
+    GRPO_SCALES,
     compute_gae,
     discounted_returns,
     grpo_advantages,
@@ -39,7 +41,16 @@ from stages.ppo.core.kl import (
     per_token_rewards,
 )
 from stages.ppo.core.logits import entropy_from_logits, logprobs_from_logits
-from stages.ppo.core.losses import clipped_policy_loss, clipped_value_loss, truncated_importance_weights
+from stages.ppo.core.losses import (
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    clipped_policy_loss,
+    clipped_value_loss,
+    importance_log_ratio,
+    loss_units,
+    truncated_importance_weights,
+)
+from stages.ppo.core.shaping import overlong_penalty
 from stages.ppo.core.stats import RunningMoments, explained_variance, masked_mean, masked_var, masked_whiten
 
 __all__ = [
@@ -57,6 +68,12 @@ __all__ = [
     "kl_penalty",
     "per_token_rewards",
     "clipped_policy_loss",
+    "importance_log_ratio",
+    "aggregate_loss",
+    "loss_units",
+    "LOSS_AGGREGATIONS",
+    "overlong_penalty",
+    "GRPO_SCALES",
     "clipped_value_loss",
     "truncated_importance_weights",
     "entropy_from_logits",

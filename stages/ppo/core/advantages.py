@@ -131,30 +131,52 @@ def _grouped(fn: str, scores: torch.Tensor, mask: torch.Tensor, group_size: int)
     return scores.detach().to(_float_dtype(scores)).view(-1, k), m
 
 
-def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO (Shao et al. 2024, DeepSeekMath): the group-normalised score, the same on every token.
+#: ``ppo.scale_rewards``'s values: what GRPO divides the centred score by
+GRPO_SCALES = ("group", "batch", "none")
+
+
+def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int, eps: float = 1e-6,
+                    scale: str = "group", batch_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath): the group-centred score, scaled, the same on every token.
 
     Rows come in groups of ``K = group_size`` consecutive samples of one prompt. For sample ``i`` of group
-    ``g``::
+    ``g``, by ``scale``::
 
-        A_i = (r_i - mean_g(r)) / (std_g(r) + eps)        std unbiased (Bessel, divides by K - 1)
+        group:  A_i = (r_i - mean_g(r)) / (std_g(r) + eps)     GRPO
+        batch:  A_i = (r_i - mean_g(r)) / (std_B(r) + eps)     std over the whole batch (TRL scale_rewards='batch')
+        none:   A_i =  r_i - mean_g(r)                         Dr. GRPO (Liu et al. 2025): no std
 
-    A group whose rewards are all equal gives 0 (no signal, no NaN).
+    Stds are unbiased (Bessel, divides by n - 1). A group whose rewards are all equal gives 0 (no signal, no
+    NaN). Dividing by a group's std weighs prompts by how much their samples disagree (a nearly solved or
+    nearly failed prompt gets unit-scale advantages from tiny reward gaps): Dr. GRPO calls this a
+    question-level difficulty bias; the batch std keeps one scale for all prompts.
 
     Args:
         scores: ``(B,)`` sequence rewards, ``B = G * K``.
         mask: ``(B, T)`` 0/1 response mask; the advantage is put on every real token.
         group_size: ``K >= 2``.
         eps: added to the std (keeps a near-constant group finite).
+        scale: one of :data:`GRPO_SCALES`.
+        batch_scores: ``(N,)`` the scores the ``batch`` std is taken over: the global batch, every rank's
+            scores (default: ``scores``). Unused by the other scales.
 
     Returns:
         ``(B, T)`` fp32 (fp64 if scores are fp64), detached, 0 where ``mask`` is 0.
     """
     grouped, m = _grouped("grpo_advantages", scores, mask, group_size)
+    if scale not in GRPO_SCALES:
+        raise ValueError(f"grpo_advantages: `scale` must be one of {GRPO_SCALES}, got {scale!r}")
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    scale = grouped.std(dim=1, unbiased=True, keepdim=True) + float(eps)
-    # an equal group is exactly 0 whatever eps (0 / 0 with eps = 0)
-    adv = torch.where(centred == 0, torch.zeros_like(centred), centred / scale).reshape(-1)
+    if scale == "none":
+        adv = centred.reshape(-1)
+    else:
+        if scale == "group":
+            scale_std = grouped.std(dim=1, unbiased=True, keepdim=True)
+        else:
+            pool = scores if batch_scores is None else batch_scores
+            scale_std = pool.detach().to(grouped.dtype).reshape(-1).std(unbiased=True)
+        # an equal group is exactly 0 whatever eps (0 / 0 with eps = 0)
+        adv = torch.where(centred == 0, torch.zeros_like(centred), centred / (scale_std + float(eps))).reshape(-1)
     return torch.where(m, adv.unsqueeze(1).expand(m.shape), torch.zeros((), dtype=adv.dtype, device=adv.device))
 
 

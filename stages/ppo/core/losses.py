@@ -13,7 +13,115 @@ from stages.ppo.core.checks import (
 from stages.ppo.core.stats import masked_mean
 
 # --------------------------------------------------------------------------------------------
+# aggregation: how a (B, T) per-token loss becomes one number
+
+#: ``ppo.loss_aggregation``'s values: token-mean (DAPO), seq-mean-token-sum (Dr. GRPO), seq-mean-token-mean (GRPO)
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+
+
+def _check_aggregation(fn: str, aggregation: str, max_length: float | None) -> None:
+    if aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(f"{fn}: `aggregation` must be one of {LOSS_AGGREGATIONS}, got {aggregation!r}")
+    if aggregation == "seq-mean-token-sum" and not (max_length is not None and max_length > 0):
+        raise ValueError(f"{fn}: aggregation 'seq-mean-token-sum' needs `max_length` > 0 (the constant each "
+                         f"sequence's token sum is divided by), got {max_length}")
+
+
+def aggregate_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str = "token-mean",
+    max_length: float | None = None,
+) -> torch.Tensor:
+    """One loss from per-token losses ``l_it`` over real tokens, three ways (``N`` = real tokens, ``S`` =
+    sequences with at least one real token, ``|y_i|`` = row ``i``'s real tokens, ``L`` = ``max_length``)::
+
+        token-mean            sum_i sum_t l_it / N                  DAPO (Yu et al. 2025); TRL 'bnpo'/'dapo'
+        seq-mean-token-sum    (1/S) sum_i (sum_t l_it) / L          Dr. GRPO (Liu et al. 2025); TRL 'dr_grpo'
+        seq-mean-token-mean   (1/S) sum_i (sum_t l_it) / |y_i|      GRPO (Shao et al. 2024); TRL 'grpo'
+
+    Token-mean weighs every token the same (long responses weigh more); seq-mean-token-mean weighs every
+    sequence the same (a token of a long response weighs less, the length bias Dr. GRPO points out);
+    seq-mean-token-sum weighs every token the same with a constant divisor. Rows without real tokens are
+    not counted. Over several micro-batches and ranks the same loss is a sum over units weighted by
+    :func:`loss_units` (the caller's global normalisation).
+
+    Args:
+        per_token: ``(B, T)`` per-token losses (may carry a gradient; padding may hold anything finite or not).
+        mask: ``(B, T)`` 0/1.
+        aggregation: one of :data:`LOSS_AGGREGATIONS`.
+        max_length: ``L`` for ``seq-mean-token-sum`` (the generation's ``max_new_tokens``); unused otherwise.
+
+    Returns:
+        0-dim tensor in ``per_token``'s dtype.
+
+    Raises:
+        ValueError: an unknown aggregation, a missing ``max_length``, a mask with no real token.
+    """
+    fn = "aggregate_loss"
+    _check_aggregation(fn, aggregation, max_length)
+    _require_ndim(fn, "per_token", per_token, 2, "(batch, response_len)")
+    if aggregation == "token-mean":
+        return masked_mean(per_token, mask)
+    _require_same_shape(fn, "per_token", per_token, mask=mask)
+    m = _as_bool_mask(fn, mask)
+    lengths = m.sum(dim=1)
+    has_tokens = lengths > 0
+    if not bool(has_tokens.any()):
+        raise ValueError(f"{fn}: `mask` has no real entries (shape {tuple(mask.shape)}); the mean is undefined")
+    token_sums = torch.where(m, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum(1)
+    divisor = lengths.clamp_min(1).to(per_token.dtype) if aggregation == "seq-mean-token-mean" else float(max_length)
+    return (token_sums / divisor)[has_tokens].mean()
+
+
+def loss_units(mask: torch.Tensor, aggregation: str = "token-mean") -> torch.Tensor:
+    """What :func:`aggregate_loss` averages over in ``mask`` ``(B, T)``: its real tokens (``token-mean``) or its
+    sequences with at least one real token (the ``seq-mean-*`` modes), as a 0-dim int64 tensor. A micro-batch's
+    loss weighted by its units over the units of the whole minibatch on all ranks (``stages.training.loss_weight``)
+    gives the minibatch's loss whatever its split."""
+    fn = "loss_units"
+    _check_aggregation(fn, aggregation, 1.0)
+    _require_ndim(fn, "mask", mask, 2, "(batch, response_len)")
+    m = _as_bool_mask(fn, mask)
+    return m.sum() if aggregation == "token-mean" else (m.sum(dim=1) > 0).sum()
+
+
+# --------------------------------------------------------------------------------------------
 # losses
+
+
+def importance_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
+                         level: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """The log of the importance ratio each token's clipped term uses, and the plain per-token log-ratio.
+
+    ``token`` (PPO): ``log r_it = logp_it - old_logp_it``. ``sequence`` (GSPO, Zheng et al. 2025, the
+    "GSPO-token" form): ``log s_i = mean_t (logp_it - old_logp_it)`` over row ``i``'s real tokens, and
+    ``log r_it = sg(log s_i) + logp_it - sg(logp_it)``: its value is ``log s_i`` on every token of the row, its
+    gradient ``grad logp_it``, so ``grad r_it = s_i * grad logp_it`` (``sg``: stop-gradient). With one
+    advantage per sequence and ``seq-mean-token-mean`` aggregation the gradient is GSPO's,
+    ``s_i * A_i * mean_t grad logp_it``; per-token advantages (GAE) are GSPO-token's.
+
+    Args:
+        logp: ``(B, T)`` current log-probs (carry the gradient). old_logp: ``(B, T)`` (constants).
+        mask: ``(B, T)`` bool. level: ``token`` or ``sequence``.
+
+    Returns:
+        ``(log_ratio, token_log_ratio)``, both ``(B, T)`` in fp32 (fp64 for fp64 inputs), 0 in padding;
+        ``token_log_ratio`` is ``logp - old_logp`` at either level (for the KL statistic).
+    """
+    dtype = _float_dtype(logp, old_logp)
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    # Log-ratio forced to 0 in padding: exp of garbage there could be inf and poison the gradient
+    # through torch.where's backward (0 * inf = NaN).
+    token_log_ratio = torch.where(mask, logp.to(dtype) - old_logp.detach().to(dtype), zero)
+    if level == "token":
+        return token_log_ratio, token_log_ratio
+    if level != "sequence":
+        raise ValueError(f"importance_log_ratio: `level` must be 'token' or 'sequence', got {level!r}")
+    seq_log_ratio = token_log_ratio.detach().sum(1) / mask.sum(1).clamp_min(1).to(dtype)
+    logp_real = torch.where(mask, logp.to(dtype), zero)
+    log_ratio = torch.where(mask, seq_log_ratio.unsqueeze(1) + (logp_real - logp_real.detach()), zero)
+    return log_ratio, token_log_ratio
 
 
 def clipped_policy_loss(
@@ -23,58 +131,92 @@ def clipped_policy_loss(
     mask: torch.Tensor,
     cliprange: float,
     token_weights: torch.Tensor | None = None,
+    *,
+    cliprange_high: float | None = None,
+    clip_ratio_c: float | None = None,
+    importance_level: str = "token",
+    aggregation: str = "token-mean",
+    max_length: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate loss (to minimise), masked mean over real tokens.
+    """PPO clipped surrogate loss (to minimise), aggregated over real tokens (a masked mean by default).
 
-    ``ratio = exp(logp - old_logp)``;
-    ``loss = mean(w * max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``, ``w = 1`` unless given.
+    ``ratio = exp(logp - old_logp)`` (per token; per sequence with ``importance_level='sequence'``, see
+    :func:`importance_log_ratio`);
+    ``l_t = w_t * max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps_low, 1 + eps_high))``, ``w = 1`` unless given;
+    with dual clip (``clip_ratio_c`` = c > 1, Ye et al. 2020) ``l_t = min(l_t, -A_t * c)`` where ``A_t < 0``,
+    so a token whose ratio ran far above 1 with a negative advantage adds at most ``-A_t * c``;
+    ``loss = aggregate_loss(l, mask, aggregation, max_length)``.
 
     Args:
         logp: ``(B, T)`` log-probs under the current policy (carries the gradient).
         old_logp: ``(B, T)`` log-probs under the rollout policy (treated as constants).
         advantages: ``(B, T)`` (typically whitened; treated as constants).
         mask: ``(B, T)`` 0/1.
-        cliprange: eps > 0.
+        cliprange: eps_low > 0, and eps_high too unless ``cliprange_high`` is given.
         token_weights: optional ``(B, T)`` per-token weights (constants), e.g.
             :func:`truncated_importance_weights` for a rollout engine's samples: each token's clipped term
-            is multiplied by its weight before the masked mean (verl's ``rollout_is_weights``, TRL's
+            is multiplied by its weight before aggregation (verl's ``rollout_is_weights``, TRL's
             ``importance_sampling_ratio``). The statistics below do not use them.
+        cliprange_high: eps_high > 0 (DAPO's clip-higher, Yu et al. 2025); None: ``cliprange``.
+        clip_ratio_c: the dual-clip bound c > 1 (None: off).
+        importance_level: ``token`` or ``sequence``.
+        aggregation, max_length: see :func:`aggregate_loss`.
 
     Returns:
-        ``(loss, stats)``: loss is a 0-dim fp32 tensor. ``stats`` holds detached 0-dim fp32 tensors:
-        ``clipfrac`` (fraction of real tokens where the clipped term was active), ``approx_kl``
-        (``0.5 * mean((logp - old_logp)^2)``, the quadratic estimate of KL(old || new) that is
-        accurate for the small steps PPO takes), ``ratio_max`` and ``ratio_mean`` over real tokens
-        (``ratio_max`` lets the trainer skip minibatches whose ratio explodes).
+        ``(loss, stats)``: loss is a 0-dim fp32 tensor; a mask without real tokens gives 0 (with a graph) and
+        zero statistics. ``stats`` holds detached 0-dim fp32 tensors over real tokens: ``clipfrac`` (share
+        where the clipped term was active) = ``clipfrac_low`` (ratio below ``1 - eps_low`` with ``A < 0``) +
+        ``clipfrac_high`` (above ``1 + eps_high`` with ``A > 0``); with dual clip ``clipfrac_dual`` (share
+        bounded by ``-A * c``); ``approx_kl`` (``0.5 * mean((logp - old_logp)^2)`` per token, the quadratic
+        estimate of KL(old || new) that is accurate for the small steps PPO takes), ``ratio_max`` and
+        ``ratio_mean`` (of the ratio the clip sees: ``ratio_max`` lets the trainer skip minibatches whose ratio
+        explodes).
     """
     fn = "clipped_policy_loss"
     _require_ndim(fn, "logp", logp, 2, "(batch, response_len)")
     _require_same_shape(fn, "logp", logp, old_logp=old_logp, advantages=advantages, mask=mask)
-    eps = float(cliprange)
-    if not eps > 0:
-        raise ValueError(f"{fn}: `cliprange` must be > 0, got {eps}")
+    eps_low = float(cliprange)
+    eps_high = eps_low if cliprange_high is None else float(cliprange_high)
+    if not (eps_low > 0 and eps_high > 0):
+        raise ValueError(f"{fn}: `cliprange` and `cliprange_high` must be > 0, got {eps_low} and {eps_high}")
+    if clip_ratio_c is not None and not float(clip_ratio_c) > 1:
+        raise ValueError(f"{fn}: `clip_ratio_c` must be > 1 (the dual-clip bound on the ratio), got {clip_ratio_c}")
+    _check_aggregation(fn, aggregation, max_length)
     m = _as_bool_mask(fn, mask)
 
     dtype = _float_dtype(logp, old_logp, advantages)
     zero = torch.zeros((), dtype=dtype, device=logp.device)
-    # Log-ratio forced to 0 in padding: exp of garbage there could be inf and poison the gradient
-    # through torch.where's backward (0 * inf = NaN).
-    log_ratio = torch.where(m, logp.to(dtype) - old_logp.detach().to(dtype), zero)
+    log_ratio, token_log_ratio = importance_log_ratio(logp, old_logp, m, importance_level)
     ratio = torch.exp(log_ratio)
     adv = torch.where(m, advantages.detach().to(dtype), zero)
     pg_unclipped = -adv * ratio
-    pg_clipped = -adv * torch.clamp(ratio, 1.0 - eps, 1.0 + eps)
+    pg_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = torch.maximum(pg_unclipped, pg_clipped)
+    if clip_ratio_c is not None:
+        dual_bound = -adv * float(clip_ratio_c)
+        dual_active = (adv < 0) & (per_token > dual_bound)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, dual_bound), per_token)
     if token_weights is not None:
         _require_same_shape(fn, "logp", logp, token_weights=token_weights)
         per_token = per_token * torch.where(m, token_weights.detach().to(dtype), zero)
-    loss = masked_mean(per_token, m)
+    if not bool(m.any()):  # e.g. every response of the micro-batch dropped from the loss (ppo.mask_truncated)
+        return (per_token * 0.0).sum(), _zero_policy_stats(dtype, logp.device, clip_ratio_c is not None)
+    loss = aggregate_loss(per_token, m, aggregation, max_length)
 
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((pg_clipped > pg_unclipped).to(dtype), m),
-                 "approx_kl": 0.5 * masked_mean(log_ratio.square(), m),
+                 "clipfrac_low": masked_mean(((ratio < 1.0 - eps_low) & (adv < 0)).to(dtype), m),
+                 "clipfrac_high": masked_mean(((ratio > 1.0 + eps_high) & (adv > 0)).to(dtype), m),
+                 "approx_kl": 0.5 * masked_mean(token_log_ratio.square(), m),
                  "ratio_max": ratio.masked_fill(~m, float("-inf")).max(), "ratio_mean": masked_mean(ratio, m)}
+        if clip_ratio_c is not None:
+            stats["clipfrac_dual"] = masked_mean(dual_active.to(dtype), m)
     return loss, stats
+
+
+def _zero_policy_stats(dtype: torch.dtype, device: torch.device, dual: bool) -> dict[str, torch.Tensor]:
+    names = ["clipfrac", "clipfrac_low", "clipfrac_high", "approx_kl", "ratio_max", "ratio_mean"]
+    return {name: torch.zeros((), dtype=dtype, device=device) for name in names + ["clipfrac_dual"] * dual}
 
 
 def clipped_value_loss(
