@@ -18,6 +18,7 @@ from pipeline.sections import (
     RewardSourceConfig,
     Section,
     TuningConfig,
+    added_setting,
     check_location,
     deepspeed_exists,
     model_location,
@@ -126,6 +127,18 @@ class RewardModelSourceConfig(Section):
 
 
 
+class OverlongPenaltyConfig(Section):
+    """DAPO's soft overlong punishment (``ppo.overlong_penalty``): for a response of L tokens, with L_max =
+    ppo.max_new_tokens and B = buffer, -factor * (L - (L_max - B)) / B is added to the sequence reward when
+    L > L_max - B (0 below; -factor at the limit)."""
+
+    buffer: int = Field(description="B: the last B tokens before ppo.max_new_tokens over which the penalty grows "
+                                    "from 0 to -factor (0 < B <= max_new_tokens; DAPO: 4096 of 20480).")
+    factor: float = Field(1.0, ge=0, description="The penalty at the length limit (DAPO: 1.0), on the scale of "
+                                                 "the sequence reward after normalisation and clipping.")
+
+
+
 class PPOConfig(Section):
     """PPO defaults follow one recipe: DESIGN §4, which is the N+ implementation details of RLHF with PPO
     (Huang et al. 2024, the TL;DR summarisation case study) except where docs/PPO.md lists otherwise.
@@ -175,7 +188,30 @@ class PPOConfig(Section):
                                                       "(refused).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount of future rewards (GAE, reward-to-go).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE's lambda.")
-    cliprange: float = Field(0.2, gt=0, description="Clip of the policy ratio: 1 +- cliprange.")
+    cliprange: float = Field(0.2, gt=0, description="Clip of the policy ratio: 1 +- cliprange (the default of "
+                                                    "cliprange_low and cliprange_high).")
+    cliprange_low: float | None = added_setting(
+        None, gt=0, description="Lower clip of the policy ratio: clamp(ratio, 1 - cliprange_low, 1 + cliprange_high), "
+                                "< 1 (default: cliprange).")
+    cliprange_high: float | None = added_setting(
+        None, gt=0, description="Upper clip of the policy ratio (default: cliprange). DAPO's clip-higher raises it "
+                                "above cliprange_low (0.28 vs 0.2) so unlikely tokens can gain probability faster.")
+    clip_ratio_c: float | None = added_setting(
+        None, description="Dual clip (Ye et al. 2020; verl's clip_ratio_c, e.g. 3.0): for a token with a negative "
+                          "advantage the policy loss is at most -A * clip_ratio_c, so a ratio that ran far above 1 "
+                          "cannot push its loss without bound. > 1 + cliprange_high; null: off.")
+    importance_level: Literal["token", "sequence"] = added_setting(
+        "token", description="token: PPO's per-token ratio. sequence: GSPO's sequence ratio s = exp(mean over the "
+                             "response's tokens of logp - old_logp), clipped as a whole (GSPO-token form: the value "
+                             "is s on every token, the gradient s * grad logp_t). GSPO pairs it with "
+                             "loss_aggregation seq-mean-token-mean and tiny clip ranges (cliprange_low 3e-4, "
+                             "cliprange_high 4e-4).")
+    loss_aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = added_setting(
+        "token-mean", description="How the per-token policy loss (and the KL loss with kl_in_loss) becomes one number "
+                                  "over the global minibatch: token-mean (every token weighs the same; DAPO), "
+                                  "seq-mean-token-sum (each response's token sum / max_new_tokens, mean over "
+                                  "responses; Dr. GRPO), seq-mean-token-mean (each response's token mean, mean over "
+                                  "responses; the original GRPO). The value loss is always a token mean.")
     cliprange_value: float = Field(0.2, gt=0, description="Clip of the value update around the old values.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss (gae).")
     kl_estimator: Literal["k1", "k2", "k3"] = Field(
@@ -211,6 +247,19 @@ class PPOConfig(Section):
         1, ge=1, description="Responses sampled per prompt (K). episodes_per_rollout counts episodes, so each "
                              "rollout takes episodes_per_rollout / K prompts per device; grpo and rloo need K >= 2.")
     group_std_eps: float = Field(1e-6, gt=0, description="grpo: added to the group std.")
+    scale_rewards: Literal["group", "batch", "none"] = added_setting(
+        "group", description="grpo: what the group-centred reward is divided by: group (the group's std + "
+                             "group_std_eps: GRPO), batch (the std of every reward of the step, all ranks: TRL's "
+                             "scale_rewards='batch'), none (no division: Dr. GRPO). Other estimators: leave group.")
+    overlong_penalty: OverlongPenaltyConfig | None = added_setting(
+        None, description="DAPO's soft overlong punishment {buffer, factor}: a penalty growing linearly to -factor "
+                          "over the last buffer tokens before max_new_tokens, added to the sequence reward "
+                          "(null: off). It adds to missing_eos_penalty for a response cut at the limit.")
+    mask_truncated: bool = added_setting(
+        False, description="DAPO's overlong filtering: responses that reach max_new_tokens without eos contribute "
+                           "nothing to the policy loss (or the KL loss); they still count in the advantages' "
+                           "baselines and the value loss. Needs missing_eos_penalty 0 (the penalty would only act "
+                           "through the baselines).")
     whiten_advantages: bool = Field(
         True, description="Whiten advantages over the global batch (gae; reinforce_pp always does: it is its "
                           "baseline). grpo is normalised per group and rloo is used as it is.")
@@ -326,6 +375,45 @@ class PPOConfig(Section):
                 "(logp - ref_logp) does not depend on the reference, so the loss would not pull the policy "
                 "towards it. Set ppo.kl_estimator to 'k2' (or 'k3') with kl_in_loss, or keep the KL in the reward")
         return self
+
+    @model_validator(mode="after")
+    def _objective_checks(self) -> "PPOConfig":
+        """The clip, the GRPO scale and the truncation settings against each other (docs/PPO.md)."""
+        if self.cliprange_low is not None and self.cliprange_low >= 1:
+            raise ValueError(f"ppo.cliprange_low={self.cliprange_low} must be < 1: the ratio's lower clip "
+                             "1 - cliprange_low would be <= 0 (no lower clip at all)")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1 + self.clip_high:
+            raise ValueError(
+                f"ppo.clip_ratio_c={self.clip_ratio_c} must be > 1 + ppo.cliprange_high ({1 + self.clip_high:g}; "
+                "cliprange_high defaults to cliprange): the dual clip bounds the loss of ratios far above the "
+                "upper clip, a bound inside the clip range would cut the gradient of ordinary tokens")
+        if self.scale_rewards != "group" and self.advantage_estimator != "grpo":
+            raise ValueError(
+                f"ppo.scale_rewards={self.scale_rewards!r} applies to ppo.advantage_estimator 'grpo' only (the "
+                f"std its group-centred reward is divided by), but ppo.advantage_estimator is "
+                f"{self.advantage_estimator!r}. Set ppo.advantage_estimator: grpo, or drop ppo.scale_rewards")
+        if self.overlong_penalty is not None and self.overlong_penalty.buffer > self.max_new_tokens:
+            raise ValueError(
+                f"ppo.overlong_penalty.buffer={self.overlong_penalty.buffer} is longer than ppo.max_new_tokens="
+                f"{self.max_new_tokens}: the penalty ramps over the last buffer tokens before the limit; use "
+                "a buffer <= max_new_tokens")
+        if self.mask_truncated and self.missing_eos_penalty:
+            raise ValueError(
+                f"ppo.mask_truncated=true with ppo.missing_eos_penalty={self.missing_eos_penalty} is refused: the "
+                "truncated responses the penalty punishes are dropped from the policy loss, so it would only act "
+                "through the group baseline / critic (raising the others' advantages). Set "
+                "ppo.missing_eos_penalty: 0 with mask_truncated, or keep the penalty and drop mask_truncated")
+        return self
+
+    @property
+    def clip_low(self) -> float:
+        """The ratio's lower clip: ``cliprange_low``, else ``cliprange``."""
+        return self.cliprange if self.cliprange_low is None else self.cliprange_low
+
+    @property
+    def clip_high(self) -> float:
+        """The ratio's upper clip: ``cliprange_high``, else ``cliprange``."""
+        return self.cliprange if self.cliprange_high is None else self.cliprange_high
 
     @property
     def uses_critic(self) -> bool:
