@@ -41,7 +41,7 @@ def _advantages(estimator: str, reward, kl, mask, kl_coef: float, **ppo):
     from stages.ppo.experience import PPORollout
 
     settings = dict(advantage_estimator=estimator, kl_in_loss=False, num_samples_per_prompt=4, group_std_eps=1e-6,
-                    gamma=1.0, lam=0.95, whiten_advantages=False)
+                    gamma=1.0, lam=0.95, whiten_advantages=False, scale_rewards="group")
     settings.update(ppo)
     trainer = SimpleNamespace(cfg=SimpleNamespace(ppo=SimpleNamespace(**settings)), kl_ctl=FixedKLController(kl_coef),
                               comm=Comm(SimpleNamespace(world_size=1)))

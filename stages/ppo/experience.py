@@ -37,6 +37,7 @@ from stages.ppo.core import (
     kl_penalty,
     kl_return,
     logprobs_from_logits,
+    overlong_penalty,
     per_token_rewards,
     rloo_advantages,
     truncated_importance_weights,
@@ -100,6 +101,15 @@ class Rollout:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
 
+    def policy_mask(self, idx: torch.Tensor | slice, drop_truncated: bool) -> torch.Tensor:
+        """(b, T) the tokens of rows ``idx`` the policy loss is over: ``response_mask``, less the responses that
+        reached max_new_tokens without eos when ``drop_truncated`` (``ppo.mask_truncated``, DAPO's overlong
+        filtering)."""
+        mask = self.response_mask[idx]
+        if not drop_truncated:
+            return mask
+        return mask * self.has_eos[idx].unsqueeze(1).to(mask.dtype)
+
     def sequences(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         """[prompt | response] ids and attention mask for rows ``idx``: (b, P + T) each."""
         ids = torch.cat([self.prompt_ids[idx], self.response_ids[idx]], dim=1)
@@ -154,7 +164,7 @@ class PPORollout:
         # c. reward
         scores, texts = self.score_responses(prompts, response, mask, has_eos)
         t3 = time.perf_counter()
-        reward, reward_stats = self._sequence_reward(scores, has_eos)
+        reward, reward_stats = self._sequence_reward(scores, has_eos, mask.sum(1))
         is_weights = self._engine_correction(old_logp, mask, engine_logprobs, reward_stats)
         kl = kl_penalty(old_logp, ref_logp, self.cfg.ppo.kl_estimator)
         timings.update(time_generate=t1 - t0, time_forward=t2 - t1, time_score=t3 - t2)
@@ -263,9 +273,11 @@ class PPORollout:
                           [bool(e) for e in has_eos.tolist()], texts, [x.reference for x in prompts])
         return self.models.rewards.score(batch), texts
 
-    def _sequence_reward(self, scores: Scores, has_eos: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def _sequence_reward(self, scores: Scores, has_eos: torch.Tensor,
+                         lengths: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """(B,) reward used for RL: the score normalised (running moments over all ranks) and/or clipped,
-        minus ``|missing_eos_penalty|`` where there is no eos; and the per-step reward statistics."""
+        minus ``|missing_eos_penalty|`` where there is no eos, plus DAPO's overlong penalty of each response's
+        length ``lengths`` (B,) (``ppo.overlong_penalty``); and the per-step reward statistics."""
         ppo = self.cfg.ppo
         reward = scores.total.clone()
         if ppo.normalize_reward:
@@ -279,7 +291,16 @@ class PPORollout:
                  **{f"reward_metric/{k}": float(torch.nanmean(v)) for k, v in scores.metrics.items()}}
         if self.models.reward_model is not None:
             stats["rm_truncated"] = float(scores.rm_truncated)
-        return reward - eos_penalty, stats
+        reward = reward - eos_penalty
+        if ppo.mask_truncated:
+            stats["truncated_masked_frac"] = float((~has_eos).float().mean())  # dropped from the policy loss
+        if ppo.overlong_penalty is not None:
+            length_penalty = overlong_penalty(lengths, ppo.max_new_tokens, ppo.overlong_penalty.buffer,
+                                              ppo.overlong_penalty.factor)
+            stats["overlong_penalty"] = float(length_penalty.mean())
+            stats["overlong_penalised_frac"] = float((length_penalty < 0).float().mean())
+            reward = reward + length_penalty.to(reward.dtype)
+        return reward, stats
 
     def _engine_correction(self, old_logp: torch.Tensor, mask: torch.Tensor, engine_logprobs: list[Any] | None,
                            stats: dict[str, float]) -> torch.Tensor | None:
@@ -333,7 +354,9 @@ class PPORollout:
         # the group baseline sees the task score only; the KL joins after it at its own scale (kl_return)
         k = ppo.num_samples_per_prompt
         if ppo.advantage_estimator == "grpo":
-            task_advantages = grpo_advantages(reward, mask, k, ppo.group_std_eps)
+            # the batch std is over every rank's rewards (the global batch), as TRL's over all processes'
+            batch = self.comm.gather(reward) if ppo.scale_rewards == "batch" else None
+            task_advantages = grpo_advantages(reward, mask, k, ppo.group_std_eps, ppo.scale_rewards, batch)
         else:
             task_advantages = rloo_advantages(reward, mask, k)
         return task_advantages + kl_return(kl, mask, beta, ppo.gamma), returns

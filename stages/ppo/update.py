@@ -3,15 +3,17 @@ runs ``ppo_epochs`` passes over a ``Rollout`` in minibatches, each split into mi
 step's statistics; ``PPOUpdate`` is built once per run from what it reads (config, models, sizes, the
 process group, the PTX stream, the actor's EMA or None, the folder a bad batch is saved to).
 
-A micro-step (``_micro_step``) computes the clipped value loss and (after the critic warm-up) the clipped
-policy loss (+ the KL loss with ``kl_in_loss``), each weighted by the micro-batch's share of the global
-minibatch's response tokens, + PTX weighted by its share of the minibatch's PTX target tokens (both counts
-summed over all ranks before the first backward; ``stages.training.loss_weight``), and back-propagates
-them. Its statistics stay tensors; they are summed as tensors and turned into numbers once, when
-``update`` returns its means for the step's log row. The micro-step synchronises the ranks only where a
-decision needs every rank: whether all losses are finite, and the largest ratio (a micro-batch over
-``ratio_skip_threshold`` on any rank contributes no policy gradient; a minibatch whose every micro-batch
-is skipped moves nothing, with or without DeepSpeed: no weight update, optimiser state and schedule untouched).
+A micro-step (``_micro_step``) computes the clipped value loss, weighted by the micro-batch's share of the
+global minibatch's response tokens, and (after the critic warm-up) the clipped policy loss (+ the KL loss with
+``kl_in_loss``), weighted by its share of the minibatch's policy-loss units (``ppo.loss_aggregation``: response
+tokens, or responses for the ``seq-mean-*`` modes; without the responses ``ppo.mask_truncated`` drops), + PTX
+weighted by its share of the minibatch's PTX target tokens (every count summed over all ranks before the first
+backward; ``stages.training.loss_weight``), and back-propagates them. Its statistics stay tensors; they are
+summed as tensors and turned into numbers once, when ``update`` returns its means for the step's log row. The
+micro-step synchronises the ranks only where a decision needs every rank: whether all losses are finite, and the
+largest ratio (a micro-batch over ``ratio_skip_threshold`` on any rank contributes no policy gradient; a minibatch
+whose every micro-batch is skipped moves nothing, with or without DeepSpeed: no weight update, optimiser state and
+schedule untouched).
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ import torch
 from pipeline.config import RunConfig
 from stages.batching import pad_collate, target_tokens
 from stages.ppo.core import (
+    aggregate_loss,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
     kl_penalty,
     logprobs_from_logits,
-    masked_mean,
+    loss_units,
 )
 from stages.ppo.distributed import Comm
 from stages.ppo.experience import Rollout
@@ -44,6 +47,22 @@ if TYPE_CHECKING:
 Stats = dict[str, torch.Tensor]
 #: one micro-step's PTX batch (``input_ids``, ``attention_mask``, ``labels`` on the device) and its loss weight
 PTXBatch = tuple[dict[str, torch.Tensor], float]
+
+
+class MinibatchUnits(NamedTuple):
+    """A minibatch's loss units over all ranks: ``tokens``, its response tokens (the value loss is a mean over
+    them); ``policy``, what the policy loss averages over (``ppo.loss_aggregation``: tokens or responses, without
+    those ``ppo.mask_truncated`` drops). Equal to ``tokens`` by default."""
+
+    tokens: float
+    policy: float
+
+
+class LossWeights(NamedTuple):
+    """A micro-batch's ``stages.training.loss_weight`` for the value loss and for the policy (+ KL) loss."""
+
+    value: float
+    policy: float
 
 
 class MicroStepContext(NamedTuple):
@@ -121,12 +140,12 @@ class PPOUpdate:
         n_micro, ratio_max, skipped = 0, 0.0, 0
         for epoch in range(ppo.ppo_epochs):
             context = MicroStepContext(step, epoch, train_actor, kl_coef)
-            for minibatch, n_tokens in self._minibatches(rollout, step, epoch):
+            for minibatch, units in self._minibatches(rollout, step, epoch):
                 mb_skipped = 0
                 ptx = self.ptx.minibatch() if train_actor and ppo.ptx_coef > 0 else None
                 for idx in minibatch.view(sizes.grad_accum, sizes.micro_batch):
                     stats, micro_ratio_max, was_skipped = self._micro_step(
-                        rollout, idx, n_tokens, context, skipped_before=mb_skipped,
+                        rollout, idx, units, context, skipped_before=mb_skipped,
                         ptx=ptx.popleft() if ptx else None)
                     ratio_max = max(ratio_max, micro_ratio_max)
                     mb_skipped += was_skipped
@@ -145,23 +164,27 @@ class PPOUpdate:
         out["skipped_minibatches"] = float(skipped)
         return out
 
-    def _minibatches(self, rollout: Rollout, step: int, epoch: int) -> list[tuple[torch.Tensor, float]]:
+    def _minibatches(self, rollout: Rollout, step: int, epoch: int) -> list[tuple[torch.Tensor, MinibatchUnits]]:
         """This epoch's minibatches (index tensors of ``mini_batch_size`` rows, a seeded permutation) with
-        the global number of response tokens in each (each micro-batch's loss is weighted by its share)."""
+        the global loss units in each (each micro-batch's loss is weighted by its share)."""
         ppo, sizes = self.cfg.ppo, self.sizes
         g = torch.Generator().manual_seed(ppo.train.seed * 1_000_003 + step * 1_009 + epoch)
         order = torch.randperm(ppo.episodes_per_rollout, generator=g)
         minibatches = order.view(sizes.n_minibatches, sizes.mini_batch)
-        counts = self.comm.sum(torch.stack([rollout.response_mask[mb].sum() for mb in minibatches]).double())
-        return list(zip(minibatches, counts.tolist()))
+        counts = self.comm.sum(torch.stack([torch.stack([
+            rollout.response_mask[mb].sum().double(),
+            loss_units(rollout.policy_mask(mb, ppo.mask_truncated), ppo.loss_aggregation).double()])
+            for mb in minibatches]))
+        return [(mb, MinibatchUnits(*row)) for mb, row in zip(minibatches, counts.tolist())]
 
-    def _losses(self, rollout: Rollout, idx: torch.Tensor, weight: float, context: MicroStepContext,
+    def _losses(self, rollout: Rollout, idx: torch.Tensor, weights: LossWeights, context: MicroStepContext,
                 ptx: PTXBatch | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, Stats]:
         """-> (weighted value loss x vf_coef, or None without a critic; weighted policy loss, or None during the
         critic warm-up; stats). ``ptx``: this micro-step's PTX batch and its weight (``PTXStream.minibatch``)."""
         ppo, models, T, dev = self.cfg.ppo, self.models, rollout.response_ids.size(1), self.models.device
         ids, att = (x.to(dev) for x in rollout.sequences(idx))
         mask = rollout.response_mask[idx].to(dev)
+        policy_mask = rollout.policy_mask(idx, ppo.mask_truncated).to(dev)
         stats: Stats = {}
         vf_loss = None
         if models.critic is not None:
@@ -169,23 +192,25 @@ class PPOUpdate:
             vf_loss, vf_stats = clipped_value_loss(values, rollout.old_values[idx].to(dev),
                                                    rollout.returns[idx].to(dev), mask, ppo.cliprange_value)
             stats = {"value_loss": vf_loss.detach().double(), "vf_clipfrac": vf_stats["vf_clipfrac"].double()}
-            vf_loss = ppo.vf_coef * vf_loss * weight
+            vf_loss = ppo.vf_coef * vf_loss * weights.value
         if not context.train_actor:
             return vf_loss, None, stats
         logits = models.policy_logits(models.actor_forward, ids, att, T)
         logp = logprobs_from_logits(logits, rollout.response_ids[idx].to(dev))
         is_weights = None if rollout.is_weights is None else rollout.is_weights[idx].to(dev)  # engine correction
-        pg_loss, pg_stats = clipped_policy_loss(logp, rollout.old_logp[idx].to(dev), rollout.advantages[idx].to(dev),
-                                                mask, ppo.cliprange, token_weights=is_weights)
+        pg_loss, pg_stats = clipped_policy_loss(
+            logp, rollout.old_logp[idx].to(dev), rollout.advantages[idx].to(dev), policy_mask, ppo.clip_low,
+            token_weights=is_weights, cliprange_high=ppo.clip_high, clip_ratio_c=ppo.clip_ratio_c,
+            importance_level=ppo.importance_level, aggregation=ppo.loss_aggregation, max_length=ppo.max_new_tokens)
         stats.update({k: torch.as_tensor(v).detach().double() for k, v in pg_stats.items()})
         stats["policy_loss"] = pg_loss.detach().double()
         with torch.no_grad():
             stats["entropy"] = entropy_from_logits(logits.detach(), mask).double()
         if ppo.kl_in_loss:
-            kl_term = masked_mean(kl_penalty(logp, rollout.ref_logp[idx].to(dev), ppo.kl_estimator), mask)
+            kl_term = self._kl_loss(logp, rollout.ref_logp[idx].to(dev), policy_mask)
             stats["kl_loss"] = kl_term.detach().double()
             pg_loss = pg_loss + context.kl_coef * kl_term
-        pg_loss = pg_loss * weight
+        pg_loss = pg_loss * weights.policy
         if ptx is not None:
             ptx_batch, ptx_weight = ptx
             with models.autocast():
@@ -194,14 +219,26 @@ class PPOUpdate:
             pg_loss = pg_loss + ppo.ptx_coef * ptx_loss * ptx_weight
         return vf_loss, pg_loss, stats
 
-    def _micro_step(self, rollout: Rollout, idx: torch.Tensor, n_tokens: float, context: MicroStepContext,
+    def _kl_loss(self, logp: torch.Tensor, ref_logp: torch.Tensor, policy_mask: torch.Tensor) -> torch.Tensor:
+        """The KL loss term of ``kl_in_loss`` over the policy loss's tokens, aggregated as the policy loss is (TRL
+        and verl add it to the per-token loss before aggregating); 0 where the micro-batch has no such token."""
+        ppo = self.cfg.ppo
+        kl = kl_penalty(logp, ref_logp, ppo.kl_estimator)
+        if not bool(policy_mask.any()):
+            return torch.where(policy_mask.bool(), kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum()
+        return aggregate_loss(kl, policy_mask, ppo.loss_aggregation, ppo.max_new_tokens)
+
+    def _micro_step(self, rollout: Rollout, idx: torch.Tensor, units: MinibatchUnits, context: MicroStepContext,
                     skipped_before: int = 0, ptx: PTXBatch | None = None) -> tuple[Stats, float, bool]:
         """Losses and backward passes of one micro-batch -> (stats as tensors, max ratio over ranks, skipped).
         ``skipped_before``: micro-batches of this minibatch skipped so far; ``ptx``: see ``_losses``."""
         world, accum = self.comm.dist.world_size, self.sizes.grad_accum
         actor_engine, critic_engine = self.models.actor_optim.engine, self._critic_engine
-        weight = loss_weight(float(rollout.response_mask[idx].sum()), n_tokens, world, accum)
-        vf_total, pg_loss, stats = self._losses(rollout, idx, weight, context, ptx)
+        ppo = self.cfg.ppo
+        policy_units = loss_units(rollout.policy_mask(idx, ppo.mask_truncated), ppo.loss_aggregation)
+        weights = LossWeights(loss_weight(float(rollout.response_mask[idx].sum()), units.tokens, world, accum),
+                              loss_weight(float(policy_units), units.policy, world, accum))
+        vf_total, pg_loss, stats = self._losses(rollout, idx, weights, context, ptx)
         # NaN / inf: stop with the batch saved (sync point: every rank agrees before anyone raises)
         finite = torch.tensor([(1.0 if vf_total is None else float(torch.isfinite(vf_total))) * (
             1.0 if pg_loss is None else float(torch.isfinite(pg_loss)))])
