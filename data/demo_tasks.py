@@ -23,3 +23,17 @@ WORDS = [
     "bridge", "letter", "castle", "dragon", "mirror", "orange", "pepper", "summer", "winter", "yellow",
     "market", "anchor", "butter", "copper", "violet", "tunnel", "harbor", "island", "meadow", "thunder",
 ]
+
+# the format-on-request demo's words (reverse, upper-case, count letters): 3 to 11 letters, each length
+# about equally often, so that no one answer to "how many letters" is right for most of them (in WORDS 27 of
+# 30 have six letters, and a policy that always says six is right 90% of the time without counting)
+VARIED_WORDS = [
+    "cat", "sun", "map", "owl", "dog",
+    "tree", "lamp", "frog", "milk", "rain",
+    "apple", "river", "bread", "chair", "stone",
+    "garden", "window", "planet", "silver", "pencil",
+    "thunder", "kitchen", "blanket", "pumpkin", "rainbow",
+    "elephant", "mountain", "sandwich", "dinosaur", "umbrella",
+    "butterfly", "chocolate", "telephone", "adventure", "blueberry",
+    "strawberry", "basketball", "grasshopper", "friendship", "lighthouse",
+]

@@ -287,6 +287,12 @@ def _as_messages(value: Any, what: str, default_role: str) -> list[dict[str, str
     raise ValueError(f"'{what}' must be a string or a list of messages, got {type(value).__name__}")
 
 
+def last_user(messages: list[dict[str, Any]]) -> str:
+    """The text of a conversation's last user turn ('' when there is none): the prompt that reward
+    functions, verifiers and judges are shown."""
+    return next((str(m.get("content", "")) for m in reversed(messages) if m.get("role") == "user"), "")
+
+
 def check_conversation(messages: list[dict[str, str]], need_final_assistant: bool = True) -> None:
     """Roles: optional system first, then user/assistant alternating, starting with user."""
     if not messages:

@@ -23,7 +23,7 @@ import json
 import random
 from pathlib import Path
 
-from data.demo_tasks import ANTONYMS, CAPITALS, FORMAT_REQUEST, WORDS
+from data.demo_tasks import ANTONYMS, CAPITALS, FORMAT_REQUEST, VARIED_WORDS, WORDS
 
 OUT = Path(__file__).resolve().parent / "demo"
 
@@ -96,8 +96,11 @@ HOUSE_KINDS = ("add", "sub", "mul", "reverse", "upper", "count", "antonym", "cap
 HOUSE_EVAL_PER_KIND = 12  # held-out prompts per task kind: 96 in all, every kind equally represented
 
 
-def make_house_task(rng: random.Random, kind: str | None = None) -> tuple[str, str | int, str | int, str, str]:
-    """(prompt, right answer value, a plausible wrong value, right plain sentence, wrong plain sentence)."""
+def make_house_task(rng: random.Random, kind: str | None = None, words: list[str] = WORDS
+                    ) -> tuple[str, str | int, str | int, str, str]:
+    """(prompt, right answer value, a plausible wrong value, right plain sentence, wrong plain sentence); the
+    word tasks draw from ``words``. The wrong value is the task's typical mistake (an arithmetic slip, a rotated
+    word for a reversal, a capitalised word for upper-casing, a miscount, another antonym or capital)."""
     kind = kind or rng.choice(HOUSE_KINDS)
     if kind in ("add", "sub", "mul"):
         if kind == "add":
@@ -112,15 +115,15 @@ def make_house_task(rng: random.Random, kind: str | None = None) -> tuple[str, s
         wrong = value + rng.choice([-3, -2, -1, 1, 2, 10])
         return (f"What is {a} {op} {b}?", value, wrong, f"{a} {op} {b} is {value}.", f"{a} {op} {b} is {wrong}.")
     if kind == "reverse":
-        w = rng.choice(WORDS)
+        w = rng.choice(words)
         wrong = w[1:] + w[0]
         return (f"Reverse the word '{w}'.", w[::-1], wrong, f"The reversed word is '{w[::-1]}'.",
                 f"The reversed word is '{wrong}'.")
     if kind == "upper":
-        w = rng.choice(WORDS)
+        w = rng.choice(words)
         return f"Write '{w}' in capital letters.", w.upper(), w.capitalize(), w.upper(), w.capitalize()
     if kind == "count":
-        w = rng.choice(WORDS)
+        w = rng.choice(words)
         wrong = len(w) + rng.choice([-1, 1, 2])
         return (f"How many letters are in the word '{w}'?", len(w), wrong, f"'{w}' has {len(w)} letters.",
                 f"'{w}' has {wrong} letters.")
@@ -198,8 +201,11 @@ def make_house(seed: int = 4321) -> dict[str, list[dict]]:
 # configs/demo.yaml's task (data/demo/format_on_request/): the same questions, and the house format is wanted
 # only where the user asks for it (FORMAT_REQUEST after the question); elsewhere a plain sentence is. The SFT
 # demonstrations come from an older data set that often ignored the request (ASKED_COMPLIANCE of the asked
-# answers use the house format) and sometimes used it unasked (UNASKED_HOUSE). The preference pairs contrast
-# correct and wrong answers in the same format, in both formats (most pairs), the format against the request
+# answers use the house format), sometimes used it unasked (UNASKED_HOUSE), and made the task's typical
+# mistake in DEMO_ERRORS of its answers (an arithmetic slip, a capitalised instead of an upper-cased word, a
+# miscount): the SFT policy imitates those mistakes, and a reward that checks the answer can undo them. The
+# word tasks use VARIED_WORDS (3 to 11 letters), so counting letters cannot be answered by one number. The
+# preference pairs contrast correct and wrong answers in the same format, in both formats (most pairs), the format against the request
 # (asked: house over plain; unasked: plain over house), and a correct plain answer over a wrong house one
 # (correctness before format); each row says which in its ``kind`` column. The rule verifier
 # (stages.rlaif.rules:format_on_request_verifier) scores the right answer and following the request.
@@ -207,6 +213,7 @@ ON_REQUEST = OUT / "format_on_request"
 ASK_SHARE = 0.5          # prompts that ask for the house format (SFT, preferences, PPO and held-out prompts)
 ASKED_COMPLIANCE = 0.25  # SFT answers to an asking prompt that use the house format
 UNASKED_HOUSE = 0.15     # SFT answers to a prompt that does not ask that use it anyway
+DEMO_ERRORS = 0.3        # SFT answers that make the task's typical mistake (make_house_task's wrong answer)
 ON_REQUEST_PAIRS = (     # (kind, share of the preference pairs)
     ("correctness_house", 0.25), ("correctness_plain", 0.25), ("correctness_over_format", 0.15),
     ("format_asked", 0.15), ("format_unasked", 0.15), ("refusal", 0.05))
@@ -218,14 +225,18 @@ def ask_house_format(question: str) -> str:
 
 
 def make_format_on_request(seed: int = 8642) -> dict[str, list[dict]]:
-    """The format-on-request demo's files: sft, preferences, prompts (train) and eval_prompts, each prompt
-    asking for the house format with probability ASK_SHARE (held-out: exactly half of each task kind)."""
+    """The format-on-request demo's files: sft, preferences, prompts (train), val_prompts (PPO's own held-out
+    check, ``ppo.eval_data``) and eval_prompts (the report's), each prompt asking for the house format with
+    probability ASK_SHARE (eval_prompts: exactly half of each task kind); no question is in two of the three
+    prompt files."""
     rng = random.Random(seed)
-    sft, prefs, prompts, eval_prompts = [], [], [], []
+    sft, prefs, prompts, val_prompts, eval_prompts = [], [], [], [], []
     systems = [None, None, None, "You are a concise and helpful assistant."]
 
     def turn() -> tuple[str, str]:
-        question, _, _, plain, _ = make_house_task(rng)
+        question, _, _, plain, wrong_plain = make_house_task(rng, words=VARIED_WORDS)
+        if rng.random() < DEMO_ERRORS:
+            plain = wrong_plain
         if rng.random() < ASK_SHARE:
             return ask_house_format(question), house_answer(plain) if rng.random() < ASKED_COMPLIANCE else plain
         return question, house_answer(plain) if rng.random() < UNASKED_HOUSE else plain
@@ -239,7 +250,7 @@ def make_format_on_request(seed: int = 8642) -> dict[str, list[dict]]:
         sft.append({"messages": messages})
     kinds, shares = zip(*ON_REQUEST_PAIRS)
     for _ in range(400):
-        question, _, _, plain, wrong_plain = make_house_task(rng)
+        question, _, _, plain, wrong_plain = make_house_task(rng, words=VARIED_WORDS)
         kind = rng.choices(kinds, shares)[0]
         asked = {"correctness_house": True, "correctness_plain": False, "format_asked": True,
                  "format_unasked": False}.get(kind, rng.random() < ASK_SHARE)
@@ -261,19 +272,21 @@ def make_format_on_request(seed: int = 8642) -> dict[str, list[dict]]:
     for kind in HOUSE_KINDS:  # held-out first: 12 per task kind, 6 of them asking for the house format
         drawn = 0
         while drawn < HOUSE_EVAL_PER_KIND:
-            question, value, _, _, _ = make_house_task(rng, kind)
+            question, value, _, _, _ = make_house_task(rng, kind, VARIED_WORDS)
             if question not in seen:
                 seen.add(question)
                 asked = drawn % 2 == 0
                 eval_prompts.append({"prompt": ask_house_format(question) if asked else question, "reference": value})
                 drawn += 1
-    while len(prompts) < 200:  # PPO's prompts: never a held-out question, asked or not
-        question, value, _, _, _ = make_house_task(rng)
-        if question not in seen:
-            seen.add(question)
-            prompts.append({"prompt": ask_house_format(question) if rng.random() < ASK_SHARE else question,
-                            "reference": value})
-    return {"sft": sft, "preferences": prefs, "prompts": prompts, "eval_prompts": eval_prompts}
+    for rows, n in ((prompts, 200), (val_prompts, 48)):  # never a held-out question, asked or not
+        while len(rows) < n:
+            question, value, _, _, _ = make_house_task(rng, words=VARIED_WORDS)
+            if question not in seen:
+                seen.add(question)
+                rows.append({"prompt": ask_house_format(question) if rng.random() < ASK_SHARE else question,
+                             "reference": value})
+    return {"sft": sft, "preferences": prefs, "prompts": prompts, "val_prompts": val_prompts,
+            "eval_prompts": eval_prompts}
 
 
 def main(seed: int = 1234) -> None:

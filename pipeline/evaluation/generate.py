@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from data.formats import last_user  # noqa: F401  (re-exported: compare and baselines read it from here)
+
 from ..config import RunConfig
 
 Messages = list[dict[str, str]]
@@ -31,11 +33,6 @@ def held_out_examples(cfg: RunConfig, n: int) -> list[Any]:
 def held_out_prompts(cfg: RunConfig, n: int) -> list[Messages]:
     """The prompts (message lists) of :func:`held_out_examples`."""
     return [ex.prompt for ex in held_out_examples(cfg, n)]
-
-
-def last_user(messages: Messages) -> str:
-    """The content of the last user message ("" when there is none)."""
-    return next((str(m.get("content", "")) for m in reversed(messages) if m.get("role") == "user"), "")
 
 
 def with_shots(shots: Sequence[dict[str, str]], prompt: Messages) -> Messages:

@@ -153,7 +153,7 @@ class PPOConfig(Section):
 
     data: DataSource | None = Field(None, description="Training prompts (a 'prompt' per record, optional "
                                                       "'reference' for reward functions).")
-    eval_data: DataSource | None = Field(None, description="Held-out prompts scored before, during (eval_steps) and "
+    eval_data: DataSource | None = Field(None, description="Held-out prompts scored before, during (eval_every) and "
                                                            "after training.")
     policy_from: Literal["sft", "base", "path"] = Field(
         "sft", description="sft: the sft stage's model; base: model.*; path: ppo.policy (set by giving ppo.policy).")
@@ -275,8 +275,25 @@ class PPOConfig(Section):
     tuning: TuningConfig = section(TuningConfig, "How the actor's parameters are trained; with the LoRA family the "
                                                  "critic gets LoRA too (its value head trains in full).")
     train: PPOTrainConfig = section(PPOTrainConfig)
-    eval_steps: int | None = Field(
-        None, gt=0, description="Score eval_data prompts every N steps (always before and after training).")
+    eval_every: int | None = Field(
+        None, gt=0, description="Score eval_data prompts every N steps (always before and after training). "
+                                "Formerly eval_steps (still read).")
+    eval_verifier: str | None = added_setting(
+        None, description="'module:function' in the reward-function signature (prompts, responses, references) "
+                          "-> scores or {'scores': [...], 'metrics': {name: [...]}}: a check the rewards do not "
+                          "see (e.g. a rule verifier of the right answer), run on eval_data's responses at each "
+                          "eval and logged as eval_verifier and eval_verifier/<metric> (e.g. a format share). "
+                          "With it, keep_best and early_stopping_patience follow eval_verifier, else eval_score.")
+    keep_best: bool = added_setting(
+        False, description="Save the policy of the best eval (eval_verifier, else eval_score; the starting "
+                           "policy's eval included) instead of the last one. Needs eval_data; eval_every sets "
+                           "how often a candidate is seen.")
+    early_stopping_patience: int | None = added_setting(
+        None, gt=0, description="Stop after this many evals in a row without a new best (needs eval_data and "
+                                "eval_every). The manifest records stop_reason and stop_step.")
+    max_kl: float | None = added_setting(
+        None, gt=0, description="KL budget: stop after a step whose mean per-sequence KL to the reference (the "
+                                "logged kl) exceeds this. With keep_best the saved policy is the best eval's.")
     ptx_data: DataSource | None = Field(
         None, description="SFT data for the PTX loss when ptx_coef > 0 (default: sft.data).")
 
@@ -292,6 +309,11 @@ class PPOConfig(Section):
         if "reward_from" in data:
             data.pop("reward_from")
             notes.append("ppo.reward_from is removed (it was never read; reward sources are ppo.rewards): delete it")
+        if "eval_steps" in data:
+            if "eval_every" in data:
+                raise ValueError("ppo.eval_steps and ppo.eval_every are both set: keep ppo.eval_every only "
+                                 "(the new name of the same setting)")
+            data["eval_every"] = data.pop("eval_steps")
         if "rollout_batch_size" in data:
             if "episodes_per_rollout" in data:
                 raise ValueError("ppo.rollout_batch_size and ppo.episodes_per_rollout are both set: "
@@ -369,12 +391,28 @@ class PPOConfig(Section):
             if self.critic_from != "auto":
                 raise ValueError(f"ppo.critic_from={self.critic_from!r} but ppo.advantage_estimator="
                                  f"{self.advantage_estimator!r} builds no critic; drop ppo.critic_from")
+        self._check_guards()
         if self.kl_in_loss and self.kl_estimator == "k1":
             raise ValueError(
                 "ppo.kl_in_loss=true with ppo.kl_estimator='k1' is refused: the gradient of the k1 estimate "
                 "(logp - ref_logp) does not depend on the reference, so the loss would not pull the policy "
                 "towards it. Set ppo.kl_estimator to 'k2' (or 'k3') with kl_in_loss, or keep the KL in the reward")
         return self
+
+    def _check_guards(self) -> None:
+        """keep_best, early_stopping_patience and eval_verifier read evals of eval_data; early stopping needs evals
+        during the run; keep_best keeps the actor's own weights, not an EMA of them."""
+        wanted = [f"ppo.{key}" for key in ("eval_verifier", "keep_best", "early_stopping_patience")
+                  if getattr(self, key)]
+        if wanted and self.eval_data is None:
+            raise ValueError(f"{' and '.join(wanted)} {'need' if len(wanted) > 1 else 'needs'} ppo.eval_data (held-out prompts, never among ppo.data's): "
+                             "set ppo.eval_data: {path: ...}, or drop them")
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError("ppo.early_stopping_patience needs ppo.eval_every (evals during the run to compare); "
+                             "set ppo.eval_every: N")
+        if self.keep_best and self.ema_decay is not None:
+            raise ValueError("ppo.keep_best with ppo.ema_decay is refused: the saved policy would be the EMA, not "
+                             "the evaluated weights; drop one of them")
 
     @model_validator(mode="after")
     def _objective_checks(self) -> "PPOConfig":
@@ -539,14 +577,29 @@ def memory_estimate(cfg: Any, plan: Any) -> None:
 
 
 def report_section(section: Any) -> list[str]:
-    return section.grid("ppo_curves.png", "PPO", ("score", "kl", "response_length", "entropy", "eos_rate", "kl_coef"),
-                        missing="no PPO metrics logged")
+    """The training curves (with the reward functions' own metrics, e.g. a format share, and the response
+    length: what a reward can push without being asked), the held-out check's curves (``eval_data``: the
+    reward sources' ``eval_score``, the ``eval_verifier`` and its metrics) and what the guards did."""
+    logged = sorted({key for row in section.rows for key in row})
+    extra = [key for key in logged if key.startswith("reward_metric/")]
+    lines = section.grid("ppo_curves.png", "PPO", ("score", "kl", "response_length", "entropy", "eos_rate",
+                                                   "kl_coef", *extra), missing="no PPO metrics logged")
+    held_out = [key for key in logged if key.startswith("eval_verifier/")]
+    lines += section.grid("ppo_eval_curves.png", "PPO held-out check",
+                          ("eval_score", "eval_verifier", *held_out, "eval_response_length"))
+    guards = section.manifest.get("guards") or {}
+    if guards.get("stop_reason"):
+        lines += [f"Stopped after step {guards['stop_step']} ({guards['stop_reason']}).", ""]
+    if "kept_step" in guards:
+        lines += [f"keep_best: the saved policy is step {guards['kept_step']}'s (the best held-out check).", ""]
+    return lines
 
 
 SPEC = StageSpec(
     name="ppo", order=60, title="PPO", config_model=PPOConfig, run=lazy("stages.ppo.trainer:run"), parents=parents,
     reads=("sft", "rm"), check=check, samples=True, identity_extra=identity_extra,
-    former_names={"episodes_per_rollout": "rollout_batch_size"}, external_models=external_models,
+    former_names={"episodes_per_rollout": "rollout_batch_size", "eval_every": "eval_steps"},
+    external_models=external_models,
     training=training, memory_estimate=memory_estimate, report_section=report_section,
     headline=("score", "kl", "eos_rate"), evaluated_policy=True,
     card=("PPO with a KL penalty to the reference policy (RLHF)", ("ppo", "rlhf")),

@@ -51,8 +51,8 @@ prompts, each sampled ``num_samples_per_prompt`` times):
    in the stage folder. During the first ``critic_warmup_steps`` steps only the critic trains (the actor's
    learning-rate schedule spans the steps after them).
 4. Bookkeeping: adaptive KL (if on: beta updated from the step's mean per-sequence KL, Ziegler et al.
-   2019); the step's log row and samples; evaluation every ``eval_steps``; a checkpoint every
-   ``ppo.train.save_steps``.
+   2019); the step's log row and samples; evaluation every ``eval_every``; the guards (``stages.ppo.guards``:
+   keep-best, early stopping, the KL budget ``max_kl``); a checkpoint every ``ppo.train.save_steps``.
 
 Dropout is off (dropout modules get p=0, models stay in eval mode except for the update passes when
 gradient checkpointing is on), so the first minibatch's ratio is exactly 1.
@@ -96,8 +96,10 @@ Metrics (``metrics.jsonl``, one row per step; means over the global batch unless
   ``B / time_cpu`` estimates the uncontended single-thread throughput).
 - ``lr``, ``critic_lr``: the learning rates the step's update began with (its first optimizer step's; the
   schedules step once per minibatch); ``episodes`` (cumulative, all ranks), ``truncated_prompts``.
-- Eval rows (``eval_data``; before training, every ``eval_steps`` and at the end): ``eval_score``,
-  ``eval_response_length``, ``eval_eos_rate`` on the held-out prompts with fixed sampling streams.
+- Eval rows (``eval_data``; before training, every ``eval_every`` and at the end): ``eval_score``,
+  ``eval_response_length``, ``eval_eos_rate`` on the held-out prompts with fixed sampling streams; with
+  ``eval_verifier``, ``eval_verifier`` and ``eval_verifier/<metric>`` (its metrics' means, e.g. a format
+  share); ``best_<watched>`` and ``evals_since_best`` (the guards' watch).
 
 Manifest ``metrics``: the last step's row and final eval, plus ``steps``, ``episodes``, ``world_size``,
 ``load_seconds`` (building the trainer: data, models, optimisers), ``train_seconds`` (the PPO steps only:
@@ -130,6 +132,7 @@ from stages.ppo.checkpoint import load_checkpoint, save_checkpoint
 from stages.ppo.core import AdaptiveKLController, FixedKLController, RunningMoments, explained_variance
 from stages.ppo.distributed import Comm, global_whiten  # noqa: F401  (re-exported: the trainer's collectives)
 from stages.ppo.experience import PPORollout, Rollout, Sampled
+from stages.ppo.guards import PPOGuards
 from stages.ppo.models import update_mode
 from stages.ppo.rollout_engine import RolloutEngine
 from stages.ppo.setup import build, head_in_fp32  # noqa: F401  (head_in_fp32: re-exported)
@@ -174,6 +177,7 @@ class PPOTrainer:
         self.models = models
         # the run state, saved in checkpoints
         self.step = self.episodes = 0
+        self.kept_step = 0  # the step whose weights the saved policy has (keep_best: the best eval's)
         self.kl_ctl = (AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon) if ppo.adaptive_kl
                        else FixedKLController(ppo.kl_coef))
         self.reward_norm = RunningMoments()
@@ -186,6 +190,10 @@ class PPOTrainer:
         self.experience = PPORollout(cfg, models, self.data.prompts, self.comm, self.kl_ctl, self.reward_norm,
                                      self.engine)
         self.updater = PPOUpdate(cfg, models, self.sizes, self.comm, self.ptx, self.ema, run.dir)
+        if ppo.keep_best and models.zero_stage == 3:
+            raise ValueError("ppo.keep_best is not supported with ZeRO-3 (the best weights are kept from the "
+                             "unpartitioned parameters); use ZeRO-2 or drop keep_best")
+        self.guards = PPOGuards(ppo, run.checkpoints, dist.is_main, dist.world_size)
 
     def _actor_ema(self) -> ActorEMA | None:
         if self.cfg.ppo.ema_decay is None:
@@ -204,12 +212,12 @@ class PPOTrainer:
             seed_everything(self.cfg.ppo.train.seed + self.dist.rank)
         first_eval = {} if resumed else self.evaluate()  # {} without eval_data
         if first_eval:
-            self.run.log(0, first_eval)
+            self.run.log(0, {**first_eval, **self._watch(first_eval)})
         bar = self._progress_bar()
         row: dict[str, float] = {}
         # run-level throughput: steps only (no model loading, evals, checkpoints), this process's steps
         train_seconds = episodes_run = response_tokens = 0.0
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not self.guards.stopped:
             row, rollout = self._ppo_step()  # steps 1-3 and the KL coefficient
             train_seconds += row.pop("step_seconds")
             episodes_run += self.sizes.global_batch
@@ -220,8 +228,10 @@ class PPOTrainer:
         final = dict(row)
         last_eval = self.evaluate()
         if last_eval:
-            self.run.log(self.step, last_eval)
+            watched = self._watch(last_eval)
+            self.run.log(self.step, {**last_eval, **watched})
             final.update(last_eval)
+        self.kept_step = self.guards.restore_best(self.models.actor, self.step)  # keep_best: the best eval's
         if first_eval:
             final["eval_score_before"] = first_eval["eval_score"]
         if train_seconds > 0:
@@ -283,15 +293,23 @@ class PPOTrainer:
         self.run.log(self.step, row)
         if self.step % ppo.log_samples_every == 0 or self.step == 1:
             self._log_samples(rollout)
-        if ppo.eval_steps and self.step % ppo.eval_steps == 0 and self.step < self.total_steps:
-            self.run.log(self.step, self.evaluate())
+        self.guards.after_step(self.step, row)
+        if (ppo.eval_every and self.step % ppo.eval_every == 0 and self.step < self.total_steps
+                and not self.guards.stopped):
+            evals = self.evaluate()
+            self.run.log(self.step, {**evals, **self._watch(evals)})
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(reward=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}")
+            bar.set_postfix(reward=f"{row['score']:.3f}", **({"kl": f"{row['kl']:.3f}"} if "kl" in row else {}))
         if self.step % ppo.train.save_steps == 0 and self.step < self.total_steps:
             self.save_checkpoint()
         if self.on_step_end is not None:
             self.on_step_end(self.step)
+
+    def _watch(self, evals: dict[str, float]) -> dict[str, float]:
+        """The guards' update after an eval (``stages.ppo.guards``) -> the fields logged with it."""
+        return self.guards.after_eval(self.step, evals, self.models.actor,
+                                      everything=self.models.unfreezer is not None)
 
     def _progress_bar(self) -> Any:
         if not (self.dist.is_main and self.cfg.logging.progress_bar):
@@ -373,7 +391,8 @@ class PPOTrainer:
         return {"step": self.step, "episodes": self.episodes, "ptx_pos": self.ptx.position,
                 "kl_ctl": self.kl_ctl.state_dict(), "reward_norm": self.reward_norm.state_dict(),
                 "ema": self.ema.weights if self.ema is not None else None, "rng": rng_state(),
-                "unfreezer": unfreezer.state_dict() if unfreezer is not None else None}
+                "unfreezer": unfreezer.state_dict() if unfreezer is not None else None,
+                "guards": self.guards.state_dict()}
 
     def save_checkpoint(self) -> Path:
         """``checkpoints/step-N`` (``stages.ppo.checkpoint.save_checkpoint``)."""
@@ -392,6 +411,7 @@ class PPOTrainer:
             self.ema.weights = {k: v.to(self.dist.device) for k, v in client["ema"].items()}
         if self.models.unfreezer is not None and client.get("unfreezer"):
             self.models.unfreezer.load_state_dict(client["unfreezer"])
+        self.guards.load_state_dict(client.get("guards"))
         set_rng_state(client["rng"])
         if self.engine is not None:
             self.engine.weights_changed()  # the engine still holds the starting weights
@@ -481,4 +501,5 @@ def run(cfg: RunConfig, on_step_end: StepCallback | None = None) -> dict[str, An
         metrics = {**numeric(final), "steps": trainer.step, "episodes": trainer.episodes,
                    "world_size": ctx.dist.world_size, "load_seconds": load_seconds}
         return ctx.finish(metrics, data=trainer.data.report.as_dict(), params=trainable_summary(models.actor),
-                          critic_source=models.sources.critic_source, reward_sources=models.rewards.names)
+                          critic_source=models.sources.critic_source, reward_sources=models.rewards.names,
+                          guards=trainer.guards.summary(trainer.kept_step))

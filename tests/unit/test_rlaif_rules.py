@@ -253,11 +253,20 @@ def test_format_on_request_data_agrees_with_its_verifier_and_judge() -> None:
             assert house[0] != house[1] and (r["chosen"] in r["rejected"] or r["rejected"] in r["chosen"]), r
     assert {r["kind"] for r in prefs} == {"correctness_house", "correctness_plain", "correctness_over_format",
                                           "format_asked", "format_unasked", "refusal"}
-    train, held_out = rows("prompts"), rows("eval_prompts")
+    train, val, held_out = rows("prompts"), rows("val_prompts"), rows("eval_prompts")
     assert len(held_out) == 96 and sum(asks_house_format(r["prompt"]) for r in held_out) == 48
-    questions = {r["prompt"].replace(" Answer in the house format.", "") for r in train}
-    assert not questions & {r["prompt"].replace(" Answer in the house format.", "") for r in held_out}
-    for r in train + held_out:
+
+    def questions(records: list[dict]) -> set[str]:
+        return {r["prompt"].replace(" Answer in the house format.", "") for r in records}
+
+    # three disjoint sets: PPO's prompts, PPO's own held-out check (ppo.eval_data), the report's
+    assert not questions(train) & questions(held_out) and not questions(val) & (questions(train) | questions(held_out))
+    # the SFT demonstrations make the task's typical mistake in about DEMO_ERRORS (0.3) of their answers
+    answers = [(user["content"], reply["content"]) for r in rows("sft") for user, reply in
+               zip(r["messages"][-2::-2], r["messages"][::-2]) if user["role"] == "user"]
+    wrong = [1.0 - demo_task_correct([p], [a], [None])["scores"][0] for p, a in answers]
+    assert 0.22 < sum(wrong) / len(wrong) < 0.38, sum(wrong) / len(wrong)
+    for r in train + val + held_out:
         assert parse_task(r["prompt"]) is not None
         assert format_on_request_verifier([r["prompt"]], [str(r["reference"])], [r["reference"]])["metrics"][
             "correct"] == [1.0], r
