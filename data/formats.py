@@ -10,6 +10,9 @@ Normalised shapes (a conversation is a list of ``{"role", "content"}`` dicts):
 - RM:   ``PreferencePair(prompt, chosen, rejected, margin, group, kind)``; chosen/rejected are the assistant
         turns only; ``group`` ties the pairs expanded from one K-wise ranking; ``kind`` is the optional
         ``kind`` column (a label of what the pair contrasts, e.g. "format"), carried for per-kind metrics.
+- KTO:  ``LabelledExample(prompt, completion, desirable, pair)``: an unpaired row (``prompt`` or ``messages``,
+        ``completion`` or ``response``, ``label`` true|false, TRL's unpaired preference format), or each pair
+        of a preference record unpaired into its chosen (desirable) and rejected (undesirable) rows.
 - PPO:  ``PromptExample(prompt)``.
 """
 
@@ -54,6 +57,16 @@ class PreferencePair:
     group: int = 0
     where: str = ""
     kind: str | None = None  # the optional ``kind`` column: what the pair contrasts (held-out accuracy per kind)
+
+
+@dataclass
+class LabelledExample:
+    prompt: list[dict[str, str]]
+    completion: list[dict[str, str]]
+    desirable: bool
+    pair: int | None = None  # the preference record it was unpaired from (held-out accuracy on pairs); None: unpaired
+    where: str = ""
+    kind: str | None = None
 
 
 @dataclass
@@ -362,6 +375,14 @@ def _split_hh(chosen: str, rejected: str) -> tuple[list, list, list]:
     return c[:-1], [c[-1]], [r[-1]]
 
 
+def _kind(data: dict[str, Any]) -> str | None:
+    """The optional ``kind`` column; empty (a CSV cell left blank) is the same as absent."""
+    kind = data.get("kind")
+    if kind is not None and not isinstance(kind, str):
+        raise ValueError(f"'kind' must be a string (a label of what the pair contrasts), got {kind!r}")
+    return (kind or "").strip() or None
+
+
 def to_preferences(data: dict[str, Any], group: int) -> list[PreferencePair]:
     """One record -> one pair (or all K(K-1)/2 pairs of a K-wise ranking, sharing ``group``)."""
     margin = data.get("margin")
@@ -370,10 +391,7 @@ def to_preferences(data: dict[str, Any], group: int) -> list[PreferencePair]:
             margin = float(margin)
         except (TypeError, ValueError):
             raise ValueError(f"'margin' must be a number, got {margin!r}") from None
-    kind = data.get("kind")  # optional; empty (a CSV cell left blank) is the same as absent
-    if kind is not None and not isinstance(kind, str):
-        raise ValueError(f"'kind' must be a string (a label of what the pair contrasts), got {kind!r}")
-    kind = (kind or "").strip() or None
+    kind = _kind(data)
     if "responses" in data or "ranking" in data:
         return _ranking_pairs(data, group, margin, kind)
     return [_chosen_rejected_pair(data, group, margin, kind)]
@@ -411,6 +429,9 @@ def _chosen_rejected_pair(data: dict[str, Any], group: int, margin: float | None
                           kind: str | None) -> PreferencePair:
     """A chosen/rejected record (prompt column, full conversations, or hh-rlhf text) -> one pair."""
     missing = _missing(data, ("chosen", "rejected"))
+    if missing and data.get("label") is not None:
+        raise ValueError("an unpaired record (prompt, completion, label): only dpo.loss=kto trains on rows labelled "
+                         "desirable or not; the other objectives need 'chosen' and 'rejected'")
     if missing:
         raise ValueError(
             f"missing column(s) {', '.join(repr(m) for m in missing)}: a preference record needs 'chosen' and "
@@ -447,6 +468,50 @@ def _chosen_rejected_pair(data: dict[str, Any], group: int, margin: float | None
     check_conversation(prompt + chosen)
     check_conversation(prompt + rejected)
     return PreferencePair(prompt, chosen, rejected, margin, group, kind=kind)
+
+
+def _label(value: Any) -> bool:
+    """``label``: true / false (JSON, Parquet), "true" / "false" (CSV), 1 / 0."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"'label' must be true (desirable) or false (undesirable), got {value!r}")
+
+
+def _labelled_row(data: dict[str, Any], kind: str | None) -> LabelledExample:
+    """An unpaired record: ``prompt`` + ``completion`` (or ``response``), or a ``messages`` conversation whose last
+    (assistant) turn is the completion; and its ``label``."""
+    completion_key = "completion" if data.get("completion") is not None else "response"
+    if data.get("prompt") is not None and data.get(completion_key) is not None:
+        prompt = _as_messages(data["prompt"], "prompt", "user")
+        completion = _as_messages(data[completion_key], completion_key, "assistant")
+    elif data.get("messages") is not None:
+        messages = _as_messages(data["messages"], "messages", "user")
+        prompt, completion = messages[:-1], messages[-1:]
+    else:
+        raise ValueError(f"missing column(s): an unpaired record needs 'prompt' + 'completion' (or 'response'), or "
+                         f"'messages', beside 'label' (record has: {_record_keys(data)})")
+    if not "".join(m["content"] for m in prompt).strip():
+        raise ValueError("empty prompt")
+    check_conversation(prompt + completion)
+    return LabelledExample(prompt, completion, _label(data["label"]), kind=kind)
+
+
+def to_labelled(data: dict[str, Any], index: int) -> list[LabelledExample]:
+    """One record -> KTO's rows: an unpaired record (with ``label``) as it is; a preference pair (chosen/rejected,
+    a full conversation or HH text) unpaired into its desirable and undesirable rows, as TRL's KTOTrainer does.
+    A K-wise ranking is refused: its middle responses would be desirable in one pair and undesirable in another."""
+    if data.get("label") is not None and data.get("chosen") is None:
+        return [_labelled_row(data, _kind(data))]
+    if "responses" in data or "ranking" in data:
+        raise ValueError("a K-wise ranking cannot be unpaired for dpo.loss=kto (a middle response is both better "
+                         "and worse); give chosen/rejected pairs or rows with a 'label'")
+    (pair,) = to_preferences(data, index)
+    return [LabelledExample(pair.prompt, pair.chosen, True, index, kind=pair.kind),
+            LabelledExample(pair.prompt, pair.rejected, False, index, kind=pair.kind)]
 
 
 def to_prompt(data: dict[str, Any]) -> PromptExample:
@@ -501,7 +566,7 @@ def to_scoring_row(data: dict[str, Any]) -> ScoringRow:
 
 # --------------------------------------------------------------------------------------------- loading
 def load_examples(source: Any, kind: str) -> tuple[list[Any], LoadReport]:
-    """Load a ``DataSource`` as ``kind`` in {"sft", "preference", "prompt"}.
+    """Load a ``DataSource`` as ``kind`` in {"sft", "preference", "labelled", "prompt"}.
 
     Raises DataError('file:line: ...') on the first bad record when skipping is not allowed, or when
     more than ``max_bad_fraction`` of the records are bad.
@@ -509,6 +574,7 @@ def load_examples(source: Any, kind: str) -> tuple[list[Any], LoadReport]:
     convert: Callable[[dict[str, Any], int], list[Any]] = {
         "sft": lambda d, i: [to_sft(d)],
         "preference": to_preferences,
+        "labelled": to_labelled,
         "prompt": lambda d, i: [to_prompt(d)],
     }[kind]
     report = LoadReport(source.path)

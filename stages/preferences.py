@@ -4,12 +4,13 @@ held-out split, and their token layout.
 - :func:`preference_source`: the section's ``data``, or ``rlaif_label``'s ``preferences.jsonl`` when that
   stage is among the run's stages (recorded in the manifest either way);
 - :func:`load_preference_split`: load (``data.formats.load_examples(..., "preference")``: pairs, K-wise
-  rankings expanded to pairs, HH transcripts; bad records as ``file:line: ...``) and hold out
-  ``eval_data`` or a seeded fraction *by prompt*, so no prompt is on both sides;
+  rankings expanded to pairs, HH transcripts; bad records as ``file:line: ...``; or KTO's ``"labelled"``
+  rows) and hold out ``eval_data`` or a seeded fraction *by prompt*, so no prompt is on both sides;
 - :func:`encode_pair` / :func:`encode_pairs`: prompt + response in the reward layout of
   ``stages.chat.encode_sequence`` (ending at the response's closing eos); a pair longer than
   ``max_length`` has its shared prompt cut from the left (the same number of tokens in chosen and
-  rejected, bos and the assistant header kept), a pair whose responses cannot fit is skipped and counted;
+  rejected, bos and the assistant header kept: :func:`fit_to_length`), a pair whose responses cannot fit
+  is skipped and counted;
 - :func:`pair_collate`: the B chosen rows then the B rejected rows, right-padded (pad != eos).
 """
 
@@ -21,11 +22,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from data.formats import DataError, PreferencePair, load_examples
+from data.formats import DataError, LabelledExample, PreferencePair, load_examples
 from pipeline.config import DataSource, RunConfig
 from pipeline.stage import StageRun
 from stages.batching import right_pad_batch, split_eval
-from stages.chat import cut_prompt, encode_sequence
+from stages.chat import EncodedSequence, cut_prompt, encode_sequence
 
 NO_DATA_HINT = ("point it at a preference file (prompt/chosen/rejected, HH transcripts, or "
                 "prompt/responses/ranking) or hub:name")
@@ -61,21 +62,23 @@ def preference_source(cfg: RunConfig, run: StageRun, section: str, is_main: bool
 
 
 def load_preference_split(section: Any, seed: int, source: DataSource | None = None, name: str = "rm",
-                          ) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, Any]]:
+                          kind: str = "preference") -> tuple[list[Any], list[Any], dict[str, Any]]:
     """``source`` (default ``section.data``) (+ ``section.eval_data``, or a held-out split by prompt of
-    ``section.eval_fraction``) -> (train, eval, report). ``name`` is the config section, for messages."""
+    ``section.eval_fraction``) -> (train, eval, report). ``name`` is the config section, for messages; ``kind``
+    what ``load_examples`` makes of the records: pairs (``PreferencePair``), or KTO's ``labelled`` rows
+    (``LabelledExample``, held out by prompt the same way)."""
     source = source or section.data
     if source is None:
         raise DataError(f"{name}.data is not set: {NO_DATA_HINT}")
-    pairs, report = load_examples(source, "preference")
+    pairs, report = load_examples(source, kind)
     info: dict[str, Any] = {"train": report.as_dict()}
     if section.eval_data is not None:
-        eval_pairs, eval_report = load_examples(section.eval_data, "preference")
+        eval_pairs, eval_report = load_examples(section.eval_data, kind)
         info["eval"] = eval_report.as_dict()
         return pairs, eval_pairs, info
     # split by prompt: all pairs of one prompt (a K-wise ranking, several judged pairs from rlaif_label,
     # or a prompt repeated in the data) stay on one side, so held-out accuracy is on unseen prompts
-    def prompt_key(pair: PreferencePair) -> str:
+    def prompt_key(pair: PreferencePair | LabelledExample) -> str:
         return json.dumps(pair.prompt, sort_keys=True)
 
     prompts = list(dict.fromkeys(prompt_key(p) for p in pairs))
@@ -101,6 +104,22 @@ class EncodedPair:
     kind: str | None = None  # the pair's ``kind`` column (``PreferencePair.kind``)
 
 
+def fit_to_length(tokenizer: Any, seqs: list[EncodedSequence], max_length: int) -> tuple[list[list[int]], int] | None:
+    """``seqs`` (prompt + response, sharing one prompt) within ``max_length``: the ids with the prompt cut from the
+    left by the same number of tokens in each (bos, when every sequence starts with it, and the assistant header
+    kept), and that number; None when the responses do not fit even so."""
+    overflow = max(len(s.ids) for s in seqs) - max_length
+    if overflow <= 0:
+        return [list(s.ids) for s in seqs], 0
+    bos = tokenizer.bos_token_id
+    keep_first = bos is not None and all(s.ids[0] == bos for s in seqs)
+    # what must stay: (bos) + assistant header + response
+    cuttable = min(s.prompt_tokens - s.header_tokens for s in seqs) - (1 if keep_first else 0)
+    if overflow > cuttable:
+        return None
+    return [cut_prompt(s, overflow, keep_first) for s in seqs], overflow
+
+
 def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int,
                 system_prompt: str | None = None) -> EncodedPair | None:
     """Encode one pair within ``max_length``; None when the responses do not fit (caller counts it).
@@ -110,20 +129,13 @@ def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int,
     """
     c = encode_sequence(tokenizer, pair.prompt, pair.chosen, system_prompt)
     r = encode_sequence(tokenizer, pair.prompt, pair.rejected, system_prompt)
-    overflow = max(len(c.ids), len(r.ids)) - max_length
     margin = float(pair.margin) if pair.margin is not None else 0.0
-    if overflow <= 0:
-        return EncodedPair(c.ids, r.ids, margin, pair.group, pair.where, 0, c.prompt_tokens, r.prompt_tokens,
-                           pair.kind)
-    bos = tokenizer.bos_token_id
-    keep_first = bos is not None and c.ids[0] == bos and r.ids[0] == bos
-    # what must stay: (bos) + assistant header + response
-    cuttable = min(s.prompt_tokens - s.header_tokens for s in (c, r)) - (1 if keep_first else 0)
-    if overflow > cuttable:
+    fitted = fit_to_length(tokenizer, [c, r], max_length)
+    if fitted is None:
         return None
-    return EncodedPair(cut_prompt(c, overflow, keep_first), cut_prompt(r, overflow, keep_first), margin,
-                       pair.group, pair.where, truncated=overflow, chosen_prompt=c.prompt_tokens - overflow,
-                       rejected_prompt=r.prompt_tokens - overflow, kind=pair.kind)
+    (chosen, rejected), cut = fitted
+    return EncodedPair(chosen, rejected, margin, pair.group, pair.where, truncated=cut,
+                       chosen_prompt=c.prompt_tokens - cut, rejected_prompt=r.prompt_tokens - cut, kind=pair.kind)
 
 
 @dataclass
