@@ -145,6 +145,21 @@ def test_grpo_scale_rewards_equals_trl_formula(scale):
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
 
+def test_overlong_penalty_equals_trl_soft_overlong_punishment():
+    """TRL 1.16's ``trl.rewards.get_soft_overlong_punishment`` (DAPO eq. 13, a reward function on the completion
+    ids) equals ours at factor 1 for every length up to past the limit."""
+    from trl.rewards import get_soft_overlong_punishment
+
+    from stages.ppo.core import overlong_penalty
+
+    for max_len, buffer in [(20, 4), (20, 20), (7, 1)]:
+        lengths = list(range(0, max_len + 3))
+        punish = get_soft_overlong_punishment(max_completion_len=max_len, soft_punish_cache=buffer)
+        trl = torch.tensor(punish([[1] * n for n in lengths]), dtype=torch.float32)
+        ours = overlong_penalty(torch.tensor(lengths), max_len, buffer, 1.0)
+        torch.testing.assert_close(ours, trl, rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------- through the update
 def _one_step(tiny_cfg, name: str, *extra: str):
     from stages.ppo import trainer
