@@ -68,14 +68,20 @@ Metrics (``metrics.jsonl``, one row per step; means over the global batch unless
 
 - ``score``: weighted sum of the reward sources before normalisation; ``score/<source>`` each raw source.
 - ``missing_eos_penalty``: mean penalty subtracted per sequence (the penalty x the share without eos);
+  with ``ppo.overlong_penalty``, ``overlong_penalty`` (mean length penalty added) and
+  ``overlong_penalised_frac``; with ``ppo.mask_truncated``, ``truncated_masked_frac`` (share of responses
+  left out of the policy loss);
   ``rm_truncated``: RM inputs cut to the RM's max length (when an RM is used); ``reward_metric/<name>``:
   step means of the extra per-sample metrics reward functions return.
-- ``reward``: the sequence reward used for RL (after normalisation, clipping and eos penalty).
+- ``reward``: the sequence reward used for RL (after normalisation, clipping, eos and overlong penalties).
 - ``non_score_reward``: mean over sequences of the summed ``-beta * KL_t`` (0 with ``kl_in_loss``).
 - ``kl``: mean over sequences of the summed per-token KL estimate (``kl_estimator``) to the reference.
 - ``kl_coef``: beta used for this step.
 - ``entropy``: mean per-token entropy of the policy over response tokens (update passes).
-- ``clipfrac``: fraction of response tokens where the policy ratio was clipped (update passes).
+- ``clipfrac``: fraction of response tokens where the policy ratio was clipped (update passes):
+  ``clipfrac_low`` (below ``1 - cliprange_low`` with a negative advantage) + ``clipfrac_high`` (above
+  ``1 + cliprange_high`` with a positive one); ``clipfrac_dual``: share bounded by the dual clip
+  (``ppo.clip_ratio_c``). With ``ppo.importance_level: sequence`` the ratio is the sequence's (GSPO).
 - ``approx_kl``: ``0.5 * mean((logp - old_logp)^2)``, how far the update moved the policy.
 - ``ratio_max``: the largest probability ratio seen in the update (over all minibatches and ranks);
   ``ratio_mean``: the mean ratio over response tokens (1 means the update barely moved the policy).
