@@ -1,6 +1,6 @@
 """Hand-worked checks of the PPO / critic-free objective options (docs/PPO.md, "Objective variants"): loss
 aggregation, GRPO's reward scale, clip-higher, dual clip, GSPO's sequence ratio, DAPO's overlong penalty, and
-the config's refusals. TRL comparisons are in tests/test_ppo_objectives.py (importing GRPOTrainer is slow)."""
+the config's refusals. TRL comparisons are in tests/test_ppo_variants.py (importing GRPOTrainer is slow)."""
 
 import math
 
