@@ -340,6 +340,28 @@ def _format_validation_error(err: ValidationError, source: str, root: type[BaseM
 
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as PyYAML's safe loader reads it, except that YAML 1.1's base-60 numbers stay text: ``1:30:00`` is
+    the time limit it looks like, not the integer 5400 (YAML 1.2 dropped base 60 too)."""
+
+
+def _base60_as_text(kind: str) -> Any:
+    construct = getattr(yaml.SafeLoader, f"construct_yaml_{kind}")
+
+    def constructor(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+        return loader.construct_scalar(node) if ":" in str(node.value) else construct(loader, node)
+
+    return constructor
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _base60_as_text("int"))
+_ConfigLoader.add_constructor("tag:yaml.org,2002:float", _base60_as_text("float"))
+
+
+def _load_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], parsed YAML scalar)."""
     if "=" not in text:
@@ -349,7 +371,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml_text(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
     return key.split("."), value
@@ -381,7 +403,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if file is None:
         raise ConfigError(config_not_found(path))
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = _load_yaml_text(file.read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
