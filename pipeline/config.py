@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
 from .paths import PACKAGE_ROOT, config_not_found, eval_tasks_dir, find_config, output_path, resolve_path, use_bases
+from .preemption import parse_time_limit
 from .registry import RegistryError, specs, stage_specs
 from .sections import (  # noqa: F401  (re-exported: the shared sections' long-standing home)
     ChatConfig,
@@ -88,6 +89,26 @@ class LaunchConfig(Section):
         "available", description="CPU stage processes: OMP_NUM_THREADS = the cores this process may use "
         "(CPU affinity and cgroup quota) / processes per node ('available'), a number, or 'inherit'. "
         "Variables already set in the environment win; a stage's train.num_threads overrides in-process.")
+    time_limit: int | str | dict[str, int | str] | None = Field(
+        None, description="Wall-clock limit of each stage: a Slurm time ('01:30:00', '1-12:00:00', '90:00') or "
+        "minutes, or a mapping from stage name to one. Written as #SBATCH --time of the stage's job (instead of "
+        "slurm.time); the stage watches it (under Slurm the job's own end time) and, when less than the margin "
+        "is left, checkpoints and exits with code 75 so that the job requeues and resumes (docs/SLURM.md).")
+    time_limit_margin_s: float = Field(
+        60.0, ge=0, description="The least time (seconds) a stage keeps in hand before its deadline to checkpoint "
+        "and exit; the margin is 1.5 x (longest step + longest checkpoint) measured when that is more.")
+
+    @field_validator("time_limit")
+    @classmethod
+    def _valid_time_limit(cls, value: Any) -> Any:
+        for limit in (value.values() if isinstance(value, dict) else [value] if value is not None else []):
+            parse_time_limit(limit)
+        return value
+
+    def time_limit_for(self, stage: str) -> int | None:
+        """``time_limit`` of ``stage`` in seconds (None: no limit of its own)."""
+        limit = self.time_limit.get(stage) if isinstance(self.time_limit, dict) else self.time_limit
+        return None if limit is None else parse_time_limit(limit)
 
 
 
@@ -270,6 +291,22 @@ class RunConfig(Section):
                 check_global_batch(spec.training(self), self.world_size)
             if spec.check is not None:
                 spec.check(self)
+        return self
+
+    @model_validator(mode="after")
+    def _time_limit_checks(self) -> "RunConfig":
+        """``launch.time_limit``'s stage names are stages of the run; one limit for every stage replaces
+        ``slurm.time``, so both set is a contradiction."""
+        limit = self.launch.time_limit
+        if isinstance(limit, dict):
+            unknown = sorted(set(limit) - set(self.stages))
+            if unknown:
+                raise ValueError(f"launch.time_limit names {', '.join(map(repr, unknown))}, not among the run's "
+                                 f"stages ({', '.join(self.stages)})")
+        elif limit is not None and "time" in self.slurm.model_fields_set:
+            raise ValueError(f"launch.time_limit={limit!r} and slurm.time={self.slurm.time!r} both set each stage "
+                             "job's time limit; keep launch.time_limit (the stage also watches it) and drop "
+                             "slurm.time, or give launch.time_limit per stage")
         return self
 
     @property

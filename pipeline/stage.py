@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -33,6 +31,12 @@ from .manifest import (
     read_manifest,
     require_complete_parent,
     write_manifest,
+)
+from .preemption import (  # noqa: F401  (STOP_EXIT_CODE, StageInterrupted: re-exported for the stages)
+    STOP_EXIT_CODE,
+    StageInterrupted,
+    StageStopped,
+    stop_request_for,
 )
 from .registry import DATA_FIELDS, parents_of, spec_of
 from .sections import drop_added_defaults
@@ -208,15 +212,6 @@ def resume_step(stage_dir: str | os.PathLike) -> int | None:
         return None
 
 
-class StageInterrupted(KeyboardInterrupt):
-    """SIGTERM inside a stage (a scheduler's or a launcher's stop, a node going away): like Ctrl-C, the stage
-    ends ``interrupted``, resumable, not ``failed``."""
-
-
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise StageInterrupted(signal.Signals(signum).name)
-
-
 def hint_command(stage: str) -> str:
     return f"make {stage} CONFIG=<your config>  (or: python -m pipeline run CONFIG --stages {stage})"
 
@@ -297,9 +292,10 @@ class StageRun:
                                                 for key, loc in models.items()}
         self.manifest["resumed"] = self.resuming
         self._rss_start = _current_rss_bytes()
-        self._old_sigterm: Any = False  # False: not installed (not the main thread)
-        if threading.current_thread() is threading.main_thread():
-            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
+        # SIGTERM / SIGUSR1 / the stop file / the deadline: a training loop stops at a step boundary
+        launch = self.cfg.launch
+        self.stop = stop_request_for(self.dir, launch.time_limit_for(self.stage), launch.time_limit_margin_s)
+        self.stop.install()
         if self.is_main:
             write_manifest(self.dir, self.manifest)
             self._open_loggers()
@@ -315,16 +311,18 @@ class StageRun:
                 shutil.rmtree(self.checkpoints, ignore_errors=True)
             if self.is_main:
                 self._write_model_cards()
-        elif isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM: resumable, not an error of the stage
+        elif isinstance(exc, KeyboardInterrupt):  # Ctrl-C or a stop request: resumable, not an error of the stage
             self.manifest["status"] = "interrupted"
             self.manifest["interrupted_by"] = str(exc) if isinstance(exc, StageInterrupted) else "SIGINT (Ctrl-C)"
             self.manifest["resume_step"] = resume_step(self.dir)
+            if isinstance(exc, StageStopped):  # at a step boundary, with a checkpoint at that step
+                self.manifest["stopped_at_step"] = exc.step
         else:
             self.manifest["status"] = "failed"
             self.manifest["error"] = "".join(traceback.format_exception_only(exc_type, exc)).strip()
             self.manifest["resume_step"] = resume_step(self.dir)
-        if getattr(self, "_old_sigterm", False) is not False:
-            signal.signal(signal.SIGTERM, self._old_sigterm if self._old_sigterm is not None else signal.SIG_DFL)
+        if getattr(self, "stop", None) is not None:
+            self.stop.restore()
         if self.is_main:
             write_manifest(self.dir, self.manifest)
             self._close_loggers()

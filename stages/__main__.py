@@ -3,7 +3,8 @@
 FILE is a run config (YAML) or the resolved JSON the orchestrator writes next to the run. This is what
 launchers (in-process, torchrun, deepspeed, srun) start, once per rank. Its logging is set up first,
 before any library is imported (``pipeline.console``: under the orchestrator, without ``--verbose``, what
-libraries say goes to stage.log only).
+libraries say goes to stage.log only). Exit codes: 0 complete, 2 a bad config, 75 (``STOP_EXIT_CODE``)
+stopped on request with its state saved (started again, it resumes), anything else failed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from pipeline.config import ConfigError, config_from_dict, load_config
 from pipeline.console import setup_stage_output
 from pipeline.registry import RegistryError, spec_of
+from pipeline.stage import STOP_EXIT_CODE, StageInterrupted
 from stages import run_stage
 
 
@@ -43,7 +45,10 @@ def main(argv: list[str] | None = None, runner: Callable[[str, Any], dict] = run
     except (ConfigError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    runner(args.stage, cfg)
+    try:
+        runner(args.stage, cfg)
+    except StageInterrupted:  # a stop request (signal, stop file, deadline): saved and resumable
+        return STOP_EXIT_CODE
     return 0
 
 

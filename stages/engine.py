@@ -30,6 +30,8 @@ What it does:
 - full-state checkpoints every ``save_steps`` (trainable weights, optimizer, scheduler, RNG, data
   position, unfreezer), written to a temporary folder and renamed into place; resume continues exactly
   where the interrupted run stopped;
+- a stop request (SIGTERM, SIGUSR1, the batch script's stop file, the deadline: ``stages.stopping``) is
+  acted on after the optimizer step in progress: a checkpoint at that step, then ``StageStopped``;
 - metrics to ``metrics.jsonl`` (through ``StageRun.log``; ``lr`` is the rate the step's update used) and a
   progress bar with loss, tokens/s, ETA.
 """
@@ -47,6 +49,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from pipeline.config import TrainConfig
+from stages.stopping import StepBoundaries
 from stages.training import (
     Checkpoints,
     build_optimizer,
@@ -410,6 +413,8 @@ class Engine:
         model.train()
         window = _StepWindow()
         last_row: dict[str, float] = {}
+        boundaries = StepBoundaries(self.run, self.dist, self.total_steps)  # a stop request: checkpoint, exit
+        boundaries.start()
         while self.global_step < self.total_steps and not self.watch["stopped"]:
             batches = self._batches_of(self.epoch)
             while (self.micro_in_epoch < len(batches) and self.global_step < self.total_steps
@@ -424,6 +429,7 @@ class Engine:
                 last_row = self._step_row(window, accum, grad_norm, len(batches))
                 self._after_step(last_row, bar)
                 window = _StepWindow()
+                boundaries.after_step(self.global_step, self.save_checkpoint)
             if self.micro_in_epoch >= len(batches):
                 self.epoch += 1
                 self.micro_in_epoch = 0

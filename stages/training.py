@@ -37,6 +37,7 @@ import math
 import os
 import random
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -47,6 +48,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import resolve_path
 from pipeline.manifest import atomic_write_text
+from stages.stopping import note_checkpoint_seconds
 
 KEEP_CHECKPOINTS = 2
 
@@ -110,6 +112,7 @@ class Checkpoints:
         """``write(folder)`` on every rank into a staged folder, then ``publish``. A failure to write (a full
         disk) removes the staged folder, keeps the previous checkpoint and raises ``CheckpointWriteError``
         on every rank with what happened."""
+        started = time.perf_counter()
         tmp = self.stage(step)
         error: BaseException | None = None
         try:
@@ -123,7 +126,9 @@ class Checkpoints:
                 error = OSError("another rank could not write its part of the checkpoint")
         if error is None:
             try:
-                return self.publish(step)
+                published = self.publish(step)
+                note_checkpoint_seconds(time.perf_counter() - started)  # the margin before a deadline
+                return published
             except OSError as exc:
                 error = exc
         if self.is_main:

@@ -143,6 +143,7 @@ from stages.ppo.models import update_mode
 from stages.ppo.rollout_engine import RolloutEngine
 from stages.ppo.setup import build, head_in_fp32  # noqa: F401  (head_in_fp32: re-exported)
 from stages.ppo.update import ActorEMA, PPOUpdate, PTXStream
+from stages.stopping import StepBoundaries
 from stages.training import Checkpoints, rng_state, save_final_model, seed_everything, set_rng_state, trim_logs_after
 from stages.tuning import trainable_summary
 
@@ -223,12 +224,15 @@ class PPOTrainer:
         row: dict[str, float] = {}
         # run-level throughput: steps only (no model loading, evals, checkpoints), this process's steps
         train_seconds = episodes_run = response_tokens = 0.0
+        boundaries = StepBoundaries(self.run, self.dist, self.total_steps)  # a stop request: checkpoint, exit
+        boundaries.start()
         while self.step < self.total_steps and not self.guards.stopped:
             row, rollout = self._ppo_step()  # steps 1-3 and the KL coefficient
             train_seconds += row.pop("step_seconds")
             episodes_run += self.sizes.global_batch
             response_tokens += row["response_length"] * self.sizes.global_batch  # equal B on every rank
             self._after_step(row, rollout, bar)  # step 4: log, evaluate, checkpoint
+            boundaries.after_step(self.step, self.save_checkpoint)
         if bar is not None:
             bar.close()
         final = dict(row)

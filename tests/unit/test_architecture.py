@@ -26,12 +26,13 @@ PACKAGES = ("pipeline", "stages", "data")
 # StageRun context, model sources/loading, the offline DeepSpeed JSON helpers (``fill_auto``: pure
 # JSON, no stage imports), the stage process's logging set-up (``pipeline.console``), where config paths
 # resolve (``pipeline.paths``; both standard library only), the stage registry (``pipeline.registry``:
-# ``StageSpec``, which every stage's declaration module builds; standard library only) and the config
-# sections stages share (``pipeline.sections``, which the stages' own sections are built from). Never the
-# orchestrator, plan, procs, launchers, Slurm, report, memory planner or server.
+# ``StageSpec``, which every stage's declaration module builds; standard library only), the config
+# sections stages share (``pipeline.sections``, which the stages' own sections are built from) and the stop
+# requests a stage acts on (``pipeline.preemption``: signals, stop file, deadline; standard library only).
+# Never the orchestrator, plan, procs, launchers, Slurm, report, memory planner or server.
 STAGE_CONTRACT = frozenset({"pipeline.config", "pipeline.manifest", "pipeline.stage", "pipeline.models",
                             "pipeline.deepspeed_check", "pipeline.console", "pipeline.paths", "pipeline.registry",
-                            "pipeline.sections"})
+                            "pipeline.sections", "pipeline.preemption"})
 # What stages/ may import from data/: the data contract and the demo tasks' lookup tables (read by the rule
 # judge); never the generator script ``data.make_demo``.
 DATA_CONTRACT = frozenset({"data.formats", "data.demo_tasks"})
