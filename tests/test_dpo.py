@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -19,25 +18,10 @@ from data.formats import DataError
 from pipeline.config import ConfigError
 from stages.dpo import trainer as dpo_stage
 from stages.dpo.core import preference_loss, preference_metrics, sequence_logprobs
-from tests.helpers.common import train_rows
+from tests.helpers.common import marker_preferences, train_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER = REPO / "tests" / "helpers" / "dist_engine_driver.py"
-WORDS = ["apple", "river", "garden", "window", "planet", "silver", "pencil", "rocket", "forest", "candle",
-         "bridge", "letter", "castle", "dragon", "mirror", "orange", "pepper", "summer", "winter", "yellow"]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def marker_preferences(n: int, seed: int = 0) -> list[dict]:
-    """chosen ends with the marker word 'thanks'; rejected is a different sentence without it."""
-    rng = random.Random(seed)
-    return [{"prompt": f"Tell me about the {rng.choice(WORDS)}.",
-             "chosen": " ".join(rng.sample(WORDS, 3)) + " thanks", "rejected": " ".join(rng.sample(WORDS, 3))}
-            for _ in range(n)]
 
 
 def _softplus_neg(x: float) -> float:  # -log σ(x)
@@ -238,11 +222,12 @@ def test_lora_dpo_from_the_sft_stage(tiny_cfg):
     assert metrics["steps"] == 4 and math.isfinite(metrics["eval_loss"])
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_interrupted_stage_resumes_to_the_same_weights(tiny_cfg, monkeypatch, method):
+@pytest.mark.parametrize("method, loss", [("full", "sigmoid"), ("lora", "sigmoid"), ("lora", "kto"), ("full", "orpo")])
+def test_interrupted_stage_resumes_to_the_same_weights(tiny_cfg, monkeypatch, method, loss):
     """Killed after the step-4 checkpoint and resumed, the run ends with the very weights and logged rows of an
     uninterrupted one. With LoRA the reference log-probs are computed per micro-batch: the checkpoint carries
-    the cache, so the resumed run computes only the pairs first met after step 4."""
+    the cache, so the resumed run computes only the pairs (KTO: rows, with their mismatched sequences) first met
+    after step 4. ORPO has no reference and no cache."""
     from safetensors.torch import load_file
 
     from stages.engine import Engine
@@ -256,7 +241,8 @@ def test_interrupted_stage_resumes_to_the_same_weights(tiny_cfg, monkeypatch, me
 
     monkeypatch.setattr(dpo_stage.ReferenceCache, "__init__", remember)
     common = ["stages=[dpo]", "dpo.init_from=base", "dpo.train.max_steps=8", "dpo.train.save_steps=4",
-              "dpo.train.per_device_batch_size=4", f"dpo.tuning.method={method}"]
+              "dpo.train.per_device_batch_size=4", f"dpo.tuning.method={method}", f"dpo.loss={loss}",
+              *(["dpo.beta=null"] if loss == "orpo" else [])]
     straight = tiny_cfg("run_name=straight", *common)
     dpo_stage.run(straight)
 
@@ -271,7 +257,8 @@ def test_interrupted_stage_resumes_to_the_same_weights(tiny_cfg, monkeypatch, me
     with pytest.raises(KeyboardInterrupt):
         dpo_stage.run(cfg)
     assert (cfg.stage_dir("dpo") / "checkpoints" / "latest").read_text() == "step-4"
-    assert (cfg.stage_dir("dpo") / "checkpoints" / "step-4" / "stage-rank0.safetensors").exists()
+    stage_state = cfg.stage_dir("dpo") / "checkpoints" / "step-4" / "stage-rank0.safetensors"
+    assert stage_state.exists() == (loss != "orpo")  # the reference cache, when there is a reference
     monkeypatch.setattr(Engine, "save_checkpoint", original)
     dpo_stage.run(cfg)
     manifest = json.loads((cfg.stage_dir("dpo") / "manifest.json").read_text())
@@ -284,6 +271,9 @@ def test_interrupted_stage_resumes_to_the_same_weights(tiny_cfg, monkeypatch, me
     rows, rows_straight = train_rows(cfg.stage_dir("dpo"), "loss"), train_rows(straight.stage_dir("dpo"), "loss")
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert [r["loss"] for r in rows] == [r["loss"] for r in rows_straight]
+    if loss == "orpo":
+        assert caches == []
+        return
     whole, killed, resumed = caches
     assert resumed.computed == whole.computed
     if method == "lora":  # lazy: the resumed run computes only what the checkpoint's cache lacks
@@ -382,6 +372,7 @@ def test_loss_equals_trl_dpo_trainer_on_identical_tensors(tmp_path, tiny_cfg, lo
 
     from data.formats import load_examples
     from pipeline.models import load_model, load_tokenizer, prepare_base
+    from stages.dpo.config import DPOConfig as DPOConfig_
     from stages.preferences import encode_pairs
 
     cfg = tiny_cfg()
@@ -396,7 +387,8 @@ def test_loss_equals_trl_dpo_trainer_on_identical_tensors(tmp_path, tiny_cfg, lo
     ref_c, ref_r = ref_sums[:, 0], ref_sums[:, 1]
     if loss_type == "ipo":
         ref_c, ref_r = ref_c / count[:4], ref_r / count[4:]
-    ours, _ = dpo_stage.make_loss_fn(0.3, loss_type, 0.0)(model, dict(batch, ref_chosen=ref_c, ref_rejected=ref_r))
+    ours, _ = dpo_stage.make_loss_fn(DPOConfig_(loss=loss_type, beta=0.3))(model, dict(batch, ref_chosen=ref_c,
+                                                                                   ref_rejected=ref_r))
 
     args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, loss_type=[loss_type], precompute_ref_log_probs=True,
                      bf16=False, gradient_checkpointing=False, report_to="none", use_cpu=True, disable_tqdm=True,

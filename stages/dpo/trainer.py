@@ -1,4 +1,7 @@
-"""DPO stage: preferences -> a policy (``AutoModelForCausalLM``), on the shared training engine.
+"""DPO stage: preferences -> a policy (``AutoModelForCausalLM``), on the shared training engine. The
+objective is ``dpo.loss`` (docs/DPO.md): DPO, IPO, cDPO and KTO against a reference, ORPO and SimPO without
+one (no reference forward is ever run for them: steps 2-3 below are skipped). KTO's unpaired rows and their
+KL estimate are ``stages.dpo.kto``.
 
 Why the engine and not TRL's ``DPOTrainer``: it is the loop SFT and RM train on (one checkpoint format,
 one exact-resume path, DeepSpeed ZeRO-1/2/3 and DDP tested on CPU), it uses our chat layout
@@ -26,7 +29,9 @@ first: docs/RESULTS.md). The loss math is ``stages.dpo.core``.
 
 Metrics
 - metrics.jsonl, one row per logged optimizer step: ``loss``, ``reward_chosen``, ``reward_rejected``
-  (mean implicit rewards β (logp - ref_logp)), ``margin`` (their mean difference), ``accuracy``
+  (mean implicit rewards β (logp - ref_logp); simpo: β x per-token mean logp; orpo: the log odds of the
+  per-token mean probability, and ``nll``, the chosen responses' per-token NLL; KTO's rows:
+  ``stages.dpo.kto``), ``margin`` (their mean difference), ``accuracy``
   (fraction with reward_chosen > reward_rejected), ``logp_chosen``, ``logp_rejected`` (policy, as the
   loss uses them), ``pairs``, ``lr`` (the rate the step's update used), ``grad_norm``, ``tokens_per_s``,
   ``epoch``; eval rows: ``eval_loss``, ``eval_reward_chosen``, ``eval_reward_rejected``, ``eval_margin``,
@@ -34,7 +39,8 @@ Metrics
   (held-out preference accuracy of the implicit reward), ``eval_logp_margin`` / ``eval_logp_accuracy``
   (the policy's own log-prob of chosen minus rejected, and how often it is > 0), ``eval_pairs``.
 - manifest ``metrics``: the last training row and final eval row, ``reference_eval_logp_margin`` /
-  ``reference_eval_logp_accuracy`` (the same two on the starting policy: what DPO moved), ``steps``,
+  ``reference_eval_logp_accuracy`` (the same two on the starting policy: what DPO moved; not for orpo and
+  simpo, which never run it), ``steps``,
   ``train_pairs``, ``eval_pairs``, ``reference_train_pairs`` (training pairs whose reference log-probs were
   computed, on rank 0), truncation/skip counts, ``skipped_records``, ``world_size``.
 """
@@ -42,66 +48,26 @@ Metrics
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import dataclasses
 from typing import Any, Callable
 
 import torch
 
 from pipeline.config import RunConfig
-from stages.batching import right_pad
 from stages.context import StageContext, numeric
-from stages.dpo.core import preference_loss, preference_metrics, sequence_logprobs
+from stages.dpo.config import LENGTH_NORMALISED
+from stages.dpo.core import logp_agreement, orpo_loss, preference_loss, preference_metrics, simpo_loss
+from stages.dpo.kto import kto_rows
+from stages.dpo.layout import DPORow, StageRows, dpo_collate, policy_logps
 from stages.engine import Engine, use_bf16
-from stages.preferences import EncodedPair, encoded_preferences, pair_count, require_preference_data
+from stages.preferences import encoded_preferences, pair_count, require_preference_data
 from stages.training import disable_dropout
 
 #: the manifest's ``reference``: how the reference's log-probs were computed
 REFERENCE_LAZY = ("the starting policy with the adapter disabled: log-probs of each micro-batch's new pairs, computed "
                   "when it is first trained on")
 REFERENCE_BEFORE = "the starting policy before the first step: log-probs of the pairs the run's steps use"
-
-
-# ------------------------------------------------------------------------------------------ layout
-@dataclass
-class DPORow:
-    """One encoded pair, its position in its split (the reference cache's key) and the reference's
-    log-probs of its two responses (in the loss's form)."""
-
-    pair: EncodedPair
-    index: int = 0
-    ref_chosen: float = 0.0
-    ref_rejected: float = 0.0
-
-
-def response_mask(rows: list[list[int]], prompt_lengths: list[int], width: int) -> torch.Tensor:
-    """(N, width) 1 on response tokens (after each row's prompt, up to its end), 0 on prompt and padding."""
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, start) in enumerate(zip(rows, prompt_lengths)):
-        mask[i, start:len(ids)] = 1
-    return mask
-
-
-def dpo_collate(pad_id: int) -> Callable[[list[DPORow]], dict[str, torch.Tensor]]:
-    """-> input_ids / attention_mask / response_mask (2B, T): the B chosen rows then the B rejected rows,
-    right-padded; ref_chosen / ref_rejected (B,) fp32; pair_index (B,) the pairs' positions in their split."""
-
-    def collate(rows: list[DPORow]) -> dict[str, torch.Tensor]:
-        seqs = [r.pair.chosen for r in rows] + [r.pair.rejected for r in rows]
-        starts = [r.pair.chosen_prompt for r in rows] + [r.pair.rejected_prompt for r in rows]
-        ids, att = right_pad(seqs, pad_id)
-        return {"input_ids": ids, "attention_mask": att, "response_mask": response_mask(seqs, starts, ids.shape[1]),
-                "ref_chosen": torch.tensor([r.ref_chosen for r in rows], dtype=torch.float32),
-                "ref_rejected": torch.tensor([r.ref_rejected for r in rows], dtype=torch.float32),
-                "pair_index": torch.tensor([r.index for r in rows], dtype=torch.long)}
-
-    return collate
-
-
-def policy_logps(model: Any, batch: dict[str, torch.Tensor], mean: bool) -> torch.Tensor:
-    """(2B,) fp32 log-probs of each row's response: sums, or per-token means when ``mean`` (IPO)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    total, count = sequence_logprobs(out.logits, batch["input_ids"], batch["response_mask"])
-    return total / count.clamp(min=1) if mean else total
+REFERENCE_NONE = "none: dpo.loss={} uses no reference model (none was run)"
 
 
 # ------------------------------------------------------------------------------------- reference
@@ -154,7 +120,7 @@ class ReferenceCache:
             flag = torch.tensor([1 if missing else 0], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             if flag.item() and not missing:  # another rank computes: take part in its collectives
-                spare = [DPORow(self.rows[indices[0]].pair, indices[0])]
+                spare = [dataclasses.replace(self.rows[indices[0]])]
                 compute_reference(self.model, spare, self.layout, 1, self.device, self.bf16, self.mean)
         if not missing:
             return
@@ -181,31 +147,38 @@ class ReferenceCache:
 
 
 # ---------------------------------------------------------------------------------------------- loss
-def make_loss_fn(beta: float, loss_type: str, label_smoothing: float):
-    mean = loss_type == "ipo"
+def pair_losses(dpo: Any, logp_c: torch.Tensor, logp_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dpo.loss``'s per-pair losses and rewards (``stages.dpo.core``) on (B,) log-probs in its form (sums, or
+    per-token means: ``LENGTH_NORMALISED``); orpo and simpo ignore ``ref_c`` / ``ref_r``."""
+    if dpo.loss == "simpo":
+        return simpo_loss(logp_c, logp_r, dpo.beta, dpo.simpo_gamma, dpo.simpo_sft_weight)
+    if dpo.loss == "orpo":
+        return orpo_loss(logp_c, logp_r, dpo.orpo_lambda)
+    return preference_loss(logp_c, logp_r, ref_c, ref_r, dpo.beta, dpo.loss, dpo.label_smoothing)
+
+
+def make_loss_fn(dpo: Any):
+    """The engine's loss of a micro-batch of pairs under ``dpo`` (the ``dpo`` config section): the mean of
+    ``pair_losses`` and its statistics."""
+    mean = dpo.loss in LENGTH_NORMALISED
 
     def loss_fn(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         logp = policy_logps(model, batch, mean)
         n = batch["ref_chosen"].shape[0]
-        losses, reward_c, reward_r = preference_loss(logp[:n], logp[n:], batch["ref_chosen"], batch["ref_rejected"],
-                                                     beta, loss_type, label_smoothing)
+        losses, reward_c, reward_r = pair_losses(dpo, logp[:n], logp[n:], batch["ref_chosen"], batch["ref_rejected"])
         stats = preference_metrics(reward_c, reward_r)
         stats["logp_chosen"], stats["logp_rejected"] = logp[:n].detach().mean(), logp[n:].detach().mean()
+        if not dpo.uses_reference:  # the chosen responses' per-token NLL (ORPO's SFT term)
+            stats["nll"] = -stats["logp_chosen"]
         return losses.mean(), {**{k: float(v) for k, v in stats.items()}, "pairs": float(n)}
 
     return loss_fn
 
 
-def logp_agreement(logp_c: torch.Tensor, logp_r: torch.Tensor) -> dict[str, float]:
-    """How often and by how much a model's own log-prob prefers the chosen response (length-biased: a
-    check of what DPO moved, not a metric to optimise)."""
-    diff = (logp_c - logp_r).double()
-    return {"logp_margin": float(diff.mean()), "logp_accuracy": float((diff > 0).double().mean())}
-
-
 def make_eval_fn(rows: list[DPORow], collate: Callable[[list[DPORow]], dict[str, torch.Tensor]], batch_size: int,
-                 device: torch.device, beta: float, loss_type: str, label_smoothing: float):
-    mean = loss_type == "ipo"
+                 device: torch.device, dpo: Any):
+    mean = dpo.loss in LENGTH_NORMALISED
 
     def evaluate(model: Any) -> dict[str, float]:
         if not rows:
@@ -220,7 +193,7 @@ def make_eval_fn(rows: list[DPORow], collate: Callable[[list[DPORow]], dict[str,
         pc, pr = torch.cat(logp_c), torch.cat(logp_r)
         rc = torch.tensor([r.ref_chosen for r in rows])
         rr = torch.tensor([r.ref_rejected for r in rows])
-        losses, reward_c, reward_r = preference_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
+        losses, reward_c, reward_r = pair_losses(dpo, pc, pr, rc, rr)
         out = {f"eval_{k}": float(v) for k, v in preference_metrics(reward_c, reward_r).items()}
         out.update({f"eval_{k}": v for k, v in logp_agreement(pc, pr).items()})
         return {"eval_loss": float(losses.mean()), **out, "eval_pairs": len(rows)}
@@ -243,43 +216,72 @@ def _reference(model: Any, engine: Engine, eval_rows: list[DPORow], reference: R
             reference.fill(indices)
 
 
+def paired_rows(cfg: RunConfig, ctx: StageContext, tokenizer: Any) -> StageRows:
+    """The pairs (``encoded_preferences``) as the engine takes them under a paired ``dpo.loss``."""
+    dpo = cfg.dpo
+    pairs = encoded_preferences(cfg, ctx.run, "dpo", tokenizer, ctx.is_main)
+    train_rows = [DPORow(p, i) for i, p in enumerate(pairs.train)]
+    eval_rows = [DPORow(p, i) for i, p in enumerate(pairs.eval)]
+    collate = dpo_collate(tokenizer.pad_token_id)
+    evaluate = make_eval_fn(eval_rows, collate, dpo.train.per_device_batch_size, ctx.device, dpo) if eval_rows else None
+
+    def reference_eval() -> dict[str, float]:  # what DPO moved: the policy's own agreement, on the starting policy
+        if not eval_rows or not dpo.uses_reference:
+            return {}
+        before = logp_agreement(torch.tensor([r.ref_chosen for r in eval_rows]),
+                                torch.tensor([r.ref_rejected for r in eval_rows]))
+        return {f"reference_eval_{k}": v for k, v in before.items()}
+
+    return StageRows(train_rows, eval_rows, collate, make_loss_fn(dpo), evaluate, pairs.info, pairs.counts(),
+                     "pairs", reference_eval)
+
+
+def reference_cache(model: Any, rows: StageRows, dpo: Any, ctx: StageContext) -> ReferenceCache | None:
+    """The reference log-probs of the training rows (``ReferenceCache``); None for a loss without a reference."""
+    if not dpo.uses_reference:
+        return None
+    return ReferenceCache(model, rows.train, rows.collate, ctx.device, use_bf16(dpo.train.precision, ctx.device),
+                          dpo.loss in LENGTH_NORMALISED)
+
+
+def reference_note(dpo: Any) -> str:
+    """The manifest's ``reference``: how the reference's log-probs were computed (or that there is none)."""
+    if not dpo.uses_reference:
+        return REFERENCE_NONE.format(dpo.loss)
+    return REFERENCE_LAZY if dpo.tuning.is_peft else REFERENCE_BEFORE
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
-    """The ``dpo`` stage: 1. the starting policy and its chat format, 2. the pairs, 3. the reference's log-probs
-    (the starting policy; adapter disabled for PEFT), 4. train, evaluate, save (see the module doc)."""
+    """The ``dpo`` stage: 1. the starting policy and its chat format, 2. the pairs (KTO: its rows), 3. the
+    reference's log-probs (the starting policy; adapter disabled for PEFT; none for orpo and simpo), 4. train,
+    evaluate, save (see the module doc)."""
     dpo = cfg.dpo
     require_preference_data(cfg, "dpo")
     with StageContext(cfg, "dpo", num_threads=dpo.train.num_threads) as ctx:
         start = ctx.starting_model(dpo.init_from == "sft", needs_full_model="DPO")
         tokenizer = ctx.use_tokenizer(start.tokenizer_dir, distinct_pad="DPO")
-        pairs = encoded_preferences(cfg, ctx.run, "dpo", tokenizer, ctx.is_main)
-        train_rows = [DPORow(p, i) for i, p in enumerate(pairs.train)]
-        eval_rows = [DPORow(p, i) for i, p in enumerate(pairs.eval)]
-        model, unfreezer, params = ctx.trainable_model(start.model_dir, tokenizer, "causal_lm", len(train_rows))
+        rows = kto_rows(cfg, ctx, tokenizer) if dpo.loss == "kto" else paired_rows(cfg, ctx, tokenizer)
+        model, unfreezer, params = ctx.trainable_model(start.model_dir, tokenizer, "causal_lm", len(rows.train))
         if dpo.disable_dropout:
             disable_dropout(model)
         model = model.to(ctx.device)
-        collate, lazy = dpo_collate(tokenizer.pad_token_id), dpo.tuning.is_peft
-        reference = ReferenceCache(model, train_rows, collate, ctx.device, use_bf16(dpo.train.precision, ctx.device),
-                                   dpo.loss == "ipo")
-        ctx.run.update(policy_source=start.description, reference=REFERENCE_LAZY if lazy else REFERENCE_BEFORE,
-                       dpo_loss={"loss": dpo.loss, "beta": dpo.beta, "label_smoothing": dpo.label_smoothing})
-        ctx.say(f"{len(train_rows)} train pairs, {len(eval_rows)} eval, from {start.description}, loss {dpo.loss} "
-                f"(beta {dpo.beta}), method {dpo.tuning.method}, trainable {params['params_trainable']:,} / "
+        reference = reference_cache(model, rows, dpo, ctx)
+        objective = dpo.objective()
+        ctx.run.update(policy_source=start.description, reference=reference_note(dpo), dpo_loss=objective)
+        settings = ", ".join(f"{key} {value}" for key, value in objective.items() if key != "loss")
+        ctx.say(f"{len(rows.train)} train {rows.unit}, {len(rows.eval)} eval, from {start.description}, loss "
+                f"{dpo.loss} ({settings}), method {dpo.tuning.method}, trainable {params['params_trainable']:,} / "
                 f"{params['params_total']:,}")
-        evaluate = make_eval_fn(eval_rows, collate, dpo.train.per_device_batch_size, ctx.device, dpo.beta, dpo.loss,
-                                dpo.label_smoothing) if eval_rows else None
-        engine = Engine(model, dpo.train, ctx.run, ctx.dist, train_rows, reference.collate,
-                        make_loss_fn(dpo.beta, dpo.loss, dpo.label_smoothing), loss_units=pair_count,
-                        unfreezer=unfreezer, desc="dpo", eval_fn=evaluate, stage_state=reference)
-        _reference(model, engine, eval_rows, reference, collate, lazy, dpo, ctx)
+        collate = reference.collate if reference is not None else rows.collate  # the cache fills as it lays out
+        engine = Engine(model, dpo.train, ctx.run, ctx.dist, rows.train, collate, rows.loss_fn, loss_units=pair_count,
+                        unfreezer=unfreezer, desc="dpo", eval_fn=rows.evaluate, stage_state=reference)
+        if reference is not None:
+            _reference(model, engine, rows.eval, reference, rows.collate, dpo.tuning.is_peft, dpo, ctx)
         result = engine.fit()
         ctx.save_model(engine, tokenizer, start.model_dir, "causal_lm")
-        metrics = numeric(result.metrics)
-        if eval_rows:  # what DPO moved: the same two on the starting policy
-            before = logp_agreement(torch.tensor([r.ref_chosen for r in eval_rows]),
-                                    torch.tensor([r.ref_rejected for r in eval_rows]))
-            metrics.update({f"reference_eval_{k}": v for k, v in before.items()})
-        metrics.update(steps=result.global_step, train_pairs=len(train_rows), eval_pairs=len(eval_rows),
-                       reference_train_pairs=len(reference.computed), **pairs.counts(),
-                       world_size=ctx.dist.world_size)
-        return ctx.finish(metrics, data=pairs.info, params=params)
+        metrics = {**numeric(result.metrics), **rows.reference_eval(), "steps": result.global_step,
+                   f"train_{rows.unit}": len(rows.train), f"eval_{rows.unit}": len(rows.eval)}
+        if reference is not None:
+            metrics[f"reference_train_{rows.unit}"] = len(reference.computed)
+        metrics.update(**rows.counts, world_size=ctx.dist.world_size)
+        return ctx.finish(metrics, data=rows.info, params=params)

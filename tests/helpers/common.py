@@ -6,6 +6,7 @@ Imported as ``tests.helpers.common`` (the repository root is on pytest's ``pytho
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -47,3 +48,23 @@ def write_config(tmp_path: Path, extra: str = "", run_name: str = "r") -> Path:
         "ppo:\n  data: {path: data/demo/prompts.jsonl}\n" + extra
     )
     return path
+
+
+MARKER_WORDS = ["apple", "river", "garden", "window", "planet", "silver", "pencil", "rocket", "forest", "candle",
+                "bridge", "letter", "castle", "dragon", "mirror", "orange", "pepper", "summer", "winter", "yellow"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as a JSON-lines file at ``path``; returns ``path``."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def marker_preferences(n: int, seed: int = 0) -> list[dict]:
+    """The preference stages' learnable toy task: chosen ends with the marker word 'thanks'; rejected is a
+    different sentence without it."""
+    rng = random.Random(seed)
+    return [{"prompt": f"Tell me about the {rng.choice(MARKER_WORDS)}.",
+             "chosen": " ".join(rng.sample(MARKER_WORDS, 3)) + " thanks",
+             "rejected": " ".join(rng.sample(MARKER_WORDS, 3))}
+            for _ in range(n)]
