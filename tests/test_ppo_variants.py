@@ -261,3 +261,38 @@ def test_objective_variant_learns_the_tiny_task(tiny_cfg, recipe, settings, max_
     assert last > first + 0.5, (recipe, [round(r["score"], 2) for r in rows])
     assert 0 <= rows[-1]["kl"] < max_kl
     assert {"clipfrac", "clipfrac_low", "clipfrac_high"} <= set(rows[-1])
+
+
+@pytest.mark.distributed
+def test_two_process_deepspeed_variants_match_one_process(tiny_cfg, tmp_path):
+    """tests/test_ppo_critic_free.py's 2-rank ZeRO-2 GRPO check with the variants on: the batch std of
+    scale_rewards batch is over both ranks' rewards and the seq-mean units are summed over both ranks, so two
+    ranks end with the parameters of one process that takes the same 4 groups."""
+    import os
+    import subprocess
+    import sys
+
+    from stages.ppo import trainer
+    from tests.test_ppo_critic_free import REPO, _free_port
+
+    variants = ["ppo.advantage_estimator=grpo", "ppo.num_samples_per_prompt=2", "ppo.scale_rewards=batch",
+                "ppo.loss_aggregation=seq-mean-token-mean", "ppo.importance_level=sequence",
+                "ppo.cliprange_high=0.28", "ppo.clip_ratio_c=3.0"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(REPO / "tests" / "test_ppo.py"), "--worker", str(tmp_path / "ds"),
+           "ppo.train.deepspeed=configs/deepspeed/zero2.json", "ppo.episodes_per_rollout=4", "ppo.mini_batch_size=4",
+           *variants]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [torch.load(tmp_path / "ds" / f"params-rank{r}.pt") for r in (0, 1)]
+    one = tiny_cfg("stages=[ppo]", "ppo.policy_from=base", DIGITS, "ppo.max_new_tokens=16", "ppo.total_episodes=16",
+                   "ppo.ppo_epochs=2", "ppo.train.learning_rate=1e-3", "ppo.train.precision=fp32",
+                   "ppo.train.save_steps=1000", "ppo.adaptive_kl=true", "run_name=one", "ppo.episodes_per_rollout=8",
+                   "ppo.mini_batch_size=8", "ppo.gradient_accumulation_steps=2", *variants)
+    trainer.run(one)
+    single = {k: v.float() for k, v in saved_weights(one.stage_dir("ppo") / "model").items()}
+    for r in ranks:
+        diffs = {k: float((r[k] - single[k]).abs().max()) for k in single}
+        assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
