@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 
@@ -68,6 +68,18 @@ def episode_uniforms(seed: int, step: int, positions: Sequence[int], length: int
         g = torch.Generator().manual_seed(episode_seed(seed, step, pos))
         rows.append(torch.rand(length, generator=g, dtype=torch.float64))
     return torch.stack(rows)
+
+
+def refill_order(n_prompts: int, used: Collection[int], seed: int, step: int) -> list[int]:
+    """The prompts dynamic sampling draws when PPO step ``step`` needs more groups (``ppo.filter_tied_groups``):
+    those not in ``used`` (the step's own prompts, every rank's) in an order seeded by (run seed, step), so
+    every rank and a resumed run read the same list; every prompt in that order when the step used them all.
+    The step's extra rounds read it in turn, so no prompt comes twice within a step until it runs out."""
+    digest = hashlib.blake2b(f"refill/{seed}/{step}".encode(), digest_size=8).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    order = torch.randperm(n_prompts, generator=g).tolist()
+    used = set(used)
+    return [i for i in order if i not in used] or order
 
 
 class EpisodeSampler:

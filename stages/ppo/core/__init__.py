@@ -20,7 +20,8 @@ Modules by concern: ``checks`` (argument validation), ``stats`` (masked statisti
 variance, running moments), ``advantages`` (GAE, discounted returns, group estimators, KL return),
 ``kl`` (KL estimators, penalty, per-token rewards, controllers), ``losses`` (clipped losses,
 importance weights, loss aggregation), ``shaping`` (length penalties on the sequence reward), ``logits``
-(log-probabilities, entropy). Import from ``stages.ppo.core``.
+(log-probabilities, entropy), ``sampling`` (dynamic sampling: tied groups and which groups fill a batch).
+Import from ``stages.ppo.core``.
 """
 
 from stages.ppo.core.advantages import (
@@ -50,6 +51,7 @@ from stages.ppo.core.losses import (
     loss_units,
     truncated_importance_weights,
 )
+from stages.ppo.core.sampling import group_rows, select_groups, tied_groups
 from stages.ppo.core.shaping import overlong_penalty
 from stages.ppo.core.stats import RunningMoments, explained_variance, masked_mean, masked_var, masked_whiten
 
@@ -82,4 +84,7 @@ __all__ = [
     "FixedKLController",
     "AdaptiveKLController",
     "RunningMoments",
+    "tied_groups",
+    "select_groups",
+    "group_rows",
 ]

@@ -1,0 +1,70 @@
+"""Pure checks of three rollout-side options of the RL stage: dynamic sampling (``ppo.filter_tied_groups``:
+which groups tie, which fill the batch, where extra prompts come from), and when a run needs a reference
+model at all (``PPOConfig.uses_reference``). Hand-worked numbers; no model is built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.ppo.core import group_rows, select_groups, tied_groups
+
+REPO_TINY = "configs/tiny.yaml"
+DIGITS = "ppo.rewards=[{kind: function, function: 'stages.ppo.rewards:digit_fraction'}]"
+
+
+# ------------------------------------------------------------------------------------ tied groups
+def test_tied_groups_by_hand():
+    # K = 3: [1, 1, 1] ties, [0, 1, 0] does not, [0, 0, 0] ties, [2, 2, 2.0001] does not
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0001])
+    assert tied_groups(rewards, 3).tolist() == [True, False, True, False]
+    assert tied_groups(rewards, 1).all(), "a group of one always ties"
+    assert tied_groups(torch.tensor([float("nan")] * 2 + [0.5, 0.5]), 2).tolist() == [False, True]
+
+
+def test_tied_groups_refuses_a_batch_that_is_not_whole_groups():
+    with pytest.raises(ValueError, match="group_size"):
+        tied_groups(torch.zeros(5), 2)
+    with pytest.raises(ValueError, match="rewards"):
+        tied_groups(torch.zeros(2, 2), 2)
+
+
+def test_select_groups_takes_untied_groups_first_then_fills_with_tied_ones_in_sampling_order():
+    tied = torch.tensor([True, False, True, False, False])
+    assert select_groups(tied, 2).tolist() == [1, 3]
+    assert select_groups(tied, 3).tolist() == [1, 3, 4]
+    assert select_groups(tied, 4).tolist() == [0, 1, 3, 4], "three untied, then the first tied group"
+    assert select_groups(tied, 5).tolist() == [0, 1, 2, 3, 4]
+    assert select_groups(torch.tensor([True, True]), 1).tolist() == [0]
+    assert select_groups(tied, 0).tolist() == []
+    with pytest.raises(ValueError, match="n_groups"):
+        select_groups(tied, 6)
+
+
+def test_group_rows_are_whole_groups_in_order():
+    assert group_rows(torch.tensor([1, 3]), 2).tolist() == [2, 3, 6, 7]
+    assert group_rows(torch.tensor([0, 2]), 3).tolist() == [0, 1, 2, 6, 7, 8]
+
+
+def test_a_tied_group_has_no_grpo_or_rloo_advantage():
+    """What makes a tied group worthless: both group estimators give it 0 (the filter's premise). GRPO's is
+    exactly 0; RLOO's leave-one-out mean of 0.7s rounds in fp32, leaving 6e-8."""
+    from stages.ppo.core import grpo_advantages, rloo_advantages
+
+    rewards = torch.tensor([0.7, 0.7, 0.7, 0.0, 1.0, 1.0])
+    mask = torch.ones(6, 4)
+    assert tied_groups(rewards, 3).tolist() == [True, False]
+    grpo, rloo = grpo_advantages(rewards, mask, 3), rloo_advantages(rewards, mask, 3)
+    assert grpo[:3].abs().max() == 0 and rloo[:3].abs().max() < 1e-7
+    assert grpo[3:].abs().min() > 0.5 and rloo[3:].abs().min() >= 0.5
+
+
+# ---------------------------------------------------------------------------------- extra prompts
+def test_refill_order_skips_the_steps_prompts_and_is_a_function_of_seed_and_step():
+    from stages.ppo.rollout import refill_order
+
+    order = refill_order(10, used=[1, 4, 7], seed=3, step=5)
+    assert sorted(order) == [0, 2, 3, 5, 6, 8, 9]
+    assert order == refill_order(10, used={7, 4, 1}, seed=3, step=5), "the same on every rank and on resume"
+    assert order != refill_order(10, used=[1, 4, 7], seed=3, step=6)
+    assert sorted(refill_order(4, used=range(4), seed=0, step=0)) == [0, 1, 2, 3], "all used: every prompt"
