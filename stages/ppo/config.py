@@ -454,6 +454,14 @@ class PPOConfig(Section):
         return self.cliprange if self.cliprange_high is None else self.cliprange_high
 
     @property
+    def uses_reference(self) -> bool:
+        """Whether anything reads the KL to the reference, so the reference model is loaded and run: a KL
+        coefficient above 0 (in the reward, or in the loss with ``kl_in_loss``), the adaptive controller
+        (it steers by the measured KL) or the KL budget ``max_kl``. At ``kl_coef`` 0 the KL term is 0 x KL
+        wherever it enters, so without the other two there is no reference."""
+        return self.kl_coef > 0 or self.adaptive_kl or self.max_kl is not None
+
+    @property
     def uses_critic(self) -> bool:
         """Whether the advantage estimator needs a critic (only ``gae``)."""
         return self.advantage_estimator == "gae"
@@ -566,7 +574,9 @@ def memory_estimate(cfg: Any, plan: Any) -> None:
         plan.trained("critic", "seq_cls")
     else:
         plan.note(f"no critic: ppo.advantage_estimator={ppo.advantage_estimator} is critic-free")
-    if plan.knobs.tuning.is_peft:
+    if not ppo.uses_reference:
+        plan.note("no reference: ppo.kl_coef is 0 and neither adaptive_kl nor max_kl reads the KL")
+    elif plan.knobs.tuning.is_peft:
         plan.shared("reference")
         plan.note("reference = actor base with the adapter disabled: no extra weights (DESIGN §4)")
     else:

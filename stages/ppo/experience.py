@@ -64,7 +64,8 @@ class Rollout:
     Trajectory: ``prompt_ids`` / ``prompt_mask`` (B, P) left-padded; ``response_ids`` (B, T) pad after eos;
     ``response_mask`` (B, T) 1 on real response tokens (eos included); ``has_eos`` (B,) bool.
     Policy at sampling time: ``old_logp`` (B, T) fp32 log-probs of the sampled tokens; ``ref_logp`` (B, T)
-    fp32 under the frozen reference; ``kl`` (B, T) per-token KL estimate to the reference (0 after the end).
+    fp32 under the frozen reference; ``kl`` (B, T) per-token KL estimate to the reference (0 after the end);
+    both None when the run has no reference (``ppo.uses_reference``: nothing reads the KL).
     Critic at sampling time: ``old_values`` (B, T) fp32 (zeros with a critic-free estimator).
     With ``num_samples_per_prompt`` K > 1 the rows come in groups: rows ``g*K .. g*K + K - 1`` are the K
     samples of one prompt (each with its own sampling stream).
@@ -87,11 +88,11 @@ class Rollout:
     response_mask: torch.Tensor
     has_eos: torch.Tensor
     old_logp: torch.Tensor
-    ref_logp: torch.Tensor
+    ref_logp: torch.Tensor | None
     old_values: torch.Tensor
     score: torch.Tensor
     reward: torch.Tensor
-    kl: torch.Tensor
+    kl: torch.Tensor | None
     response_texts: list[str]
     prompt_messages: list[list[dict[str, str]]]
     reward_parts: dict[str, torch.Tensor]
@@ -146,7 +147,8 @@ class PPORollout:
         to ``timings``.
 
         a. Take this rank's prompts of step ``step`` and sample responses (per-episode random streams).
-        b. Score the sampled tokens: policy and reference log-probs, critic values, per-token KL.
+        b. Score the sampled tokens: policy and reference log-probs (none without a reference), critic
+           values, per-token KL.
         c. Score the responses with the reward sources; sequence reward (normalise, clip, eos penalty).
         """
         # a. prompts and sampling
@@ -166,10 +168,10 @@ class PPORollout:
         t3 = time.perf_counter()
         reward, reward_stats = self._sequence_reward(scores, has_eos, mask.sum(1))
         is_weights = self._engine_correction(old_logp, mask, engine_logprobs, reward_stats)
-        kl = kl_penalty(old_logp, ref_logp, self.cfg.ppo.kl_estimator)
+        kl = None if ref_logp is None else kl_penalty(old_logp, ref_logp, self.cfg.ppo.kl_estimator) * mask
         timings.update(time_generate=t1 - t0, time_forward=t2 - t1, time_score=t3 - t2)
         return Rollout(query, query_mask, response, mask, has_eos, old_logp, ref_logp, old_values, scores.total,
-                       reward, kl * mask, texts, [x.messages for x in prompts], scores.parts,
+                       reward, kl, texts, [x.messages for x in prompts], scores.parts,
                        sum(x.truncated for x in prompts), reward_stats=reward_stats, is_weights=is_weights)
 
     def step_prompts(self, step: int) -> tuple[list[int], list[int]]:
@@ -243,8 +245,9 @@ class PPORollout:
     @torch.no_grad()
     def _score_sampled_tokens(self, ids: torch.Tensor, att: torch.Tensor,
                               response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (old_logp, ref_logp, old_values), each (B, T) fp32 on the CPU. No graph: chunked by a logits
-        budget (~512 MB of fp32), not by micro-batch."""
+        """-> (old_logp, ref_logp, old_values), each (B, T) fp32 on the CPU; ``ref_logp`` None when the run has
+        no reference (``ppo.uses_reference``). No graph: chunked by a logits budget (~512 MB of fp32), not by
+        micro-batch."""
         models = self.models
         B, T = response.shape
         vocab = int(models.actor.config.vocab_size)
@@ -253,11 +256,12 @@ class PPORollout:
         for s in range(0, B, chunk):
             c_ids, c_att, c_resp = ids[s:s + chunk], att[s:s + chunk], response[s:s + chunk]
             logp.append(logprobs_from_logits(models.policy_logits(models.actor, c_ids, c_att, T), c_resp))
-            ref_logp.append(logprobs_from_logits(models.reference_logits(c_ids, c_att, T), c_resp))
+            if models.has_reference:
+                ref_logp.append(logprobs_from_logits(models.reference_logits(c_ids, c_att, T), c_resp))
             if models.critic is not None:
                 values.append(models.critic_values(models.critic, c_ids, c_att, T))
         old_values = torch.cat(values).cpu() if values else torch.zeros(B, T)
-        return torch.cat(logp).cpu(), torch.cat(ref_logp).cpu(), old_values
+        return torch.cat(logp).cpu(), torch.cat(ref_logp).cpu() if ref_logp else None, old_values
 
     def score_responses(self, prompts: list[EncodedPrompt], response: torch.Tensor, mask: torch.Tensor,
                         has_eos: torch.Tensor) -> tuple[Scores, list[str]]:
@@ -327,7 +331,8 @@ class PPORollout:
     # ------------------------------------------------------------------------------ step 2
     def add_advantages(self, rollout: Rollout) -> None:
         """Step 2: ``rollout.advantages`` and ``rollout.returns`` from its rewards, KL, values and mask."""
-        rollout.advantages, rollout.returns = self.advantages(rollout.reward, rollout.kl, rollout.old_values,
+        kl = rollout.kl if rollout.kl is not None else torch.zeros_like(rollout.old_logp)  # no reference: beta is 0
+        rollout.advantages, rollout.returns = self.advantages(rollout.reward, kl, rollout.old_values,
                                                               rollout.response_mask)
 
     def advantages(self, reward: torch.Tensor, kl: torch.Tensor, old_values: torch.Tensor,

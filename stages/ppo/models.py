@@ -53,7 +53,8 @@ class PPOModels:
     ``actor``: the policy being trained (tuning applied, dropout off). ``reference``: the frozen starting
     policy the KL is measured to, when it is a separate copy (full fine-tuning); with a PEFT actor it is the
     actor with its adapter disabled (``adapter_reference``) and ``reference`` is None; with neither there is
-    no reference (:meth:`reference_logits` refuses). ``critic``: the token-level value model, None for the
+    no reference (:meth:`reference_logits` refuses): a run that never reads the KL (``ppo.uses_reference``)
+    neither loads nor runs one. ``critic``: the token-level value model, None for the
     critic-free estimators. ``reward_model``: the frozen RM, None when no reward source or critic needs one.
     ``rewards``: every reward source of ``ppo.rewards``. ``actor_optim`` / ``critic_optim``: what steps them.
     ``unfreezer``: the gradual-unfreeze schedule (``ppo.tuning``), else None. ``zero_stage``: 0 without
@@ -76,6 +77,11 @@ class PPOModels:
     device: torch.device
     bf16: bool
     temperature: float
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether there is a reference to compute the KL to (a frozen copy, or the adapter-disabled actor)."""
+        return self.reference is not None or self.adapter_reference
 
     @property
     def actor_forward(self) -> Any:

@@ -128,12 +128,14 @@ def build(cfg: RunConfig, run: StageRun, dist: DistInfo, sizes: PPOSizes, bf16: 
                             rm_read=rm.read or "trained_position")
     sources = ModelSources(policy.description, policy.base_path, critic_from, critic_source, rm.location, rm.read)
     run.update(policy_source=sources.policy_source, advantage_estimator=ppo.advantage_estimator,
+               reference=reference_kind(cfg),
                critic_from=critic_from, critic_source=critic_source, rm_source=rm.location,
                rm_scoring=rewards.rm_scoring if reward_model is not None else None, reward_model_read=rm.read)
     heads_in_fp32(actor, reference, critic, reward_model)
     actor_optim, critic_optim, zero_stage = build_optimisers(cfg, actor, critic, unfreezer, sizes, dist, bf16)
     models = PPOModels(tokenizer=tokenizer, actor=actor, actor_optim=actor_optim, reference=reference,
-                       adapter_reference=cfg.ppo.tuning.is_peft, critic=critic, critic_optim=critic_optim,
+                       adapter_reference=ppo.tuning.is_peft and ppo.uses_reference, critic=critic,
+                       critic_optim=critic_optim,
                        reward_model=reward_model, rewards=rewards, unfreezer=unfreezer, zero_stage=zero_stage,
                        sources=sources, device=dist.device, bf16=bf16, temperature=ppo.temperature)
     return models, data
@@ -195,7 +197,8 @@ def load_data(cfg: RunConfig, tokenizer: Any) -> PPOData:
 def load_actor(cfg: RunConfig, policy: PolicySource, tokenizer: Any, sizes: PPOSizes, device: torch.device,
                bf16: bool) -> tuple[Any, Any | None, Any | None]:
     """-> (actor: tuning applied, dropout off; reference: a frozen copy, None for PEFT where it is the
-    adapter-disabled actor; the gradual-unfreeze schedule or None)."""
+    adapter-disabled actor and when the run never reads the KL, ``ppo.uses_reference``; the gradual-unfreeze
+    schedule or None)."""
     tuning = cfg.ppo.tuning
     qkw = quantization_kwargs(tuning)
     if policy.stage_dir is not None:
@@ -208,7 +211,7 @@ def load_actor(cfg: RunConfig, policy: PolicySource, tokenizer: Any, sizes: PPOS
         raise ValueError(f"ppo.tuning.method={tuning.method!r}: PPO supports full, freeze, the LoRA family "
                          "and ia3 (the reference is the base with the adapter disabled)")
     reference = None
-    if not tuning.is_peft:
+    if not tuning.is_peft and cfg.ppo.uses_reference:  # nothing reads the KL otherwise: no copy is loaded
         reference = load_trained(policy.stage_dir, cfg.model, tokenizer, kind="causal_lm") \
             if policy.stage_dir is not None else load_model(policy.base_path, cfg.model, tokenizer)
         if hasattr(reference, "peft_config"):
@@ -223,6 +226,13 @@ def load_actor(cfg: RunConfig, policy: PolicySource, tokenizer: Any, sizes: PPOS
     # dropout off (the ratio must be exactly 1 before the first update), also where gradient
     # checkpointing runs the update passes in train mode
     return disable_dropout(actor).to(device).eval(), reference, unfreezer
+
+
+def reference_kind(cfg: RunConfig) -> str:
+    """The manifest's ``reference``: what the KL is measured to."""
+    if not cfg.ppo.uses_reference:
+        return "none (ppo.kl_coef 0, no adaptive_kl or max_kl: the KL is not used)"
+    return "the actor with its adapter disabled" if cfg.ppo.tuning.is_peft else "a frozen copy of the starting policy"
 
 
 def frozen(model: Any, device: torch.device, bf16: bool, bf16_weights: bool) -> Any:

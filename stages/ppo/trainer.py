@@ -75,7 +75,9 @@ Metrics (``metrics.jsonl``, one row per step; means over the global batch unless
   step means of the extra per-sample metrics reward functions return.
 - ``reward``: the sequence reward used for RL (after normalisation, clipping, eos and overlong penalties).
 - ``non_score_reward``: mean over sequences of the summed ``-beta * KL_t`` (0 with ``kl_in_loss``).
-- ``kl``: mean over sequences of the summed per-token KL estimate (``kl_estimator``) to the reference.
+- ``kl``: mean over sequences of the summed per-token KL estimate (``kl_estimator``) to the reference;
+  ``kl`` and ``non_score_reward`` are not logged when the run has no reference (``kl_coef`` 0 without
+  ``adaptive_kl`` or ``max_kl``: ``PPOConfig.uses_reference``), the KL is then never measured.
 - ``kl_coef``: beta used for this step.
 - ``entropy``: mean per-token entropy of the policy over response tokens (update passes).
 - ``clipfrac``: fraction of response tokens where the policy ratio was clipped (update passes):
@@ -338,12 +340,9 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------- logs
     def _step_row(self, rollout: Rollout, stats: dict[str, float], kl_coef: float) -> dict[str, float]:
         """The step's log row: rollout and update statistics, means over all ranks."""
-        seq_kl = rollout.kl.sum(1)
         mask = rollout.response_mask
         local = {
             "score": float(rollout.score.mean()), "reward": float(rollout.reward.mean()),
-            "kl": float(seq_kl.mean()),
-            "non_score_reward": 0.0 if self.cfg.ppo.kl_in_loss else float((-kl_coef * seq_kl).mean()),
             "response_length": float(mask.sum(1).float().mean()),
             "eos_rate": float(rollout.has_eos.float().mean()),
             "truncated_prompts": float(rollout.truncated_prompts),
@@ -351,6 +350,10 @@ class PPOTrainer:
             **rollout.reward_stats,
             **{k: v for k, v in stats.items() if k not in ("ratio_max", "skipped_minibatches")},
         }
+        if rollout.kl is not None:  # no reference (ppo.uses_reference): no KL measured, none logged
+            seq_kl = rollout.kl.sum(1)
+            local["kl"] = float(seq_kl.mean())
+            local["non_score_reward"] = 0.0 if self.cfg.ppo.kl_in_loss else float((-kl_coef * seq_kl).mean())
         if self.models.critic is not None:
             local["explained_variance"] = float(explained_variance(rollout.old_values, rollout.returns, mask))
         row = self.comm.mean_dict(local)

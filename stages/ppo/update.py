@@ -206,7 +206,7 @@ class PPOUpdate:
         stats["policy_loss"] = pg_loss.detach().double()
         with torch.no_grad():
             stats["entropy"] = entropy_from_logits(logits.detach(), mask).double()
-        if ppo.kl_in_loss:
+        if ppo.kl_in_loss and rollout.ref_logp is not None:  # None: kl_coef 0, the term would be 0 x KL
             kl_term = self._kl_loss(logp, rollout.ref_logp[idx].to(dev), policy_mask)
             stats["kl_loss"] = kl_term.detach().double()
             pg_loss = pg_loss + context.kl_coef * kl_term

@@ -68,3 +68,31 @@ def test_refill_order_skips_the_steps_prompts_and_is_a_function_of_seed_and_step
     assert order == refill_order(10, used={7, 4, 1}, seed=3, step=5), "the same on every rank and on resume"
     assert order != refill_order(10, used=[1, 4, 7], seed=3, step=6)
     assert sorted(refill_order(4, used=range(4), seed=0, step=0)) == [0, 1, 2, 3], "all used: every prompt"
+
+
+# ----------------------------------------------------------------------------------------- config
+def _cfg(*overrides: str):
+    from pipeline.config import load_config
+
+    return load_config(REPO_TINY, ["stages=[ppo]", "ppo.policy_from=base", DIGITS, *overrides])
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ((), True),                                                          # kl_coef 0.05: KL in the reward
+    (("ppo.kl_coef=0",), False),                                         # 0 x KL: nothing reads it
+    (("ppo.kl_coef=0", "ppo.kl_in_loss=true", "ppo.kl_estimator=k3"), False),  # 0 x KL loss
+    (("ppo.kl_coef=0", "ppo.adaptive_kl=true"), True),                   # the controller steers by the KL
+    (("ppo.kl_coef=0", "ppo.max_kl=3"), True),                           # the KL budget reads it
+    (("ppo.kl_coef=0.001", "ppo.kl_in_loss=true", "ppo.kl_estimator=k2"), True),
+])
+def test_uses_reference_exactly_when_something_reads_the_kl(overrides, expected):
+    assert _cfg(*overrides).ppo.uses_reference is expected
+
+
+def test_memory_plan_has_no_reference_at_kl_coef_0():
+    from pipeline.memory import estimate
+
+    assert "reference" in {r.role for r in estimate(_cfg(), "ppo").roles}
+    plan = estimate(_cfg("ppo.kl_coef=0"), "ppo")
+    assert "reference" not in {r.role for r in plan.roles}
+    assert any("no reference" in note for note in plan.notes)
