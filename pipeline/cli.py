@@ -36,6 +36,7 @@ from .models import check_model_sources, describe_chat_templates
 from .orchestrator import StageFailed, format_status, run_pipeline, status_json
 from .paths import shipped_configs
 from .plan import check_deepspeed, memory_plans, select_stages
+from .preemption import STOP_EXIT_CODE
 from .registry import specs
 from .report import report_for
 from .slurm import SlurmError, slurm_pipeline
@@ -352,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 2
     except StageFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
-        code = 1
+        code = STOP_EXIT_CODE if exc.returncode == STOP_EXIT_CODE else 1  # 75: a job script may requeue
     except KeyboardInterrupt:
         print("\ninterrupted: re-run the same command to resume (completed stages are skipped)", file=sys.stderr)
         code = 130

@@ -124,6 +124,12 @@ class SlurmConfig(Section):
     time: str = Field("01:00:00", description="#SBATCH --time, per stage job.")
     extra_sbatch: list[str] = Field(default_factory=list, description="More #SBATCH lines, e.g. '--qos=high'.")
     setup: list[str] = Field(default_factory=list, description="Shell lines run before the stage (module load ...).")
+    signal_seconds: int = Field(
+        120, ge=0, description="#SBATCH --signal=B:USR1@N: Slurm warns the job N seconds before its time limit; the "
+        "script asks the stage to checkpoint at its next step boundary and requeues the job (0: no warning).")
+    requeue: bool = Field(
+        True, description="#SBATCH --requeue: a stage that stopped with a checkpoint (the warning, a preemption, its "
+        "deadline) is requeued under the same job id and resumes; the jobs after it wait. false: the job fails.")
 
 
 

@@ -26,9 +26,13 @@ the tests use it to run quick fake stages through the real launchers and Slurm.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 import shlex
+import shutil
+import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,28 +71,116 @@ def stage_args(stage: str, config_file: str | os.PathLike, entry: str | None = N
 
 
 def rendezvous(cfg: RunConfig, env: Mapping[str, str] | None = None) -> Rendezvous:
-    """Resolve master address/port, node count and node rank: explicit config > environment > defaults."""
+    """Resolve master address/port, node count and node rank: explicit config > environment > Slurm's job
+    (the first host of its node list, a port from its id: ``slurm_master_addr``, ``slurm_job_port``; the
+    address only for several nodes, one node runs torchrun ``--standalone``) > defaults."""
     env = os.environ if env is None else env
     launch = cfg.launch
     given = launch.model_fields_set
+    if "nnodes" in given:
+        nnodes: int | str = launch.nnodes
+    else:
+        nnodes = (_int_env(env, "NNODES") or _int_env(env, "SLURM_JOB_NUM_NODES") or _int_env(env, "SLURM_NNODES")
+                  or launch.nnodes)
+    node_rank: int | str = _int_env(env, "NODE_RANK")
+    if node_rank is None:
+        node_rank = _int_env(env, "SLURM_NODEID") or 0
     if "master_addr" in given and launch.master_addr:
         addr, explicit = launch.master_addr, True
     elif env.get("MASTER_ADDR"):
         addr, explicit = env["MASTER_ADDR"], True
+    elif str(nnodes) != "1" and slurm_master_addr(env) is not None:
+        addr, explicit = slurm_master_addr(env), True
     else:
         addr, explicit = "127.0.0.1", False
     if "master_port" in given:
         port: int | str = launch.master_port
     else:
-        port = _int_env(env, "MASTER_PORT") or launch.master_port
-    if "nnodes" in given:
-        nnodes: int | str = launch.nnodes
-    else:
-        nnodes = _int_env(env, "NNODES") or _int_env(env, "SLURM_JOB_NUM_NODES") or launch.nnodes
-    node_rank: int | str = _int_env(env, "NODE_RANK")
-    if node_rank is None:
-        node_rank = _int_env(env, "SLURM_NODEID") or 0
+        port = _int_env(env, "MASTER_PORT") or slurm_job_port(env) or launch.master_port
     return Rendezvous(addr, port, nnodes, node_rank, explicit)
+
+
+# ---------------------------------------------------------------------------------------------- Slurm
+#: Ports derived from a Slurm job id: below Linux's ephemeral range (32768-60999), above the common services.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000
+
+
+def slurm_port(job_id: int | str) -> int:
+    """The rendezvous port of a Slurm job: the same on every node of the job (no agreement needed), and
+    different for jobs whose ids differ by less than ``SLURM_PORT_SPAN`` (two jobs sharing a node)."""
+    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
+
+
+def slurm_job_port(env: Mapping[str, str]) -> int | None:
+    """Inside a Slurm job: the rendezvous port of ``SLURM_JOB_ID`` (``slurm_port``); None outside one."""
+    job_id = env.get("SLURM_JOB_ID", "").strip()
+    return slurm_port(job_id) if job_id.isdigit() else None
+
+
+@functools.lru_cache(maxsize=8)
+def _first_host(hostlist: str) -> str:
+    return expand_hostlist(hostlist)[0]
+
+
+def slurm_master_addr(env: Mapping[str, str]) -> str | None:
+    """Inside a Slurm job: the first host of ``SLURM_JOB_NODELIST`` (or ``SLURM_NODELIST``), the node whose
+    rank 0 hosts the rendezvous; None outside one."""
+    hostlist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    return _first_host(hostlist) if hostlist else None
+
+
+def expand_hostlist(hostlist: str, use_scontrol: bool = True) -> list[str]:
+    """Slurm's compact host list (``node[01-03,07],gpu5``) -> host names, by ``scontrol show hostnames`` when
+    it is on PATH (``use_scontrol``), else by ``parse_hostlist``."""
+    if use_scontrol and shutil.which("scontrol"):
+        try:
+            done = subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            done = None
+        if done is not None and done.returncode == 0 and done.stdout.split():
+            return done.stdout.split()
+    return parse_hostlist(hostlist)
+
+
+def parse_hostlist(hostlist: str) -> list[str]:
+    """Expand a Slurm host list without Slurm: comma-separated entries, each with any number of bracketed
+    ranges (``node[01-03,07]``, ``rack[1-2]-n[1-2]``); a range keeps the zero padding of its start."""
+    hosts: list[str] = []
+    for entry in _split_outside_brackets(hostlist.strip()):
+        hosts += _expand_entry(entry, hostlist)
+    if not hosts:
+        raise ConfigError(f"host list {hostlist!r} names no host")
+    return hosts
+
+
+def _split_outside_brackets(text: str) -> list[str]:
+    entries, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            entries.append(current)
+            current = ""
+        else:
+            current += char
+    return [e for e in [*entries, current] if e]
+
+
+def _expand_entry(entry: str, hostlist: str) -> list[str]:
+    """``prefix[ranges]rest`` -> every prefix + value + expansion of rest."""
+    match = re.search(r"\[([^\[\]]*)\]", entry)
+    if match is None:
+        if "[" in entry or "]" in entry:
+            raise ConfigError(f"host list {hostlist!r}: unbalanced brackets in {entry!r}")
+        return [entry]
+    values: list[str] = []
+    for part in match.group(1).split(","):
+        low, _, high = part.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()) or (high and int(high) < int(low)):
+            raise ConfigError(f"host list {hostlist!r}: {part!r} is not a number or a range like 01-03")
+        values += [f"{n:0{len(low)}d}" for n in range(int(low), int(high or low) + 1)]
+    rests = _expand_entry(entry[match.end():], hostlist) if entry[match.end():] else [""]
+    return [entry[:match.start()] + value + rest for value in values for rest in rests]
 
 
 def _int_env(env: Mapping[str, str], name: str) -> int | None:
@@ -246,3 +338,39 @@ def describe(cmd: list[str]) -> str:
 def config_file_for(cfg: RunConfig) -> Path:
     """Where the orchestrator writes the resolved config of a run."""
     return cfg.run_dir() / "config.resolved.json"
+
+
+# ------------------------------------------------------------------------------------ one node of a job
+def node_command(cfg: RunConfig, stage: str, config_file: str | os.PathLike, env: Mapping[str, str],
+                 entry: str | None = None, python: str | None = None) -> list[str]:
+    """What one node of a Slurm job runs for ``stage``: the configured launcher with the rendezvous of
+    ``rendezvous(cfg, env)`` (the job's first host, a port from its id, this node's ``SLURM_NODEID``)."""
+    return stage_command(cfg, stage, config_file, python=python, entry=entry, env=env, rdzv=rendezvous(cfg, env))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.launch STAGE --config FILE [--entry MODULE]``: what ``srun`` starts once per node of
+    a stage's Slurm job. It builds the launcher command from the job's environment (``node_command``),
+    prints it, and becomes it (exec), so that signals reach the launcher as if srun had started it."""
+    import argparse
+    import json
+
+    from .config import config_from_dict, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.launch", description=main.__doc__)
+    parser.add_argument("stage")
+    parser.add_argument("--config", required=True, help="the run's resolved config (JSON) or a YAML config")
+    parser.add_argument("--entry", default=None, help=f"the stage module (default: ${ENTRY_ENV} or stages)")
+    args = parser.parse_args(argv)
+    path = Path(args.config)
+    cfg = config_from_dict(json.loads(path.read_text()), args.config) if path.suffix == ".json" else load_config(path)
+    env = dict(os.environ)
+    cmd = node_command(cfg, args.stage, args.config, env, entry=args.entry)
+    print(f"[alignpipe] node {env.get('SLURM_NODEID', '0')} of {env.get('SLURM_JOB_NUM_NODES', '1')} "
+          f"({env.get('SLURMD_NODENAME', 'this host')}): {describe(cmd)}", flush=True)
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached: exec replaces this process
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -57,6 +57,7 @@ from .plan import (
     with_parents,
     write_resolved_config,
 )
+from .preemption import STOP_EXIT_CODE
 from .procs import RunLock, free_port, process_state, run_process
 from .registry import parents_of, spec_of, stage_names
 from .report import write_report
@@ -65,11 +66,16 @@ from .stage import resume_step, stage_identity
 
 
 class StageFailed(RuntimeError):
-    """A stage process exited non-zero (or exited without completing its manifest)."""
+    """A stage process exited non-zero (or exited without completing its manifest); exit code 75
+    (``STOP_EXIT_CODE``): it stopped on request with a checkpoint, ``error`` says why."""
 
     def __init__(self, stage: str, returncode: int, log_path: Path, error: str | None):
         self.stage, self.returncode, self.log_path, self.error = stage, returncode, log_path, error
         detail = f": {error}" if error else ""
+        if returncode == STOP_EXIT_CODE:
+            super().__init__(f"stage '{stage}' stopped with a checkpoint{detail}\n  log: {log_path}\n"
+                             f"  re-run the same command to resume it")
+            return
         super().__init__(
             f"stage '{stage}' failed (exit code {returncode}){detail}\n  log: {log_path}\n"
             f"  fix the cause and re-run the same command: completed stages are skipped and '{stage}' "
@@ -105,6 +111,9 @@ def launch_stage(cfg: RunConfig, stage: str, config_file: Path, decision: Decisi
     log_path = stage_dir / "stage.log"
     code = run_process(cmd, env, log_path, append=decision.action != "run", echo=echo, quiet=not verbose)
     manifest = read_manifest(stage_dir) or {}
+    if code == STOP_EXIT_CODE and manifest.get("status") == "interrupted":
+        raise StageFailed(stage, code, log_path, f"by {manifest.get('interrupted_by')} at step "
+                                                 f"{manifest.get('stopped_at_step', manifest.get('resume_step'))}")
     if code != 0:
         raise StageFailed(stage, code, log_path, manifest.get("error"))
     if manifest.get("status") != "complete":

@@ -3,10 +3,18 @@
 ``python -m pipeline slurm CONFIG [--submit] [--stages ...]`` writes ``outputs/<run>/slurm/<stage>.sbatch``
 for each stage to run, with the resources of the ``slurm:`` section (nodes, GPUs per node as
 ``--gres=gpu:N``, CPUs per task, memory, time, partition, account, extra ``#SBATCH`` lines, setup lines).
-Inside the allocation, ``srun`` starts the configured launcher once per node (local, torchrun or
-deepspeed; see ``pipeline/launch.py``); for several nodes the rendezvous address is the first host of
-the allocation (``scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1``). Each job's output goes to
-``outputs/<run>/slurm/<stage>-<jobid>.log`` and is appended to the stage's ``stage.log``.
+Inside the allocation, ``srun`` starts ``python -m pipeline.launch`` once per node, which builds the
+configured launcher's command (local, torchrun or deepspeed) from the job's environment and becomes it: the
+rendezvous address is the first host of ``SLURM_JOB_NODELIST``, the port is derived from the job id, the node
+rank is ``SLURM_NODEID`` (``pipeline/launch.py``). Each job's output goes to
+``outputs/<run>/slurm/<stage>-<jobid>.log`` (appended to across requeues) and to the stage's ``stage.log``.
+
+Preemption and time limits (``pipeline/preemption.py``, docs/SLURM.md): the job asks for ``--requeue`` and
+``--signal=B:USR1@<slurm.signal_seconds>``; the script traps USR1 and TERM and passes the request to the
+stage through its stop file; the stage checkpoints at its next step boundary and exits with 75, and the
+script requeues the job (``scontrol requeue``: same job id, so the ``afterok`` jobs after it keep waiting),
+which resumes from that checkpoint. A watchdog requeues anyway if the stage has not stopped in time.
+``--time`` is ``launch.time_limit`` of the stage when set, else ``slurm.time``.
 
 ``--submit`` submits them in order with ``sbatch --parsable``, each later job with
 ``--dependency=afterok:<previous job>`` and ``--kill-on-invalid-dep=yes`` (so a failed stage cancels
@@ -26,6 +34,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import REPO_ROOT, ConfigError, RunConfig, load_config
-from .launch import Rendezvous, stage_command
+from .launch import DEFAULT_ENTRY, entry_module, stage_command
 from .manifest import ManifestError, atomic_write_json, atomic_write_text, read_manifest, require_complete_parent
 from .plan import (
     Printer,
@@ -44,6 +53,7 @@ from .plan import (
     with_parents,
     write_resolved_config,
 )
+from .preemption import STOP_EXIT_CODE, STOP_FILE, format_time_limit, parse_time_limit
 from .registry import parents_of, spec_of
 from .stage import hint_command
 
@@ -110,6 +120,7 @@ def _vllm_lines(cfg: RunConfig) -> list[str]:
 def _sbatch_header(cfg: RunConfig, stage: str, log_pattern: Path) -> list[str]:
     """The script's first lines: what it is, and its ``#SBATCH`` resources from the ``slurm`` section."""
     s = cfg.slurm
+    limit = cfg.launch.time_limit_for(stage)
     lines = [
         "#!/bin/bash",
         f"# alignpipe: stage '{stage}' of run '{cfg.run_name}'. Written by `python -m pipeline slurm`;",
@@ -118,11 +129,15 @@ def _sbatch_header(cfg: RunConfig, stage: str, log_pattern: Path) -> list[str]:
         f"#SBATCH --nodes={s.nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --cpus-per-task={s.cpus_per_task}",
-        f"#SBATCH --time={s.time}",
+        f"#SBATCH --time={format_time_limit(limit) if limit is not None else s.time}",
         f"#SBATCH --output={log_pattern}",
+        "#SBATCH --open-mode=append",  # a requeued job goes on writing the same log
         f"#SBATCH --chdir={REPO_ROOT}",
         "#SBATCH --kill-on-invalid-dep=yes",
+        "#SBATCH --requeue" if s.requeue else "#SBATCH --no-requeue",
     ]
+    if s.signal_seconds:
+        lines.append(f"#SBATCH --signal=B:USR1@{s.signal_seconds}")
     if s.gpus_per_node:
         lines.append(f"#SBATCH --gres=gpu:{s.gpus_per_node}")
     if s.mem:
@@ -137,23 +152,96 @@ def _sbatch_header(cfg: RunConfig, stage: str, log_pattern: Path) -> list[str]:
     return lines
 
 
+def _deadline_lines(cfg: RunConfig, stage: str) -> list[str]:
+    """``ALIGNPIPE_DEADLINE``, the time the stage watches (pipeline/preemption.py): ``SLURM_JOB_END_TIME`` where
+    Slurm sets it, else the job's end time from squeue, else now plus the job's time limit."""
+    limit = cfg.launch.time_limit_for(stage) or parse_time_limit(cfg.slurm.time)
+    return [
+        "job_end_epoch() {  # the job's end time in epoch seconds",
+        '  local end; end="$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)"',
+        '  case "$end" in [0-9]*T[0-9]*) date -d "$end" +%s 2>/dev/null && return ;; esac',
+        f"  echo $(( $(date +%s) + {limit} ))",
+        "}",
+        'export ALIGNPIPE_DEADLINE="${SLURM_JOB_END_TIME:-$(job_end_epoch)}"',
+    ]
+
+
+def _stop_lines(cfg: RunConfig) -> list[str]:
+    """The trap: with ``--signal=B:USR1`` (and on a SIGTERM) Slurm signals this shell, not the stage, and
+    signalling the job step would reach the launchers first (SIGTERM to srun cancels the step; SIGUSR1 ends
+    torchrun); so the request goes to the stage through the stop file, which every rank checks at its step
+    boundaries. After the warning a watchdog requeues the job anyway if the stage has not stopped in time."""
+    s = cfg.slurm
+    lines = [
+        "STOPS=0",
+        "WATCHDOG=",
+        "stop_stage() {  # $1: the signal this shell received",
+        "  STOPS=$((STOPS + 1))",
+        '  echo "SIG$1 to the batch script of job $SLURM_JOB_ID" > "$STOP_FILE"',
+        '  echo "=== $(date \'+%F %T\') SIG$1: the stage checkpoints and stops at its next step boundary" '
+        '>> "$STAGE_LOG"',
+    ]
+    if s.requeue and s.signal_seconds:
+        grace = max(s.signal_seconds - 15, s.signal_seconds // 2)
+        lines += [
+            '  if [ "$1" = USR1 ] && [ -z "$WATCHDOG" ]; then',
+            f'    ( sleep {grace}; echo "=== $(date \'+%F %T\') the stage has not stopped {grace} s after the warning: '
+            'requeueing (it resumes from its last checkpoint)" >> "$STAGE_LOG"; scontrol requeue "$SLURM_JOB_ID" ) &',
+            "    WATCHDOG=$!",
+            "  fi",
+        ]
+    return lines + ["}", "trap 'stop_stage USR1' USR1", "trap 'stop_stage TERM' TERM"]
+
+
+def _wait_and_requeue_lines(cfg: RunConfig, python: str) -> list[str]:
+    """Wait for the stage (a trapped signal cuts ``wait`` short: wait again); then a stage that stopped with a
+    checkpoint (exit 75, or its manifest says so: torchrun reports 1) is requeued, or fails with 75."""
+    requeue = [
+        '  echo "=== $(date \'+%F %T\') the stage stopped with a checkpoint (exit $RC): requeueing job $SLURM_JOB_ID" '
+        '>> "$STAGE_LOG"',
+        "  trap '' TERM USR1  # the requeue ends this script",
+        '  scontrol requeue "$SLURM_JOB_ID" || echo "=== scontrol requeue failed: submit the job again to resume" '
+        '>> "$STAGE_LOG"',
+    ] if cfg.slurm.requeue else [
+        '  echo "=== $(date \'+%F %T\') the stage stopped with a checkpoint (exit $RC); slurm.requeue is off: '
+        'submit again to resume" >> "$STAGE_LOG"',
+    ]
+    return [
+        "stage_stopped() {  # the manifest this job's stage run wrote says it stopped on request",
+        f"  {shlex.quote(python)} -c 'import json, sys; m = json.load(open(sys.argv[1])); "
+        'sys.exit(not (m.get("status") == "interrupted" and m.get("started_at", 0) >= float(sys.argv[2]) - 1))\' '
+        '"$STAGE_DIR/manifest.json" "$JOB_STARTED" 2>/dev/null',
+        "}",
+        "RC=127",
+        "while :; do",
+        "  seen=$STOPS",
+        '  wait "$STAGE_PID"; status=$?',
+        '  [ "$status" = 127 ] && break  # reported already: a signal came just after the stage ended',
+        "  RC=$status",
+        '  [ "$STOPS" = "$seen" ] && break  # the stage ended; else a trapped signal cut the wait short',
+        "done",
+        '[ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null',
+        f'if [ "$RC" != 0 ] && {{ [ "$RC" = {STOP_EXIT_CODE} ] || stage_stopped; }}; then',
+        *requeue,
+        f"  exit {STOP_EXIT_CODE}",
+        "fi",
+        'exit "$RC"',
+    ]
+
+
 def sbatch_script(cfg: RunConfig, stage: str, config_file: Path, entry: str | None = None,
                   python: str | None = None, env: Mapping[str, str] | None = None) -> tuple[str, Path]:
     """The sbatch script text for ``stage`` and its output log pattern (``%j`` = job id)."""
     _check_resources(cfg)
     s = cfg.slurm
-    out_dir = slurm_dir(cfg)
-    log_pattern = out_dir / f"{stage}-%j.log"
-    multi = s.nodes > 1
-    rdzv = Rendezvous(master_addr="$MASTER_ADDR", master_port="$MASTER_PORT", nnodes=s.nodes,
-                      node_rank="$SLURM_NODEID", explicit_addr=multi)
-    cmd = stage_command(cfg, stage, config_file, python=python, entry=entry, env=env, rdzv=rdzv)
+    python = python or sys.executable
+    log_pattern = slurm_dir(cfg) / f"{stage}-%j.log"
+    stage_command(cfg, stage, config_file, python=python, entry=entry, env=env)  # the launch settings are valid
     lines = _sbatch_header(cfg, stage, log_pattern) + ["", "set -eo pipefail", f"cd {shlex.quote(str(REPO_ROOT))}"]
     if s.setup:
         lines += ["# setup (slurm.setup)", *s.setup]
     if cfg.rollout.backend == "vllm" and spec_of(cfg, stage).samples:
         lines += _vllm_lines(cfg)
-    stage_log = cfg.stage_dir(stage) / "stage.log"
     lines += [
         f'export PYTHONPATH={shlex.quote(str(REPO_ROOT))}"${{PYTHONPATH:+:$PYTHONPATH}}"',
         "export PYTHONUNBUFFERED=1",
@@ -161,22 +249,34 @@ def sbatch_script(cfg: RunConfig, stage: str, config_file: Path, entry: str | No
     if not s.gpus_per_node:
         lines.append("export DS_ACCELERATOR=cpu")
     lines += [
-        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-        f"export MASTER_PORT={cfg.launch.master_port}",
-        f"STAGE_LOG={shlex.quote(str(stage_log))}",
-        'mkdir -p "$(dirname "$STAGE_LOG")"',
-        'echo "=== $(date \'+%F %T\') slurm job $SLURM_JOB_ID on $SLURM_JOB_NODELIST" >> "$STAGE_LOG"',
+        f"STAGE_DIR={shlex.quote(str(cfg.stage_dir(stage)))}",
+        'STAGE_LOG="$STAGE_DIR/stage.log"',
+        f'STOP_FILE="$STAGE_DIR/{STOP_FILE}"',
+        "JOB_STARTED=$(date +%s)",
+        'mkdir -p "$STAGE_DIR"',
+        'rm -f "$STOP_FILE"  # a request an earlier run of this job did not get to act on',
+        'echo "=== $(date \'+%F %T\') slurm job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on '
+        '$SLURM_JOB_NODELIST" >> "$STAGE_LOG"',
+        *_stop_lines(cfg),
+        *_deadline_lines(cfg, stage),
+        "set +e  # from here on the script reads the exit codes itself",
+        "# one task per node: pipeline.launch builds the launcher's rendezvous from the job's environment",
+        f"{_srun_line(cfg, stage, config_file, python, entry_module(entry, env))} "
+        '> >(trap "" TERM USR1; exec tee -a "$STAGE_LOG") 2>&1 &',
+        "STAGE_PID=$!",
+        *_wait_and_requeue_lines(cfg, python),
+        "",
     ]
-    srun = ["srun", f"--nodes={s.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={s.cpus_per_task}",
-            "--kill-on-bad-exit=1"]
-    command = shell_join(cmd)
-    if "$" in command:
-        # expanded per task, so each node sees its own SLURM_NODEID
-        launch_line = f"{' '.join(srun)} bash -c {shlex.quote(command)}"
-    else:
-        launch_line = f"{' '.join(srun)} {command}"
-    lines += [f'{launch_line} 2>&1 | tee -a "$STAGE_LOG"', ""]
     return "\n".join(lines), log_pattern
+
+
+def _srun_line(cfg: RunConfig, stage: str, config_file: Path, python: str, entry: str) -> str:
+    s = cfg.slurm
+    srun = ["srun", f"--nodes={s.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={s.cpus_per_task}",
+            "--kill-on-bad-exit=1", python, "-m", "pipeline.launch", stage, "--config", str(config_file)]
+    if entry != DEFAULT_ENTRY:
+        srun += ["--entry", entry]
+    return shell_join(srun)
 
 
 def write_scripts(cfg: RunConfig, stages: Sequence[str], config_file: Path, entry: str | None = None,
@@ -268,7 +368,7 @@ def job_state(job_id: str, env: Mapping[str, str] | None = None) -> dict[str, st
         return {"JobState": "UNKNOWN", "Reason": f"{reason} (finished jobs are forgotten after MinJobAge)",
                 "ExitCode": "?"}
     fields = parse_scontrol(done.stdout)
-    return {k: fields.get(k, "?") for k in ("JobState", "Reason", "ExitCode", "RunTime", "NodeList")}
+    return {k: fields.get(k, "?") for k in ("JobState", "Reason", "ExitCode", "RunTime", "NodeList", "Restarts")}
 
 
 def job_states(cfg: RunConfig, env: Mapping[str, str] | None = None) -> list[dict[str, str]]:
@@ -284,8 +384,9 @@ def format_job_states(cfg: RunConfig) -> str:
     lines = ["slurm jobs:"]
     for row in states:
         reason = f" reason={row['Reason']}" if row.get("Reason") not in (None, "None", "?") else ""
+        requeued = f" requeued={row['Restarts']}" if row.get("Restarts") not in (None, "0", "?") else ""
         lines.append(f"  {row['stage']:<12} job {row['job_id']}: {row['JobState']} exit={row['ExitCode']}{reason}"
-                     f"  log: {row['log']}")
+                     f"{requeued}  log: {row['log']}")
     return "\n".join(lines)
 
 

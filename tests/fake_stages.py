@@ -11,6 +11,8 @@ step (so an interrupted run resumes where it stopped), then ``model/weights.txt`
 - ``FAKE_STEPS`` (default 3), ``FAKE_SLEEP`` seconds per step (default 0);
 - ``FAKE_FAIL=stage``: that stage raises (manifest ``failed``, exit 1);
 - ``FAKE_CRASH=stage:step``: that stage dies hard at that step (``os._exit``; manifest stays ``running``);
+- ``FAKE_STOP=stage:step``: that stage stops on request after that step, as a real one does on SIGTERM
+  (``StageStopped``: manifest ``interrupted``, exit code 75);
 - ``FAKE_FINGERPRINT_<STAGE>``: the chat-format fingerprint that stage reports (default the same for all).
 """
 
@@ -22,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from pipeline.stage import StageRun
+from pipeline.stage import StageRun, StageStopped
 
 FINGERPRINT = "fake-chat-format-0001"
 
@@ -73,6 +75,8 @@ def run_fake(cfg: Any, stage: str) -> dict[str, Any]:
             run.log(step, stage_metrics(stage, step))
             run.checkpoints.mkdir(parents=True, exist_ok=True)
             state.write_text(json.dumps({"step": step}))
+            if os.environ.get("FAKE_STOP") == f"{stage}:{step}":
+                raise StageStopped("SIGTERM", step)
             time.sleep(sleep)
         model = run.dir / "model"
         model.mkdir(parents=True, exist_ok=True)

@@ -244,3 +244,22 @@ def test_two_ranks_stop_at_the_same_step_when_one_is_told(tmp_path):
     assert read_manifest(stage)["resumed"] is True
     _bit_equal(saved_weights(stage / "model"), saved_weights(tmp_path / "straight" / "sft" / "model"))
     assert json.loads((stage / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_orchestrator_reports_a_stopped_stage_and_resumes_it(tmp_path, monkeypatch, capsys):
+    """A stage that stops on request under `pipeline run` (fake stages: rm stops after step 2): the run ends
+    with exit code 75 and says where the stage stopped; the same command again resumes it and completes."""
+    from pipeline.cli import main
+    from pipeline.launch import ENTRY_ENV
+    from tests.helpers.common import write_config
+
+    monkeypatch.setenv(ENTRY_ENV, "tests.fake_stages")
+    monkeypatch.setenv("FAKE_STOP", "rm:2")
+    config = write_config(tmp_path, run_name="f")
+    assert main(["run", str(config), "--no-report"]) == STOP_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "stage 'rm' stopped with a checkpoint: by SIGTERM at step 2" in err and "re-run the same command" in err
+    monkeypatch.delenv("FAKE_STOP")
+    assert main(["run", str(config), "--no-report"]) == 0
+    manifest = read_manifest(tmp_path / "out" / "f" / "rm")
+    assert manifest["status"] == "complete" and manifest["metrics"]["resumed_from"] == 2

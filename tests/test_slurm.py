@@ -1,13 +1,16 @@
 """Slurm: sbatch script content (always), and a real one-node Slurm run of fake stages (``-m slurm``).
 
-The real-cluster test starts Slurm with ``../shared/tools/slurm/start_slurm.sh`` (needs root; skipped
-with the reason otherwise), submits two chains of fake stages (``tests/fake_stages.py``, a second or so
+The real-cluster tests start Slurm with ``../shared/tools/slurm/start_slurm.sh`` (needs root; skipped
+with the reason otherwise). One submits two chains of fake stages (``tests/fake_stages.py``, a second or so
 each), one of them with a failing middle stage, and checks that the good chain completed in order and
-that the failure cancelled the stage after it.
+that the failure cancelled the stage after it. The slow ones run the tiny model's real stages: a whole
+chain, and a chain whose stages are requeued mid-run (from outside, and by the time-limit warning to the
+batch script) and still end with the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,10 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import ConfigError, load_config
 from pipeline.launch import ENTRY_ENV
 from pipeline.manifest import read_manifest, write_manifest
+from pipeline.preemption import STOP_FILE
 from pipeline.slurm import (
     TERMINAL_STATES,
     parse_scontrol,
@@ -27,7 +32,7 @@ from pipeline.slurm import (
     sbatch_script,
     slurm_pipeline,
 )
-from tests.helpers.common import write_config
+from tests.helpers.common import saved_weights, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,7 +42,7 @@ START_SLURM = REPO.parent / "shared" / "tools" / "slurm" / "start_slurm.sh"
 # ------------------------------------------------------------------------------------ script content
 def test_sbatch_script_multi_node_torchrun(tmp_path):
     config = write_config(tmp_path, run_name="s", extra=(
-        "launch: {launcher: torchrun, nproc_per_node: 4, master_port: 29555}\n"
+        "launch: {launcher: torchrun, nproc_per_node: 4}\n"
         "slurm:\n  nodes: 2\n  gpus_per_node: 4\n  cpus_per_task: 16\n  mem: 200G\n  time: '12:00:00'\n"
         "  partition: gpu\n  account: alignment\n  extra_sbatch: ['--qos=high', '#SBATCH --exclusive']\n"
         "  setup: ['module load cuda/12.4', 'source ~/venv/bin/activate']\n"))
@@ -50,22 +55,22 @@ def test_sbatch_script_multi_node_torchrun(tmp_path):
                      "#SBATCH --time=12:00:00", "#SBATCH --partition=gpu", "#SBATCH --account=alignment",
                      "#SBATCH --qos=high", "#SBATCH --exclusive", "#SBATCH --kill-on-invalid-dep=yes",
                      f"#SBATCH --output={cfg.run_dir() / 'slurm' / 'ppo-%j.log'}", f"#SBATCH --chdir={REPO}",
-                     "module load cuda/12.4", "source ~/venv/bin/activate", "export MASTER_PORT=29555"):
+                     "#SBATCH --open-mode=append", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120",
+                     "module load cuda/12.4", "source ~/venv/bin/activate", "trap 'stop_stage USR1' USR1",
+                     "trap 'stop_stage TERM' TERM", f'STOP_FILE="$STAGE_DIR/{STOP_FILE}"'):
         assert expected in lines, expected
     assert log == cfg.run_dir() / "slurm" / "ppo-%j.log"
     # every #SBATCH line comes before the first command (sbatch stops reading directives there)
     first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
     assert all(i < first_command for i, line in enumerate(lines) if line.startswith("#SBATCH"))
-    assert lines.index("module load cuda/12.4") < next(i for i, line in enumerate(lines) if line.startswith("srun"))
-    assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in lines
+    srun_at = next(i for i, line in enumerate(lines) if line.startswith("srun"))
+    assert lines.index("module load cuda/12.4") < srun_at
+    assert lines.index("trap 'stop_stage TERM' TERM") < srun_at  # the trap is in place before the stage starts
     assert "DS_ACCELERATOR" not in text  # GPUs requested
-    srun = next(line for line in lines if line.startswith("srun"))
-    assert srun.startswith("srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1 bash -c '")
-    assert srun.endswith('2>&1 | tee -a "$STAGE_LOG"')
-    # the launcher command, with the rendezvous expanded per node
-    assert ("/py -m torch.distributed.run --nproc_per_node 4 --nnodes 2 --rdzv_backend c10d "
-            '--rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id s-ppo -m stages ppo '
-            "--config /runs/config.resolved.json") in srun
+    # one task per node, each building its launcher's rendezvous from the job's environment (pipeline.launch)
+    assert lines[srun_at] == ("srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1 /py -m "
+                              "pipeline.launch ppo --config /runs/config.resolved.json "
+                              '> >(trap "" TERM USR1; exec tee -a "$STAGE_LOG") 2>&1 &')
     check = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
     assert check.returncode == 0, check.stderr
 
@@ -75,14 +80,33 @@ def test_sbatch_script_single_node_cpu_and_deepspeed(tmp_path):
     text, _ = sbatch_script(cfg, "sft", Path("/c.json"), python="/py", env={ENTRY_ENV: "tests.fake_stages"})
     assert "export DS_ACCELERATOR=cpu" in text and "--gres" not in text and "--partition" not in text
     assert ("srun --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --kill-on-bad-exit=1 "
-            "/py -m tests.fake_stages sft --config /c.json 2>&1") in text
+            "/py -m pipeline.launch sft --config /c.json --entry tests.fake_stages > >(") in text
     ds = load_config(write_config(tmp_path, "launch: {launcher: deepspeed, nproc_per_node: 2}\n"
                                             "slurm: {nodes: 2, gpus_per_node: 2}\n", run_name="d"))
     text, _ = sbatch_script(ds, "rm", Path("/c.json"), python="/py", env={})
-    srun = next(line for line in text.splitlines() if line.startswith("srun"))
-    assert "-m deepspeed.launcher.runner --num_gpus 2" in srun and "--no_ssh" in srun
-    assert '--node_rank "$SLURM_NODEID"' in srun and "--no_local_rank --module stages rm" in srun
+    assert "/py -m pipeline.launch rm --config /c.json > >(" in text
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+
+def test_sbatch_script_time_limit_signal_and_requeue_settings(tmp_path):
+    """launch.time_limit becomes the job's --time (per stage when a mapping) and the deadline's fallback;
+    slurm.signal_seconds and slurm.requeue shape the warning, the watchdog and the requeue."""
+    cfg = load_config(write_config(tmp_path, "launch: {time_limit: {sft: '1-02:03:04', rm: 90}}\n", run_name="t"))
+    sft, _ = sbatch_script(cfg, "sft", Path("/c.json"), python="/py", env={})
+    rm, _ = sbatch_script(cfg, "rm", Path("/c.json"), python="/py", env={})
+    ppo, _ = sbatch_script(cfg, "ppo", Path("/c.json"), python="/py", env={})
+    assert "#SBATCH --time=1-02:03:04" in sft.splitlines() and "echo $(( $(date +%s) + 93784 ))" in sft
+    assert "#SBATCH --time=01:30:00" in rm.splitlines()
+    assert "#SBATCH --time=01:00:00" in ppo.splitlines()  # no limit of its own: slurm.time
+    assert 'export ALIGNPIPE_DEADLINE="${SLURM_JOB_END_TIME:-$(job_end_epoch)}"' in sft
+    assert "( sleep 105;" in sft and 'scontrol requeue "$SLURM_JOB_ID"' in sft  # the watchdog after the warning
+    off = load_config(write_config(tmp_path, "slurm: {signal_seconds: 0, requeue: false}\n", run_name="o"))
+    text, _ = sbatch_script(off, "sft", Path("/c.json"), python="/py", env={})
+    lines = text.splitlines()
+    assert "#SBATCH --no-requeue" in lines and not any(line.startswith("#SBATCH --signal") for line in lines)
+    assert "scontrol requeue" not in text and "slurm.requeue is off" in text and "exit 75" in lines[-3:][0] + text
+    with pytest.raises(ConfigError, match="launch.time_limit=.* and slurm.time="):
+        load_config(write_config(tmp_path, "launch: {time_limit: 30}\nslurm: {time: '02:00:00'}\n", run_name="x"))
 
 
 def test_sbatch_resource_mismatches_are_config_errors(tmp_path):
@@ -219,3 +243,83 @@ def test_real_slurm_tiny_pipeline(slurm_cluster, tmp_path, monkeypatch):
     from pipeline.report import write_report
 
     assert "## PPO" in write_report(cfg, out=lambda line: None, generate_samples=False).read_text()
+
+
+def _job(job_id: str) -> dict[str, str]:
+    done = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    return parse_scontrol(done.stdout)
+
+
+def _when(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _steps_logged(stage_dir: Path) -> int:
+    path = stage_dir / "metrics.jsonl"
+    return sum('"loss"' in line for line in path.read_text().splitlines()) if path.exists() else 0
+
+
+def _interrupt_and_requeue(job_id: str, stage_dir: Path, how: list[str]) -> None:
+    """Once the stage has trained a few steps, interrupt its job with ``how``; wait until the job is requeued
+    (pending again, same id) and its old run has left the node, then let it start now: Slurm holds a requeued
+    job back for about two minutes, and one restarted within the second of its requeue is refused by slurmd
+    (its credential counts as revoked)."""
+    _when(lambda: _steps_logged(stage_dir) >= 3, 180, f"job {job_id} to train")
+    subprocess.run(how, check=True, timeout=30)
+    _when(lambda: _job(job_id).get("Restarts") == "1" and _job(job_id).get("JobState") == "PENDING", 60,
+          f"job {job_id} to be requeued")
+    _when(lambda: "completing" not in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                                                     timeout=30).stdout, 60, f"job {job_id}'s old run to end")
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_real_slurm_requeued_stages_finish_the_chain_with_the_uninterrupted_weights(slurm_cluster, tmp_path,
+                                                                                    monkeypatch):
+    """sft -> rm on the tiny model as a chain of real Slurm jobs. sft is requeued from outside mid-run
+    (``scontrol requeue``: Slurm sends SIGTERM, the stage checkpoints at its step, Slurm requeues it); rm gets
+    the time-limit warning (SIGUSR1 to its batch shell, as ``--signal=B:USR1@N`` sends it: the script's trap
+    writes the stop file, the stage checkpoints at its step and exits 75, the script requeues the job). rm's
+    afterok dependency holds through sft's requeue; both resume, the chain completes, and the weights equal
+    an uninterrupted local run's bit for bit."""
+    monkeypatch.delenv(ENTRY_ENV, raising=False)
+    steps = ["stages=[sft,rm]", "sft.train.max_steps=60", "sft.train.save_steps=1000", "rm.train.max_steps=40",
+             "rm.train.save_steps=1000", "logging.progress_bar=false"]
+    interrupted = [f"output_root={tmp_path / 'slurm'}", "run_name=c", *steps]
+    jobs = slurm_pipeline("configs/tiny.yaml", interrupted, do_submit=True, env=dict(os.environ), out=lambda line: None)
+    sft_job, rm_job = (j["job_id"] for j in jobs)
+    cfg = load_config("configs/tiny.yaml", interrupted)
+    _interrupt_and_requeue(sft_job, cfg.stage_dir("sft"), ["scontrol", "requeue", sft_job])
+    assert _job(rm_job)["JobState"] == "PENDING" and _job(rm_job)["Dependency"].startswith(f"afterok:{sft_job}")
+    sft_stop = read_manifest(cfg.stage_dir("sft"))
+    assert sft_stop["status"] == "interrupted" and sft_stop["interrupted_by"] == "SIGTERM"
+    assert sft_stop["stopped_at_step"] == sft_stop["resume_step"] >= 3
+    _interrupt_and_requeue(rm_job, cfg.stage_dir("rm"), ["scancel", "--signal=USR1", "--batch", rm_job])
+    rm_stop = read_manifest(cfg.stage_dir("rm"))
+    assert rm_stop["interrupted_by"] == f"stop request (SIGUSR1 to the batch script of job {rm_job})", rm_stop
+    states = _wait([sft_job, rm_job], timeout=300)
+    logs = {j["stage"]: Path(j["log"]).read_text()[-3000:] for j in jobs if Path(j["log"]).exists()}
+    assert [states[j]["JobState"] for j in (sft_job, rm_job)] == ["COMPLETED"] * 2, (states, logs)
+    assert f"requeueing job {rm_job}" in (cfg.stage_dir("rm") / "stage.log").read_text()
+    for stage, stop in (("sft", sft_stop), ("rm", rm_stop)):
+        manifest = read_manifest(cfg.stage_dir(stage))
+        assert manifest["status"] == "complete" and manifest["resumed"] is True
+        rows = [json.loads(line) for line in (cfg.stage_dir(stage) / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "loss" in r] == list(range(1, (60 if stage == "sft" else 40) + 1))
+        assert stop["stopped_at_step"] < len([r for r in rows if "loss" in r])
+
+    from pipeline.orchestrator import run_pipeline
+
+    straight = [f"output_root={tmp_path / 'local'}", "run_name=c", *steps]
+    run_pipeline("configs/tiny.yaml", straight, echo=False, report=False, out=lambda line: None)
+    straight_cfg = load_config("configs/tiny.yaml", straight)
+    for stage in ("sft", "rm"):
+        a = saved_weights(cfg.stage_dir(stage) / "model")
+        b = saved_weights(straight_cfg.stage_dir(stage) / "model")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
