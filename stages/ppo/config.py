@@ -247,6 +247,15 @@ class PPOConfig(Section):
         1, ge=1, description="Responses sampled per prompt (K). episodes_per_rollout counts episodes, so each "
                              "rollout takes episodes_per_rollout / K prompts per device; grpo and rloo need K >= 2.")
     group_std_eps: float = Field(1e-6, gt=0, description="grpo: added to the group std.")
+    filter_tied_groups: bool = added_setting(
+        False, description="Dynamic sampling (DAPO): drop the groups whose K sequence rewards all tie (every "
+                           "answer right or every answer wrong: zero group advantage) and sample more prompts "
+                           "until the batch has episodes_per_rollout episodes, in at most max_sampling_rounds "
+                           "rounds; still short after them, tied groups fill the rest (logged as "
+                           "tied_groups_trained). Needs a critic-free estimator and num_samples_per_prompt >= 2.")
+    max_sampling_rounds: int = added_setting(
+        3, ge=1, description="filter_tied_groups: most sampling rounds per step, the first included (each extra "
+                             "round samples as many new prompts per device as the most short device lacks).")
     scale_rewards: Literal["group", "batch", "none"] = added_setting(
         "group", description="grpo: what the group-centred reward is divided by: group (the group's std + "
                              "group_std_eps: GRPO), batch (the std of every reward of the step, all ranks: TRL's "
@@ -452,6 +461,20 @@ class PPOConfig(Section):
     def clip_high(self) -> float:
         """The ratio's upper clip: ``cliprange_high``, else ``cliprange``."""
         return self.cliprange if self.cliprange_high is None else self.cliprange_high
+
+    @model_validator(mode="after")
+    def _dynamic_sampling(self) -> "PPOConfig":
+        if self.filter_tied_groups and (self.uses_critic or self.num_samples_per_prompt < 2):
+            raise ValueError(
+                f"ppo.filter_tied_groups=true needs groups of samples: a critic-free ppo.advantage_estimator (grpo, "
+                f"rloo or reinforce_pp) with ppo.num_samples_per_prompt >= 2; got advantage_estimator="
+                f"{self.advantage_estimator!r}, num_samples_per_prompt={self.num_samples_per_prompt}. With gae the "
+                "critic is the baseline, so a tied group still has advantages")
+        if "max_sampling_rounds" in self.model_fields_set and not self.filter_tied_groups:
+            raise ValueError(f"ppo.max_sampling_rounds={self.max_sampling_rounds} is set but ppo.filter_tied_groups "
+                             "is false: only dynamic sampling runs extra rounds. Set filter_tied_groups: true or "
+                             "drop max_sampling_rounds")
+        return self
 
     @property
     def uses_reference(self) -> bool:

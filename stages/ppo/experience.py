@@ -18,6 +18,7 @@ rank: prompts and responses are padded to the longest anywhere), V vocabulary.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,12 +28,14 @@ import torch
 
 from pipeline.config import RunConfig
 from stages.batching import left_pad, right_pad
+from stages.chat import position_ids_from_mask
 from stages.engine import epoch_order
 from stages.generation import neutral_generate, neutral_generation_config
 from stages.ppo.core import (
     RunningMoments,
     compute_gae,
     discounted_returns,
+    group_rows,
     grpo_advantages,
     kl_penalty,
     kl_return,
@@ -40,6 +43,8 @@ from stages.ppo.core import (
     overlong_penalty,
     per_token_rewards,
     rloo_advantages,
+    select_groups,
+    tied_groups,
     truncated_importance_weights,
 )
 from stages.ppo.distributed import Comm, global_whiten
@@ -51,10 +56,13 @@ from stages.ppo.rollout import (
     engine_logp_diff,
     engine_logp_tensor,
     episode_uniforms,
+    refill_order,
     response_mask,
     response_rows,
 )
 from stages.ppo.rollout_engine import RolloutEngine
+
+logger = logging.getLogger("alignpipe.ppo")
 
 
 @dataclass
@@ -130,10 +138,29 @@ class Sampled(NamedTuple):
     has_eos: torch.Tensor
 
 
+class Episodes(NamedTuple):
+    """Episodes sampled and scored by the reward sources, before the forward passes: ``prompts`` (B),
+    ``sampled`` (on the device), ``engine_logprobs`` (the rollout engine's, a list per row; None when the
+    trainer sampled itself), ``scores`` (the reward sources') and the decoded ``texts`` (B)."""
+
+    prompts: list[EncodedPrompt]
+    sampled: Sampled
+    engine_logprobs: list[Any] | None
+    scores: Scores
+    texts: list[str]
+
+
 class PPORollout:
     """Makes each step's experience (steps 1-2 of the PPO loop) and evaluates; holds no state of its own
     beyond what it was given: ``kl_ctl`` (its value is the step's beta) and ``reward_norm`` (updated with
-    each step's scores) are the trainer's, shared by reference, as is ``engine``."""
+    each step's scores) are the trainer's, shared by reference, as is ``engine``.
+
+    ``share_prefill``: with the ``hf`` backend the K samples of a prompt share one forward pass over it
+    (:meth:`_shared_prefill`); False runs each sample's prompt forward apart (the same tokens; for
+    comparisons, ``bench/shared_prefill.py``)."""
+
+    share_prefill = True
+    short_batch_warned = False  # dynamic sampling's short-batch warning is logged once per run
 
     def __init__(self, cfg: RunConfig, models: PPOModels, prompts: list[EncodedPrompt], comm: Comm, kl_ctl: Any,
                  reward_norm: RunningMoments, engine: RolloutEngine | None):
@@ -146,57 +173,166 @@ class PPORollout:
         """Step 1: one step's experience on this rank, without advantages; adds the seconds each part took
         to ``timings``.
 
-        a. Take this rank's prompts of step ``step`` and sample responses (per-episode random streams).
+        a. Take this rank's prompts of step ``step``, sample responses (per-episode random streams) and score
+           them with the reward sources; with ``filter_tied_groups``, drop the groups whose rewards tie and
+           sample more prompts until the batch is full (:meth:`_informative_groups`).
         b. Score the sampled tokens: policy and reference log-probs (none without a reference), critic
            values, per-token KL.
-        c. Score the responses with the reward sources; sequence reward (normalise, clip, eos penalty).
+        c. The sequence reward (normalise, clip, eos penalty).
         """
-        # a. prompts and sampling
+        # a. prompts, sampling and the reward sources' scores
         indices, positions = self.step_prompts(step)
-        prompts = [self.prompts[i] for i in indices]
-        t0 = time.perf_counter()
-        sampled, engine_logprobs = self.sample([x.ids for x in prompts], positions, step)
-        t1 = time.perf_counter()
+        episodes = self._sample_and_score([self.prompts[i] for i in indices], positions, step, timings)
+        sampling_stats: dict[str, float] = {}
+        if self.cfg.ppo.filter_tied_groups:
+            episodes, sampling_stats = self._informative_groups(step, episodes, timings)
+        prompts, sampled, scores, texts = episodes.prompts, episodes.sampled, episodes.scores, episodes.texts
         # b. log-probs and values of the sampled tokens
+        t0 = time.perf_counter()
         ids = torch.cat([sampled.query, sampled.response], dim=1)
         att = torch.cat([sampled.query_mask, sampled.mask], dim=1)
         old_logp, ref_logp, old_values = self._score_sampled_tokens(ids, att, sampled.response)
         query, query_mask, response, mask, has_eos = (x.cpu() for x in sampled)
-        t2 = time.perf_counter()
+        timings["time_forward"] = time.perf_counter() - t0
         # c. reward
-        scores, texts = self.score_responses(prompts, response, mask, has_eos)
-        t3 = time.perf_counter()
         reward, reward_stats = self._sequence_reward(scores, has_eos, mask.sum(1))
-        is_weights = self._engine_correction(old_logp, mask, engine_logprobs, reward_stats)
+        reward_stats.update(sampling_stats)
+        is_weights = self._engine_correction(old_logp, mask, episodes.engine_logprobs, reward_stats)
         kl = None if ref_logp is None else kl_penalty(old_logp, ref_logp, self.cfg.ppo.kl_estimator) * mask
-        timings.update(time_generate=t1 - t0, time_forward=t2 - t1, time_score=t3 - t2)
         return Rollout(query, query_mask, response, mask, has_eos, old_logp, ref_logp, old_values, scores.total,
                        reward, kl, texts, [x.messages for x in prompts], scores.parts,
                        sum(x.truncated for x in prompts), reward_stats=reward_stats, is_weights=is_weights)
+
+    def _sample_and_score(self, prompts: list[EncodedPrompt], positions: list[int], step: int,
+                          timings: dict[str, float]) -> Episodes:
+        """Sample a response to each of ``prompts`` (groups of K consecutive rows share a prompt; episode
+        ``positions[i]`` of step ``step``) and score it with the reward sources; adds the seconds to
+        ``timings`` (``time_generate``, ``time_score``)."""
+        t0 = time.perf_counter()
+        sampled, engine_logprobs = self.sample([x.ids for x in prompts], positions, step,
+                                               group_size=self.cfg.ppo.num_samples_per_prompt)
+        t1 = time.perf_counter()
+        scores, texts = self.score_responses(prompts, sampled.response.cpu(), sampled.mask.cpu(),
+                                             sampled.has_eos.cpu())
+        timings["time_generate"] = timings.get("time_generate", 0.0) + t1 - t0
+        timings["time_score"] = timings.get("time_score", 0.0) + time.perf_counter() - t1
+        return Episodes(prompts, sampled, engine_logprobs, scores, texts)
 
     def step_prompts(self, step: int) -> tuple[list[int], list[int]]:
         """(dataset indices, global episode positions) of this rank's episodes for PPO step ``step``:
         ``episodes_per_rollout / K`` prompts, each repeated K = ``num_samples_per_prompt`` times in a row (a
         group stays on one rank); the prompt at global position p gives episodes p*K .. p*K + K - 1."""
+        return self._episodes_of(self._step_prompt_indices(step, self.comm.dist.rank), 0)
+
+    def _step_prompt_indices(self, step: int, rank: int) -> list[int]:
+        """The dataset indices of rank ``rank``'s ``episodes_per_rollout / K`` prompts of step ``step``."""
         ppo, d = self.cfg.ppo, self.comm.dist
-        seed, k = ppo.train.seed, ppo.num_samples_per_prompt
-        batch = ppo.episodes_per_rollout // k
-        per_epoch = len(epoch_order(len(self.prompts), 0, seed, d.rank, d.world_size, batch))
+        seed, batch = ppo.train.seed, ppo.episodes_per_rollout // ppo.num_samples_per_prompt
+        per_epoch = len(epoch_order(len(self.prompts), 0, seed, rank, d.world_size, batch))
         epoch, index = divmod(step, per_epoch)
-        prompt_indices = epoch_order(len(self.prompts), epoch, seed, d.rank, d.world_size, batch)[index]
+        return epoch_order(len(self.prompts), epoch, seed, rank, d.world_size, batch)[index]
+
+    def _episodes_of(self, prompt_indices: list[int], first_position: int) -> tuple[list[int], list[int]]:
+        """This rank's prompts -> (dataset indices, each repeated K times; global episode positions from
+        ``first_position``: this rank's j-th prompt is global prompt ``rank + world_size * j``)."""
+        d, k = self.comm.dist, self.cfg.ppo.num_samples_per_prompt
         indices = [i for i in prompt_indices for _ in range(k)]
-        positions = [(d.rank + d.world_size * j) * k + s for j in range(len(prompt_indices)) for s in range(k)]
+        positions = [first_position + (d.rank + d.world_size * j) * k + s
+                     for j in range(len(prompt_indices)) for s in range(k)]
         return indices, positions
+
+    def refill_prompts(self, step: int, round_index: int, groups: int, start: int) -> tuple[list[int], list[int]]:
+        """(dataset indices, global episode positions) of this rank's episodes in extra sampling round
+        ``round_index`` (>= 1) of step ``step`` (``ppo.filter_tied_groups``): ``groups`` prompts per rank, K
+        samples each, read from :func:`refill_order` from its entry ``start`` on (the entries earlier rounds
+        took, all ranks). Round r's positions start at r x the global batch, so every episode of the step has
+        its own sampling stream."""
+        ppo, d = self.cfg.ppo, self.comm.dist
+        used = [i for rank in range(d.world_size) for i in self._step_prompt_indices(step, rank)]
+        order = refill_order(len(self.prompts), used, ppo.train.seed, step)
+        taken = [order[(start + i) % len(order)] for i in range(groups * d.world_size)]
+        return self._episodes_of(taken[d.rank::d.world_size], round_index * ppo.episodes_per_rollout * d.world_size)
+
+    def _informative_groups(self, step: int, first: Episodes,
+                            timings: dict[str, float]) -> tuple[Episodes, dict[str, float]]:
+        """Dynamic sampling (DAPO; ``ppo.filter_tied_groups``): the step's batch without the groups whose
+        rewards tie, sampling extra rounds of prompts (:meth:`refill_prompts`) while any rank is short, up to
+        ``max_sampling_rounds`` rounds in all (every rank runs the same rounds: sampling has collectives).
+        Still short after them, the batch is filled with tied groups in sampling order.
+        -> (the batch's episodes, statistics: ``tied_group_frac`` the share of groups sampled this step that
+        tied, ``sampling_rounds``, ``tied_groups_trained`` the tied groups in the batch)."""
+        ppo, world = self.cfg.ppo, self.comm.dist.world_size
+        k, needed = ppo.num_samples_per_prompt, ppo.episodes_per_rollout // ppo.num_samples_per_prompt
+        rounds, tied = [first], [self._tied_groups(first)]
+        taken = 0  # entries of the refill order read so far, all ranks
+        while len(rounds) < ppo.max_sampling_rounds:
+            found = int((~torch.cat(tied)).sum())
+            short = int(self.comm.max(torch.tensor([max(needed - found, 0)]))[0])
+            if short == 0:
+                break
+            indices, positions = self.refill_prompts(step, len(rounds), short, taken)
+            taken += short * world
+            rounds.append(self._sample_and_score([self.prompts[i] for i in indices], positions, step, timings))
+            tied.append(self._tied_groups(rounds[-1]))
+        all_tied = torch.cat(tied)
+        chosen = select_groups(all_tied, needed)
+        stats = {"tied_group_frac": float(all_tied.float().mean()), "sampling_rounds": float(len(rounds)),
+                 "tied_groups_trained": float(all_tied[chosen].sum())}
+        if stats["tied_groups_trained"] and not self.short_batch_warned and self.comm.dist.is_main:
+            self.short_batch_warned = True
+            logger.warning(
+                "[alignpipe] ppo: warning: step %d: after ppo.max_sampling_rounds=%d rounds, %d of the %d groups "
+                "of this rank's batch are tied groups (equal rewards: no task advantage). The prompts are too "
+                "easy or too hard for the policy; raise max_sampling_rounds or change the data. Logged per step "
+                "as tied_groups_trained; not repeated this run.", step, ppo.max_sampling_rounds,
+                int(stats["tied_groups_trained"]), needed)
+        return self._merge(rounds, group_rows(chosen, k)), stats
+
+    def _tied_groups(self, episodes: Episodes) -> torch.Tensor:
+        """(G,) bool: the groups of ``episodes`` whose sequence rewards before normalisation and clipping
+        (the reward sources' score less the missing-eos penalty) all tie."""
+        penalty = abs(self.cfg.ppo.missing_eos_penalty or 0.0)
+        unfinished = (~episodes.sampled.has_eos.cpu()).float()
+        return tied_groups(episodes.scores.total - penalty * unfinished, self.cfg.ppo.num_samples_per_prompt)
+
+    def _merge(self, rounds: list[Episodes], rows: torch.Tensor) -> Episodes:
+        """The episodes at ``rows`` (indices into every round's rows, round after round) as one batch, padded
+        as :meth:`sample` pads: prompts to the longest kept prompt, responses to the longest kept response,
+        on any rank."""
+        keep = rows.tolist()
+        prompts = [x for r in rounds for x in r.prompts]
+        responses = [x for r in rounds for x in response_rows(r.sampled.response.cpu(), r.sampled.mask.cpu())]
+        engine = None if any(r.engine_logprobs is None for r in rounds) else [
+            x for r in rounds for x in r.engine_logprobs]
+        texts = [x for r in rounds for x in r.texts]
+        sampled = self._padded([prompts[i].ids for i in keep], [responses[i] for i in keep])
+        return Episodes([prompts[i] for i in keep], sampled, None if engine is None else [engine[i] for i in keep],
+                        Scores.rows_of([r.scores for r in rounds], rows), [texts[i] for i in keep])
+
+    def _padded(self, prompt_ids: list[list[int]], responses: list[list[int]]) -> Sampled:
+        """Prompts and responses (each up to and including its eos) as a ``Sampled`` on the device, padded to
+        the longest prompt and the longest response on any rank."""
+        tok, device = self.models.tokenizer, self.models.device
+        longest = int(self.comm.max(torch.tensor([max(len(x) for x in prompt_ids)]))[0])
+        query, query_mask = left_pad(prompt_ids, tok.pad_token_id, longest)
+        length = int(self.comm.max(torch.tensor([max(1, max(len(x) for x in responses))]))[0])
+        response = torch.full((len(responses), length), tok.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(responses):
+            response[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask, has_eos = response_mask(response, tok.eos_token_id)
+        return Sampled(query.to(device), query_mask.to(device), response.to(device), mask.to(device),
+                       has_eos.to(device))
 
     def generate(self, prompt_ids: list[list[int]], positions: list[int], stream: int) -> Sampled:
         """:meth:`sample` without the engine's log-probs."""
         return self.sample(prompt_ids, positions, stream)[0]
 
     @torch.no_grad()
-    def sample(self, prompt_ids: list[list[int]], positions: list[int],
-               stream: int) -> tuple[Sampled, list[Any] | None]:
+    def sample(self, prompt_ids: list[list[int]], positions: list[int], stream: int,
+               group_size: int = 1) -> tuple[Sampled, list[Any] | None]:
         """Sample a response to each prompt (episode ``positions[i]`` of sampling stream ``stream``: the PPO
-        step, or -1 for evaluation), with the rollout engine when there is one, else HF ``generate``.
+        step, or -1 for evaluation), with the rollout engine when there is one, else HF ``generate``
+        (``group_size`` K: rows come in groups of K sharing a prompt, whose forward pass they then share).
         Responses are padded to the longest real response on any rank, so every rank's shapes agree.
         -> (the samples, the engine's log-probs of each response: a list per row, None where it gave none;
         None when the trainer sampled itself)."""
@@ -209,7 +345,7 @@ class PPORollout:
             rows, engine_logprobs = self.engine.responses(self.models.actor, prompt_ids, positions, stream)
             response = right_pad(rows, tok.pad_token_id)[0].to(device)
         else:
-            response = self._hf_responses(query, query_mask, positions, stream)
+            response = self._hf_responses(query, query_mask, positions, stream, group_size)
         if response.size(1) == 0:  # nothing generated (max_new_tokens reached at once): keep one pad
             response = torch.full((query.size(0), 1), tok.pad_token_id, dtype=torch.long, device=device)
         mask, has_eos = response_mask(response, tok.eos_token_id)
@@ -223,8 +359,9 @@ class PPORollout:
         return Sampled(query, query_mask, response, mask, has_eos), engine_logprobs
 
     def _hf_responses(self, query: torch.Tensor, query_mask: torch.Tensor, positions: list[int],
-                      stream: int) -> torch.Tensor:
-        """HF ``generate`` with the per-episode sampler -> (B, T') generated ids (pad after eos)."""
+                      stream: int, group_size: int = 1) -> torch.Tensor:
+        """HF ``generate`` with the per-episode sampler -> (B, T') generated ids (pad after eos); rows in groups
+        of ``group_size`` identical prompts start from one shared prompt forward (:meth:`_shared_prefill`)."""
         ppo, models = self.cfg.ppo, self.models
         sampler = EpisodeSampler(episode_uniforms(ppo.train.seed, stream, positions, ppo.max_new_tokens),
                                  query.size(1), ppo.temperature, ppo.top_k, ppo.top_p)
@@ -239,8 +376,36 @@ class PPORollout:
             # keep stepping until every rank is done (synced_gpus), so the collectives stay matched
             kwargs["synced_gpus"] = self.comm.on
         with models.autocast():
+            cache = self._shared_prefill(query, query_mask, group_size) if self.share_prefill else None
+            if cache is not None:
+                kwargs["cache"] = cache  # generate runs only the last prompt token, then decodes
             out = neutral_generate(models.actor, gen_cfg, **kwargs)
         return out[:, query.size(1):]
+
+    def _shared_prefill(self, query: torch.Tensor, query_mask: torch.Tensor, group_size: int) -> Any | None:
+        """One forward pass per prompt for its K samples: ``query`` / ``query_mask`` (B, P) hold groups of K
+        identical rows; all but the last token of each group's prompt run once, and the KV cache is repeated K
+        times (``Cache.batch_repeat_interleave``) -> that cache (B rows, P - 1 positions), from which
+        ``generate`` runs the last prompt token of every row and decodes. The sampler's per-episode streams
+        are untouched, so the tokens are those of K separate prompt passes up to floating-point rounding
+        (identical on the tiny model: tests/test_ppo_rollout_features.py). None (every row runs its own
+        prompt pass) with K = 1, a one-token prompt, groups whose rows differ, or a model whose cache cannot
+        be repeated."""
+        k = group_size
+        rows, width = query.shape
+        if k < 2 or width < 2 or rows % k:
+            return None
+        ids, att = query.view(-1, k, width), query_mask.view(-1, k, width)
+        if not (bool((ids == ids[:, :1]).all()) and bool((att == att[:, :1]).all())):
+            return None
+        ids, att = query[::k, :-1], query_mask[::k, :-1]
+        out = self.models.actor(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att),
+                                use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None)
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        cache.batch_repeat_interleave(k)
+        return cache
 
     @torch.no_grad()
     def _score_sampled_tokens(self, ids: torch.Tensor, att: torch.Tensor,

@@ -146,6 +146,18 @@ class Scores:
     metrics: dict[str, torch.Tensor]      # extra per-sample metrics of reward functions: name -> (B,) (NaN: none)
     rm_truncated: int = 0                 # RM inputs cut to the RM's max_length in this batch
 
+    @staticmethod
+    def rows_of(batches: Sequence[Scores], rows: torch.Tensor) -> Scores:
+        """Rows ``rows`` ((n,) indices into the batches' rows, batch after batch) of several batches' scores
+        (same sources and metrics in each) as one; ``rm_truncated`` counts every batch's inputs."""
+        def pick(values: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(values)[rows]
+
+        first = batches[0]
+        return Scores(pick([b.total for b in batches]), {k: pick([b.parts[k] for b in batches]) for k in first.parts},
+                      {k: pick([b.metrics[k] for b in batches]) for k in first.metrics},
+                      sum(b.rm_truncated for b in batches))
+
 
 OPTIONAL_KEYWORDS = ("has_eos", "response_ids")
 

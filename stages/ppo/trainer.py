@@ -92,6 +92,9 @@ Metrics (``metrics.jsonl``, one row per step; means over the global batch unless
 - ``explained_variance``: of the returns by the rollout values (1 is a perfect critic).
 - ``response_length``: mean real response tokens (eos included); ``eos_rate``: share ending in eos.
 - ``skipped_minibatches``: minibatches with a skipped micro-batch this step (ratio explosion).
+- Dynamic sampling (``filter_tied_groups``): ``tied_group_frac`` (share of the groups sampled this step,
+  every round, whose rewards tied), ``sampling_rounds``, ``tied_groups_trained`` (tied groups that filled
+  the batch because ``max_sampling_rounds`` ran out; 0 normally).
 - ``rollout_engine_logp_diff`` (``rollout.backend: vllm``): mean |engine log-prob - ``old_logp``| per response
   token, how far the engine's numbers are from the trainer's (the ratio uses ``old_logp``); above
   ``rollout.engine_logp_warn`` a warning is logged once. With ``rollout.importance_sampling`` (on with an

@@ -77,6 +77,23 @@ def _cfg(*overrides: str):
     return load_config(REPO_TINY, ["stages=[ppo]", "ppo.policy_from=base", DIGITS, *overrides])
 
 
+def test_filter_tied_groups_needs_a_group_estimator_with_groups():
+    from pipeline.config import ConfigError
+
+    grpo = ("ppo.advantage_estimator=grpo", "ppo.num_samples_per_prompt=4")
+    assert _cfg("ppo.filter_tied_groups=true", *grpo).ppo.filter_tied_groups
+    assert _cfg("ppo.filter_tied_groups=true", "ppo.advantage_estimator=reinforce_pp",
+                "ppo.num_samples_per_prompt=2").ppo.max_sampling_rounds == 3
+    with pytest.raises(ConfigError, match=r"ppo\.filter_tied_groups.*ppo\.advantage_estimator"):
+        _cfg("ppo.filter_tied_groups=true", "ppo.num_samples_per_prompt=4")  # gae
+    with pytest.raises(ConfigError, match=r"ppo\.filter_tied_groups.*ppo\.num_samples_per_prompt"):
+        _cfg("ppo.filter_tied_groups=true", "ppo.advantage_estimator=reinforce_pp")  # K = 1
+    with pytest.raises(ConfigError, match=r"ppo\.max_sampling_rounds.*ppo\.filter_tied_groups"):
+        _cfg("ppo.max_sampling_rounds=5", *grpo)
+    with pytest.raises(ConfigError, match="max_sampling_rounds"):
+        _cfg("ppo.filter_tied_groups=true", "ppo.max_sampling_rounds=0", *grpo)
+
+
 @pytest.mark.parametrize("overrides,expected", [
     ((), True),                                                          # kl_coef 0.05: KL in the reward
     (("ppo.kl_coef=0",), False),                                         # 0 x KL: nothing reads it
@@ -96,3 +113,12 @@ def test_memory_plan_has_no_reference_at_kl_coef_0():
     plan = estimate(_cfg("ppo.kl_coef=0"), "ppo")
     assert "reference" not in {r.role for r in plan.roles}
     assert any("no reference" in note for note in plan.notes)
+
+
+def test_new_keys_at_their_defaults_leave_the_ppo_stage_hash_alone():
+    from pipeline.stage import stage_identity
+
+    base = _cfg()
+    assert stage_identity(_cfg("ppo.filter_tied_groups=false"), "ppo") == stage_identity(base, "ppo")
+    grpo = ("ppo.advantage_estimator=grpo", "ppo.num_samples_per_prompt=4")
+    assert stage_identity(_cfg("ppo.filter_tied_groups=true", *grpo), "ppo") != stage_identity(_cfg(*grpo), "ppo")
