@@ -155,12 +155,17 @@ def _sbatch_header(cfg: RunConfig, stage: str, log_pattern: Path) -> list[str]:
 def _deadline_lines(cfg: RunConfig, stage: str) -> list[str]:
     """``ALIGNPIPE_DEADLINE``, the time the stage watches (pipeline/preemption.py): ``SLURM_JOB_END_TIME`` where
     Slurm sets it, else the job's end time from squeue, else now plus the job's time limit."""
-    limit = cfg.launch.time_limit_for(stage) or parse_time_limit(cfg.slurm.time)
+    limit = cfg.launch.time_limit_for(stage)
+    if limit is None:
+        try:
+            limit = parse_time_limit(cfg.slurm.time)
+        except ValueError:  # UNLIMITED, or a form Slurm knows and we do not: squeue's end time or nothing
+            limit = None
     return [
-        "job_end_epoch() {  # the job's end time in epoch seconds",
+        "job_end_epoch() {  # the job's end time in epoch seconds ('' when it has none)",
         '  local end; end="$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)"',
         '  case "$end" in [0-9]*T[0-9]*) date -d "$end" +%s 2>/dev/null && return ;; esac',
-        f"  echo $(( $(date +%s) + {limit} ))",
+        f"  echo $(( $(date +%s) + {limit} ))" if limit is not None else "  echo",
         "}",
         'export ALIGNPIPE_DEADLINE="${SLURM_JOB_END_TIME:-$(job_end_epoch)}"',
     ]

@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 from pipeline.launch import ENTRY_ENV
 from pipeline.manifest import read_manifest, write_manifest
-from pipeline.preemption import STOP_FILE
+from pipeline.preemption import STOP_EXIT_CODE, STOP_FILE
 from pipeline.slurm import (
     TERMINAL_STATES,
     parse_scontrol,
@@ -107,6 +110,79 @@ def test_sbatch_script_time_limit_signal_and_requeue_settings(tmp_path):
     assert "scontrol requeue" not in text and "slurm.requeue is off" in text and "exit 75" in lines[-3:][0] + text
     with pytest.raises(ConfigError, match="launch.time_limit=.* and slurm.time="):
         load_config(write_config(tmp_path, "launch: {time_limit: 30}\nslurm: {time: '02:00:00'}\n", run_name="x"))
+
+
+FAKE_STAGE = """#!/bin/bash
+# stands in for the python of the sbatch script: `-c` runs the real one (the manifest check); else it is a
+# stage that starts, then (FAKE_MODE) stops with 75 on the stop file, stops as torchrun reports it (1, with an
+# interrupted manifest), ignores the request, or fails
+if [ "$1" = -c ]; then exec {python} "$@"; fi
+echo "$ALIGNPIPE_DEADLINE" > "$FAKE_DIR/deadline"
+touch "$FAKE_DIR/started"
+while [ ! -e "$FAKE_STAGE_DIR/stop-request" ] || [ "$FAKE_MODE" = ignore ]; do sleep 0.05; done
+cp "$FAKE_STAGE_DIR/stop-request" "$FAKE_DIR/request"
+case "$FAKE_MODE" in
+  fail) exit 3 ;;
+  torchrun) echo '{{"status": "interrupted", "started_at": '"$(date +%s)"'}}' > "$FAKE_STAGE_DIR/manifest.json"
+            exit 1 ;;
+  *) exit 75 ;;
+esac
+"""
+
+
+def _fake_slurm_bin(folder: Path) -> Path:
+    """srun that runs its command, scontrol that records its arguments, squeue with a fixed end time."""
+    folder.mkdir()
+    (folder / "srun").write_text('#!/bin/bash\nwhile [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n')
+    (folder / "scontrol").write_text('#!/bin/bash\necho "$@" >> "$FAKE_DIR/scontrol"\n')
+    (folder / "squeue").write_text("#!/bin/bash\necho 2030-01-01T00:00:00\n")
+    for tool in folder.iterdir():
+        tool.chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize("mode, requeued", [("stop", True), ("torchrun", True), ("fail", False),
+                                            ("ignore", True)])
+def test_batch_script_forwards_the_warning_and_requeues(tmp_path, mode, requeued):
+    """The generated script run by bash with stand-ins for srun, scontrol, squeue and the stage: SIGUSR1 to the
+    batch shell (what --signal=B:USR1 sends) reaches the stage as the stop file; a stage that stopped with a
+    checkpoint (exit 75, or torchrun's 1 with an interrupted manifest) gets `scontrol requeue <job>` and the
+    script exits 75; a failure does not; a stage that ignores the request is requeued by the watchdog."""
+    cfg = load_config(write_config(tmp_path, "slurm: {signal_seconds: 4}\n", run_name="b"))
+    stage_dir = cfg.stage_dir("sft")
+    python = tmp_path / "python"
+    python.write_text(FAKE_STAGE.format(python=sys.executable))
+    python.chmod(0o755)
+    text, _ = sbatch_script(cfg, "sft", Path("/c.json"), python=str(python), env={})
+    (tmp_path / "job.sh").write_text(text)
+    fake_bin = _fake_slurm_bin(tmp_path / "bin")
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NODELIST": "vm", "FAKE_DIR": str(tmp_path), "FAKE_STAGE_DIR": str(stage_dir),
+           "FAKE_MODE": mode}
+    env.pop("SLURM_JOB_END_TIME", None)
+    job = subprocess.Popen(["bash", str(tmp_path / "job.sh")], env=env, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _when(lambda: (tmp_path / "started").exists(), 30, "the stage to start")
+        job.send_signal(signal.SIGUSR1)
+        if mode == "ignore":  # grace max(4 - 15, 4 // 2) = 2 s, then the watchdog requeues
+            _when(lambda: (tmp_path / "scontrol").exists(), 30, "the watchdog")
+            time.sleep(0.5)
+            assert job.poll() is None  # Slurm's requeue would end the job now; here the stage still runs
+            return
+        out, _ = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert (tmp_path / "request").read_text() == "SIGUSR1 to the batch script of job 77\n"
+    assert int((tmp_path / "deadline").read_text()) == int(datetime(2030, 1, 1).timestamp())
+    recorded = (tmp_path / "scontrol").read_text() if (tmp_path / "scontrol").exists() else ""
+    assert ("requeue 77" in recorded) is requeued, (recorded, out)
+    assert job.returncode == (STOP_EXIT_CODE if requeued else 3), out
+    log = (stage_dir / "stage.log").read_text()
+    assert "SIGUSR1: the stage checkpoints and stops at its next step boundary" in log
+    assert ("requeueing job 77" in log) is requeued
 
 
 def test_sbatch_resource_mismatches_are_config_errors(tmp_path):
@@ -323,3 +399,40 @@ def test_real_slurm_requeued_stages_finish_the_chain_with_the_uninterrupted_weig
         a = saved_weights(cfg.stage_dir(stage) / "model")
         b = saved_weights(straight_cfg.stage_dir(stage) / "model")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_real_slurm_torchrun_stage_stops_on_both_ranks_and_is_requeued(slurm_cluster, tmp_path, monkeypatch):
+    """sft under torchrun with 2 ranks in a real Slurm job (srun -> pipeline.launch -> torchrun): SIGUSR1 to the
+    batch shell reaches both ranks through the stop file, both stop at one step; torchrun reports 1, not 75,
+    and the script requeues on the stage's manifest instead; the job resumes and ends with the weights of an
+    uninterrupted local torchrun run."""
+    monkeypatch.delenv(ENTRY_ENV, raising=False)
+    steps = ["stages=[sft]", "sft.train.max_steps=40", "sft.train.save_steps=1000", "logging.progress_bar=false",
+             "launch.launcher=torchrun", "launch.nproc_per_node=2", "sft.train.per_device_batch_size=4",
+             "slurm.cpus_per_task=2"]
+    interrupted = [f"output_root={tmp_path / 'slurm'}", "run_name=t", *steps]
+    (job,) = slurm_pipeline("configs/tiny.yaml", interrupted, do_submit=True, env=dict(os.environ),
+                            out=lambda line: None)
+    cfg = load_config("configs/tiny.yaml", interrupted)
+    _interrupt_and_requeue(job["job_id"], cfg.stage_dir("sft"), ["scancel", "--signal=USR1", "--batch", job["job_id"]])
+    stop = read_manifest(cfg.stage_dir("sft"))
+    assert stop["interrupted_by"] == f"stop request (SIGUSR1 to the batch script of job {job['job_id']})", stop
+    assert stop["stopped_at_step"] == stop["resume_step"] >= 3
+    log = Path(job["log"]).read_text()
+    assert "-m torch.distributed.run --nproc_per_node 2 --standalone" in log
+    stage_log = (cfg.stage_dir("sft") / "stage.log").read_text()
+    assert "the stage stopped with a checkpoint (exit 1): requeueing" in stage_log
+    states = _wait([job["job_id"]], timeout=300)
+    assert states[job["job_id"]]["JobState"] == "COMPLETED", (states, Path(job["log"]).read_text()[-3000:])
+    manifest = read_manifest(cfg.stage_dir("sft"))
+    assert manifest["status"] == "complete" and manifest["resumed"] is True and manifest["metrics"]["world_size"] == 2
+
+    from pipeline.orchestrator import run_pipeline
+
+    straight = [f"output_root={tmp_path / 'local'}", "run_name=t", *steps]
+    run_pipeline("configs/tiny.yaml", straight, echo=False, report=False, out=lambda line: None)
+    a = saved_weights(cfg.stage_dir("sft") / "model")
+    b = saved_weights(load_config("configs/tiny.yaml", straight).stage_dir("sft") / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
