@@ -209,8 +209,11 @@ def memory_estimate(cfg: Any, plan: Any) -> None:
 
 
 def report_section(section: Any) -> list[str]:
+    """The curves; a key the run's loss does not log is left out (KTO's ``kl`` and label accuracy, ORPO's and
+    SimPO's ``nll``; KTO on unpaired rows has no margin or pair accuracy)."""
     return section.grid("dpo_curves.png", "DPO", ("loss", "eval_loss", "margin", "eval_margin", "accuracy",
-                                                  "eval_accuracy"), missing="no DPO metrics logged")
+                                                  "eval_accuracy", "kl", "label_accuracy", "eval_label_accuracy",
+                                                  "nll"), missing="no DPO metrics logged")
 
 
 SPEC = StageSpec(
