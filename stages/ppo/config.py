@@ -414,8 +414,9 @@ class PPOConfig(Section):
         wanted = [f"ppo.{key}" for key in ("eval_verifier", "keep_best", "early_stopping_patience")
                   if getattr(self, key)]
         if wanted and self.eval_data is None:
-            raise ValueError(f"{' and '.join(wanted)} {'need' if len(wanted) > 1 else 'needs'} ppo.eval_data (held-out prompts, never among ppo.data's): "
-                             "set ppo.eval_data: {path: ...}, or drop them")
+            verb = "need" if len(wanted) > 1 else "needs"
+            raise ValueError(f"{' and '.join(wanted)} {verb} ppo.eval_data (held-out prompts, never among "
+                             "ppo.data's): set ppo.eval_data: {path: ...}, or drop them")
         if self.early_stopping_patience and not self.eval_every:
             raise ValueError("ppo.early_stopping_patience needs ppo.eval_every (evals during the run to compare); "
                              "set ppo.eval_every: N")

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from data.formats import last_user
 from pipeline.config import RunConfig
 from stages.batching import left_pad, right_pad
 from stages.chat import position_ids_from_mask
@@ -48,8 +49,9 @@ from stages.ppo.core import (
     truncated_importance_weights,
 )
 from stages.ppo.distributed import Comm, global_whiten
+from stages.ppo.guards import verifier_means, verifier_sums
 from stages.ppo.models import PPOModels
-from stages.ppo.rewards import Responses, Scores
+from stages.ppo.rewards import Responses, Scores, import_function
 from stages.ppo.rollout import (
     EncodedPrompt,
     EpisodeSampler,
@@ -166,6 +168,8 @@ class PPORollout:
                  reward_norm: RunningMoments, engine: RolloutEngine | None):
         self.cfg, self.models, self.prompts, self.comm = cfg, models, prompts, comm
         self.kl_ctl, self.reward_norm, self.engine = kl_ctl, reward_norm, engine
+        spec = cfg.ppo.eval_verifier
+        self.eval_verifier = import_function(spec) if spec else None  # ppo.eval_verifier: scored at each eval
 
     # ------------------------------------------------------------------------------ step 1
     @torch.no_grad()
@@ -544,16 +548,30 @@ class PPORollout:
         per_rank = math.ceil(n / d.world_size)
         mine += [-1] * (per_rank - len(mine))  # equal work on every rank; -1 rows are not counted
         totals = torch.zeros(4, dtype=torch.float64)
+        verifier: dict[str, float] = {}
         for s in range(0, per_rank, batch):
             chunk = mine[s:s + batch]
             real = torch.tensor([i >= 0 for i in chunk])
             chunk_prompts = [prompts[max(i, 0)] for i in chunk]
             sampled = self.generate([x.ids for x in chunk_prompts], [max(i, 0) for i in chunk], stream=-1)
             response, mask, has_eos = sampled.response.cpu(), sampled.mask.cpu(), sampled.has_eos.cpu()
-            score = self.score_responses(chunk_prompts, response, mask, has_eos)[0].total
+            scores, texts = self.score_responses(chunk_prompts, response, mask, has_eos)
+            score = scores.total
             totals += torch.stack([score[real].sum().double(), mask.sum(1)[real].sum().double(),
                                    has_eos[real].sum().double(), real.sum().double()])
+            if self.eval_verifier is not None:
+                kept = [j for j, i in enumerate(chunk) if i >= 0]
+                sums = verifier_sums(self.eval_verifier, [last_user(chunk_prompts[j].messages) for j in kept],
+                                     [texts[j] for j in kept], [chunk_prompts[j].reference for j in kept],
+                                     self.cfg.ppo.eval_verifier)
+                for key, value in sums.items():
+                    verifier[key] = verifier.get(key, 0.0) + value
         totals = self.comm.sum(totals)
         count = max(float(totals[3]), 1.0)
-        return {"eval_score": float(totals[0]) / count, "eval_response_length": float(totals[1]) / count,
-                "eval_eos_rate": float(totals[2]) / count}
+        row = {"eval_score": float(totals[0]) / count, "eval_response_length": float(totals[1]) / count,
+               "eval_eos_rate": float(totals[2]) / count}
+        if self.eval_verifier is not None:
+            keys = sorted(verifier)  # the same metric names on every rank (one verifier, same code)
+            added = self.comm.sum(torch.tensor([verifier[k] for k in keys], dtype=torch.float64))
+            row.update(verifier_means(dict(zip(keys, added.tolist())), float(totals[3])))
+        return row

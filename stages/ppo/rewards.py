@@ -55,6 +55,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from data.formats import last_user
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -297,7 +299,7 @@ class RewardSources:
 
     def score(self, batch: Responses) -> Scores:
         """Score every source on ``batch``; raises on non-finite scores (naming the source)."""
-        prompts = [next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "") for msgs in batch.messages]
+        prompts = [last_user(msgs) for msgs in batch.messages]
         responses = batch.texts
         total = torch.zeros(len(responses), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
