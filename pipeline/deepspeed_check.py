@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib
 import json
 import os
 import socket
@@ -310,6 +311,29 @@ def _ensure_ds_accelerator() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def _no_shm_comm_op() -> None:
+    """Stands in for ``deepspeed.comm.torch.build_shm_op``: no shared-memory op, so every collective is
+    torch.distributed's."""
+    return None
+
+
+def skip_comm_op_build() -> None:
+    """Keep ``deepspeed.initialize`` / ``deepspeed.init_distributed`` from compiling a C++ op.
+
+    DeepSpeed's torch communication backend builds its shared-memory all-reduce op (``deepspeed_shm_comm``)
+    whenever it starts on the CPU accelerator, used or not: with DS_BUILD_OPS=0 (how we install it) that is a
+    JIT build at first use, which needs a C++ compiler and the Python headers and takes about a minute of
+    cc1plus on a fresh machine. Only ``inference_all_reduce`` (DeepSpeed-Inference's tensor-parallel layers)
+    calls the op; training's collectives are torch.distributed's (gloo on CPU, nccl on CUDA), so nothing is
+    lost. On CUDA the accelerator offers no such op and this changes nothing. Call before DeepSpeed starts
+    its communication backend; tests/test_deepspeed_configs.py checks that nothing is compiled.
+    """
+    # by module path: the attribute ``deepspeed.comm.torch`` is the torch package that deepspeed.comm imports
+    backend = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(backend, "build_shm_op"):
+        backend.build_shm_op = _no_shm_comm_op
+
+
 def check_top_level_keys(ds_config: dict[str, Any]) -> list[str]:
     """Layer 3: unknown top-level keys (DeepSpeed ignores them silently), with a did-you-mean hint."""
     problems = []
@@ -539,6 +563,7 @@ def initialize_one_step(
         load_ds_config(path), micro_batch=micro_batch, grad_accum=grad_accum, world_size=1, lr=lr,
         max_grad_norm=1.0, bf16=bf16, hidden_size=hidden, num_training_steps=10, warmup_steps=1,
     )
+    skip_comm_op_build()
     deepspeed.init_distributed(dist_backend="gloo")
     model = torch.nn.Sequential(torch.nn.Linear(16, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
 

@@ -521,7 +521,7 @@ def init_deepspeed(model: Any, optimizer: Any, scheduler: Any, ds_path: str, *, 
     """
     import deepspeed
 
-    from pipeline.deepspeed_check import fill_auto, needs_ds_cpu_adam
+    from pipeline.deepspeed_check import fill_auto, needs_ds_cpu_adam, skip_comm_op_build
 
     raw = json.loads(resolve_path(ds_path).read_text())
     if needs_ds_cpu_adam(raw):
@@ -533,6 +533,7 @@ def init_deepspeed(model: Any, optimizer: Any, scheduler: Any, ds_path: str, *, 
     extra = {"hidden_size": hidden_size} if hidden_size is not None else {}
     ds_config = fill_auto(raw, micro_batch=micro_batch, grad_accum=grad_accum, world_size=world_size, lr=lr,
                           max_grad_norm=max_grad_norm, bf16=bf16, **extra)
+    skip_comm_op_build()  # no C++ build at start-up: the optimiser is torch's, the collectives torch.distributed's
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config)
     return engine, optimizer, scheduler, ds_config

@@ -207,11 +207,29 @@ def test_fill_auto_rejects_nonpositive_sizes(zero2: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- layer 4: initialize
-# Warm (DeepSpeed's shm_comm op cached under ~/.cache/torch_extensions) each subprocess takes ~7-10 s;
-# the first run on a machine compiles shm_comm (~1 min), hence slow.
+# Each subprocess takes ~7-10 s (imports; nothing is compiled: skip_comm_op_build).
 @pytest.mark.slow
 def test_initialize_and_one_step_zero2() -> None:
     assert run_initialize_check(DS_DIR / "zero2.json") == []
+
+
+def test_initialize_compiles_no_deepspeed_op(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """deepspeed.initialize + a ZeRO-2 step with our torch AdamW builds no DeepSpeed op: every C/C++ compiler on
+    PATH fails loudly and TORCH_EXTENSIONS_DIR, where a JIT build would land, stays empty. (DeepSpeed's torch
+    backend used to compile its shm comm op here: a minute of cc1plus on a fresh machine.)"""
+    extensions, no_compiler = tmp_path / "torch_extensions", tmp_path / "bin"
+    extensions.mkdir()
+    no_compiler.mkdir()
+    for name in ("c++", "g++", "gcc", "cc", "x86_64-linux-gnu-g++", "x86_64-linux-gnu-gcc"):
+        tool = no_compiler / name
+        tool.write_text('#!/bin/sh\necho "compiler called: $0 $*" >&2\nexit 1\n')
+        tool.chmod(0o755)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    monkeypatch.setenv("PATH", f"{no_compiler}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CC", str(no_compiler / "gcc"))
+    monkeypatch.setenv("CXX", str(no_compiler / "c++"))
+    assert run_initialize_check(DS_DIR / "zero2.json", timeout_s=120) == []
+    assert sorted(p.name for p in extensions.iterdir()) == []
 
 
 @pytest.mark.slow
