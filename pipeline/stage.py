@@ -321,11 +321,13 @@ class StageRun:
             self.manifest["status"] = "failed"
             self.manifest["error"] = "".join(traceback.format_exception_only(exc_type, exc)).strip()
             self.manifest["resume_step"] = resume_step(self.dir)
-        if getattr(self, "stop", None) is not None:
-            self.stop.restore()
         if self.is_main:
             write_manifest(self.dir, self.manifest)
             self._close_loggers()
+        if getattr(self, "stop", None) is not None:
+            # only now: a launcher that sees another rank exit first sends SIGTERM, which must not cut the
+            # manifest's writing short
+            self.stop.restore()
         return False
 
     def _write_model_cards(self) -> None:

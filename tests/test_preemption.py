@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,8 +235,11 @@ def test_two_ranks_stop_at_the_same_step_when_one_is_told(tmp_path):
     straight = launch("straight", None)
     assert straight.returncode == 0, straight.stderr[-3000:]
     stopped = launch("stopped", "1:4:SIGUSR1")
-    assert stopped.returncode == 1, stopped.stderr[-3000:]  # torchrun reports a failed worker, not the 75 ...
-    assert (stopped.stdout + stopped.stderr).count("exitcode  : 75") == 2, stopped.stderr[-3000:]  # ... of both
+    # torchrun reports a failed worker (1), not the 75 of the ranks; the first rank to exit makes it SIGTERM the
+    # others, which may have left the stage by then (their part of the checkpoint is written: it ends at a barrier)
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    exit_codes = re.findall(r"exitcode  : (-?\d+)", stopped.stderr)
+    assert "75" in exit_codes and set(exit_codes) <= {"75", "-15"}, stopped.stderr[-3000:]
     stage = tmp_path / "stopped" / "sft"
     manifest = _stopped_manifest(stage, 4, "a stop request on another rank")  # rank 0 writes the manifest
     assert manifest["stopped_at_step"] == 4
