@@ -471,7 +471,9 @@ class PPOConfig(Section):
                 f"rloo or reinforce_pp) with ppo.num_samples_per_prompt >= 2; got advantage_estimator="
                 f"{self.advantage_estimator!r}, num_samples_per_prompt={self.num_samples_per_prompt}. With gae the "
                 "critic is the baseline, so a tied group still has advantages")
-        if "max_sampling_rounds" in self.model_fields_set and not self.filter_tied_groups:
+        # compared with the default, not "was it given": a resolved config (config.resolved.json) gives every key
+        if (not self.filter_tied_groups
+                and self.max_sampling_rounds != type(self).model_fields["max_sampling_rounds"].default):
             raise ValueError(f"ppo.max_sampling_rounds={self.max_sampling_rounds} is set but ppo.filter_tied_groups "
                              "is false: only dynamic sampling runs extra rounds. Set filter_tied_groups: true or "
                              "drop max_sampling_rounds")
