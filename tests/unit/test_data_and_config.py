@@ -192,6 +192,7 @@ def test_a_ppo_stage_made_before_the_rename_stays_up_to_date(tmp_path):
     before_rename = stage_section(cfg, "ppo")
     ppo = dict(before_rename["ppo"])
     ppo["rollout_batch_size"] = ppo.pop("episodes_per_rollout")
+    ppo["eval_steps"] = ppo.pop("eval_every")  # renamed too, the same way
     before_rename["ppo"] = ppo
     config_hash, input_hash = stage_identity(cfg, "ppo")
     assert config_hash == hash_json(before_rename)
