@@ -7,8 +7,10 @@ Two small seeded runs, end to end on the CPU, each compared with a reference run
   truth as the reward (``stages.ppo.rewards:digit_fraction``, x10) and 32 held-out prompts scored before
   and after. Learning means: the training score rises, the held-out score rises, the KL stays bounded.
 - ``demo``: the embedded demo (configs/demo.yaml: SmolLM2-135M, sft -> rm -> ppo -> report on the
-  house-format task). Learning means: the RM separates held-out pairs, and the PPO policy beats the SFT
-  policy on the report's 96 held-out prompts by the rule verifier of the ground truth and the judge.
+  format-on-request task, RM + a verifiable correctness reward). Learning means: the RM separates held-out
+  pairs, the PPO policy beats the SFT policy on the report's 96 held-out prompts by the rule verifier of the
+  ground truth, its correctness part rises, and the policy does not drift on general prompts no stage
+  trained on (``off_task``: format share, length, reference overlap, empty answers).
 
 Each figure has a stated tolerance (absolute, in the figure's unit); the benchmark prints every figure
 next to its reference and says which moved beyond it. Wall times are printed for information only and
@@ -19,6 +21,7 @@ Usage::
     .venv/bin/python bench/quality.py                  # both setups (about 10-15 minutes on 2 cores)
     .venv/bin/python bench/quality.py --setup tiny     # one setup
     .venv/bin/python bench/quality.py --update         # run, then store this run as the reference
+    .venv/bin/python bench/quality.py --setup demo --run-dir outputs/demo   # the figures of a finished run
 
 Exit status: 0 when every figure is within tolerance, 1 when one moved (2 for a failed run).
 """
@@ -106,6 +109,14 @@ def collect(setup: str, run_dir: Path) -> dict[str, Any]:
             figures.update(verifier_win_rate=v["win_rate"], verifier_ci_low=v["ci_low"],
                            verifier_mean_sft=v["mean_parent"], verifier_mean_ppo=v["mean_policy"])
             figures["verifier_prompts"] = v["n"]
+            for name, part in (v.get("parts") or {}).items():  # e.g. correct, house_format, follows_request
+                figures[f"{name}_diff"] = part["diff"]
+                figures[f"{name}_diff_ci_low"] = part["diff_ci_low"]
+        off_task = evaluation.get("off_task") or {}
+        for metric, diff in (off_task.get("diffs") or {}).items():  # drift on prompts no stage trained on
+            figures[f"off_task_{metric}_diff"] = diff["diff"]
+        if "drift" in off_task:
+            figures["off_task_drift"] = float(off_task["drift"])
         if "judge" in comparisons:
             figures["judge_win_rate"] = comparisons["judge"]["win_rate"]
         if "rm" in comparisons:
@@ -164,13 +175,21 @@ def main() -> int:
     parser.add_argument("--setup", choices=sorted(SETUPS), action="append", help="run only this setup (repeatable)")
     parser.add_argument("--update", action="store_true", help="store this run as the new reference")
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--run-dir", type=Path, help="read the figures of a finished run of the setup's config "
+                                                     "(e.g. outputs/demo after make demo) instead of running it; "
+                                                     "needs exactly one --setup")
     args = parser.parse_args()
     setups = args.setup or ["tiny", "demo"]
+    if args.run_dir is not None and len(setups) != 1:
+        parser.error("--run-dir reads one run: give exactly one --setup")
     any_moved = False
     out = ["## Learning regression benchmark", ""]
     for setup in setups:
         print(f"bench-quality: running {setup} ...", flush=True)
-        now, wall = run_setup(setup, args.python)
+        if args.run_dir is not None:
+            now, wall = collect(setup, args.run_dir), float("nan")
+        else:
+            now, wall = run_setup(setup, args.python)
         ref_path = REFERENCE_DIR / f"quality_{setup}.json"
         reference = json.loads(ref_path.read_text()) if ref_path.exists() else None
         lines = compare(setup, now, reference)
@@ -181,7 +200,8 @@ def main() -> int:
             REFERENCE_DIR.mkdir(parents=True, exist_ok=True)
             stored = {**now, "measured": {"date": time.strftime("%Y-%m-%d"), "wall_s": round(wall, 1),
                                           "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                                          "command": f"bench/quality.py --setup {setup} --update"},
+                                          "command": f"bench/quality.py --setup {setup} --update"
+                                                     + (f" --run-dir {args.run_dir}" if args.run_dir else "")},
                       "tolerance": SETUPS[setup]["tolerance"]}
             ref_path.write_text(json.dumps(stored, indent=1) + "\n")
             print(f"bench-quality: reference written to {ref_path.relative_to(REPO)}", flush=True)
