@@ -12,7 +12,7 @@ Steps, each named in the output and in the exit message when it fails:
    fine-tuning, and full fine-tuning under DeepSpeed ZeRO-2 on one rank (torchrun, nccl). Per stage: tokens/s
    (SFT, RM), episodes/s, response tokens/s and the generate/forward/score/update split (PPO), wall time, and
    the peak memory the stage process recorded in its manifest (``peak_memory``: torch's max allocated on
-   CUDA, RSS growth since the stage began on CPU) next to pipeline/memory.py's estimate for the same run.
+   CUDA, the peak RSS on CPU) next to pipeline/memory.py's estimate for the same run.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` (plus ``pytest.log``, ``runs.log``) into ``--out``. Runs that the
 time budget (``--budget-s``) leaves no room for are listed as SKIPPED (time budget), never dropped.
@@ -175,32 +175,42 @@ def _median_after_first(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def planner_estimate(run_dir: Path, stage: str) -> int | None:
-    """pipeline/memory.py's per-device estimate for ``stage`` of the run in ``run_dir`` (its resolved config),
-    with the tiny model's vocabulary as built (the tokenizer trained locally may hold fewer than asked)."""
+def planner_plan(run_dir: Path, stage: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """pipeline/memory.py's plan for ``stage`` of the run in ``run_dir`` (its resolved config, plus ``overrides``),
+    with the tiny model's vocabulary as built (the tokenizer trained locally may hold fewer than asked); None
+    without a resolved config."""
     from pipeline import memory
-    from pipeline.config import config_from_dict
+    from pipeline.config import apply_overrides, config_from_dict
 
     resolved = run_dir / "config.resolved.json"
     if not resolved.exists():
         return None
-    cfg = config_from_dict(json.loads(resolved.read_text()), str(resolved))
+    data = json.loads(resolved.read_text())
+    cfg = config_from_dict(apply_overrides(data, list(overrides)) if overrides else data, str(resolved))
     built = run_dir / "sft" / "model" / "config.json"
     if cfg.model.source == "tiny" and built.exists():
         vocab = json.loads(built.read_text()).get("vocab_size")
         if vocab:
             tiny = cfg.model.tiny.model_copy(update={"vocab_size": int(vocab)})
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tiny": tiny})})
-    return memory.estimate(cfg, stage).total_bytes
+    return memory.estimate(cfg, stage)
+
+
+def comparable_estimate(plan: Any, peak_kind: str) -> int:
+    """The plan's bytes that ``peak_kind`` measures: all of them for a peak RSS on CPU; on CUDA, torch's max
+    allocated leaves out the CUDA context (the plan's ``runtime``)."""
+    if peak_kind == "cuda_max_allocated":
+        return plan.total_bytes - sum(r.total for r in plan.roles if r.role == "runtime")
+    return plan.total_bytes
 
 
 def measured_peak(manifest: dict[str, Any]) -> tuple[int | None, str]:
-    """(bytes, what) of a stage's peak: CUDA max allocated where recorded, else RSS growth since the stage began."""
+    """(bytes, what) of a stage's peak: CUDA max allocated where recorded, else the process's peak RSS."""
     peak = manifest.get("peak_memory") or {}
     if peak.get("cuda_max_allocated_bytes") is not None:
         return int(peak["cuda_max_allocated_bytes"]), "cuda_max_allocated"
-    if peak.get("rss_peak_bytes") is not None and peak.get("rss_start_bytes") is not None:
-        return int(peak["rss_peak_bytes"]) - int(peak["rss_start_bytes"]), "rss_growth"
+    if peak.get("rss_peak_bytes") is not None:
+        return int(peak["rss_peak_bytes"]), "rss_peak"
     return None, "none"
 
 
@@ -228,7 +238,8 @@ def stage_figures(run_dir: Path, stage: str) -> dict[str, Any]:
     fig["peak_bytes"], fig["peak_kind"] = peak, what
     fig["peak_memory"] = manifest.get("peak_memory")
     try:
-        est = planner_estimate(run_dir, stage)
+        plan = planner_plan(run_dir, stage)
+        est = None if plan is None else comparable_estimate(plan, what)
     except Exception as exc:  # noqa: BLE001 - a planner error is a finding, recorded next to the figure
         est, fig["planner_error"] = None, f"{type(exc).__name__}: {exc}"[:300]
     fig["planner_estimate_bytes"] = est
@@ -293,9 +304,10 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_num(f.get('tokens_per_s'))} | {_num(f.get('episodes_per_s'), '{:.2f}')} | "
                 f"{_num(f.get('response_tokens_per_s'))} | {split_s} | {_mib(f.get('peak_bytes'))} | "
                 f"{_mib(f.get('planner_estimate_bytes'))} | {_num(f.get('measured_over_estimate'), '{:.2f}')} |")
-    kind = "CUDA max allocated" if not result["dry_run"] else "RSS growth since the stage began (CPU)"
+    kind = "CUDA max allocated" if not result["dry_run"] else "the process's peak RSS (CPU)"
     lines += ["", f"Peak = {kind}, rank 0, recorded by the stage process in its manifest (`peak_memory`).",
-              "Planner = pipeline/memory.py `estimate(cfg, stage).total_bytes` for the same resolved config."]
+              "Planner = pipeline/memory.py `estimate(cfg, stage).total_bytes` for the same resolved config "
+              "(on CUDA less its `runtime`, the CUDA context, which torch's allocator does not count)."]
     return "\n".join(lines) + "\n"
 
 

@@ -5,11 +5,18 @@ into a cluster job. ``estimate(cfg, stage)`` adds up, per device and per model r
 
 - weights, gradients and optimizer states under the stage's ZeRO stage and offload settings, read
   from its DeepSpeed JSON, at the world size of ``cfg.launch`` (nnodes x nproc_per_node);
-- activations for one training micro-batch (rough: the tensors a Llama-style layer keeps for
-  backward, plus fp32 logits for the LM loss; DPO's log-softmax over the vocabulary as measured, and its
-  reference forward: ``dpo_activations``);
+- activations for one training micro-batch: the tensors a Llama-style layer keeps for backward
+  (``_layer_saved``), counted from the architecture and checked against the bytes autograd actually saves
+  (``tests/test_memory.py``), plus the LM loss's vocabulary-wide tensors; DPO's log-softmax over the
+  vocabulary and its reference forward: ``dpo_activations``;
 - for PPO and RLAIF labelling, the generation KV cache
-  2 * layers * kv_heads * head_dim * (prompt + new tokens) * rollout batch * bytes.
+  2 * layers * kv_heads * head_dim * (prompt + new tokens) * rollout batch * bytes;
+- ``runtime``: what the process holds apart from its models. On a CPU that is the stage process's own
+  resident memory (python, torch, transformers, tokenizers, the data: ``CPU_RUNTIME_BYTES``, more with
+  peft: ``PEFT_RUNTIME_BYTES``), host memory on an accelerator, where the plan counts the CUDA context
+  instead (``CUDA_CONTEXT_BYTES``: device memory outside torch's allocator);
+- ``cpu_heap`` (CPU plans): what glibc's allocator keeps resident beyond the live activations
+  (``CPU_HEAP_RETENTION``).
 
 Byte accounting per parameter (the ZeRO paper's, K = optimizer bytes):
 
@@ -26,18 +33,10 @@ ZeRO-1 divides optimizer states by the data-parallel world size N, ZeRO-2 also g
 weights (frozen models included). Optimizer offload moves optimizer states to host memory; parameter
 offload (ZeRO-3) moves weights there, leaving roughly two layers gathered on the device.
 
-Numbers are estimates: allocator fragmentation, CUDA context and communication buffers are covered by
-``check``'s headroom, not itemised.
-
-Measured accuracy (``bench/planner_accuracy.py [CONFIG]``: estimate vs the stage process's RSS growth since the
-stage began, CPU; on a GPU ``bench/gpu_check.sh`` compares with torch's max allocated). configs/tiny.yaml: SFT
-16.6 MiB planned vs 186 MiB measured (-91%), RM 18.6 vs 224 (-92%), PPO 14.4 vs 189 (-92%): on a model of
-~0.1M parameters the runtime's own allocations (imports after the stage starts, tokenizer, data, allocator
-arenas) are the whole footprint and the planner does not model them. configs/demo.yaml (SmolLM2-135M, LoRA;
-2026-12-01, the bench-quality demo run): SFT 1,952 MiB planned vs 2,871 measured (-32%), RM 2,499 vs 2,968
-(-16%), PPO 3,074 vs 4,115 (-25%): it under-estimates, most in SFT (outside the 25% target there), plausibly
-the same unmodelled runtime memory (~150-200 MiB on tiny) plus the CPU's fp32 activations and logits.
-Target: within 25% for SFT and RM, within 40% for PPO.
+Numbers are estimates: allocator fragmentation on an accelerator and communication buffers are covered by
+``check``'s headroom, not itemised. The planner sizes activations at the config's longest sequence
+(``max_length``, prompt + new tokens); a run whose rows are shorter needs less. Accuracy, measured against the
+stage processes' peak RSS on CPU: docs/RESULTS.md "Memory planner accuracy" (``bench/planner_accuracy.py``).
 """
 
 from __future__ import annotations
@@ -52,13 +51,34 @@ from pipeline.model_dims import ModelDims, model_dims, trainable_params  # noqa:
 from pipeline.registry import spec_of
 
 GIB = 1024**3
+MIB = 1024**2
 
-# Tensors a Llama-style decoder layer keeps for backward, per token, in units of the activation dtype:
-# norm in/out (2h), q/k/v (h + 2*kv_dim), attention output and o_proj input (2h), residual (h),
-# post-norm in/out (2h), gate, up, act(gate), act*up (4I). Attention itself is assumed SDPA/flash
-# (no seq^2 score matrix kept).
-_ACT_HIDDEN_FACTOR = 8
-_ACT_INTERMEDIATE_FACTOR = 4
+# --- measured constants (docs/RESULTS.md "Memory planner accuracy" has the runs they come from) -----------
+#: CPU: resident memory of a stage process apart from its models and activations: python, torch, transformers,
+#: tokenizers, DeepSpeed's and accelerate's imports, the data, torch's first-use buffers. Fitted on
+#: configs/tiny.yaml (2026-12-07, this 2-core CPU), whose 0.1M-parameter model leaves little else: peak RSS less
+#: the plan's other roles ("implied runtime" in bench/planner_accuracy.py) was 416 (sft), 440 (rm: matplotlib
+#: for its histogram) and 425 (ppo) MiB. The RSS after importing torch + transformers alone, 253 MiB, is not
+#: the figure: a stage imports much more before its model is built.
+CPU_RUNTIME_BYTES = 427 * MIB
+#: CPU, a PEFT method: what peft (and the bitsandbytes it imports) adds; the same tiny stages with LoRA
+#: implied 475, 505 and 482 MiB, 60 more on average.
+PEFT_RUNTIME_BYTES = 60 * MIB
+#: Accelerator: device memory the CUDA context (kernels, cuBLAS / cuDNN workspaces) holds outside torch's
+#: allocator, so neither max_memory_allocated nor the rest of the plan sees it. About 0.5 GiB on recent
+#: NVIDIA GPUs with CUDA 12's lazy module loading; an assumption, not measured here (no GPU on this machine).
+CUDA_CONTEXT_BYTES = 512 * MIB
+#: CPU: glibc's malloc serves allocations below its mmap threshold from heaps it rarely gives back, and
+#: raises that threshold (up to ``GLIBC_MMAP_THRESHOLD_MAX``) to the size of the largest block it has freed.
+#: From the second training step on, the per-layer activations therefore live in heaps that also keep the
+#: freed blocks of the step before: their resident size settles near (1 + this) x the live activations, less
+#: what gradients and optimizer states, allocated while the activations are freed, take of that slack. Fitted
+#: with ``bench/planner_accuracy.py --heap`` (2026-12-07; SmolLM2-135M's layer shape, micro-batch 8 x 96, 6
+#: steps): retention 0.93 (LoRA, 30 layers), 1.02 (LoRA, 8 layers); a full fine-tune's gradients and Adam
+#: states filled the slack (8 layers: peak 1.03 x the plan). An earlier run of the 30-layer shape gave 1.21:
+#: glibc's behaviour varies from run to run by about a tenth of the peak.
+CPU_HEAP_RETENTION = 1.0
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MIB  # 4 MiB x sizeof(long): larger blocks are mmap-ed and returned when freed
 
 class MemoryPlanError(RuntimeError):
     """The plan does not fit the device; the message lists the changes that would fit."""
@@ -98,6 +118,7 @@ class _Knobs:
     micro_batch: int
     grad_ckpt: bool
     rollout_batch: int = 0
+    cpu: bool = False  # the stage runs on the CPU: RSS is what is planned (process runtime, glibc's heaps)
 
 
 @dataclasses.dataclass
@@ -113,9 +134,8 @@ class MemoryPlan:
     dims: ModelDims
     roles: list[RoleMemory]
     notes: list[str] = dataclasses.field(default_factory=list)
-    _alternatives: Callable[[], list[tuple[str, "MemoryPlan"]]] | None = dataclasses.field(
-        default=None, repr=False, compare=False
-    )
+    _alternatives: Callable[[], list["Alternative"]] | None = dataclasses.field(default=None, repr=False,
+                                                                                compare=False)
 
     @property
     def total_bytes(self) -> int:
@@ -158,6 +178,10 @@ class MemoryPlan:
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
+    def alternatives(self) -> list["Alternative"]:
+        """The usual ways out of an OOM, each re-estimated (empty for a stage that trains nothing)."""
+        return self._alternatives() if self._alternatives else []
+
     def fits(self, device_bytes: int, headroom: float = 0.9) -> bool:
         """True if the plan uses at most ``headroom`` of the device (the rest: context, fragmentation)."""
         return self.total_bytes <= headroom * device_bytes
@@ -171,18 +195,29 @@ class MemoryPlan:
             f"({headroom:.0%} usable = {_gib(int(headroom * device_bytes))}).",
             self.format(),
         ]
-        alternatives = self._alternatives() if self._alternatives else []
-        fitting = [(how, plan) for how, plan in alternatives if plan.fits(device_bytes, headroom)]
+        alternatives = self.alternatives()
+        fitting = [alt for alt in alternatives if alt.plan.fits(device_bytes, headroom)]
         if fitting:
             lines.append("These changes would fit (re-estimated):")
-            lines += [f"  - {how}: {_gib(plan.total_bytes)} per device" for how, plan in fitting]
+            lines += [f"  - {alt.how}: {_gib(alt.plan.total_bytes)} per device ({' '.join(alt.overrides)})"
+                      for alt in fitting]
         else:
-            tried = "; ".join(f"{how} ({_gib(plan.total_bytes)})" for how, plan in alternatives) or "none"
+            tried = "; ".join(f"{alt.how} ({_gib(alt.plan.total_bytes)})" for alt in alternatives) or "none"
             lines.append(
                 f"Nothing tried fits ({tried}). Use more devices (launch.nnodes / launch.nproc_per_node) "
                 "with ZeRO-3, a smaller model, or devices with more memory."
             )
         raise MemoryPlanError("\n".join(lines))
+
+
+@dataclasses.dataclass(frozen=True)
+class Alternative:
+    """One way out of an OOM that ``check`` offers: what it is, the config overrides that make it (``key=value``,
+    as the command line takes them) and the plan re-estimated with it."""
+
+    how: str
+    overrides: list[str]
+    plan: MemoryPlan
 
 
 def _gib(n: int) -> str:
@@ -250,7 +285,7 @@ def _initial_knobs(cfg: RunConfig, stage: str) -> tuple[_Knobs, str]:
     else:
         shape_knobs = (shape.tuning, shape.micro_batch, shape.gradient_checkpointing, shape.rollout_batch)
     knobs = _Knobs(zero_stage, offload_opt, offload_param, deepspeed_bf16, weight_bytes, 2 if bf16 else 4,
-                   *shape_knobs)
+                   *shape_knobs, cpu=device_memory_bytes(cfg) is None)
     return knobs, precision
 
 
@@ -295,24 +330,74 @@ def _model_role(
     return RoleMemory(role, total, trainable, weights, grads, optimizer, activations, other, host)
 
 
-def _layer_token_bytes(dims: ModelDims, knobs: _Knobs) -> int:
-    """Bytes one decoder layer keeps for backward per token (``_ACT_*_FACTOR``)."""
-    return (_ACT_HIDDEN_FACTOR * dims.hidden + 2 * dims.kv_heads * dims.head_dim
-            + _ACT_INTERMEDIATE_FACTOR * dims.intermediate) * knobs.act_bytes
+def _layer_saved(dims: ModelDims, knobs: _Knobs, padded: bool) -> list[tuple[int, int]]:
+    """(elements per token, bytes per element) of each tensor a Llama-style decoder layer keeps for backward,
+    counted from HF's LlamaDecoderLayer under SDPA (no seq^2 score matrix is kept):
+
+    - the residual stream, twice (the layer's input, the sum after attention): fp32 whatever the precision,
+      as the stream itself (fp32 weights) or as RMSNorm's fp32 upcast of it (bf16 weights);
+    - each RMSNorm's normalised input, kept only when its weight trains (not under a PEFT method), in the
+      weights' dtype;
+    - the projections' input: each norm's output, shared by the projections it feeds, except under bf16
+      autocast on fp32 weights, where each of q, k, v, gate and up keeps its own bf16 cast of it;
+    - q and k after RoPE, v, and the attention output (o_proj's input). With a padding mask transformers
+      repeats k and v to every query head before SDPA, so they are kept at q's width; without one (SFT's
+      collate passes none) SDPA takes the grouped heads as they are;
+    - the MLP's gate and up outputs, act(gate) and act(gate) * up;
+    - per token, each norm's fp32 reciprocal RMS and SDPA's fp32 log-sum-exp per head.
+
+    Left out: a LoRA adapter's A output (r elements per adapted projection) and, with a padding mask, an fp32
+    row of the mask per token (seq elements): each under 3% of the layer at the demo's sizes. Checked against
+    the bytes autograd saves (``tests/test_memory.py``)."""
+    h, act = dims.hidden, knobs.act_bytes
+    weights = 2 if knobs.deepspeed_bf16 else knobs.weight_bytes
+    q = dims.heads * dims.head_dim
+    kv = q if padded and dims.kv_heads < dims.heads else dims.kv_heads * dims.head_dim
+    normed = [] if knobs.tuning.is_peft else [(h, weights)] * 2
+    projection_inputs = [(h, act)] * (5 if act < weights else 2)
+    return ([(h, 4)] * 2 + normed + projection_inputs + [(q, act), (kv, act), (kv, act), (q, act)]
+            + [(dims.intermediate, act)] * 4 + [(2, 4), (dims.heads, 4)])
 
 
-def _train_activations(dims: ModelDims, knobs: _Knobs, seq: int, sequences: int, lm_head: bool) -> int:
-    """Rough activation bytes of one micro-batch forward+backward (``sequences`` x ``seq`` tokens)."""
+def _layer_token_bytes(dims: ModelDims, knobs: _Knobs, padded: bool = True) -> int:
+    """Bytes one decoder layer keeps for backward per token (``_layer_saved``)."""
+    return sum(width * nbytes for width, nbytes in _layer_saved(dims, knobs, padded))
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+    """Activation bytes of one micro-batch: ``total``, and ``heap``, the part in blocks small enough for glibc's
+    heaps on a CPU (``CPU_HEAP_RETENTION``)."""
+
+    total: int
+    heap: int
+
+
+def _tensors_bytes(tensors: list[tuple[int, int]], tokens: int, copies: int = 1) -> Activations:
+    """``copies`` x the tensors (elements per token, bytes per element) over ``tokens`` tokens."""
+    sizes = [tokens * width * nbytes for width, nbytes in tensors]
+    return Activations(copies * sum(sizes), copies * sum(n for n in sizes if n <= GLIBC_MMAP_THRESHOLD_MAX))
+
+
+def _train_activations(dims: ModelDims, knobs: _Knobs, seq: int, sequences: int, lm_head: bool,
+                       padded: bool = True, logit_positions: int | None = None) -> Activations:
+    """Activation bytes of one micro-batch forward+backward (``sequences`` x ``seq`` tokens; the LM head on the
+    last ``logit_positions`` of each sequence, all of them by default)."""
     tokens = sequences * seq
-    per_layer_token = _layer_token_bytes(dims, knobs)
+    saved = _layer_saved(dims, knobs, padded)
     if knobs.grad_ckpt:
         # Only each layer's input is kept; one layer's activations exist during its recompute.
-        layers = dims.layers * tokens * dims.hidden * knobs.act_bytes + tokens * per_layer_token
+        inputs = _tensors_bytes(saved[:1], tokens, dims.layers)
+        one = _tensors_bytes(saved, tokens)
+        layers = Activations(inputs.total + one.total, inputs.heap + one.heap)
     else:
-        layers = dims.layers * tokens * per_layer_token
-    # LM loss: logits in the compute dtype, their fp32 upcast and the fp32 softmax gradient.
-    logits = tokens * dims.vocab * (knobs.act_bytes + 8) if lm_head else 0
-    return layers + logits
+        layers = _tensors_bytes(saved, tokens, dims.layers)
+    if not lm_head:
+        return layers
+    # LM loss: logits in the compute dtype, the fp32 log-softmax cross-entropy keeps, and its gradient.
+    logit_tokens = sequences * min(seq, logit_positions or seq)
+    logits = _tensors_bytes([(dims.vocab, knobs.act_bytes), (dims.vocab, 4), (dims.vocab, 4)], logit_tokens)
+    return Activations(layers.total + logits.total, layers.heap + logits.heap)
 
 
 class MemoryBuilder:
@@ -331,6 +416,7 @@ class MemoryBuilder:
         self.notes: list[str] = []
         self._param_count, self._dims_of = param_count, dims_of
         self.dims = dims_of(None)
+        self._activations = Activations(0, 0)  # all of activations()' results: their heap-sized share
 
     def use_model(self, location: str, *, may_be_missing: bool = False) -> None:
         """Plan with the dims of the model at ``location`` (a folder or hub name: a policy the run brings, a
@@ -370,9 +456,14 @@ class MemoryBuilder:
         """A model that costs no extra weights (the trained one with its adapter disabled)."""
         self.roles.append(RoleMemory(role, self._total(kind), 0))
 
-    def activations(self, seq: int, sequences: int, lm_head: bool) -> int:
-        """Activation bytes of one training micro-batch of ``sequences`` x ``seq`` tokens."""
-        return _train_activations(self.dims, self.knobs, seq, sequences, lm_head)
+    def activations(self, seq: int, sequences: int, lm_head: bool, *, padded: bool = True,
+                    logit_positions: int | None = None) -> int:
+        """Activation bytes of one training micro-batch of ``sequences`` x ``seq`` tokens. ``padded``: the forward
+        gets a padding mask (``_layer_saved``: k and v are then kept at every query head's width);
+        ``logit_positions``: the LM head runs on that many last positions of each sequence (all by default)."""
+        found = _train_activations(self.dims, self.knobs, seq, sequences, lm_head, padded, logit_positions)
+        self._activations = Activations(self._activations.total + found.total, self._activations.heap + found.heap)
+        return found.total
 
     def layer_token_bytes(self) -> int:
         """Bytes one decoder layer keeps for backward per token."""
@@ -387,59 +478,90 @@ class MemoryBuilder:
     def note(self, text: str) -> None:
         self.notes.append(text)
 
+    def add_runtime(self) -> None:
+        """What the process holds besides its models, added after the stage's own roles. On a CPU: ``runtime``,
+        the stage process's own resident memory, and ``cpu_heap``, what glibc's heaps keep beyond the live
+        activations once the gradients and optimizer states have taken their share of it. On an accelerator:
+        ``runtime``, the CUDA context."""
+        if not self.knobs.cpu:
+            self.roles.append(RoleMemory("runtime", other=CUDA_CONTEXT_BYTES))
+            return
+        peft = PEFT_RUNTIME_BYTES if self.knobs.tuning.is_peft else 0
+        self.roles.append(RoleMemory("runtime", other=CPU_RUNTIME_BYTES + peft))
+        # the activations the roles hold at once, at the heap-sized share of those activations() computed
+        held, computed = sum(r.activations for r in self.roles), self._activations
+        heap = held * computed.heap // computed.total if computed.total else 0
+        slack = int(CPU_HEAP_RETENTION * heap)
+        filled = sum(r.grads + r.optimizer for r in self.roles)
+        if slack > filled:
+            self.roles.append(RoleMemory("cpu_heap", other=slack - filled))
+
 
 def _estimate(cfg: RunConfig, stage: str, param_count: int | None, knobs: _Knobs, precision: str,
               dims_of: Callable[[str | None], ModelDims]) -> MemoryPlan:
     plan = MemoryBuilder(cfg, knobs, precision, param_count, dims_of)
     spec_of(cfg, stage).memory_estimate(cfg, plan)
+    plan.add_runtime()
     notes = [f"model dims from {plan.dims.source}", *plan.notes]
     if knobs.micro_batch:
         notes.append(f"activations for micro-batch {knobs.micro_batch}"
-                     f"{' with gradient checkpointing' if knobs.grad_ckpt else ''} (rough)")
+                     f"{' with gradient checkpointing' if knobs.grad_ckpt else ''} at the longest sequence allowed")
+    notes.append("runtime: the stage process's own resident memory (a CPU plan counts RSS)" if knobs.cpu else
+                 f"runtime: the CUDA context, ~{CUDA_CONTEXT_BYTES / GIB:.1f} GiB outside torch's allocator")
     return MemoryPlan(stage, plan.world, knobs.zero_stage, knobs.offload_optimizer, knobs.offload_param, precision,
                       plan.dims, plan.roles, notes)
 
 
 def _alternatives(cfg: RunConfig, stage: str, knobs: _Knobs, precision: str,
-                  estimate_with: Callable[[_Knobs], MemoryPlan]) -> list[tuple[str, MemoryPlan]]:
-    """Re-estimate the plan under the usual ways out of an OOM, each with the override that does it (the keys
+                  estimate_with: Callable[[_Knobs], MemoryPlan]) -> list[Alternative]:
+    """Re-estimate the plan under the usual ways out of an OOM, each with the overrides that do it (the keys
     of the stage's ``StageSpec.training``; a stage that trains nothing has none)."""
     spec = spec_of(cfg, stage)
     shape = spec.training(cfg) if spec.training is not None else None
     if shape is None:
         return []
-    ds_key, tuning_key, small_batch = shape.keys["deepspeed"], shape.keys["tuning"], shape.keys["small_batch"]
-    lora = TuningConfig(method="lora", lora_r=16)
+    tuning_key = shape.keys["tuning"]
+    tuning_section = tuning_key.rsplit(".", 1)[0]
+    small_batch = shape.keys["small_batch"].split()
+    zero3 = [f"{shape.keys['deepspeed']}=configs/deepspeed/zero3.json"]
+    zero3_offload = [f"{shape.keys['deepspeed']}=configs/deepspeed/zero3_offload.json"]
+    lora_r = 16
+
+    def adapter(method: str) -> TuningConfig:  # the stage's tuning settings with a LoRA-family method
+        return knobs.tuning.model_copy(update={"method": method, "lora_r": lora_r})
+
+    lora = [f"{tuning_key}=lora", f"{tuning_section}.lora_r={lora_r}"]
     ds_bf16 = precision == "bf16"  # our JSONs have bf16 "auto": DeepSpeed mixed precision when bf16
 
-    options: list[tuple[str, dict[str, Any]]] = []
+    options: list[tuple[str, list[str], dict[str, Any]]] = []
     if not knobs.tuning.is_peft:
-        options.append((f"LoRA ({tuning_key}=lora)", dict(tuning=lora)))
+        options.append(("LoRA", lora, dict(tuning=adapter("lora"))))
     if knobs.tuning.method != "qlora":
-        options.append((f"QLoRA, 4-bit base (needs bitsandbytes on CUDA; {tuning_key}=qlora)",
-                        dict(tuning=TuningConfig(method="qlora", lora_r=16))))
+        options.append(("QLoRA, 4-bit base (needs bitsandbytes on CUDA)",
+                        [f"{tuning_key}=qlora", f"{tuning_section}.lora_r={lora_r}"],
+                        dict(tuning=adapter("qlora"))))
     if knobs.zero_stage < 3:
-        options.append((f"ZeRO-3 ({ds_key}=configs/deepspeed/zero3.json)",
+        options.append(("ZeRO-3", zero3,
                         dict(zero_stage=3, offload_optimizer=False, offload_param=False, deepspeed_bf16=ds_bf16)))
     if not (knobs.offload_optimizer and knobs.offload_param):
-        options.append((f"ZeRO-3 + CPU offload ({ds_key}=configs/deepspeed/zero3_offload.json)",
+        options.append(("ZeRO-3 + CPU offload", zero3_offload,
                         dict(zero_stage=3, offload_optimizer=True, offload_param=True, deepspeed_bf16=ds_bf16)))
     if knobs.micro_batch > 1 or not knobs.grad_ckpt:
-        options.append((f"micro-batch 1 + gradient checkpointing ({small_batch})",
-                        dict(micro_batch=1, grad_ckpt=True)))
+        options.append(("micro-batch 1 + gradient checkpointing", small_batch, dict(micro_batch=1, grad_ckpt=True)))
     if shape.smaller_rollout_batch and knobs.rollout_batch > 1:
-        options.append((f"smaller rollout batch ({shape.keys['rollout_batch']})",
+        options.append(("smaller rollout batch", shape.keys["rollout_batch"].split(),
                         dict(rollout_batch=shape.smaller_rollout_batch)))
     # Combined remedies, for the cases no single change rescues.
     combined: dict[str, Any] = dict(zero_stage=3, offload_optimizer=True, offload_param=True, deepspeed_bf16=ds_bf16,
                                     micro_batch=1, grad_ckpt=True)
-    options.append((f"ZeRO-3 + CPU offload + micro-batch 1 + gradient checkpointing "
-                    f"({ds_key}=configs/deepspeed/zero3_offload.json {small_batch})", combined))
+    options.append(("ZeRO-3 + CPU offload + micro-batch 1 + gradient checkpointing", zero3_offload + small_batch,
+                    combined))
     if not knobs.tuning.is_peft:
-        options.append((f"LoRA + ZeRO-3 + CPU offload + micro-batch 1 + gradient checkpointing "
-                        f"({tuning_key}=lora {ds_key}=configs/deepspeed/zero3_offload.json {small_batch})",
-                        dict(combined, tuning=lora)))
-    return [(how, estimate_with(dataclasses.replace(knobs, **changes))) for how, changes in options]
+        options.append(("LoRA + ZeRO-3 + CPU offload + micro-batch 1 + gradient checkpointing",
+                        lora + zero3_offload + small_batch,
+                        dict(combined, tuning=adapter("lora"))))
+    return [Alternative(how, overrides, estimate_with(dataclasses.replace(knobs, **changes)))
+            for how, overrides, changes in options]
 
 
 def estimate(cfg: RunConfig, stage: str, param_count: int | None = None) -> MemoryPlan | None:

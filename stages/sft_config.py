@@ -51,7 +51,9 @@ def memory_estimate(cfg: Any, plan: Any) -> None:
     """The policy trained on micro-batches of ``max_length`` tokens; with token-level distillation, a frozen
     teacher's forward per micro-batch (its logits and their fp32 softmax)."""
     k = plan.knobs
-    plan.trained("policy", "causal_lm", plan.activations(cfg.sft.max_length, k.micro_batch, lm_head=True))
+    # no padding mask: the collate pads on the right and passes position ids (pipeline.memory._layer_saved)
+    plan.trained("policy", "causal_lm", plan.activations(cfg.sft.max_length, k.micro_batch, lm_head=True,
+                                                         padded=False))
     if cfg.distill.token_level.enabled and cfg.distill.teacher.kind != "http":
         logits = k.micro_batch * cfg.sft.max_length * plan.dims.vocab * (k.act_bytes + 8)
         plan.frozen("teacher", "causal_lm", activations=logits)

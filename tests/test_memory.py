@@ -76,7 +76,8 @@ def test_zero_stage_bytes_exact(json_name: str, weights: int, grads: int, optimi
     assert (plan.world_size, plan.zero_stage) == (2, int(json_name[4]))
     assert (policy.weights, policy.grads, policy.optimizer, policy.other, policy.host) == (
         weights, grads, optimizer, other, host)
-    assert plan.total_bytes == weights + grads + optimizer + other + policy.activations
+    assert plan.total_bytes == weights + grads + optimizer + other + policy.activations + sum(
+        plan.role(r).total for r in ("runtime", "cpu_heap") if r in [x.role for x in plan.roles])
     table = plan.format()
     assert "policy" in table and "TOTAL" in table and f"ZeRO-{json_name[4]}" in table
 
@@ -128,8 +129,14 @@ def test_plan_that_fits_passes_check() -> None:
 def test_ppo_roles_reference_kv_cache_and_frozen_models() -> None:
     cfg = tiny("ppo.train.precision=fp32")
     plan = estimate(cfg, "ppo")
-    assert [r.role for r in plan.roles] == ["actor", "critic", "reference", "reward_model", "kv_cache"]
-    actor, critic, ref, rm, kv = plan.roles
+    assert [r.role for r in plan.roles] == ["actor", "critic", "reference", "reward_model", "kv_cache", "runtime",
+                                            "cpu_heap"]
+    actor, critic, ref, rm, kv = plan.roles[:5]
+    # the critic's and the actor's forwards both run before either backward: both graphs are held. Micro-batch
+    # 8 x (64 + 16) tokens, 4,632 bytes per layer per token (padded); the actor's LM head on the 16 + 1 last
+    # positions only (logits_to_keep), 12 bytes per vocabulary entry
+    assert critic.activations == 2 * 8 * 80 * 4_632
+    assert actor.activations == critic.activations + 8 * 17 * 512 * 12
     assert (actor.params, actor.trainable, actor.optimizer) == (P, P, 8 * P)
     assert (critic.params, critic.trainable, critic.optimizer) == (P_CLS, P_CLS, 8 * P_CLS)
     assert (ref.weights, ref.grads, ref.optimizer) == (4 * P, 0, 0)
@@ -185,7 +192,9 @@ def test_unknown_stage_is_refused() -> None:
 
 def test_dpo_activation_components_by_hand() -> None:
     """configs/tiny.yaml's DPO micro-batch, fp32: 8 pairs = 16 sequences x max_length 128 = 2,048 tokens.
-    A layer keeps (8 x 64 + 2 x 2 x 16 + 4 x 128) x 4 = 4,352 bytes per token; the log-softmax over the 512
+    A layer keeps, per token (``_layer_saved``; 4 heads of 16, 2 kv heads, padded: k and v repeated to 64):
+    residual 2 x 64, normalised inputs 2 x 64, projection inputs 2 x 64, q + k + v + attention output 4 x 64,
+    MLP 4 x 128, reciprocal RMS 2 and log-sum-exp 4 = 1,158 floats = 4,632 bytes; the log-softmax over the 512
     entries of the vocabulary 16 bytes per entry; the reference's forward (no gradient) the logits, their fp32
     copy and a temporary (4 + 8 bytes per entry) plus one layer. Training (layers + log-probs) is the peak:
     the reference pass runs before it, so it is not added."""
@@ -199,16 +208,138 @@ def test_dpo_activation_components_by_hand() -> None:
     knobs, _ = _initial_knobs(cfg, "dpo")
     parts = dpo_activations(builder(cfg, knobs), 128, 8)
     tokens = 2 * 8 * 128
-    assert parts["layers"] == 2 * tokens * 4_352 == 17_825_792
+    assert (2 * 64 + 2 * 64 + 2 * 64 + 4 * 64 + 4 * 128 + 2 + 4) * 4 == 4_632
+    assert parts["layers"] == 2 * tokens * 4_632 == 18_972_672
     assert parts["logprobs"] == tokens * 512 * 16 == 16_777_216
-    assert parts["reference_pass"] == tokens * 512 * 12 + tokens * 4_352 == 21_495_808
-    assert parts["peak"] == 17_825_792 + 16_777_216
+    assert parts["reference_pass"] == tokens * 512 * 12 + tokens * 4_632 == 22_069_248
+    assert parts["peak"] == 18_972_672 + 16_777_216
     assert estimate(cfg, "dpo").role("policy").activations == parts["peak"]
     assert estimate(cfg, "dpo").role("reference").total == 0  # no copy of the weights, LoRA or not
-    # gradient checkpointing keeps each layer's input (64 x 4 bytes) plus one layer in flight; the log-probs
-    # stay (16 bytes per entry under bf16 autocast too: the log-softmax runs in fp32)
+    # bf16 autocast on fp32 weights with gradient checkpointing: each layer's input stays (fp32 residual, 4 bytes)
+    # plus one layer in flight, whose projections each keep a bf16 cast of their input: residual 2 x 64 x 4,
+    # normalised 2 x 64 x 4, five casts 5 x 64 x 2, attention 4 x 64 x 2, MLP 4 x 128 x 2, fp32 extras 6 x 4
     ckpt, _ = _initial_knobs(tiny("dpo.train.precision=bf16", "dpo.train.gradient_checkpointing=true"), "dpo")
+    layer = 2 * 64 * 4 + 2 * 64 * 4 + 5 * 64 * 2 + 4 * 64 * 2 + 4 * 128 * 2 + 6 * 4
+    assert layer == 3_224
     parts = dpo_activations(builder(cfg, ckpt), 128, 8)
-    assert parts["layers"] == 2 * tokens * 64 * 2 + tokens * 4_352 // 2
+    assert parts["layers"] == 2 * tokens * 64 * 4 + tokens * layer
     assert parts["logprobs"] == 16_777_216
-    assert parts["reference_pass"] == tokens * 512 * 10 + tokens * 4_352 // 2 < parts["peak"]
+    assert parts["reference_pass"] == tokens * 512 * 10 + tokens * layer < parts["peak"]
+
+
+# ------------------------------------------------------------------------- activations against autograd
+def _saved_bytes_per_layer_token(lora: bool, padded: bool, autocast: bool) -> float:
+    """Bytes autograd keeps for backward per token per decoder layer of a small GQA Llama (hidden 64, 4 heads,
+    2 kv heads, MLP 128): the difference between a 2-layer and a 1-layer model's saved activations (tensors
+    whose first dimension is the batch or batch x seq: not the weights, nor autocast's copies of them)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    batch, seq = 2, 16
+
+    def saved(layers: int) -> int:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+        model = LlamaForSequenceClassification(config).train()
+        if lora:
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(r=1, target_modules="all-linear", task_type="SEQ_CLS"))
+        ids = torch.randint(1, 128, (batch, seq))
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[0, :5] = 0  # left padding on one row
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() >= 2 and t.shape[0] in (batch, batch * seq):
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, attention_mask=mask if padded else None)
+        return sum(kept.values())
+
+    return (saved(2) - saved(1)) / (batch * seq)
+
+
+@pytest.mark.parametrize(("lora", "padded", "autocast", "tolerance"), [
+    (False, False, False, 0.0),  # exact
+    (False, True, False, 0.02),  # + a padding mask row per token (seq floats: 64 bytes here)
+    (True, False, False, 0.01),  # + LoRA's A outputs (7 x r floats)
+    (True, True, False, 0.03),
+    (False, False, True, 0.0),  # bf16 autocast on fp32 weights: fp32 residual, one bf16 cast per projection
+    (True, False, True, 0.06),  # + adapter details under autocast (A outputs, one more cast)
+])
+def test_layer_activations_match_what_autograd_saves(lora: bool, padded: bool, autocast: bool,
+                                                     tolerance: float) -> None:
+    from pipeline.config import TuningConfig
+    from pipeline.memory import _Knobs, _layer_token_bytes
+
+    dims = ModelDims(64, 1, 128, 128, 4, 2, 16)
+    knobs = _Knobs(0, False, False, False, 4, 2 if autocast else 4, TuningConfig(method="lora" if lora else "full"),
+                   2, False)
+    planned = _layer_token_bytes(dims, knobs, padded)
+    measured = _saved_bytes_per_layer_token(lora, padded, autocast)
+    assert planned <= measured <= planned * (1 + tolerance), (planned, measured)
+
+
+# ------------------------------------------------------------------------------ runtime and the CPU heap
+def test_runtime_is_the_process_on_cpu_and_the_cuda_context_on_a_gpu() -> None:
+    from pipeline.memory import CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, PEFT_RUNTIME_BYTES
+
+    cpu = estimate(tiny("sft.train.precision=fp32"), "sft")
+    assert cpu.role("runtime").total == CPU_RUNTIME_BYTES
+    lora = estimate(tiny("sft.train.precision=fp32", "sft.tuning.method=lora"), "sft")
+    assert lora.role("runtime").total == CPU_RUNTIME_BYTES + PEFT_RUNTIME_BYTES
+    gpu = estimate(tiny("launch.gpu_memory_gib=80"), "sft")
+    assert gpu.role("runtime").total == CUDA_CONTEXT_BYTES
+    assert "cpu_heap" not in [r.role for r in gpu.roles]  # torch's CUDA allocator, not glibc's heaps
+
+
+def test_cpu_heap_slack_less_what_gradients_and_optimizer_fill() -> None:
+    """CPU_HEAP_RETENTION x the activations in heap-sized blocks, less the gradients and optimizer states allocated
+    into that slack; tiny's SFT micro-batch (8 x 128 tokens, fp32) has every block under glibc's mmap cap."""
+    from pipeline.memory import CPU_HEAP_RETENTION
+
+    full = estimate(tiny("sft.train.precision=fp32"), "sft")
+    policy = full.role("policy")
+    assert full.role("cpu_heap").total == int(CPU_HEAP_RETENTION * policy.activations) - policy.grads - policy.optimizer
+    lora = estimate(tiny("sft.train.precision=fp32", "sft.tuning.method=lora"), "sft").role("policy")
+    assert lora.grads + lora.optimizer < policy.grads + policy.optimizer
+    # the demo's logits (768 x 49,152 fp32 = 144 MiB) are mmap-ed blocks, returned when freed: not in the slack
+    from pipeline.config import TuningConfig
+    from pipeline.memory import GLIBC_MMAP_THRESHOLD_MAX, _Knobs, _train_activations
+
+    smollm2 = ModelDims(576, 30, 1536, 49152, 9, 3, 64, tie_embeddings=True)
+    knobs = _Knobs(0, False, False, False, 4, 4, TuningConfig(method="lora"), 8, False, cpu=True)
+    with_head = _train_activations(smollm2, knobs, 96, 8, lm_head=True)
+    without = _train_activations(smollm2, knobs, 96, 8, lm_head=False)
+    assert 768 * 49152 * 4 > GLIBC_MMAP_THRESHOLD_MAX
+    assert with_head.heap == without.heap == without.total < with_head.total
+
+
+# -------------------------------------------------------------------------------- refusal and its advice
+def test_7b_on_a_24gb_device_is_refused_and_each_fitting_advice_fits_when_applied() -> None:
+    """A full fine-tune of Llama-2-7B's shape on one 24 GiB device: refused, with the options and their sizes;
+    each option the message says fits, applied as the overrides it names, fits when planned afresh, at the size
+    the message gave."""
+    base = ("model.source=hub", "model.path=meta-llama/Llama-2-7b-hf", "model.dtype=bfloat16",
+            "launch.gpu_memory_gib=24", "sft.train.per_device_batch_size=4", "sft.max_length=512")
+    plan = estimate(tiny(*base), "sft")
+    assert 6.5e9 < plan.role("policy").params < 7e9
+    with pytest.raises(MemoryPlanError) as info:
+        plan.check(24 * GIB)
+    message = str(info.value)
+    fitting = [alt for alt in plan.alternatives() if alt.plan.fits(24 * GIB)]
+    assert {alt.how for alt in fitting} >= {"QLoRA, 4-bit base (needs bitsandbytes on CUDA)",
+                                            "ZeRO-3 + CPU offload + micro-batch 1 + gradient checkpointing"}
+    for alt in plan.alternatives():
+        line = f"  - {alt.how}: "
+        assert (line in message) == (alt in fitting), alt.how
+        applied = estimate(tiny(*base, *alt.overrides), "sft")
+        assert applied.total_bytes == alt.plan.total_bytes, (alt.how, alt.overrides)
+        assert applied.fits(24 * GIB) == (alt in fitting)
+        if alt in fitting:
+            assert f"{line}{alt.plan.total_bytes / GIB:.2f} GiB per device ({' '.join(alt.overrides)})" in message

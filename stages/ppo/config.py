@@ -588,16 +588,16 @@ def training(cfg: Any) -> TrainingShape:
 
 def memory_estimate(cfg: Any, plan: Any) -> None:
     """Actor, critic (gae), reference, reward model and the rollout's KV cache; with a policy you bring, its
-    dims. The actor's and critic's backward passes happen one after the other: the larger is the peak."""
+    dims. A micro-step runs the critic's forward and the actor's before either backward (``update._losses``), so
+    both graphs are held at once; the actor's LM head sees only the response positions (``logits_to_keep``)."""
     ppo = cfg.ppo
     if ppo.policy is not None:
         plan.use_model(model_location(ppo.policy.path))
     seq, micro = ppo.max_prompt_length + ppo.max_new_tokens, plan.knobs.micro_batch
-    actor = plan.activations(seq, micro, lm_head=True)
-    critic = plan.activations(seq, micro, lm_head=False) if ppo.uses_critic else 0
-    plan.trained("actor", "causal_lm", max(actor, critic))
+    plan.trained("actor", "causal_lm",
+                 plan.activations(seq, micro, lm_head=True, logit_positions=ppo.max_new_tokens + 1))
     if ppo.uses_critic:
-        plan.trained("critic", "seq_cls")
+        plan.trained("critic", "seq_cls", plan.activations(seq, micro, lm_head=False))
     else:
         plan.note(f"no critic: ppo.advantage_estimator={ppo.advantage_estimator} is critic-free")
     if not ppo.uses_reference:
