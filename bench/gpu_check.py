@@ -14,6 +14,9 @@ Steps, each named in the output and in the exit message when it fails:
    the peak memory the stage process recorded in its manifest (``peak_memory``: torch's max allocated on
    CUDA, the peak RSS on CPU) next to pipeline/memory.py's estimate for the same run.
 
+Every process the check starts shares one empty TORCH_EXTENSIONS_DIR; an op JIT-compiled into it (DeepSpeed's,
+under DS_BUILD_OPS=0) is a failure: it needs a compiler a fresh machine may lack, and a minute or more.
+
 Writes ``gpu_check.json`` and ``gpu_check.md`` (plus ``pytest.log``, ``runs.log``) into ``--out``. Runs that the
 time budget (``--budget-s``) leaves no room for are listed as SKIPPED (time budget), never dropped.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -247,6 +251,22 @@ def stage_figures(run_dir: Path, stage: str) -> dict[str, Any]:
     return fig
 
 
+def fresh_extensions_dir(work: Path) -> Path:
+    """An empty TORCH_EXTENSIONS_DIR for every process the check starts: where torch puts any C++/CUDA op it
+    JIT-builds (DeepSpeed's ops under DS_BUILD_OPS=0), so ``compiled_ops`` can tell whether anything was built."""
+    folder = work / "torch_extensions"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
+    return folder
+
+
+def compiled_ops(folder: Path) -> list[str]:
+    """The ops built into ``folder`` (``<python>_<device>/<op>``). None should be: each build needs a compiler
+    (and CUDA headers on a GPU) that a fresh machine may lack, and about a minute."""
+    return sorted(f"{d.name}/{op.name}" for d in folder.iterdir() if d.is_dir() for op in d.iterdir())
+
+
 def run_pipeline(name: str, overrides: list[str], work: Path, timeout: float) -> dict[str, Any]:
     run_dir = work / "outputs" / name
     cmd = [sys.executable, "-m", "pipeline", "run", "configs/tiny.yaml", "--force", "--no-report", f"run_name={name}",
@@ -282,7 +302,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"Verdict: **{'PASS' if not result['failures'] else 'FAIL'}**" +
              ("" if not result["failures"] else " - " + "; ".join(result["failures"])), "",
              f"Wall time {result['wall_s']:.0f} s. Python {pf.get('python')}; " +
-             ", ".join(f"{k} {v}" for k, v in pf.get("versions", {}).items()), ""]
+             ", ".join(f"{k} {v}" for k, v in pf.get("versions", {}).items()), "",
+             "Ops compiled at first use (TORCH_EXTENSIONS_DIR): "
+             f"{', '.join(result.get('compiled_ops') or []) or 'none'}", ""]
     tests = result.get("tests")
     if tests:
         lines += [f"Tests (`pytest {tests['command']}`): {tests.get('tests', '?')} run, {tests.get('failures', '?')} "
@@ -329,9 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     result: dict[str, Any] = {"dry_run": dry, "budget_s": budget, "failures": [], "runs": {}}
+    extensions = fresh_extensions_dir(work)
 
     def finish() -> int:
         result["wall_s"] = round(time.time() - t0, 1)
+        result["compiled_ops"] = compiled_ops(extensions)
+        if result["compiled_ops"]:
+            result["failures"].append(f"op builds: {', '.join(result['compiled_ops'])} compiled at first use "
+                                      "(needs a compiler; nothing the check runs should build one)")
         (out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str))
         (out / "gpu_check.md").write_text(markdown(result))
         logs = sorted(work.glob("*.log"))
