@@ -12,9 +12,10 @@ into a cluster job. ``estimate(cfg, stage)`` adds up, per device and per model r
 - for PPO and RLAIF labelling, the generation KV cache
   2 * layers * kv_heads * head_dim * (prompt + new tokens) * rollout batch * bytes;
 - ``runtime``: what the process holds apart from its models. On a CPU that is the stage process's own
-  resident memory (python, torch, transformers, tokenizers, the data: ``CPU_RUNTIME_BYTES``, more with
-  peft: ``PEFT_RUNTIME_BYTES``), host memory on an accelerator, where the plan counts the CUDA context
-  instead (``CUDA_CONTEXT_BYTES``: device memory outside torch's allocator);
+  resident memory (python, torch, transformers, tokenizers, the data: ``CPU_RUNTIME_BYTES``, more with peft
+  or DeepSpeed: ``PEFT_RUNTIME_BYTES``, ``DEEPSPEED_RUNTIME_BYTES``). On an accelerator that memory is the
+  host's, and the plan counts the CUDA context instead (``CUDA_CONTEXT_BYTES``: device memory outside
+  torch's allocator);
 - ``cpu_heap`` (CPU plans): what glibc's allocator keeps resident beyond the live activations
   (``CPU_HEAP_RETENTION``).
 
@@ -64,6 +65,9 @@ CPU_RUNTIME_BYTES = 427 * MIB
 #: CPU, a PEFT method: what peft (and the bitsandbytes it imports) adds; the same tiny stages with LoRA
 #: implied 475, 505 and 482 MiB, 60 more on average.
 PEFT_RUNTIME_BYTES = 60 * MIB
+#: CPU, under DeepSpeed (launched by torchrun, a process group, DeepSpeed's engine): the GPU check's dry run
+#: (2026-12-07) peaked 51, 50 and 51 MiB higher in sft, rm and ppo with ZeRO-2 than without DeepSpeed.
+DEEPSPEED_RUNTIME_BYTES = 50 * MIB
 #: Accelerator: device memory the CUDA context (kernels, cuBLAS / cuDNN workspaces) holds outside torch's
 #: allocator, so neither max_memory_allocated nor the rest of the plan sees it. About 0.5 GiB on recent
 #: NVIDIA GPUs with CUDA 12's lazy module loading; an assumption, not measured here (no GPU on this machine).
@@ -119,6 +123,7 @@ class _Knobs:
     grad_ckpt: bool
     rollout_batch: int = 0
     cpu: bool = False  # the stage runs on the CPU: RSS is what is planned (process runtime, glibc's heaps)
+    deepspeed: bool = False  # the stage trains under DeepSpeed
 
 
 @dataclasses.dataclass
@@ -285,7 +290,7 @@ def _initial_knobs(cfg: RunConfig, stage: str) -> tuple[_Knobs, str]:
     else:
         shape_knobs = (shape.tuning, shape.micro_batch, shape.gradient_checkpointing, shape.rollout_batch)
     knobs = _Knobs(zero_stage, offload_opt, offload_param, deepspeed_bf16, weight_bytes, 2 if bf16 else 4,
-                   *shape_knobs, cpu=device_memory_bytes(cfg) is None)
+                   *shape_knobs, cpu=device_memory_bytes(cfg) is None, deepspeed=ds_path is not None)
     return knobs, precision
 
 
@@ -487,7 +492,8 @@ class MemoryBuilder:
             self.roles.append(RoleMemory("runtime", other=CUDA_CONTEXT_BYTES))
             return
         peft = PEFT_RUNTIME_BYTES if self.knobs.tuning.is_peft else 0
-        self.roles.append(RoleMemory("runtime", other=CPU_RUNTIME_BYTES + peft))
+        deepspeed = DEEPSPEED_RUNTIME_BYTES if self.knobs.deepspeed else 0
+        self.roles.append(RoleMemory("runtime", other=CPU_RUNTIME_BYTES + peft + deepspeed))
         # the activations the roles hold at once, at the heap-sized share of those activations() computed
         held, computed = sum(r.activations for r in self.roles), self._activations
         heap = held * computed.heap // computed.total if computed.total else 0
@@ -542,10 +548,12 @@ def _alternatives(cfg: RunConfig, stage: str, knobs: _Knobs, precision: str,
                         dict(tuning=adapter("qlora"))))
     if knobs.zero_stage < 3:
         options.append(("ZeRO-3", zero3,
-                        dict(zero_stage=3, offload_optimizer=False, offload_param=False, deepspeed_bf16=ds_bf16)))
+                        dict(zero_stage=3, offload_optimizer=False, offload_param=False, deepspeed_bf16=ds_bf16,
+                             deepspeed=True)))
     if not (knobs.offload_optimizer and knobs.offload_param):
         options.append(("ZeRO-3 + CPU offload", zero3_offload,
-                        dict(zero_stage=3, offload_optimizer=True, offload_param=True, deepspeed_bf16=ds_bf16)))
+                        dict(zero_stage=3, offload_optimizer=True, offload_param=True, deepspeed_bf16=ds_bf16,
+                             deepspeed=True)))
     if knobs.micro_batch > 1 or not knobs.grad_ckpt:
         options.append(("micro-batch 1 + gradient checkpointing", small_batch, dict(micro_batch=1, grad_ckpt=True)))
     if shape.smaller_rollout_batch and knobs.rollout_batch > 1:
@@ -553,7 +561,7 @@ def _alternatives(cfg: RunConfig, stage: str, knobs: _Knobs, precision: str,
                         dict(rollout_batch=shape.smaller_rollout_batch)))
     # Combined remedies, for the cases no single change rescues.
     combined: dict[str, Any] = dict(zero_stage=3, offload_optimizer=True, offload_param=True, deepspeed_bf16=ds_bf16,
-                                    micro_batch=1, grad_ckpt=True)
+                                    micro_batch=1, grad_ckpt=True, deepspeed=True)
     options.append(("ZeRO-3 + CPU offload + micro-batch 1 + gradient checkpointing", zero3_offload + small_batch,
                     combined))
     if not knobs.tuning.is_peft:

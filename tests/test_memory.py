@@ -287,12 +287,14 @@ def test_layer_activations_match_what_autograd_saves(lora: bool, padded: bool, a
 
 # ------------------------------------------------------------------------------ runtime and the CPU heap
 def test_runtime_is_the_process_on_cpu_and_the_cuda_context_on_a_gpu() -> None:
-    from pipeline.memory import CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, PEFT_RUNTIME_BYTES
+    from pipeline.memory import CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, DEEPSPEED_RUNTIME_BYTES, PEFT_RUNTIME_BYTES
 
     cpu = estimate(tiny("sft.train.precision=fp32"), "sft")
     assert cpu.role("runtime").total == CPU_RUNTIME_BYTES
     lora = estimate(tiny("sft.train.precision=fp32", "sft.tuning.method=lora"), "sft")
     assert lora.role("runtime").total == CPU_RUNTIME_BYTES + PEFT_RUNTIME_BYTES
+    zero2 = estimate(tiny("sft.train.precision=fp32", "sft.train.deepspeed=configs/deepspeed/zero2.json"), "sft")
+    assert zero2.role("runtime").total == CPU_RUNTIME_BYTES + DEEPSPEED_RUNTIME_BYTES
     gpu = estimate(tiny("launch.gpu_memory_gib=80"), "sft")
     assert gpu.role("runtime").total == CUDA_CONTEXT_BYTES
     assert "cpu_heap" not in [r.role for r in gpu.roles]  # torch's CUDA allocator, not glibc's heaps
