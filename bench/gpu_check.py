@@ -55,6 +55,13 @@ DRY_MODELS: dict[str, dict[str, int]] = {  # one size: the shared 2-core CPU fit
 }
 STAGES = ("sft", "rm", "ppo")
 ZERO2 = "configs/deepspeed/zero2.json"
+# Time budgets (s): the whole check (``--budget-s``), and what a run needs before any has finished: four python
+# processes (orchestrator, sft, rm, ppo) importing torch, transformers, peft and DeepSpeed, on a GPU each
+# initialising CUDA too. Measured warm on the 2-core CPU (dry run, 2026-12-07): runs of 18-31 s, 88 s in all;
+# a cold machine pays its first imports in the preflight, which imports everything first. Later runs need
+# 1.25 x the slowest so far.
+BUDGET_S = {True: 175.0, False: 440.0}
+FIRST_RUN_S = {True: 45.0, False: 90.0}
 
 
 def mode_overrides(mode: str) -> list[str]:
@@ -333,6 +340,59 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tests_step(dry: bool, work: Path, out: Path, result: dict[str, Any]) -> None:
+    """``pytest -m gpu`` into ``result["tests"]``; a failure, or on the GPU a skip, into ``result["failures"]``."""
+    print("[gpu_check] tests: pytest -m gpu", flush=True)
+    tests = run_tests(dry, work, out, timeout=60 if dry else 150)
+    result["tests"] = tests
+    if tests["returncode"] != 0:
+        result["failures"].append(f"tests: pytest -m gpu exit {tests['returncode']} "
+                                  f"(failed: {', '.join(tests.get('failed_names', [])) or 'see pytest.log'})")
+    elif not dry and tests.get("skipped"):
+        result["failures"].append(f"tests: {tests['skipped']} skipped on the GPU: {tests['skipped_names']}")
+    print(f"[gpu_check] tests: {json.dumps({k: v for k, v in tests.items() if k != 'command'})}", flush=True)
+
+
+def room_for_run(left: float, finished: list[float], dry: bool) -> bool:
+    """Whether ``left`` seconds cover one more run: 1.25 x the slowest finished run, or ``FIRST_RUN_S`` before any
+    has finished. A run started without room would time out and fail; one left out is listed as SKIPPED."""
+    return left >= (1.25 * max(finished) if finished else FIRST_RUN_S[dry])
+
+
+def run_all(dry: bool, runs: str, work: Path, result: dict[str, Any], deadline: float) -> None:
+    """The model x mode pipelines (``runs``: comma-separated names, default all) while the budget lasts, into
+    ``result["runs"]``; failures into ``result["failures"]``. In a dry run a run left out for time is a failure
+    too: on a CPU with tiny sizes nothing should need more than the budget."""
+    models = DRY_MODELS if dry else GPU_MODELS
+    wanted = {r.strip() for r in runs.split(",") if r.strip()}
+    plan = [(m, mode) for m in models for mode in ("lora", "full", "zero2") if not wanted or f"{m}/{mode}" in wanted]
+    finished: list[float] = []
+    for model, mode in plan:
+        name = f"{model}-{mode}"
+        left = deadline - time.time()
+        if not room_for_run(left, finished, dry):
+            result["runs"][name] = {"skipped": f"time budget: {left:.0f} s left, not enough for a run"}
+            print(f"[gpu_check] SKIPPED {name}: time budget ({left:.0f} s left)", flush=True)
+            if dry:
+                result["failures"].append(f"run:{name}: skipped, {left:.0f} s of the time budget left "
+                                          "(GPU_CHECK_BUDGET_S raises it)")
+            continue
+        overrides = [f"model.tiny.{k}={v}" for k, v in models[model].items()]
+        overrides += mode_overrides(mode) + size_overrides(dry)
+        print(f"[gpu_check] run {name} ({left:.0f} s left)", flush=True)
+        run = run_pipeline(name, overrides, work, timeout=left)
+        result["runs"][name] = run
+        finished.append(run["wall_s"])
+        if run["returncode"] != 0 or run["failed_stage"]:
+            stage = run["failed_stage"] or "?"
+            err = run["stages"].get(stage, {}).get("error", f"exit {run['returncode']}, see runs.log")
+            result["failures"].append(f"run:{name}/{stage}: {err}")
+        brief = {s: {k: f.get(k) for k in ("status", "wall_time_s", "tokens_per_s", "episodes_per_s",
+                                             "peak_bytes", "planner_estimate_bytes")}
+                 for s, f in run["stages"].items()}
+        print(f"[gpu_check] {name}: exit {run['returncode']} in {run['wall_s']} s {json.dumps(brief)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -344,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-tests", action="store_true")
     args = ap.parse_args(argv)
     dry = args.dry_run
-    budget = args.budget_s or (175.0 if dry else 440.0)
+    budget = args.budget_s or BUDGET_S[dry]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("GPU_CHECK_WORK", "/tmp/alignpipe-gpu-check"))
@@ -381,40 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[gpu_check] preflight ok: {json.dumps(result['preflight'])}", flush=True)
 
     if not args.no_tests:
-        print("[gpu_check] tests: pytest -m gpu", flush=True)
-        tests = run_tests(dry, work, out, timeout=60 if dry else 150)
-        result["tests"] = tests
-        if tests["returncode"] != 0:
-            result["failures"].append(f"tests: pytest -m gpu exit {tests['returncode']} "
-                                      f"(failed: {', '.join(tests.get('failed_names', [])) or 'see pytest.log'})")
-        elif not dry and tests.get("skipped"):
-            result["failures"].append(f"tests: {tests['skipped']} skipped on the GPU: {tests['skipped_names']}")
-        print(f"[gpu_check] tests: {json.dumps({k: v for k, v in tests.items() if k != 'command'})}", flush=True)
+        tests_step(dry, work, out, result)
 
-    models = DRY_MODELS if dry else GPU_MODELS
-    modes = ("lora", "full", "zero2")
-    wanted = {r.strip() for r in args.runs.split(",") if r.strip()}
-    plan = [(m, mode) for m in models for mode in modes if not wanted or f"{m}/{mode}" in wanted]
-    for model, mode in plan:
-        name = f"{model}-{mode}"
-        left = budget - (time.time() - t0)
-        if left < (20 if dry else 45):
-            result["runs"][name] = {"skipped": f"time budget: {left:.0f} s left of {budget:.0f}"}
-            print(f"[gpu_check] SKIPPED {name}: time budget", flush=True)
-            continue
-        overrides = [f"model.tiny.{k}={v}" for k, v in models[model].items()]
-        overrides += mode_overrides(mode) + size_overrides(dry)
-        print(f"[gpu_check] run {name} ({left:.0f} s left)", flush=True)
-        run = run_pipeline(name, overrides, work, timeout=left)
-        result["runs"][name] = run
-        if run["returncode"] != 0 or run["failed_stage"]:
-            stage = run["failed_stage"] or "?"
-            err = run["stages"].get(stage, {}).get("error", f"exit {run['returncode']}, see runs.log")
-            result["failures"].append(f"run:{name}/{stage}: {err}")
-        brief = {s: {k: f.get(k) for k in ("status", "wall_time_s", "tokens_per_s", "episodes_per_s",
-                                             "peak_bytes", "planner_estimate_bytes")}
-                 for s, f in run["stages"].items()}
-        print(f"[gpu_check] {name}: exit {run['returncode']} in {run['wall_s']} s {json.dumps(brief)}", flush=True)
+    run_all(dry, args.runs, work, result, deadline=t0 + budget)
     return finish()
 
 
