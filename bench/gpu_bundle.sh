@@ -6,8 +6,9 @@
 #
 # Needed there (assumed present: torch, transformers, peft, accelerate, tokenizers, safetensors, pyyaml, pandas):
 #   pydantic + pydantic-core + annotated-types + typing-inspection + typing-extensions   (pipeline/config.py)
-#   deepspeed (an sdist: installs with DS_BUILD_OPS=0 and --no-build-isolation without compiling; the JIT ops are
-#     not used by the ZeRO-2 runs, whose optimizer is torch's AdamW) + hjson (its one dependency the image lacks)
+#   deepspeed (an sdist: installs with DS_BUILD_OPS=0 and --no-build-isolation without compiling; no JIT op is
+#     built by the ZeRO-2 runs: their optimizer is torch's AdamW, their collectives torch.distributed's, and
+#     the check fails if anything lands in its TORCH_EXTENSIONS_DIR) + hjson (its one dependency the image lacks)
 #   bitsandbytes (QLoRA test; manylinux wheel with its CUDA 13.0 library, ~43 MB: the largest file)
 #   trl + datasets + dill + multiprocess (project dependencies; nothing in the check imports them)
 #   peft (gpu_check.sh installs this one only if the GPU environment's is older than the project needs)
