@@ -371,6 +371,16 @@ def follows_format_request(prompt: str, response: str) -> bool:
     return bool(answer.strip()) and ok == asks_house_format(prompt)
 
 
+def format_request_followed(prompts: list[str], responses: list[str], references: list[object]) -> dict:
+    """A verifiable reward of the instruction "Answer in the house format." (an IFEval-style checkable
+    instruction), in the reward-function signature: 1 where the response follows the prompt's format request
+    (:func:`follows_format_request`: a non-empty answer in the house format where the prompt asks for it, a
+    plain one where it does not), else 0. The answer's correctness earns nothing (:func:`demo_task_correct`
+    scores that). Returns ``{"scores": [...], "metrics": {"follows_request": [...]}}``."""
+    scores = [float(follows_format_request(p, r)) for p, r in zip(prompts, responses)]
+    return {"scores": scores, "metrics": {"follows_request": list(scores)}}
+
+
 def format_on_request_verifier(prompts: list[str], responses: list[str], references: list[object]) -> dict:
     """The format-on-request demo's rule verifier of the ground truth, in the reward-function signature (as
     :func:`house_format_verifier`, which it follows except for the format part).

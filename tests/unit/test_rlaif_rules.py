@@ -187,9 +187,21 @@ from stages.rlaif.rules import (  # noqa: E402
     format_on_request_judge,
     format_on_request_score,
     format_on_request_verifier,
+    format_request_followed,
 )
 
 ON_REQUEST = REPO / "data/demo/format_on_request"
+
+
+def test_format_request_followed_rewards_the_format_asked_for_only() -> None:
+    asked, unasked = "What is 2 plus 3? Answer in the house format.", "What is 2 plus 3?"
+    house, plain, shell = '{"answer": "2 plus 3 is 5."}', "2 plus 3 is 5.", '{"answer": ""}'
+    out = format_request_followed([asked, asked, asked, unasked, unasked, unasked],
+                                  [house, plain, shell, plain, house, ""], [5] * 6)
+    assert out["scores"] == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]  # an empty shell or answer follows nothing
+    assert out["metrics"] == {"follows_request": out["scores"]}
+    # a wrong answer in the asked format still follows the request: correctness is another reward's
+    assert format_request_followed([asked], ['{"answer": "2 plus 3 is 6."}'], [5])["scores"] == [1.0]
 
 
 def test_demo_task_correct_scores_the_answer_in_any_format() -> None:
