@@ -206,6 +206,9 @@ class MemoryPlan:
             lines.append("These changes would fit (re-estimated):")
             lines += [f"  - {alt.how}: {_gib(alt.plan.total_bytes)} per device ({' '.join(alt.overrides)})"
                       for alt in fitting]
+            short = "; ".join(f"{alt.how} ({_gib(alt.plan.total_bytes)})" for alt in alternatives if alt not in fitting)
+            if short:
+                lines.append(f"Not enough alone: {short}.")
         else:
             tried = "; ".join(f"{alt.how} ({_gib(alt.plan.total_bytes)})" for alt in alternatives) or "none"
             lines.append(

@@ -337,9 +337,13 @@ def test_7b_on_a_24gb_device_is_refused_and_each_fitting_advice_fits_when_applie
     fitting = [alt for alt in plan.alternatives() if alt.plan.fits(24 * GIB)]
     assert {alt.how for alt in fitting} >= {"QLoRA, 4-bit base (needs bitsandbytes on CUDA)",
                                             "ZeRO-3 + CPU offload + micro-batch 1 + gradient checkpointing"}
+    assert {"LoRA", "ZeRO-3", "micro-batch 1 + gradient checkpointing"} <= {
+        alt.how for alt in plan.alternatives() if alt not in fitting}
     for alt in plan.alternatives():
         line = f"  - {alt.how}: "
         assert (line in message) == (alt in fitting), alt.how
+        if alt not in fitting:  # listed with its size among those not enough alone
+            assert f"{alt.how} ({alt.plan.total_bytes / GIB:.2f} GiB)" in message.split("Not enough alone: ")[1]
         applied = estimate(tiny(*base, *alt.overrides), "sft")
         assert applied.total_bytes == alt.plan.total_bytes, (alt.how, alt.overrides)
         assert applied.fits(24 * GIB) == (alt in fitting)
