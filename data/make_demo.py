@@ -96,11 +96,13 @@ HOUSE_KINDS = ("add", "sub", "mul", "reverse", "upper", "count", "antonym", "cap
 HOUSE_EVAL_PER_KIND = 12  # held-out prompts per task kind: 96 in all, every kind equally represented
 
 
-def make_house_task(rng: random.Random, kind: str | None = None, words: list[str] = WORDS
+def make_house_task(rng: random.Random, kind: str | None = None, words: list[str] = WORDS, echo: bool = False
                     ) -> tuple[str, str | int, str | int, str, str]:
     """(prompt, right answer value, a plausible wrong value, right plain sentence, wrong plain sentence); the
-    word tasks draw from ``words``. The wrong value is the task's typical mistake (an arithmetic slip, a rotated
-    word for a reversal, a capitalised word for upper-casing, a miscount, another antonym or capital)."""
+    word tasks draw from ``words``. The wrong value is the task's typical slip (an arithmetic slip, a rotated
+    word for a reversal, a capitalised word for upper-casing, a miscount, another antonym or capital), or with
+    ``echo`` the question's own term parroted back (the first number, the word unchanged, the word itself, the
+    country; counting keeps its miscount). Both draw the same random numbers, so ``echo`` changes nothing else."""
     kind = kind or rng.choice(HOUSE_KINDS)
     if kind in ("add", "sub", "mul"):
         if kind == "add":
@@ -113,15 +115,17 @@ def make_house_task(rng: random.Random, kind: str | None = None, words: list[str
             a, b = rng.randint(2, 12), rng.randint(2, 12)
             op, value = "times", a * b
         wrong = value + rng.choice([-3, -2, -1, 1, 2, 10])
+        wrong = a if echo else wrong
         return (f"What is {a} {op} {b}?", value, wrong, f"{a} {op} {b} is {value}.", f"{a} {op} {b} is {wrong}.")
     if kind == "reverse":
         w = rng.choice(words)
-        wrong = w[1:] + w[0]
+        wrong = w if echo else w[1:] + w[0]
         return (f"Reverse the word '{w}'.", w[::-1], wrong, f"The reversed word is '{w[::-1]}'.",
                 f"The reversed word is '{wrong}'.")
     if kind == "upper":
         w = rng.choice(words)
-        return f"Write '{w}' in capital letters.", w.upper(), w.capitalize(), w.upper(), w.capitalize()
+        wrong = w if echo else w.capitalize()
+        return f"Write '{w}' in capital letters.", w.upper(), wrong, w.upper(), wrong
     if kind == "count":
         w = rng.choice(words)
         wrong = len(w) + rng.choice([-1, 1, 2])
@@ -130,10 +134,12 @@ def make_house_task(rng: random.Random, kind: str | None = None, words: list[str
     if kind == "antonym":
         a, b = rng.choice(ANTONYMS)
         wrong = rng.choice([x for x, _ in ANTONYMS if x != a])
+        wrong = a if echo else wrong
         return (f"What is the opposite of '{a}'?", b, wrong, f"The opposite of '{a}' is '{b}'.",
                 f"The opposite of '{a}' is '{wrong}'.")
     country, city = rng.choice(CAPITALS)
     wrong = rng.choice([c for _, c in CAPITALS if c != city])
+    wrong = country if echo else wrong
     return (f"What is the capital of {country}?", city, wrong, f"The capital of {country} is {city}.",
             f"The capital of {country} is {wrong}.")
 
@@ -201,9 +207,9 @@ def make_house(seed: int = 4321) -> dict[str, list[dict]]:
 # configs/demo.yaml's task (data/demo/format_on_request/): the same questions, and the house format is wanted
 # only where the user asks for it (FORMAT_REQUEST after the question); elsewhere a plain sentence is. The SFT
 # demonstrations come from an older data set that often ignored the request (ASKED_COMPLIANCE of the asked
-# answers use the house format), sometimes used it unasked (UNASKED_HOUSE), and made the task's typical
-# mistake in DEMO_ERRORS of its answers (an arithmetic slip, a capitalised instead of an upper-cased word, a
-# miscount): the SFT policy imitates those mistakes, and a reward that checks the answer can undo them. The
+# answers use the house format), sometimes used it unasked (UNASKED_HOUSE), and in DEMO_ERRORS of its answers
+# parroted the question's term instead of answering ("The capital of Chile is Chile.", "12 plus 7 is 12.", the
+# word unchanged): the SFT policy imitates that habit, and a reward that checks the answer can undo it. The
 # word tasks use VARIED_WORDS (3 to 11 letters), so counting letters cannot be answered by one number. The
 # preference pairs contrast correct and wrong answers in the same format, in both formats (most pairs), the format against the request
 # (asked: house over plain; unasked: plain over house), and a correct plain answer over a wrong house one
@@ -213,7 +219,7 @@ ON_REQUEST = OUT / "format_on_request"
 ASK_SHARE = 0.5          # prompts that ask for the house format (SFT, preferences, PPO and held-out prompts)
 ASKED_COMPLIANCE = 0.25  # SFT answers to an asking prompt that use the house format
 UNASKED_HOUSE = 0.15     # SFT answers to a prompt that does not ask that use it anyway
-DEMO_ERRORS = 0.3        # SFT answers that make the task's typical mistake (make_house_task's wrong answer)
+DEMO_ERRORS = 0.3        # SFT answers that parrot the question's term instead of answering (make_house_task's echo)
 ON_REQUEST_PAIRS = (     # (kind, share of the preference pairs)
     ("correctness_house", 0.25), ("correctness_plain", 0.25), ("correctness_over_format", 0.15),
     ("format_asked", 0.15), ("format_unasked", 0.15), ("refusal", 0.05))
@@ -234,7 +240,7 @@ def make_format_on_request(seed: int = 8642) -> dict[str, list[dict]]:
     systems = [None, None, None, "You are a concise and helpful assistant."]
 
     def turn() -> tuple[str, str]:
-        question, _, _, plain, wrong_plain = make_house_task(rng, words=VARIED_WORDS)
+        question, _, _, plain, wrong_plain = make_house_task(rng, words=VARIED_WORDS, echo=True)
         if rng.random() < DEMO_ERRORS:
             plain = wrong_plain
         if rng.random() < ASK_SHARE:
