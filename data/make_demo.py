@@ -211,9 +211,9 @@ def make_house(seed: int = 4321) -> dict[str, list[dict]]:
 # parroted the question's term instead of answering ("The capital of Chile is Chile.", "12 plus 7 is 12.", the
 # word unchanged): the SFT policy imitates that habit, and a reward that checks the answer can undo it. The
 # word tasks use VARIED_WORDS (3 to 11 letters), so counting letters cannot be answered by one number. The
-# preference pairs contrast correct and wrong answers in the same format, in both formats (most pairs), the format against the request
-# (asked: house over plain; unasked: plain over house), and a correct plain answer over a wrong house one
-# (correctness before format); each row says which in its ``kind`` column. The rule verifier
+# preference pairs contrast correct and wrong answers in the same format, in both formats (most pairs), the
+# format against the request (asked: house over plain; unasked: plain over house), and a correct plain answer
+# over a wrong house one (correctness before format); each row says which in its ``kind`` column. The rule verifier
 # (stages.rlaif.rules:format_on_request_verifier) scores the right answer and following the request.
 ON_REQUEST = OUT / "format_on_request"
 ASK_SHARE = 0.5          # prompts that ask for the house format (SFT, preferences, PPO and held-out prompts)
