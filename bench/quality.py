@@ -61,13 +61,15 @@ SETUPS: dict[str, dict[str, Any]] = {
         "config": "configs/demo.yaml",
         "stages": ["sft", "rm", "ppo"],
         "overrides": [],
-        # from the spread of three runs of the same config on this machine (2026-12-01: verifier win rate 0.688,
-        # 0.734, 0.615; PPO's last-steps score 2.2, 4.1, 0.7): an 8-step PPO on 2 cores is noisy, so only a
-        # move beyond that spread is flagged
+        # a run of one config and seed is bit-identical on one machine and thread count, so a move comes from
+        # a code change; the tolerances are about a third of the spread of three seeds (2026-12-07: verifier win
+        # rate 0.48-0.72, correct diff +0.01 to +0.08, follows_request diff -0.10 to +0.42), so a change that
+        # moves a figure by as much as another seed would is flagged
         "tolerance": {"sft_eval_loss": 0.1, "rm_eval_accuracy": 0.1, "score_first": 1.5, "score_last": 3.5,
-                      "kl_last": 1.5, "verifier_win_rate": 0.15, "verifier_ci_low": 0.15,
-                      "verifier_mean_sft": 0.1, "verifier_mean_ppo": 0.1, "judge_win_rate": 0.15,
-                      "rm_win_rate": 0.15},
+                      "kl_last": 1.5, "verifier_win_rate": 0.1, "verifier_ci_low": 0.1,
+                      "verifier_mean_sft": 0.05, "verifier_mean_ppo": 0.1, "judge_win_rate": 0.1,
+                      "rm_win_rate": 0.1, "correct_diff": 0.05, "follows_request_diff": 0.15,
+                      "house_format_diff": 0.15, "off_task_format_share_diff": 0.05, "off_task_drift": 0.5},
     },
 }
 
