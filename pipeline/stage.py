@@ -296,9 +296,13 @@ class StageRun:
         launch = self.cfg.launch
         self.stop = stop_request_for(self.dir, launch.time_limit_for(self.stage), launch.time_limit_margin_s)
         self.stop.install()
-        if self.is_main:
-            write_manifest(self.dir, self.manifest)
-            self._open_loggers()
+        try:
+            if self.is_main:
+                write_manifest(self.dir, self.manifest)
+                self._open_loggers()
+        except BaseException:  # __exit__ will not run: the handlers must not outlive the stage
+            self.stop.restore()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -321,13 +325,15 @@ class StageRun:
             self.manifest["status"] = "failed"
             self.manifest["error"] = "".join(traceback.format_exception_only(exc_type, exc)).strip()
             self.manifest["resume_step"] = resume_step(self.dir)
-        if self.is_main:
-            write_manifest(self.dir, self.manifest)
-            self._close_loggers()
-        if getattr(self, "stop", None) is not None:
-            # only now: a launcher that sees another rank exit first sends SIGTERM, which must not cut the
-            # manifest's writing short
-            self.stop.restore()
+        try:
+            if self.is_main:
+                write_manifest(self.dir, self.manifest)
+                self._close_loggers()
+        finally:
+            if getattr(self, "stop", None) is not None:
+                # only now: a launcher that sees another rank exit first sends SIGTERM, which must not cut the
+                # manifest's writing short
+                self.stop.restore()
         return False
 
     def _write_model_cards(self) -> None:

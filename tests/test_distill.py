@@ -65,9 +65,10 @@ def test_distill_validation_order_and_plan(tiny_cfg):
         tiny_cfg("stages=[distill]", PROMPTS % 2, "distill.teacher={kind: http}")
     cfg = tiny_cfg("stages=[distill, sft]", PROMPTS % 2)
     assert parents_of(cfg, "sft") == ["distill"] and parents_of(cfg, "distill") == []
-    assert {r.role for r in estimate(cfg, "distill").roles} == {"teacher", "kv_cache"}
+    # the stage's own roles (the process's runtime and, on a CPU, glibc's heap come with every plan)
+    assert {r.role for r in estimate(cfg, "distill").roles} - {"runtime", "cpu_heap"} == {"teacher", "kv_cache"}
     remote = tiny_cfg("stages=[distill]", PROMPTS % 2, "distill.teacher={kind: http, base_url: 'http://127.0.0.1:9'}")
-    assert estimate(remote, "distill").roles == []
+    assert [r.role for r in estimate(remote, "distill").roles] == ["runtime"]  # no model in this process
 
 
 @pytest.fixture(scope="module")
