@@ -230,13 +230,36 @@ def ask_house_format(question: str) -> str:
     return f"{question} {FORMAT_REQUEST}"
 
 
+def on_request_pair(rng: random.Random) -> dict:
+    """One preference row of the format-on-request demo: its ``kind`` drawn by ON_REQUEST_PAIRS' shares."""
+    kinds, shares = zip(*ON_REQUEST_PAIRS)
+    question, _, _, plain, wrong_plain = make_house_task(rng, words=VARIED_WORDS)
+    kind = rng.choices(kinds, shares)[0]
+    asked = {"correctness_house": True, "correctness_plain": False, "format_asked": True,
+             "format_unasked": False}.get(kind, rng.random() < ASK_SHARE)
+    if kind == "correctness_house":
+        chosen, rejected = house_answer(plain), house_answer(wrong_plain)
+    elif kind == "correctness_plain":
+        chosen, rejected = plain, wrong_plain
+    elif kind == "correctness_over_format":  # the format a prompt asks for does not excuse a wrong answer
+        chosen, rejected = (plain, house_answer(wrong_plain)) if asked else (house_answer(plain), wrong_plain)
+    elif kind == "format_asked":
+        chosen, rejected = house_answer(plain), plain
+    elif kind == "format_unasked":
+        chosen, rejected = plain, house_answer(plain)
+    else:
+        chosen, rejected = (house_answer(plain) if asked else plain), rng.choice(CURT)
+    return {"prompt": ask_house_format(question) if asked else question, "chosen": chosen, "rejected": rejected,
+            "kind": kind}
+
+
 def make_format_on_request(seed: int = 8642) -> dict[str, list[dict]]:
     """The format-on-request demo's files: sft, preferences, prompts (train), val_prompts (PPO's own held-out
     check, ``ppo.eval_data``) and eval_prompts (the report's), each prompt asking for the house format with
     probability ASK_SHARE (eval_prompts: exactly half of each task kind); no question is in two of the three
     prompt files."""
     rng = random.Random(seed)
-    sft, prefs, prompts, val_prompts, eval_prompts = [], [], [], [], []
+    sft, prompts, val_prompts, eval_prompts = [], [], [], []
     systems = [None, None, None, "You are a concise and helpful assistant."]
 
     def turn() -> tuple[str, str]:
@@ -254,26 +277,7 @@ def make_format_on_request(seed: int = 8642) -> dict[str, list[dict]]:
             user, assistant = turn()
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         sft.append({"messages": messages})
-    kinds, shares = zip(*ON_REQUEST_PAIRS)
-    for _ in range(400):
-        question, _, _, plain, wrong_plain = make_house_task(rng, words=VARIED_WORDS)
-        kind = rng.choices(kinds, shares)[0]
-        asked = {"correctness_house": True, "correctness_plain": False, "format_asked": True,
-                 "format_unasked": False}.get(kind, rng.random() < ASK_SHARE)
-        if kind == "correctness_house":
-            chosen, rejected = house_answer(plain), house_answer(wrong_plain)
-        elif kind == "correctness_plain":
-            chosen, rejected = plain, wrong_plain
-        elif kind == "correctness_over_format":  # the format a prompt asks for does not excuse a wrong answer
-            chosen, rejected = (plain, house_answer(wrong_plain)) if asked else (house_answer(plain), wrong_plain)
-        elif kind == "format_asked":
-            chosen, rejected = house_answer(plain), plain
-        elif kind == "format_unasked":
-            chosen, rejected = plain, house_answer(plain)
-        else:
-            chosen, rejected = (house_answer(plain) if asked else plain), rng.choice(CURT)
-        prefs.append({"prompt": ask_house_format(question) if asked else question, "chosen": chosen,
-                      "rejected": rejected, "kind": kind})
+    prefs = [on_request_pair(rng) for _ in range(400)]
     seen: set[str] = set()
     for kind in HOUSE_KINDS:  # held-out first: 12 per task kind, 6 of them asking for the house format
         drawn = 0

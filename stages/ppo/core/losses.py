@@ -125,17 +125,9 @@ def importance_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch
 
 
 def clipped_policy_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    cliprange: float,
-    token_weights: torch.Tensor | None = None,
-    *,
-    cliprange_high: float | None = None,
-    clip_ratio_c: float | None = None,
-    importance_level: str = "token",
-    aggregation: str = "token-mean",
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float,
+    token_weights: torch.Tensor | None = None, *, cliprange_high: float | None = None,
+    clip_ratio_c: float | None = None, importance_level: str = "token", aggregation: str = "token-mean",
     max_length: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss (to minimise), aggregated over real tokens (a masked mean by default).
@@ -163,24 +155,13 @@ def clipped_policy_loss(
         aggregation, max_length: see :func:`aggregate_loss`.
 
     Returns:
-        ``(loss, stats)``: loss is a 0-dim fp32 tensor; a mask without real tokens gives 0 (with a graph) and
-        zero statistics. ``stats`` holds detached 0-dim fp32 tensors over real tokens: ``clipfrac`` (share
-        where the clipped term was active) = ``clipfrac_low`` (ratio below ``1 - eps_low`` with ``A < 0``) +
-        ``clipfrac_high`` (above ``1 + eps_high`` with ``A > 0``); with dual clip ``clipfrac_dual`` (share
-        bounded by ``-A * c``); ``approx_kl`` (``0.5 * mean((logp - old_logp)^2)`` per token, the quadratic
-        estimate of KL(old || new) that is accurate for the small steps PPO takes), ``ratio_max`` and
-        ``ratio_mean`` (of the ratio the clip sees: ``ratio_max`` lets the trainer skip minibatches whose ratio
-        explodes).
+        ``(loss, stats)``: loss is a 0-dim fp32 tensor (0, with a graph, for a mask without real tokens);
+        ``stats``: clip shares, ``approx_kl``, ``ratio_max``, ``ratio_mean`` (:func:`_policy_stats`).
     """
     fn = "clipped_policy_loss"
     _require_ndim(fn, "logp", logp, 2, "(batch, response_len)")
     _require_same_shape(fn, "logp", logp, old_logp=old_logp, advantages=advantages, mask=mask)
-    eps_low = float(cliprange)
-    eps_high = eps_low if cliprange_high is None else float(cliprange_high)
-    if not (eps_low > 0 and eps_high > 0):
-        raise ValueError(f"{fn}: `cliprange` and `cliprange_high` must be > 0, got {eps_low} and {eps_high}")
-    if clip_ratio_c is not None and not float(clip_ratio_c) > 1:
-        raise ValueError(f"{fn}: `clip_ratio_c` must be > 1 (the dual-clip bound on the ratio), got {clip_ratio_c}")
+    eps_low, eps_high = _clip_bounds(fn, cliprange, cliprange_high, clip_ratio_c)
     _check_aggregation(fn, aggregation, max_length)
     m = _as_bool_mask(fn, mask)
 
@@ -189,13 +170,7 @@ def clipped_policy_loss(
     log_ratio, token_log_ratio = importance_log_ratio(logp, old_logp, m, importance_level)
     ratio = torch.exp(log_ratio)
     adv = torch.where(m, advantages.detach().to(dtype), zero)
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    per_token = torch.maximum(pg_unclipped, pg_clipped)
-    if clip_ratio_c is not None:
-        dual_bound = -adv * float(clip_ratio_c)
-        dual_active = (adv < 0) & (per_token > dual_bound)
-        per_token = torch.where(adv < 0, torch.minimum(per_token, dual_bound), per_token)
+    per_token, clipped, dual_active = _clipped_terms(adv, ratio, eps_low, eps_high, clip_ratio_c)
     if token_weights is not None:
         _require_same_shape(fn, "logp", logp, token_weights=token_weights)
         per_token = per_token * torch.where(m, token_weights.detach().to(dtype), zero)
@@ -203,15 +178,55 @@ def clipped_policy_loss(
         return (per_token * 0.0).sum(), _zero_policy_stats(dtype, logp.device, clip_ratio_c is not None)
     loss = aggregate_loss(per_token, m, aggregation, max_length)
 
-    with torch.no_grad():
-        stats = {"clipfrac": masked_mean((pg_clipped > pg_unclipped).to(dtype), m),
-                 "clipfrac_low": masked_mean(((ratio < 1.0 - eps_low) & (adv < 0)).to(dtype), m),
-                 "clipfrac_high": masked_mean(((ratio > 1.0 + eps_high) & (adv > 0)).to(dtype), m),
-                 "approx_kl": 0.5 * masked_mean(token_log_ratio.square(), m),
-                 "ratio_max": ratio.masked_fill(~m, float("-inf")).max(), "ratio_mean": masked_mean(ratio, m)}
-        if clip_ratio_c is not None:
-            stats["clipfrac_dual"] = masked_mean(dual_active.to(dtype), m)
-    return loss, stats
+    return loss, _policy_stats(ratio, adv, token_log_ratio, m, clipped, dual_active, eps_low, eps_high)
+
+
+@torch.no_grad()
+def _policy_stats(ratio: torch.Tensor, adv: torch.Tensor, token_log_ratio: torch.Tensor, m: torch.Tensor,
+                  clipped: torch.Tensor, dual_active: torch.Tensor | None, eps_low: float, eps_high: float
+                  ) -> dict[str, torch.Tensor]:
+    """:func:`clipped_policy_loss`'s statistics, detached 0-dim tensors over real tokens (``m``; all inputs
+    ``(B, T)``): ``clipfrac`` (share where the clipped term was active) = ``clipfrac_low`` (ratio below
+    ``1 - eps_low`` with ``A < 0``) + ``clipfrac_high`` (above ``1 + eps_high`` with ``A > 0``); with dual clip
+    ``clipfrac_dual`` (share bounded by ``-A * c``); ``approx_kl`` (``0.5 * mean((logp - old_logp)^2)`` per
+    token, the quadratic estimate of KL(old || new), accurate for PPO's small steps); ``ratio_max`` and
+    ``ratio_mean`` of the ratio the clip sees (``ratio_max`` lets the trainer skip exploding minibatches)."""
+    dtype = ratio.dtype
+    stats = {"clipfrac": masked_mean(clipped.to(dtype), m),
+             "clipfrac_low": masked_mean(((ratio < 1.0 - eps_low) & (adv < 0)).to(dtype), m),
+             "clipfrac_high": masked_mean(((ratio > 1.0 + eps_high) & (adv > 0)).to(dtype), m),
+             "approx_kl": 0.5 * masked_mean(token_log_ratio.square(), m),
+             "ratio_max": ratio.masked_fill(~m, float("-inf")).max(), "ratio_mean": masked_mean(ratio, m)}
+    if dual_active is not None:
+        stats["clipfrac_dual"] = masked_mean(dual_active.to(dtype), m)
+    return stats
+
+
+def _clip_bounds(fn: str, cliprange: float, cliprange_high: float | None, clip_ratio_c: float | None
+                 ) -> tuple[float, float]:
+    """(eps_low, eps_high), checked; ``clip_ratio_c`` must be > 1 when given."""
+    eps_low = float(cliprange)
+    eps_high = eps_low if cliprange_high is None else float(cliprange_high)
+    if not (eps_low > 0 and eps_high > 0):
+        raise ValueError(f"{fn}: `cliprange` and `cliprange_high` must be > 0, got {eps_low} and {eps_high}")
+    if clip_ratio_c is not None and not float(clip_ratio_c) > 1:
+        raise ValueError(f"{fn}: `clip_ratio_c` must be > 1 (the dual-clip bound on the ratio), got {clip_ratio_c}")
+    return eps_low, eps_high
+
+
+def _clipped_terms(adv: torch.Tensor, ratio: torch.Tensor, eps_low: float, eps_high: float,
+                   clip_ratio_c: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per token (all ``(B, T)``): the clipped surrogate ``max(-A r, -A clip(r))``, bounded by ``-A c`` where
+    ``A < 0`` with dual clip; whether the clipped term was active; where the dual bound was (None without it)."""
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    per_token = torch.maximum(pg_unclipped, pg_clipped)
+    dual_active = None
+    if clip_ratio_c is not None:
+        dual_bound = -adv * float(clip_ratio_c)
+        dual_active = (adv < 0) & (per_token > dual_bound)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, dual_bound), per_token)
+    return per_token, pg_clipped > pg_unclipped, dual_active
 
 
 def _zero_policy_stats(dtype: torch.dtype, device: torch.device, dual: bool) -> dict[str, torch.Tensor]:
