@@ -21,6 +21,7 @@ from pipeline.console import setup_stage_output
 from pipeline.registry import RegistryError, spec_of
 from pipeline.stage import STOP_EXIT_CODE, StageInterrupted
 from stages import run_stage
+from stages.engine import shutdown_distributed
 
 
 def main(argv: list[str] | None = None, runner: Callable[[str, Any], dict] = run_stage) -> int:
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None, runner: Callable[[str, Any], dict] = run
     try:
         runner(args.stage, cfg)
     except StageInterrupted:  # a stop request (signal, stop file, deadline): saved and resumable
+        shutdown_distributed()  # every rank stops at the same step, so all of them reach this
         return STOP_EXIT_CODE
+    shutdown_distributed()
     return 0
 
 

@@ -103,6 +103,15 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local, device)
 
 
+def shutdown_distributed() -> None:
+    """End this process's process group, if it started one: every rank waits for the others, then the group
+    is destroyed. A group left to the interpreter's exit can abort the process from a communicator thread
+    ("terminate called without an active exception") after the stage has finished its work."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     if precision == "bf16":
         return True

@@ -68,6 +68,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     run_stage(stage, cfg)
     (out / f"rank{rank}.json").write_text(json.dumps(record))
+    engine_mod.shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -124,6 +124,9 @@ def main() -> None:
         result = accumulated_gradient(int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else None,
                                       folder=out / f"run{i}-rank{rank}")
         torch.save(result, out / f"spec{i}-rank{rank}.pt")
+    from stages.engine import shutdown_distributed
+
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
