@@ -217,8 +217,8 @@ def make_house(seed: int = 4321) -> dict[str, list[dict]]:
 # (stages.rlaif.rules:format_on_request_verifier) scores the right answer and following the request.
 ON_REQUEST = OUT / "format_on_request"
 ASK_SHARE = 0.5          # prompts that ask for the house format (SFT, preferences, PPO and held-out prompts)
-ASKED_COMPLIANCE = 0.4   # SFT answers to an asking prompt that use the house format
-UNASKED_HOUSE = 0.25     # SFT answers to a prompt that does not ask that use it anyway
+ASKED_COMPLIANCE = 0.25  # SFT answers to an asking prompt that use the house format
+UNASKED_HOUSE = 0.15     # SFT answers to a prompt that does not ask that use it anyway
 DEMO_ERRORS = 0.3        # SFT answers that parrot the question's term instead of answering (make_house_task's echo)
 ON_REQUEST_PAIRS = (     # (kind, share of the preference pairs)
     ("correctness_house", 0.25), ("correctness_plain", 0.25), ("correctness_over_format", 0.15),
