@@ -21,7 +21,6 @@ from pipeline.console import setup_stage_output
 from pipeline.registry import RegistryError, spec_of
 from pipeline.stage import STOP_EXIT_CODE, StageInterrupted
 from stages import run_stage
-from stages.engine import shutdown_distributed
 
 
 def main(argv: list[str] | None = None, runner: Callable[[str, Any], dict] = run_stage) -> int:
@@ -48,11 +47,15 @@ def main(argv: list[str] | None = None, runner: Callable[[str, Any], dict] = run
         return 2
     try:
         runner(args.stage, cfg)
+        code = 0
     except StageInterrupted:  # a stop request (signal, stop file, deadline): saved and resumable
-        shutdown_distributed()  # every rank stops at the same step, so all of them reach this
-        return STOP_EXIT_CODE
+        code = STOP_EXIT_CODE
+    # every rank completes, or stops at the same step, so all of them reach this (a failure skips it: a
+    # barrier with ranks that died would wait forever); imported here so that torch loads after the logging
+    from stages.engine import shutdown_distributed
+
     shutdown_distributed()
-    return 0
+    return code
 
 
 if __name__ == "__main__":
