@@ -96,13 +96,14 @@ HOUSE_KINDS = ("add", "sub", "mul", "reverse", "upper", "count", "antonym", "cap
 HOUSE_EVAL_PER_KIND = 12  # held-out prompts per task kind: 96 in all, every kind equally represented
 
 
-def make_house_task(rng: random.Random, kind: str | None = None, words: list[str] = WORDS, echo: bool = False
-                    ) -> tuple[str, str | int, str | int, str, str]:
+def make_house_task(rng: random.Random, kind: str | None = None, words: list[str] = WORDS, echo: bool = False,
+                    antonyms: list[tuple[str, str]] = ANTONYMS) -> tuple[str, str | int, str | int, str, str]:
     """(prompt, right answer value, a plausible wrong value, right plain sentence, wrong plain sentence); the
-    word tasks draw from ``words``. The wrong value is the task's typical slip (an arithmetic slip, a rotated
-    word for a reversal, a capitalised word for upper-casing, a miscount, another antonym or capital), or with
-    ``echo`` the question's own term parroted back (the first number, the word unchanged, the word itself, the
-    country; counting keeps its miscount). Both draw the same random numbers, so ``echo`` changes nothing else."""
+    word tasks draw from ``words``, the antonym task from the (word, opposite) pairs ``antonyms``. The wrong
+    value is the task's typical slip (an arithmetic slip, a rotated word for a reversal, a capitalised word for
+    upper-casing, a miscount, another antonym or capital), or with ``echo`` the question's own term parroted back
+    (the first number, the word unchanged, the word itself, the country; counting keeps its miscount). Both draw
+    the same random numbers, so ``echo`` changes nothing else."""
     kind = kind or rng.choice(HOUSE_KINDS)
     if kind in ("add", "sub", "mul"):
         if kind == "add":
@@ -132,8 +133,8 @@ def make_house_task(rng: random.Random, kind: str | None = None, words: list[str
         return (f"How many letters are in the word '{w}'?", len(w), wrong, f"'{w}' has {len(w)} letters.",
                 f"'{w}' has {wrong} letters.")
     if kind == "antonym":
-        a, b = rng.choice(ANTONYMS)
-        wrong = rng.choice([x for x, _ in ANTONYMS if x != a])
+        a, b = rng.choice(antonyms)
+        wrong = rng.choice([x for x, _ in antonyms if x not in (a, b)])
         wrong = a if echo else wrong
         return (f"What is the opposite of '{a}'?", b, wrong, f"The opposite of '{a}' is '{b}'.",
                 f"The opposite of '{a}' is '{wrong}'.")
@@ -210,7 +211,11 @@ def make_house(seed: int = 4321) -> dict[str, list[dict]]:
 # answers use the house format), sometimes used it unasked (UNASKED_HOUSE), and in DEMO_ERRORS of its answers
 # parroted the question's term instead of answering ("The capital of Chile is Chile.", "12 plus 7 is 12.", the
 # word unchanged): the SFT policy imitates that habit, and a reward that checks the answer can undo it. The
-# word tasks use VARIED_WORDS (3 to 11 letters), so counting letters cannot be answered by one number. The
+# task kinds are ON_REQUEST_KINDS: reversing a word and counting its letters are left out because they are
+# beyond the embedded 135M model (it sees tokens, not letters: 0 to 1 of 12 held-out prompts of each right,
+# before PPO and after, in every seed measured), so those prompts could teach PPO only the format and would
+# only dilute the measure of correctness. Upper-casing draws from VARIED_WORDS (3 to 11 letters); antonyms are
+# asked both ways ("hot" -> "cold", "cold" -> "hot"), so that 16 held-out questions leave some for PPO. The
 # preference pairs contrast correct and wrong answers in the same format, in both formats (most pairs), the
 # format against the request (asked: house over plain; unasked: plain over house), and a correct plain answer
 # over a wrong house one (correctness before format); each row says which in its ``kind`` column. The rule verifier
@@ -220,6 +225,9 @@ ASK_SHARE = 0.5          # prompts that ask for the house format (SFT, preferenc
 ASKED_COMPLIANCE = 0.25  # SFT answers to an asking prompt that use the house format
 UNASKED_HOUSE = 0.15     # SFT answers to a prompt that does not ask that use it anyway
 DEMO_ERRORS = 0.3        # SFT answers that parrot the question's term instead of answering (make_house_task's echo)
+ON_REQUEST_KINDS = ("add", "sub", "mul", "upper", "antonym", "capital")
+ON_REQUEST_EVAL_PER_KIND = 16  # held-out prompts per task kind: 96 in all, half of each kind asking for the format
+BOTH_WAYS_ANTONYMS = ANTONYMS + [(b, a) for a, b in ANTONYMS]
 ON_REQUEST_PAIRS = (     # (kind, share of the preference pairs)
     ("correctness_house", 0.25), ("correctness_plain", 0.25), ("correctness_over_format", 0.15),
     ("format_asked", 0.15), ("format_unasked", 0.15), ("refusal", 0.05))
@@ -230,10 +238,16 @@ def ask_house_format(question: str) -> str:
     return f"{question} {FORMAT_REQUEST}"
 
 
+def on_request_task(rng: random.Random, kind: str | None = None, echo: bool = False
+                    ) -> tuple[str, str | int, str | int, str, str]:
+    """make_house_task for the format-on-request demo: its kinds, words and antonyms."""
+    return make_house_task(rng, kind or rng.choice(ON_REQUEST_KINDS), VARIED_WORDS, echo, BOTH_WAYS_ANTONYMS)
+
+
 def on_request_pair(rng: random.Random) -> dict:
     """One preference row of the format-on-request demo: its ``kind`` drawn by ON_REQUEST_PAIRS' shares."""
     kinds, shares = zip(*ON_REQUEST_PAIRS)
-    question, _, _, plain, wrong_plain = make_house_task(rng, words=VARIED_WORDS)
+    question, _, _, plain, wrong_plain = on_request_task(rng)
     kind = rng.choices(kinds, shares)[0]
     asked = {"correctness_house": True, "correctness_plain": False, "format_asked": True,
              "format_unasked": False}.get(kind, rng.random() < ASK_SHARE)
@@ -263,7 +277,7 @@ def make_format_on_request(seed: int = 8642) -> dict[str, list[dict]]:
     systems = [None, None, None, "You are a concise and helpful assistant."]
 
     def turn() -> tuple[str, str]:
-        question, _, _, plain, wrong_plain = make_house_task(rng, words=VARIED_WORDS, echo=True)
+        question, _, _, plain, wrong_plain = on_request_task(rng, echo=True)
         if rng.random() < DEMO_ERRORS:
             plain = wrong_plain
         if rng.random() < ASK_SHARE:
@@ -279,10 +293,10 @@ def make_format_on_request(seed: int = 8642) -> dict[str, list[dict]]:
         sft.append({"messages": messages})
     prefs = [on_request_pair(rng) for _ in range(400)]
     seen: set[str] = set()
-    for kind in HOUSE_KINDS:  # held-out first: 12 per task kind, 6 of them asking for the house format
+    for kind in ON_REQUEST_KINDS:  # held-out first: 16 per task kind, 8 of them asking for the house format
         drawn = 0
-        while drawn < HOUSE_EVAL_PER_KIND:
-            question, value, _, _, _ = make_house_task(rng, kind, VARIED_WORDS)
+        while drawn < ON_REQUEST_EVAL_PER_KIND:
+            question, value, _, _, _ = on_request_task(rng, kind)
             if question not in seen:
                 seen.add(question)
                 asked = drawn % 2 == 0
@@ -290,7 +304,7 @@ def make_format_on_request(seed: int = 8642) -> dict[str, list[dict]]:
                 drawn += 1
     for rows, n in ((prompts, 200), (val_prompts, 48)):  # never a held-out question, asked or not
         while len(rows) < n:
-            question, value, _, _, _ = make_house_task(rng, words=VARIED_WORDS)
+            question, value, _, _, _ = on_request_task(rng)
             if question not in seen:
                 seen.add(question)
                 rows.append({"prompt": ask_house_format(question) if rng.random() < ASK_SHARE else question,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
 import pytest
 
+from data.demo_tasks import ANTONYMS
 from stages.rlaif.judges import FunctionJudge, interpret_pair_value
 from stages.rlaif.rules import (
     UNKNOWN_SCORE,
@@ -267,6 +269,12 @@ def test_format_on_request_data_agrees_with_its_verifier_and_judge() -> None:
                                           "format_asked", "format_unasked", "refusal"}
     train, val, held_out = rows("prompts"), rows("val_prompts"), rows("eval_prompts")
     assert len(held_out) == 96 and sum(asks_house_format(r["prompt"]) for r in held_out) == 48
+    # the kinds within the model's reach, 16 held-out prompts each (the three arithmetic kinds parse as "arith");
+    # antonyms are asked both ways
+    kinds = collections.Counter(parse_task(r["prompt"]).kind for r in held_out)
+    assert kinds == {"arith": 48, "upper": 16, "antonym": 16, "capital": 16}, kinds
+    antonym_subjects = {parse_task(r["prompt"]).subject for r in held_out + train if "opposite" in r["prompt"]}
+    assert antonym_subjects & {a for a, _ in ANTONYMS} and antonym_subjects & {b for _, b in ANTONYMS}
 
     def questions(records: list[dict]) -> set[str]:
         return {r["prompt"].replace(" Answer in the house format.", "") for r in records}
