@@ -278,9 +278,9 @@ def test_two_deepspeed_ranks_with_vllm_rollouts_match_one_process(tiny, tiny_cfg
     """tests/test_ppo.py's torchrun worker with rollout.backend=vllm: rank 0 alone talks to the engine (gathers
     both ranks' prompts and episode seeds, broadcasts the rows); two ZeRO-2 ranks end with the parameters of
     one process on the same global batch, as with hf rollouts."""
-    from test_ppo import DIST_OVERRIDES, _launch, _weights
-
     from stages.ppo import trainer
+    from tests.helpers.common import saved_weights
+    from tests.test_ppo import DIST_OVERRIDES, _launch
 
     _, _, model, backend = tiny
     engine = [*TINY32, "rollout.backend=vllm", f"rollout.vllm.base_url={backend.base_url}",
@@ -295,7 +295,7 @@ def test_two_deepspeed_ranks_with_vllm_rollouts_match_one_process(tiny, tiny_cfg
         trainer.run(one)
     finally:
         backend.sync_weights(model)  # the module's worker back on the base weights
-    single = {k: v.float() for k, v in _weights(one.stage_dir("ppo") / "model").items()}
+    single = {k: v.float() for k, v in saved_weights(one.stage_dir("ppo") / "model").items()}
     for params in ranks:
         diffs = {k: float((params[k] - single[k]).abs().max()) for k in single}
         assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
